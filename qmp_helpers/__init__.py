@@ -1,0 +1,1 @@
+"""qmp_helpers package."""
