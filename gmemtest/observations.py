@@ -1,0 +1,80 @@
+"""What the observers recorded, and the parsers that turn guest text into numbers.
+
+Every field is filled from evidence gathered during the run (probe JSON, QMP events, console,
+guest files); nothing here is computed from the layout.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_MEMINFO_HWCORRUPTED = re.compile(r"^HardwareCorrupted:\s+(\d+)\s+kB$", re.MULTILINE)
+# mm/memory-failure.c: pr_fmt "Memory failure: " + "%#lx: recovery action for %s: %s"
+_RECOVERY = re.compile(r"Memory failure: (0x[0-9a-f]+): recovery action for ([^:]+): (\w+)")
+# include/trace/events/mce.h (mce_record): "... MC%d: %016Lx, ... ADDR/MISC: %016Lx/%016Lx, ..."
+_MCE_RECORD = re.compile(r"mce_record:.*?MC(\d+): ([0-9a-f]{16}).*?ADDR/MISC: ([0-9a-f]{16})/([0-9a-f]{16})")
+_PANIC = re.compile(r"Kernel panic - not syncing: ?(.*)")
+
+
+@dataclass(frozen=True)
+class SigbusSeen:
+    si_code: int
+    si_addr: int
+    si_addr_lsb: int
+    during: str
+    t_mono_ns: int | None = None
+
+
+@dataclass(frozen=True)
+class RecoveryLine:
+    pfn: int
+    page_type: str
+    result: str
+
+
+@dataclass(frozen=True)
+class MceRecord:
+    bank: int
+    status: int
+    addr: int
+    misc: int
+
+
+@dataclass
+class Observations:
+    """Filled in by the scenario runner as the run goes; compared by the verdict."""
+
+    sigbus: list[SigbusSeen] = field(default_factory=list)
+    memory_failure_events: list[dict[str, object]] = field(default_factory=list)
+    guest_panicked_events: list[dict[str, object]] = field(default_factory=list)
+    panic_message: str | None = None
+    hardware_corrupted_before_kb: int | None = None
+    hardware_corrupted_after_kb: int | None = None
+    hwpoison_flag: bool | None = None
+    recovery_lines: list[RecoveryLine] = field(default_factory=list)
+    mce_records: list[MceRecord] = field(default_factory=list)
+    injection_to_sigbus_ms: float | None = None
+
+
+def parse_hardware_corrupted_kb(meminfo: str) -> int:
+    match = _MEMINFO_HWCORRUPTED.search(meminfo)
+    if match is None:
+        raise ValueError("no 'HardwareCorrupted: N kB' line in /proc/meminfo; is CONFIG_MEMORY_FAILURE set?")
+    return int(match.group(1))
+
+
+def parse_recovery_lines(dmesg: str) -> list[RecoveryLine]:
+    return [RecoveryLine(int(m.group(1), 16), m.group(2).strip(), m.group(3)) for m in _RECOVERY.finditer(dmesg)]
+
+
+def parse_mce_records(trace: str) -> list[MceRecord]:
+    return [
+        MceRecord(int(m.group(1)), int(m.group(2), 16), int(m.group(3), 16), int(m.group(4), 16))
+        for m in _MCE_RECORD.finditer(trace)
+    ]
+
+
+def parse_panic_message(console: str) -> str | None:
+    match = _PANIC.search(console)
+    return match.group(1).strip() if match else None

@@ -1,0 +1,152 @@
+"""Expected outcomes, computed from the layout alone.
+
+The oracle sees what the probe mapped (virtual base, page size, which PFN backs each page) and
+the scenario row; it never sees what happened after the injection. Everything a verdict compares
+against comes from here, so a wrong kernel answer cannot leak into its own expectation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gmemtest.scenarios import ScenarioSpec, Trigger
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+HUGE_2M_SHIFT = 21
+
+# include/uapi/asm-generic/siginfo.h
+BUS_MCEERR_AR = 4
+BUS_MCEERR_AO = 5
+
+SI_CODE_NAMES = {BUS_MCEERR_AR: "BUS_MCEERR_AR", BUS_MCEERR_AO: "BUS_MCEERR_AO", 1: "BUS_ADRALN", 2: "BUS_ADRERR",
+                 3: "BUS_OBJERR"}
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    """One page of the probe's mapping as the probe saw it before the injection."""
+
+    va: int
+    pfn: int
+
+
+@dataclass(frozen=True)
+class MappingLayout:
+    """The probe's mapping: `page_size` is the size of each entry in `pages` (4 KiB or 2 MiB)."""
+
+    kind: str
+    base_va: int
+    size: int
+    page_size: int
+    pages: tuple[PageLayout, ...]
+    is_thp: bool | None = None
+
+    def page_for(self, va: int) -> PageLayout:
+        for page in self.pages:
+            if page.va <= va < page.va + self.page_size:
+                return page
+        raise ValueError(f"va {va:#x} is outside the mapping [{self.base_va:#x}, {self.base_va + self.size:#x})")
+
+    def gpa_of(self, va: int) -> int:
+        page = self.page_for(va)
+        return (page.pfn << PAGE_SHIFT) + (va - page.va)
+
+
+@dataclass(frozen=True)
+class ExpectedSigbus:
+    si_code: int
+    si_addr: int
+    si_addr_lsb: int
+
+
+@dataclass(frozen=True)
+class ExpectedMemoryFailureEvent:
+    """QEMU's MEMORY_FAILURE event: it says QEMU queued the MCE, not that the guest recovered."""
+
+    recipient: str
+    action: str
+    action_required: bool
+    recursive: bool
+
+
+@dataclass(frozen=True)
+class Expectation:
+    scenario: str
+    poison_va: int
+    poison_gpa: int
+    poison_pfn: int
+    sigbus: ExpectedSigbus | None
+    memory_failure_events: tuple[ExpectedMemoryFailureEvent, ...]
+    panic: bool
+    hwpoison_pfn: int | None
+    hardware_corrupted_delta_kb: int | None
+    recovery_pfn: int | None
+    mce_status: int
+    mce_bank: int
+
+
+def poison_unit_shift(layout: MappingLayout) -> int:
+    """log2 of what the guest kernel loses when one byte goes bad.
+
+    hugetlb pages are poisoned whole; a THP is split first, so only its 4 KiB piece is lost.
+    """
+    if layout.kind == "hugetlb2m":
+        return HUGE_2M_SHIFT
+    return PAGE_SHIFT
+
+
+def expect(
+    spec: ScenarioSpec, layout: MappingLayout, *, vcpus: int, mce_status: int, mce_bank: int
+) -> Expectation:
+    """What must happen when `spec` runs against `layout` on a guest with `vcpus` vCPUs."""
+    if spec.poison_offset >= layout.size:
+        raise ValueError(
+            f"{spec.name}: poison offset {spec.poison_offset:#x} is beyond the mapping size {layout.size:#x}"
+        )
+    poison_va = layout.base_va + spec.poison_offset
+    poison_gpa = layout.gpa_of(poison_va)
+    poison_pfn = poison_gpa >> PAGE_SHIFT
+    shift = poison_unit_shift(layout)
+    unit_mask = ~((1 << shift) - 1)
+
+    sigbus: ExpectedSigbus | None
+    if spec.trigger is Trigger.TOUCH:
+        assert spec.touch_offset is not None
+        touch_va = layout.base_va + spec.touch_offset
+        if touch_va & unit_mask != poison_va & unit_mask:
+            raise ValueError(
+                f"{spec.name}: touch at {touch_va:#x} is outside the poisoned unit of {1 << shift:#x} bytes at "
+                f"{poison_va & unit_mask:#x}; the touch would not fault"
+            )
+        # do_user_addr_fault reports the faulting address itself, not the page base.
+        sigbus = ExpectedSigbus(BUS_MCEERR_AR, touch_va, shift)
+    elif spec.trigger is Trigger.WAIT:
+        # kill_proc reports the page's address in the victim's VMA.
+        sigbus = ExpectedSigbus(BUS_MCEERR_AO, poison_va & unit_mask, shift)
+    elif spec.trigger is Trigger.SPIN:
+        sigbus = ExpectedSigbus(BUS_MCEERR_AR, poison_va & unit_mask, shift)
+    else:
+        sigbus = None
+
+    event = ExpectedMemoryFailureEvent("guest", "inject", spec.mce_kind == "SRAR", False)
+    nevents = vcpus if spec.broadcast else 1
+
+    recovered = not spec.expects_panic
+    # A hugetlb page carries the poison mark on its head page; other pages on themselves.
+    hwpoison_pfn = layout.page_for(poison_va).pfn if layout.kind == "hugetlb2m" else poison_pfn
+    return Expectation(
+        scenario=spec.name,
+        poison_va=poison_va,
+        poison_gpa=poison_gpa,
+        poison_pfn=poison_pfn,
+        sigbus=sigbus,
+        memory_failure_events=(event,) * nevents,
+        panic=spec.expects_panic,
+        hwpoison_pfn=hwpoison_pfn if recovered else None,
+        # HardwareCorrupted counts raw 4 KiB pages handed to memory_failure(): one per injection.
+        hardware_corrupted_delta_kb=PAGE_SIZE // 1024 if recovered else None,
+        recovery_pfn=poison_pfn if recovered else None,
+        mce_status=mce_status,
+        mce_bank=mce_bank,
+    )

@@ -1,0 +1,136 @@
+"""The guest-side scenarios as data.
+
+Each row is one experiment: what the probe maps, which page is poisoned and how, what the probe
+is doing when the machine check arrives. Tests, the CLI and the benchmark all read this one table
+so a scenario means the same thing wherever it is run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Trigger(Enum):
+    """What the probe does after the machine check is injected."""
+
+    TOUCH = "touch"  # late kill: nothing happens until the program touches the page
+    WAIT = "wait"  # early kill: the kernel signals without a touch (action optional)
+    SPIN = "spin"  # SRAR while the program runs in user mode on the target vCPU
+    KERNEL = "kernel"  # SRAR while the vCPU is in the kernel: the guest must panic
+
+
+class KillPolicy(Enum):
+    """How the probe asks for early or late kill (or does not ask)."""
+
+    LATE_PRCTL = "late-prctl"
+    EARLY_PRCTL = "early-prctl"
+    EARLY_SYSCTL = "early-sysctl"
+
+
+PAGE_KINDS = ("anon4k", "thp", "hugetlb2m")
+MCE_KINDS = ("SRAO", "SRAR")
+
+
+@dataclass(frozen=True)
+class ScenarioSpec:
+    """One scenario.
+
+    `poison_offset` and `touch_offset` are byte offsets into the probe's mapping, so the oracle can
+    turn them into addresses from the mapping's layout alone.
+    """
+
+    name: str
+    summary: str
+    page_kind: str
+    npages: int
+    mce_kind: str
+    trigger: Trigger
+    kill: KillPolicy
+    poison_offset: int
+    touch_offset: int | None = None
+    profile: str = "tcg-default"
+    broadcast: bool = False
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.page_kind not in PAGE_KINDS:
+            raise ValueError(f"scenario {self.name}: page kind {self.page_kind!r} is not one of {PAGE_KINDS}")
+        if self.mce_kind not in MCE_KINDS:
+            raise ValueError(f"scenario {self.name}: MCE kind {self.mce_kind!r} is not one of {MCE_KINDS}")
+        if self.npages < 1:
+            raise ValueError(f"scenario {self.name}: npages must be >= 1, got {self.npages}")
+        if (self.trigger is Trigger.TOUCH) != (self.touch_offset is not None):
+            raise ValueError(f"scenario {self.name}: a touch offset goes with trigger 'touch' and only with it")
+        if self.poison_offset < 0 or (self.touch_offset is not None and self.touch_offset < 0):
+            raise ValueError(f"scenario {self.name}: offsets must be >= 0")
+
+    @property
+    def expects_panic(self) -> bool:
+        return self.trigger is Trigger.KERNEL
+
+
+_MIB = 1 << 20
+
+SCENARIOS: tuple[ScenarioSpec, ...] = (
+    ScenarioSpec(
+        name="srao-late-touch-4k",
+        summary="SRAO on a 4 KiB anonymous page, late kill; touching the page gives AR with lsb 12",
+        page_kind="anon4k", npages=4, mce_kind="SRAO", trigger=Trigger.TOUCH, kill=KillPolicy.LATE_PRCTL,
+        poison_offset=0x1000 + 0x80, touch_offset=0x1000 + 0x238, tags=("srao", "late", "4k"),
+    ),
+    ScenarioSpec(
+        name="srao-late-touch-thp",
+        summary="SRAO on a 4 KiB piece of a THP; the THP is split and only that piece is lost (lsb 12)",
+        page_kind="thp", npages=1, mce_kind="SRAO", trigger=Trigger.TOUCH, kill=KillPolicy.LATE_PRCTL,
+        poison_offset=0x5000 + 0x80, touch_offset=0x5000 + 0x10, tags=("srao", "late", "thp"),
+    ),
+    ScenarioSpec(
+        name="srao-late-touch-hugetlb",
+        summary="SRAO on a tail of a 2 MiB hugetlb page; a touch anywhere in it gives AR with lsb 21",
+        page_kind="hugetlb2m", npages=1, mce_kind="SRAO", trigger=Trigger.TOUCH, kill=KillPolicy.LATE_PRCTL,
+        poison_offset=0x3000 + 0x80, touch_offset=2 * _MIB - 0x1000 + 0x18, tags=("srao", "late", "hugetlb"),
+    ),
+    ScenarioSpec(
+        name="srao-early-kill-prctl-4k",
+        summary="SRAO with PR_MCE_KILL_EARLY: AO arrives without a touch, si_addr = the page",
+        page_kind="anon4k", npages=4, mce_kind="SRAO", trigger=Trigger.WAIT, kill=KillPolicy.EARLY_PRCTL,
+        poison_offset=0x2000 + 0x100, tags=("srao", "early", "4k"),
+    ),
+    ScenarioSpec(
+        name="srao-early-kill-sysctl-4k",
+        summary="SRAO with vm.memory_failure_early_kill=1: AO arrives without a touch",
+        page_kind="anon4k", npages=4, mce_kind="SRAO", trigger=Trigger.WAIT, kill=KillPolicy.EARLY_SYSCTL,
+        poison_offset=0x3000 + 0x8, tags=("srao", "early", "4k"),
+    ),
+    ScenarioSpec(
+        name="srar-user-spin-4k",
+        summary="SRAR while the program spins in user mode: AR to the program, the guest survives",
+        page_kind="anon4k", npages=4, mce_kind="SRAR", trigger=Trigger.SPIN, kill=KillPolicy.LATE_PRCTL,
+        poison_offset=0x1000 + 0x40, tags=("srar", "user", "4k"),
+    ),
+    ScenarioSpec(
+        name="srar-kernel-panic",
+        summary="SRAR while the vCPU is in the kernel: the guest must panic (GUEST_PANICKED + serial text)",
+        page_kind="anon4k", npages=4, mce_kind="SRAR", trigger=Trigger.KERNEL, kill=KillPolicy.LATE_PRCTL,
+        poison_offset=0x1000, tags=("srar", "kernel", "panic"),
+    ),
+    ScenarioSpec(
+        name="srao-broadcast-smp2-4k",
+        summary="SRAO broadcast to 2 vCPUs (Intel model 85): one recovery, one MEMORY_FAILURE per vCPU",
+        page_kind="anon4k", npages=4, mce_kind="SRAO", trigger=Trigger.TOUCH, kill=KillPolicy.LATE_PRCTL,
+        poison_offset=0x80, touch_offset=0x400, profile="tcg-smp2-broadcast", broadcast=True,
+        tags=("srao", "late", "4k", "smp", "broadcast"),
+    ),
+)
+
+
+def scenario_names() -> tuple[str, ...]:
+    return tuple(s.name for s in SCENARIOS)
+
+
+def get_scenario(name: str) -> ScenarioSpec:
+    for spec in SCENARIOS:
+        if spec.name == name:
+            return spec
+    raise ValueError(f"unknown scenario {name!r}; valid: {', '.join(scenario_names())}")

@@ -1,0 +1,110 @@
+"""Compare observations with the oracle's expectation, one named check per observable.
+
+A verdict is a list of checks, each carrying expected and actual, so a failure message reads like
+the kernel selftests': what should have been there and what was.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from gmemtest.observations import Observations
+from gmemtest.oracle import SI_CODE_NAMES, Expectation
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    expected: str
+    actual: str
+    ok: bool
+
+    def line(self) -> str:
+        mark = "ok  " if self.ok else "FAIL"
+        return f"{mark} {self.name}: expected {self.expected}, actual {self.actual}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    scenario: str
+    checks: tuple[Check, ...]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    @property
+    def failures(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if not c.ok)
+
+    def summary(self) -> str:
+        head = f"{self.scenario}: {'PASS' if self.passed else 'FAIL'} ({len(self.checks)} checks)"
+        return "\n".join([head, *("  " + c.line() for c in self.checks)])
+
+    def to_json(self) -> str:
+        return json.dumps({"scenario": self.scenario, "passed": self.passed,
+                           "checks": [asdict(c) for c in self.checks]}, indent=2)
+
+
+def _code(code: int | None) -> str:
+    if code is None:
+        return "none"
+    return f"{code} ({SI_CODE_NAMES.get(code, '?')})"
+
+
+def _hex(value: int | None) -> str:
+    return "none" if value is None else f"{value:#x}"
+
+
+def _check(name: str, expected: Any, actual: Any, *, fmt: Any = str) -> Check:
+    return Check(name, fmt(expected), fmt(actual), expected == actual)
+
+
+def judge(exp: Expectation, obs: Observations) -> Verdict:
+    checks: list[Check] = []
+
+    # 1. The program's own view: exactly one SIGBUS with the oracle's fields, or none.
+    if exp.sigbus is None:
+        checks.append(_check("sigbus count", 0, len(obs.sigbus)))
+    else:
+        checks.append(_check("sigbus count", 1, len(obs.sigbus)))
+        got = obs.sigbus[0] if obs.sigbus else None
+        checks.append(_check("si_code", exp.sigbus.si_code, got.si_code if got else None, fmt=_code))
+        checks.append(_check("si_addr", exp.sigbus.si_addr, got.si_addr if got else None, fmt=_hex))
+        checks.append(_check("si_addr_lsb", exp.sigbus.si_addr_lsb, got.si_addr_lsb if got else None))
+
+    # 2. QEMU's view: one MEMORY_FAILURE per vCPU that received the MCE, with the right flags.
+    expected_events = [
+        {"recipient": e.recipient, "action": e.action,
+         "flags": {"action-required": e.action_required, "recursive": e.recursive}}
+        for e in exp.memory_failure_events
+    ]
+    checks.append(_check("MEMORY_FAILURE events", expected_events, obs.memory_failure_events,
+                         fmt=lambda v: json.dumps(v, sort_keys=True)))
+
+    # 3. The guest kernel's record of the machine check: bank status and the exact address.
+    # A broadcast also raises a bank-1 record without an address on the other vCPUs: look at ours.
+    records = [(r.status, r.addr) for r in obs.mce_records if r.bank == exp.mce_bank]
+    checks.append(_check(f"mce_record of bank {exp.mce_bank} (status, addr)", [(exp.mce_status, exp.poison_gpa)],
+                         records,
+                         fmt=lambda v: "[" + ", ".join(f"({s:#x}, {a:#x})" for s, a in v) + "]"))
+
+    # 4. Panic or survival.
+    checks.append(_check("guest panicked (GUEST_PANICKED)", exp.panic, bool(obs.guest_panicked_events)))
+    if exp.panic:
+        checks.append(Check("panic message on the serial console", "a 'Kernel panic - not syncing' line",
+                            repr(obs.panic_message), obs.panic_message is not None))
+
+    # 5. The guest kernel's account of the recovery.
+    if exp.recovery_pfn is not None:
+        lines = [(hex(r.pfn), r.result) for r in obs.recovery_lines]
+        checks.append(_check("dmesg recovery line (pfn, result)", [(hex(exp.recovery_pfn), "Recovered")], lines))
+    if exp.hardware_corrupted_delta_kb is not None:
+        before, after = obs.hardware_corrupted_before_kb, obs.hardware_corrupted_after_kb
+        delta = None if before is None or after is None else after - before
+        checks.append(_check("HardwareCorrupted delta (kB)", exp.hardware_corrupted_delta_kb, delta))
+    if exp.hwpoison_pfn is not None:
+        checks.append(_check(f"KPF_HWPOISON on pfn {exp.hwpoison_pfn:#x}", True, obs.hwpoison_flag))
+    return Verdict(exp.scenario, tuple(checks))

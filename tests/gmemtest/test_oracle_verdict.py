@@ -1,0 +1,141 @@
+"""The oracle and the verdict on recorded layouts and observations.
+
+The layouts are shapes the probe really reports (one entry per 4 KiB page, or one per 2 MiB page);
+the observations include the wrong answers a broken host stack gives, which must fail.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gmemtest.observations import (
+    MceRecord,
+    Observations,
+    RecoveryLine,
+    SigbusSeen,
+    parse_hardware_corrupted_kb,
+    parse_mce_records,
+    parse_panic_message,
+    parse_recovery_lines,
+)
+from gmemtest.oracle import BUS_MCEERR_AO, BUS_MCEERR_AR, MappingLayout, PageLayout, expect
+from gmemtest.scenarios import SCENARIOS, get_scenario
+from gmemtest.verdict import judge
+
+SRAO = 0xBD000000000000C0
+SRAR = 0xBD80000000000134
+
+ANON = MappingLayout(
+    kind="anon4k", base_va=0x7F0000000000, size=0x4000, page_size=0x1000,
+    # Deliberately non-contiguous PFNs: the oracle must use the page that holds the offset.
+    pages=(PageLayout(0x7F0000000000, 0x1234), PageLayout(0x7F0000001000, 0x0999),
+           PageLayout(0x7F0000002000, 0x5000), PageLayout(0x7F0000003000, 0x0042)),
+)
+HUGE = MappingLayout(kind="hugetlb2m", base_va=0x7F0000200000, size=0x200000, page_size=0x200000,
+                     pages=(PageLayout(0x7F0000200000, 0x12600),))
+
+
+def good_observations(exp_gpa: int, status: int, sig: SigbusSeen | None, *, ar: bool, events: int = 1) -> Observations:
+    obs = Observations()
+    if sig is not None:
+        obs.sigbus.append(sig)
+    obs.memory_failure_events = [
+        {"recipient": "guest", "action": "inject", "flags": {"action-required": ar, "recursive": False}}
+    ] * events
+    obs.mce_records = [MceRecord(9, status, exp_gpa, 0x8C)]
+    obs.recovery_lines = [RecoveryLine(exp_gpa >> 12, "dirty LRU page", "Recovered")]
+    obs.hardware_corrupted_before_kb, obs.hardware_corrupted_after_kb = 0, 4
+    obs.hwpoison_flag = True
+    return obs
+
+
+def test_touch_4k_expects_touched_address_and_page_of_poison() -> None:
+    spec = get_scenario("srao-late-touch-4k")
+    exp = expect(spec, ANON, vcpus=1, mce_status=SRAO, mce_bank=9)
+    assert exp.poison_gpa == (0x0999 << 12) + 0x80
+    assert exp.sigbus is not None
+    assert (exp.sigbus.si_code, exp.sigbus.si_addr, exp.sigbus.si_addr_lsb) == (
+        BUS_MCEERR_AR, ANON.base_va + 0x1238, 12)
+    obs = good_observations(exp.poison_gpa, SRAO, SigbusSeen(BUS_MCEERR_AR, ANON.base_va + 0x1238, 12, "touch"), ar=False)
+    verdict = judge(exp, obs)
+    assert verdict.passed, verdict.summary()
+
+
+def test_early_kill_expects_page_aligned_ao() -> None:
+    exp = expect(get_scenario("srao-early-kill-prctl-4k"), ANON, vcpus=1, mce_status=SRAO, mce_bank=9)
+    assert exp.sigbus is not None
+    assert (exp.sigbus.si_code, exp.sigbus.si_addr) == (BUS_MCEERR_AO, ANON.base_va + 0x2000)
+
+
+def test_hugetlb_lsb_21_and_seed_style_per_page_signal_fails() -> None:
+    spec = get_scenario("srao-late-touch-hugetlb")
+    exp = expect(spec, HUGE, vcpus=1, mce_status=SRAO, mce_bank=9)
+    assert exp.sigbus is not None and exp.sigbus.si_addr_lsb == 21
+    assert exp.poison_gpa == (0x12600 << 12) + 0x3080
+    assert exp.hwpoison_pfn == 0x12600  # the head page carries the mark
+    # The seed's bug class: a per-4KiB signal (lsb 12) where the whole 2 MiB page is gone.
+    bad = good_observations(exp.poison_gpa, SRAO, SigbusSeen(BUS_MCEERR_AR, exp.sigbus.si_addr, 12, "touch"), ar=False)
+    verdict = judge(exp, bad)
+    assert not verdict.passed
+    (failure,) = verdict.failures
+    assert failure.line() == "FAIL si_addr_lsb: expected 21, actual 12"
+
+
+def test_wrong_gpa_in_guest_record_fails_with_both_addresses() -> None:
+    exp = expect(get_scenario("srao-late-touch-4k"), ANON, vcpus=1, mce_status=SRAO, mce_bank=9)
+    assert exp.sigbus is not None
+    obs = good_observations(exp.poison_gpa, SRAO, SigbusSeen(BUS_MCEERR_AR, exp.sigbus.si_addr, 12, "touch"), ar=False)
+    obs.mce_records = [MceRecord(9, SRAO, 0x1234080, 0x8C)]
+    failures = judge(exp, obs).failures
+    assert [f.name for f in failures] == ["mce_record of bank 9 (status, addr)"]
+    assert f"{exp.poison_gpa:#x}" in failures[0].expected and "0x1234080" in failures[0].actual
+
+
+def test_missing_signal_and_extra_signal_fail() -> None:
+    exp = expect(get_scenario("srar-user-spin-4k"), ANON, vcpus=1, mce_status=SRAR, mce_bank=9)
+    obs = good_observations(exp.poison_gpa, SRAR, None, ar=True)
+    assert {f.name for f in judge(exp, obs).failures} >= {"sigbus count", "si_code", "si_addr"}
+    panic = expect(get_scenario("srar-kernel-panic"), ANON, vcpus=1, mce_status=SRAR, mce_bank=9)
+    extra = good_observations(panic.poison_gpa, SRAR, SigbusSeen(BUS_MCEERR_AR, 0x1000, 12, "wait"), ar=True)
+    names = {f.name for f in judge(panic, extra).failures}
+    assert {"sigbus count", "guest panicked (GUEST_PANICKED)", "panic message on the serial console"} <= names
+
+
+def test_broadcast_expects_one_event_per_vcpu() -> None:
+    exp = expect(get_scenario("srao-broadcast-smp2-4k"), ANON, vcpus=2, mce_status=SRAO, mce_bank=9)
+    assert exp.sigbus is not None
+    sig = SigbusSeen(BUS_MCEERR_AR, exp.sigbus.si_addr, 12, "touch")
+    assert judge(exp, good_observations(exp.poison_gpa, SRAO, sig, ar=False, events=2)).passed
+    assert not judge(exp, good_observations(exp.poison_gpa, SRAO, sig, ar=False, events=1)).passed
+
+
+def test_touch_outside_poisoned_unit_is_refused() -> None:
+    spec = get_scenario("srao-late-touch-4k")
+    bad = type(spec)(**{**spec.__dict__, "name": "bad", "touch_offset": 0x3000})
+    with pytest.raises(ValueError, match="outside the poisoned unit"):
+        expect(bad, ANON, vcpus=1, mce_status=SRAO, mce_bank=9)
+    with pytest.raises(ValueError, match="outside the mapping"):
+        ANON.page_for(0x1000)
+
+
+def test_scenario_table_is_consistent() -> None:
+    assert len({s.name for s in SCENARIOS}) == len(SCENARIOS)
+    with pytest.raises(ValueError, match="unknown scenario 'nope'; valid: srao-late-touch-4k"):
+        get_scenario("nope")
+    spec = SCENARIOS[0]
+    with pytest.raises(ValueError, match="page kind 'tiny' is not one of"):
+        type(spec)(**{**spec.__dict__, "page_kind": "tiny"})
+
+
+def test_parsers_on_guest_text() -> None:
+    meminfo = "MemTotal:  500000 kB\nHardwareCorrupted:     4 kB\n"
+    assert parse_hardware_corrupted_kb(meminfo) == 4
+    with pytest.raises(ValueError, match="HardwareCorrupted"):
+        parse_hardware_corrupted_kb("MemTotal: 1 kB\n")
+    dmesg = "[   12.3] Memory failure: 0x1a2b3: recovery action for dirty LRU page: Recovered\n"
+    assert parse_recovery_lines(dmesg) == [RecoveryLine(0x1A2B3, "dirty LRU page", "Recovered")]
+    trace = ("  <idle>-0  [000] d.h1.  12.1: mce_record: CPU: 0, MCGc/s: 100010a/5, MC9: bd000000000000c0, "
+             "IPID: 0000000000000000, ADDR/MISC: 000000001a2b3080/000000000000008c, RIP: 00:<0000000000000000>")
+    assert parse_mce_records(trace) == [MceRecord(9, SRAO, 0x1A2B3080, 0x8C)]
+    assert parse_panic_message("x\nKernel panic - not syncing: Fatal machine check\n") == "Fatal machine check"
+    assert parse_panic_message("all quiet") is None
