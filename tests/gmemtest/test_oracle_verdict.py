@@ -56,7 +56,8 @@ def test_touch_4k_expects_touched_address_and_page_of_poison() -> None:
     assert exp.sigbus is not None
     assert (exp.sigbus.si_code, exp.sigbus.si_addr, exp.sigbus.si_addr_lsb) == (
         BUS_MCEERR_AR, ANON.base_va + 0x1238, 12)
-    obs = good_observations(exp.poison_gpa, SRAO, SigbusSeen(BUS_MCEERR_AR, ANON.base_va + 0x1238, 12, "touch"), ar=False)
+    sig = SigbusSeen(BUS_MCEERR_AR, ANON.base_va + 0x1238, 12, "touch")
+    obs = good_observations(exp.poison_gpa, SRAO, sig, ar=False)
     verdict = judge(exp, obs)
     assert verdict.passed, verdict.summary()
 
