@@ -61,14 +61,14 @@ _libc.mmap.argtypes = (
 )  # fmt: skip
 _libc.munmap.restype = ctypes.c_int
 _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.ioctl.restype = ctypes.c_int
 _libc.fallocate.restype = ctypes.c_int
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
 
 
 def _fmt_args(args: dict[str, int]) -> str:
     return ", ".join(
-        f"{k}={v:#x}" if k not in ("fd", "slot", "id", "cap", "vm_type") else f"{k}={v}"
-        for k, v in args.items()
+        f"{k}={v:#x}" if k not in ("fd", "slot", "id", "cap", "vm_type") else f"{k}={v}" for k, v in args.items()
     )
 
 
@@ -81,10 +81,7 @@ class KvmIoctlError(OSError):
     def __init__(self, ioctl_name: str, args: dict[str, int], err: int) -> None:
         self.ioctl_name = ioctl_name
         self.ioctl_args = dict(args)
-        message = (
-            f"{ioctl_name}({_fmt_args(args)}) failed: "
-            f"{errno.errorcode.get(err, str(err))} ({os.strerror(err)})"
-        )
+        message = f"{ioctl_name}({_fmt_args(args)}) failed: {errno.errorcode.get(err, str(err))} ({os.strerror(err)})"
         super().__init__(err, message)
 
     def __str__(self) -> str:
@@ -108,7 +105,13 @@ def _ioctl(
             result = fcntl.ioctl(fd, request, buf, True)
             ctypes.memmove(ctypes.addressof(arg), bytes(buf), len(buf))
             return int(result)
-        return int(fcntl.ioctl(fd, request, arg))
+        # libc ioctl, not fcntl.ioctl: the latter takes only a signed C int as argument,
+        # and addresses such as KVM_SET_TSS_ADDR's do not fit.
+        result = _libc.ioctl(fd, ctypes.c_ulong(request), ctypes.c_ulong(arg))
+        if result < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return int(result)
     except OSError as exc:
         raise KvmIoctlError(
             name,
@@ -218,8 +221,7 @@ class HostMapping(_Closeable):
     def _check(self, offset: int, size: int) -> int:
         if offset < 0 or size < 0 or offset + size > self.length:
             raise ValueError(
-                f"range {offset:#x}+{size:#x} outside mapping {self.description} "
-                f"of {self.length:#x} bytes"
+                f"range {offset:#x}+{size:#x} outside mapping {self.description} of {self.length:#x} bytes"
             )
         return self.addr + offset
 
@@ -374,9 +376,7 @@ class GuestMemfd(_FdOwner):
         """fallocate(2) on the file; raises ``KvmIoctlError('fallocate', ...)`` on failure."""
         if _libc.fallocate(self.fd, mode, offset, length) != 0:
             err = ctypes.get_errno()
-            raise KvmIoctlError(
-                "fallocate", {"fd": self.fd, "mode": mode, "offset": offset, "len": length}, err
-            )
+            raise KvmIoctlError("fallocate", {"fd": self.fd, "mode": mode, "offset": offset, "len": length}, err)
 
     def punch_hole(self, offset: int, length: int) -> None:
         """Free ``[offset, offset+length)``; the only hole mode guest_memfd accepts."""

@@ -1,0 +1,469 @@
+"""A tiny VMM: one guest_memfd split across several memslots, and a real-mode payload.
+
+The layout is the shape the seed's bug needs: slots at non-trivial base gfns bound to the
+guest_memfd at non-zero offsets, so ``gfn != file index`` everywhere. A 16-bit real-mode
+payload (hand-assembled, see ``build_read_payload``) reads the first dword of each listed gfn
+and reports ``(gfn, value)`` through port I/O, then HLTs. Scenarios compare what the guest read
+with the oracle (``gmem_layout``) and markers written through the guest_memfd mmap.
+
+Real mode reaches only the first MiB, hence gfns below 0x100; that is plenty for layouts
+that distinguish ``base_gfn + index - pgoff`` from ``index``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
+
+from host_stack import gmem_layout as gl
+from host_stack import kvm_uapi as u
+from host_stack.findings import Finding
+from host_stack.kvm import (
+    GuestMemfd,
+    HltExit,
+    HostMapping,
+    IoExit,
+    KvmSystem,
+    Memslot,
+    Vcpu,
+    VcpuExit,
+    Vm,
+)
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+__all__ = [
+    "DEFAULT_LAYOUT",
+    "PORT_GFN",
+    "PORT_VALUE",
+    "BackingSourceResult",
+    "GmemUnsupported",
+    "GuestRead",
+    "OracleMappingResult",
+    "PayloadError",
+    "PunchHoleResult",
+    "TinyVm",
+    "anon_marker",
+    "build_read_payload",
+    "gmem_marker",
+    "run_backing_source",
+    "run_oracle_mapping",
+    "run_punch_hole",
+]
+
+_log = logging.getLogger(__name__)
+_log.addHandler(logging.NullHandler())
+
+PORT_GFN: Final = 0xE0  # 16-bit OUT: the gfn about to be read
+PORT_VALUE: Final = 0xE4  # 32-bit OUT: the dword read at offset 0 of that gfn
+CODE_GFN: Final = 0x01  # payload slot (plain anonymous memory)
+CODE_SLOT: Final = 0
+TSS_ADDR: Final = 0xFFFBD000  # three pages below 4 GiB, where QEMU/selftests put it
+REAL_MODE_MAX_GFN: Final = 0xFF
+MAX_EXITS: Final = 4096
+
+# Slot 1: gfn 0x20-0x23 <- index 2-5; slot 2: gfn 0x40-0x43 <- index 8-11;
+# slot 3: gfn 0x70-0x75 <- index 16-21. Indices 0-1, 6-7, 12-15, 22-31 stay unbound.
+DEFAULT_LAYOUT: Final = (
+    gl.SlotLayout(slot=1, base_gfn=0x20, npages=4, gmem_pgoff=2),
+    gl.SlotLayout(slot=2, base_gfn=0x40, npages=4, gmem_pgoff=8),
+    gl.SlotLayout(slot=3, base_gfn=0x70, npages=6, gmem_pgoff=16),
+)
+DEFAULT_GMEM_PAGES: Final = 32
+
+
+_R = TypeVar("_R", Memslot, Vcpu, HostMapping, GuestMemfd, Vm)
+
+
+class GmemUnsupported(RuntimeError):
+    """The host cannot run the scenario (e.g. no guest_memfd MMAP|INIT_SHARED)."""
+
+
+class PayloadError(RuntimeError):
+    """The payload did not run as written (unexpected exit, protocol error)."""
+
+
+def gmem_marker(index: int) -> int:
+    """Marker written through the guest_memfd mmap into file page ``index`` ("GM" + index)."""
+    return 0x474D0000 | (index & 0xFFFF)
+
+
+def anon_marker(index: int) -> int:
+    """Marker in the decoy anonymous buffer at the page the slot maps for ``index``."""
+    return 0x414E0000 | (index & 0xFFFF)
+
+
+def build_read_payload(gfns: Sequence[int]) -> bytes:
+    """Hand-assembled 16-bit real-mode code: for each gfn, report it and its first dword.
+
+    Per gfn (20 bytes)::
+
+        B8 lo hi        mov ax, gfn          ; the gfn itself
+        BA E0 00        mov dx, PORT_GFN
+        EF              out dx, ax           ; 2-byte OUT -> KVM_EXIT_IO
+        B8 lo hi        mov ax, gfn << 8     ; real-mode segment of the page (gfn*4096/16)
+        8E D8           mov ds, ax
+        66 A1 00 00     mov eax, [0x0000]    ; 32-bit load of ds:0 = gfn*4096
+        BA E4 00        mov dx, PORT_VALUE
+        66 EF           out dx, eax          ; 4-byte OUT -> KVM_EXIT_IO
+
+    then ``F4 hlt`` (KVM_EXIT_HLT) and ``EB FE jmp $`` in case HLT ever resumes.
+    """
+    code = bytearray()
+    for gfn in gfns:
+        if not 0 <= gfn <= REAL_MODE_MAX_GFN:
+            raise ValueError(f"gfn {gfn:#x} outside real-mode reach [0, {REAL_MODE_MAX_GFN:#x}]")
+        seg = gfn << 8
+        code += bytes([0xB8, gfn & 0xFF, gfn >> 8])
+        code += bytes([0xBA, PORT_GFN, 0x00, 0xEF])
+        code += bytes([0xB8, seg & 0xFF, seg >> 8, 0x8E, 0xD8])
+        code += bytes([0x66, 0xA1, 0x00, 0x00])
+        code += bytes([0xBA, PORT_VALUE, 0x00, 0x66, 0xEF])
+    code += bytes([0xF4, 0xEB, 0xFE])
+    if len(code) > gl.PAGE_SIZE:
+        raise ValueError(f"payload of {len(code)} bytes exceeds one page ({len(gfns)} gfns)")
+    return bytes(code)
+
+
+@dataclass(frozen=True)
+class GuestRead:
+    """One report of the payload: the dword at offset 0 of ``gfn``."""
+
+    gfn: int
+    value: int
+
+
+BackingMode = Literal["gmem_mmap", "decoy"]
+
+
+class TinyVm:
+    """A VM, its guest_memfd (mmapped), the gmem slots, a code slot and one vCPU.
+
+    ``backing`` chooses each gmem slot's ``userspace_addr``: ``gmem_mmap`` points it at the
+    guest_memfd's own mapping (both views agree), ``decoy`` at a separate anonymous buffer
+    filled with ``anon_marker`` values (tells which view the host serves the guest from).
+    """
+
+    def __init__(
+        self,
+        system: KvmSystem,
+        layout: Sequence[gl.SlotLayout] = DEFAULT_LAYOUT,
+        *,
+        gmem_pages: int = DEFAULT_GMEM_PAGES,
+        backing: BackingMode = "gmem_mmap",
+    ) -> None:
+        self.layout = gl.check_no_overlap(layout)
+        self.backing = backing
+        self.gmem_pages = gmem_pages
+        for s in self.layout:
+            if s.index_end > gmem_pages:
+                raise ValueError(f"{s} reaches past the guest_memfd's {gmem_pages} pages")
+            if s.gfn_end - 1 > REAL_MODE_MAX_GFN or s.base_gfn <= CODE_GFN:
+                raise ValueError(f"{s}: gfns must lie in ({CODE_GFN:#x}, {REAL_MODE_MAX_GFN:#x}]")
+        self._resources: list[Memslot | Vcpu | HostMapping | GuestMemfd | Vm] = []
+        self.slot_hva: dict[int, int] = {}
+        try:
+            self._build(system)
+        except BaseException:
+            self.close()
+            raise
+
+    def _own(self, obj: _R) -> _R:
+        self._resources.append(obj)
+        return obj
+
+    def _build(self, system: KvmSystem) -> None:
+        wanted = u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED
+        self.vm = self._own(system.create_vm(u.KVM_X86_DEFAULT_VM))
+        supported = self.vm.check_extension(u.KVM_CAP_GUEST_MEMFD_FLAGS)
+        if self.vm.check_extension(u.KVM_CAP_GUEST_MEMFD) <= 0 or supported & wanted != wanted:
+            raise GmemUnsupported(
+                f"guest_memfd with MMAP|INIT_SHARED not offered: KVM_CAP_GUEST_MEMFD="
+                f"{self.vm.check_extension(u.KVM_CAP_GUEST_MEMFD)}, "
+                f"KVM_CAP_GUEST_MEMFD_FLAGS={supported:#x} (need {wanted:#x})"
+            )
+        if self.vm.check_extension(u.KVM_CAP_SET_TSS_ADDR) > 0:
+            self.vm.set_tss_addr(TSS_ADDR)
+        self.gmem = self._own(self.vm.create_guest_memfd(self.gmem_pages * gl.PAGE_SIZE, wanted))
+        self.gmem_map = self._own(self.gmem.mmap())
+        for index in range(self.gmem_pages):
+            self.gmem_map.write_u32(index * gl.PAGE_SIZE, gmem_marker(index))
+        self.code = self._own(HostMapping.anonymous(gl.PAGE_SIZE, "payload code"))
+        self._own(self.vm.add_memslot(CODE_SLOT, CODE_GFN << gl.PAGE_SHIFT, gl.PAGE_SIZE, self.code.addr))
+        for s in self.layout:
+            if self.backing == "gmem_mmap":
+                hva = self.gmem_map.addr + s.gmem_offset
+            else:
+                decoy = self._own(HostMapping.anonymous(s.memory_size, f"decoy slot {s.slot}"))
+                for page in range(s.npages):
+                    decoy.write_u32(page * gl.PAGE_SIZE, anon_marker(s.gmem_pgoff + page))
+                hva = decoy.addr
+            self.slot_hva[s.slot] = hva
+            self._own(
+                self.vm.add_memslot(
+                    s.slot,
+                    s.guest_phys_addr,
+                    s.memory_size,
+                    hva,
+                    gmem=self.gmem,
+                    guest_memfd_offset=s.gmem_offset,
+                )
+            )
+        self.vcpu = self._own(self.vm.create_vcpu(0))
+
+    def all_gfns(self) -> list[int]:
+        return [gfn for s in self.layout for gfn in range(s.base_gfn, s.gfn_end)]
+
+    def read_gfns(self, gfns: Sequence[int]) -> list[GuestRead]:
+        """Load the payload for ``gfns``, reset the vCPU to real mode at it, run to HLT."""
+        self.code.write(0, build_read_payload(gfns))
+        sregs = self.vcpu.get_sregs()
+        sregs.cs.base = CODE_GFN << gl.PAGE_SHIFT
+        sregs.cs.selector = CODE_GFN << 8
+        sregs.ds.base = 0
+        sregs.ds.selector = 0
+        self.vcpu.set_sregs(sregs)
+        regs = u.KvmRegs()
+        regs.rip = 0
+        regs.rflags = 0x2
+        self.vcpu.set_regs(regs)
+        return _collect(self.vcpu, gfns)
+
+    def close(self) -> None:
+        while self._resources:
+            self._resources.pop().close()
+
+    def __enter__(self) -> TinyVm:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _collect(vcpu: Vcpu, gfns: Sequence[int]) -> list[GuestRead]:
+    reads: list[GuestRead] = []
+    pending_gfn: int | None = None
+    for _ in range(MAX_EXITS):
+        ex: VcpuExit = vcpu.run()
+        if isinstance(ex, HltExit):
+            break
+        if not isinstance(ex, IoExit) or ex.direction != u.KVM_EXIT_IO_OUT:
+            raise PayloadError(f"payload stopped with {ex!r} after {len(reads)} reads")
+        if ex.port == PORT_GFN and ex.size == 2:
+            pending_gfn = ex.value
+        elif ex.port == PORT_VALUE and ex.size == 4 and pending_gfn is not None:
+            reads.append(GuestRead(pending_gfn, ex.value))
+            pending_gfn = None
+        else:
+            raise PayloadError(f"unexpected OUT {ex!r} (pending gfn {pending_gfn})")
+    else:
+        raise PayloadError(f"payload did not HLT within {MAX_EXITS} exits")
+    got = [r.gfn for r in reads]
+    if got != list(gfns):
+        raise PayloadError(f"payload reported gfns {got}, expected {list(gfns)}")
+    return reads
+
+
+def _describe(value: int) -> str:
+    if value >> 16 == gmem_marker(0) >> 16:
+        return f"guest_memfd marker of index {value & 0xFFFF}"
+    if value >> 16 == anon_marker(0) >> 16:
+        return f"userspace_addr marker of index {value & 0xFFFF}"
+    if value == 0:
+        return "zero"
+    return "garbage"
+
+
+def _layout_json(layout: Sequence[gl.SlotLayout]) -> list[dict[str, int]]:
+    return [asdict(s) for s in layout]
+
+
+@dataclass(frozen=True)
+class OracleMappingResult:
+    """Scenario (a): every gfn reads the marker of the file index the oracle predicts."""
+
+    layout: tuple[gl.SlotLayout, ...]
+    reads: tuple[GuestRead, ...]
+    mismatches: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scenario": "oracle_mapping",
+            "ok": self.ok,
+            "layout": _layout_json(self.layout),
+            "reads": [{"gfn": r.gfn, "value": r.value} for r in self.reads],
+            "mismatches": list(self.mismatches),
+        }
+
+
+def _expect_markers(
+    layout: Sequence[gl.SlotLayout], reads: Sequence[GuestRead], hole_gfn: int | None = None
+) -> list[str]:
+    problems = []
+    for r in reads:
+        index = gl.index_for_gfn(layout, r.gfn)
+        if index is None:
+            problems.append(f"gfn {r.gfn:#x}: no slot maps it, yet it was read")
+            continue
+        expected = 0 if r.gfn == hole_gfn else gmem_marker(index)
+        if r.value != expected:
+            problems.append(
+                f"gfn {r.gfn:#x}: expected {expected:#010x} "
+                f"({'zero (punched)' if r.gfn == hole_gfn else f'index {index}'}), "
+                f"got {r.value:#010x} ({_describe(r.value)})"
+            )
+    return problems
+
+
+def run_oracle_mapping(system: KvmSystem, layout: Sequence[gl.SlotLayout] = DEFAULT_LAYOUT) -> OracleMappingResult:
+    """(a) With ``userspace_addr`` = the gmem mmap, each gfn shows the oracle's file index."""
+    with TinyVm(system, layout, backing="gmem_mmap") as tvm:
+        reads = tvm.read_gfns(tvm.all_gfns())
+        return OracleMappingResult(tvm.layout, tuple(reads), tuple(_expect_markers(tvm.layout, reads)))
+
+
+@dataclass(frozen=True)
+class PunchHoleResult:
+    """Scenario (b): after punching file index ``index`` the guest sees zero only at its gfn."""
+
+    layout: tuple[gl.SlotLayout, ...]
+    index: int
+    expected_gfn: int
+    before: tuple[GuestRead, ...]
+    after: tuple[GuestRead, ...]
+    mismatches: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scenario": "punch_hole",
+            "ok": self.ok,
+            "layout": _layout_json(self.layout),
+            "index": self.index,
+            "expected_gfn": self.expected_gfn,
+            "before": [{"gfn": r.gfn, "value": r.value} for r in self.before],
+            "after": [{"gfn": r.gfn, "value": r.value} for r in self.after],
+            "mismatches": list(self.mismatches),
+        }
+
+
+def run_punch_hole(system: KvmSystem, index: int, layout: Sequence[gl.SlotLayout] = DEFAULT_LAYOUT) -> PunchHoleResult:
+    """(b) Punch file page ``index`` between two runs of the payload in the same VM."""
+    expected_gfn = gl.gfn_for_index(layout, index)
+    if expected_gfn is None:
+        raise ValueError(f"file index {index} is bound to no slot of {list(layout)}")
+    with TinyVm(system, layout, backing="gmem_mmap") as tvm:
+        gfns = tvm.all_gfns()
+        before = tvm.read_gfns(gfns)
+        problems = [f"before punch: {p}" for p in _expect_markers(tvm.layout, before)]
+        tvm.gmem.punch_hole(index * gl.PAGE_SIZE, gl.PAGE_SIZE)
+        after = tvm.read_gfns(gfns)
+        problems += [f"after punch: {p}" for p in _expect_markers(tvm.layout, after, expected_gfn)]
+        return PunchHoleResult(tvm.layout, index, expected_gfn, tuple(before), tuple(after), tuple(problems))
+
+
+Behaviour = Literal["guest_memfd", "userspace_addr", "unexpected"]
+
+
+@dataclass(frozen=True)
+class BackingSourceResult:
+    """Which view a gmem slot's guest accesses are served from.
+
+    ``guest_memfd`` is the upstream (6.18, TDP MMU) behaviour for MMAP|INIT_SHARED slots;
+    ``userspace_addr`` is an understood divergence, carried as ``finding``; ``unexpected``
+    (mixed sources, wrong index, garbage) is a failure listed in ``mismatches``.
+    """
+
+    layout: tuple[gl.SlotLayout, ...]
+    reads: tuple[GuestRead, ...]
+    behaviour: Behaviour
+    mismatches: tuple[str, ...]
+    finding: Finding | None = None
+    slot_hva: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.behaviour != "unexpected"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scenario": "backing_source",
+            "ok": self.ok,
+            "behaviour": self.behaviour,
+            "layout": _layout_json(self.layout),
+            "reads": [{"gfn": r.gfn, "value": r.value} for r in self.reads],
+            "mismatches": list(self.mismatches),
+            "finding": self.finding.to_json() if self.finding else None,
+        }
+
+
+def classify_backing(layout: Sequence[gl.SlotLayout], reads: Sequence[GuestRead]) -> tuple[Behaviour, list[str]]:
+    """Pure: decide the behaviour from what the guest read (decoy ``userspace_addr``)."""
+    sources: set[str] = set()
+    problems: list[str] = []
+    for r in reads:
+        index = gl.index_for_gfn(layout, r.gfn)
+        if index is None:
+            problems.append(f"gfn {r.gfn:#x}: no slot maps it")
+        elif r.value == gmem_marker(index):
+            sources.add("guest_memfd")
+        elif r.value == anon_marker(index):
+            sources.add("userspace_addr")
+        else:
+            problems.append(
+                f"gfn {r.gfn:#x}: expected {gmem_marker(index):#010x} (guest_memfd) or "
+                f"{anon_marker(index):#010x} (userspace_addr) for index {index}, "
+                f"got {r.value:#010x} ({_describe(r.value)})"
+            )
+    if not problems and len(sources) > 1:
+        problems.append(f"mixed sources across gfns: {sorted(sources)}")
+    if problems or len(sources) != 1:
+        return "unexpected", problems or ["no reads"]
+    behaviour: Behaviour = "guest_memfd" if "guest_memfd" in sources else "userspace_addr"
+    return behaviour, []
+
+
+FINDING_ID: Final = "gmem-slot-served-from-userspace-addr"
+
+
+def run_backing_source(system: KvmSystem, layout: Sequence[gl.SlotLayout] = DEFAULT_LAYOUT) -> BackingSourceResult:
+    """Run with ``userspace_addr`` pointing at a decoy buffer and see which view the guest reads."""
+    with TinyVm(system, layout, backing="decoy") as tvm:
+        reads = tvm.read_gfns(tvm.all_gfns())
+        behaviour, problems = classify_backing(tvm.layout, reads)
+        finding = None
+        if behaviour == "userspace_addr":
+            finding = Finding(
+                id=FINDING_ID,
+                severity="divergence",
+                text=(
+                    "Guest accesses to KVM_MEM_GUEST_MEMFD slots (guest_memfd created with "
+                    "MMAP|INIT_SHARED) are served from the slot's userspace_addr, not from the "
+                    "guest_memfd; upstream KVM serves such slots from the guest_memfd. Poison "
+                    "or holes in the guest_memfd are invisible to the guest unless "
+                    "userspace_addr is the guest_memfd's own mapping."
+                ),
+                evidence={
+                    "layout": _layout_json(tvm.layout),
+                    "reads": [{"gfn": r.gfn, "value": r.value} for r in reads],
+                    "guest_memfd_marker_example": gmem_marker(tvm.layout[0].gmem_pgoff),
+                    "userspace_addr_marker_example": anon_marker(tvm.layout[0].gmem_pgoff),
+                },
+            )
+            _log.warning("finding %s: %s", finding.id, finding.text)
+        return BackingSourceResult(tvm.layout, tuple(reads), behaviour, tuple(problems), finding, dict(tvm.slot_hva))
