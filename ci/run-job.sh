@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The main job (README quick start, first command): the default Avocado suite against the
+# built-in default guest. Installs what it needs first. Extra arguments go to `avocado run`.
+#
+# Environment (optional):
+#   GMEMTEST_RESULTS    job results directory (default: <repo>/results)
+#   GMEMTEST_PARALLEL   --max-parallel-tasks (default: 2; each guest runs one TCG vCPU thread)
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+bash ci/bootstrap-host.sh
+venv=${GMEMTEST_VENV:-$repo/.venv}
+export PATH="$venv/bin:$PATH"
+results=${GMEMTEST_RESULTS:-$repo/results}
+parallel=${GMEMTEST_PARALLEL:-2}
+
+python -m images build --json >/dev/null
+status=0
+avocado run --max-parallel-tasks="$parallel" --job-results-dir "$results" \
+    avocado_tests/ "$@" || status=$?
+latest=$(readlink -f "$results/latest" 2>/dev/null || true)
+echo "results: ${latest:-$results}"
+[ -n "$latest" ] && echo "html: $latest/results.html"
+exit "$status"
