@@ -1,0 +1,107 @@
+"""Named machine-check kinds as data, and the record of one injection.
+
+Values are those QEMU itself injects when it forwards a host SIGBUS to the guest
+(target/i386/kvm/kvm.c, ``kvm_mce_inject``), written with the bit names of the Intel SDM
+vol. 3B ch. 16 (IA32_MCi_STATUS / IA32_MCG_STATUS):
+
+MCi_STATUS bits: VAL 63, OVER 62, UC 61, EN 60, MISCV 59, ADDRV 58, PCC 57, S 56, AR 55;
+the low 16 bits are the MCA error code (0x00c0: memory scrubbing; 0x0134: data load).
+MCG_STATUS bits: RIPV 0, EIPV 1, MCIP 2.
+MCi_MISC 0x8c: address mode 2 (physical) in bits 8:6, LSB of the address = 12 (bits 5:0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MCI_STATUS_VAL = 1 << 63
+MCI_STATUS_OVER = 1 << 62
+MCI_STATUS_UC = 1 << 61
+MCI_STATUS_EN = 1 << 60
+MCI_STATUS_MISCV = 1 << 59
+MCI_STATUS_ADDRV = 1 << 58
+MCI_STATUS_PCC = 1 << 57
+MCI_STATUS_S = 1 << 56
+MCI_STATUS_AR = 1 << 55
+
+MCG_STATUS_RIPV = 1 << 0
+MCG_STATUS_EIPV = 1 << 1
+MCG_STATUS_MCIP = 1 << 2
+
+MCA_CODE_SCRUB = 0x00C0
+MCA_CODE_DATA_LOAD = 0x0134
+MCM_ADDR_PHYS = 2
+MCI_MISC_PHYS_LSB12 = (MCM_ADDR_PHYS << 6) | 12
+
+# QEMU's TCG/KVM x86 CPUs expose MCE_BANKS_DEF = 10 banks (target/i386/cpu.h; MCG_CAP
+# 0x100010a measured in the guest): bank 9 is the last valid one, bank 10 is refused.
+MCE_BANKS = 10
+
+_UC_SIGNALED = (MCI_STATUS_VAL | MCI_STATUS_UC | MCI_STATUS_EN
+                | MCI_STATUS_MISCV | MCI_STATUS_ADDRV | MCI_STATUS_S)
+
+
+@dataclass(frozen=True)
+class MceKind:
+    """One kind of machine check: the three register values ``mce`` needs besides addr."""
+
+    name: str
+    status: int
+    mcg_status: int
+    misc: int
+    description: str
+
+
+MCE_KINDS: dict[str, MceKind] = {
+    kind.name: kind
+    for kind in (
+        MceKind("SRAO", _UC_SIGNALED | MCA_CODE_SCRUB,
+                MCG_STATUS_MCIP | MCG_STATUS_RIPV, MCI_MISC_PHYS_LSB12,
+                "software recoverable, action optional (patrol scrub found the error)"),
+        MceKind("SRAR", _UC_SIGNALED | MCI_STATUS_AR | MCA_CODE_DATA_LOAD,
+                MCG_STATUS_MCIP | MCG_STATUS_EIPV | MCG_STATUS_RIPV, MCI_MISC_PHYS_LSB12,
+                "software recoverable, action required (data load consumed poison)"),
+    )
+}
+
+
+def mce_kind(name: str) -> MceKind:
+    """Look a kind up by name (case-insensitive)."""
+    kind = MCE_KINDS.get(name.upper())
+    if kind is None:
+        raise ValueError(f"unknown MCE kind {name!r}; valid kinds: {', '.join(MCE_KINDS)}")
+    return kind
+
+
+def mce_command_line(kind: MceKind, gpa: int, cpu: int, bank: int, broadcast: bool) -> str:
+    """The HMP ``mce [-b] cpu bank status mcg_status addr misc`` line."""
+    flag = "-b " if broadcast else ""
+    return (f"mce {flag}{cpu} {bank} {kind.status:#x} {kind.mcg_status:#x} "
+            f"{gpa:#x} {kind.misc:#x}")
+
+
+@dataclass(frozen=True)
+class MceInjection:
+    """What was injected and when: the evidence a verdict needs about the injection.
+
+    ``t_mono_before``/``t_mono_after`` bracket the HMP command (``time.monotonic()``);
+    ``event_mark`` is the event-log mark taken before it, to wait for MEMORY_FAILURE
+    without a race. ``guest_reset`` is True when QEMU answered that it raised a triple
+    fault instead of delivering #MC (guest CR4.MCE clear or an MCE already in progress).
+    """
+
+    kind: MceKind
+    gpa: int
+    cpu: int
+    bank: int
+    broadcast: bool
+    command_line: str
+    monitor_text: str
+    t_mono_before: float
+    t_mono_after: float
+    event_mark: int
+
+    @property
+    def guest_reset(self) -> bool:
+        """QEMU reset the guest instead of delivering the machine check."""
+        return "raising triple fault" in self.monitor_text
