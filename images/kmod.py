@@ -1,0 +1,86 @@
+"""Kernel module dependency resolution straight from the ``.ko`` files.
+
+Debian's kernel package does not ship ``modules.dep`` (its postinst runs depmod),
+and the host need not have kmod. Every module records its direct dependencies in
+the ``depends=`` string of its ELF ``.modinfo`` section, which is all that busybox
+``insmod`` ordering needs.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from pathlib import Path
+
+__all__ = ["ModuleError", "index_modules", "load_order", "modinfo"]
+
+_ELF64_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
+_ELF64_SECTION = struct.Struct("<IIQQQQIIQQ")
+
+
+class ModuleError(RuntimeError):
+    """A module that cannot be found or parsed."""
+
+
+def _stem(name: str) -> str:
+    """Module names treat '-' and '_' alike (kernel/module.c)."""
+    return name.replace("-", "_")
+
+
+def modinfo(ko: bytes) -> dict[str, str]:
+    """Key/value strings of the ``.modinfo`` section of a little-endian ELF64 object."""
+    if ko[:4] != b"\x7fELF" or ko[4] != 2 or ko[5] != 1:
+        raise ModuleError("not a little-endian ELF64 object")
+    fields = _ELF64_HEADER.unpack_from(ko)
+    shoff, shentsize, shnum, shstrndx = fields[6], fields[11], fields[12], fields[13]
+    sections = [_ELF64_SECTION.unpack_from(ko, shoff + i * shentsize) for i in range(shnum)]
+    strtab = sections[shstrndx]
+    names = ko[strtab[4]:strtab[4] + strtab[5]]
+    for sec in sections:
+        end = names.index(b"\0", sec[0])
+        if names[sec[0]:end] == b".modinfo":
+            blob = ko[sec[4]:sec[4] + sec[5]]
+            info: dict[str, str] = {}
+            for item in blob.split(b"\0"):
+                key, sep, value = item.decode(errors="replace").partition("=")
+                if sep:
+                    info.setdefault(key, value)
+            return info
+    raise ModuleError("no .modinfo section")
+
+
+def index_modules(modules_dir: Path) -> dict[str, Path]:
+    """Map normalised module name to its ``.ko`` path under ``lib/modules/<release>``."""
+    return {_stem(ko.name[:-3]): ko for ko in sorted(modules_dir.rglob("*.ko"))}
+
+
+def load_order(wanted: Iterable[str], index: dict[str, Path]) -> list[Path]:
+    """Modules to insmod, each after its dependencies (a depth-first post-order)."""
+    order: list[Path] = []
+    done: set[str] = set()
+    visiting: set[str] = set()
+
+    def visit(name: str, parent: str | None) -> None:
+        stem = _stem(name)
+        if stem in done:
+            return
+        if stem in visiting:
+            raise ModuleError(f"module dependency cycle through {stem}")
+        path = index.get(stem)
+        if path is None:
+            via = f" (needed by {parent})" if parent else ""
+            raise ModuleError(f"module {stem}{via} not found among {len(index)} modules")
+        visiting.add(stem)
+        depends = modinfo(path.read_bytes()).get("depends", "")
+        for dep in filter(None, depends.split(",")):
+            visit(dep, stem)
+        visiting.discard(stem)
+        done.add(stem)
+        order.append(path)
+
+    for name in wanted:
+        visit(name, None)
+    return order
