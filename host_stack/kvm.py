@@ -46,6 +46,7 @@ __all__ = [
     "Vcpu",
     "VcpuExit",
     "Vm",
+    "probe_vm_creation",
 ]
 
 _log = logging.getLogger(__name__)
@@ -624,3 +625,19 @@ class Vcpu(_FdOwner):
                 run_map.close()
         finally:
             super().close()
+
+
+def probe_vm_creation(path: str = "/dev/kvm") -> str | None:
+    """Return why a VM cannot be created here (a sentence), or None if it can.
+
+    Tests skip/cancel with this sentence; it comes from a real attempt, not a guess.
+    """
+    try:
+        with KvmSystem(path) as system:
+            version = system.api_version()
+            if version != u.KVM_API_VERSION:
+                return f"{path}: KVM_GET_API_VERSION returned {version}, need {u.KVM_API_VERSION}"
+            with system.create_vm(u.KVM_X86_DEFAULT_VM):
+                return None
+    except OSError as exc:
+        return f"cannot create a KVM VM through {path}: {exc}"
