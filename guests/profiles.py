@@ -1,0 +1,207 @@
+"""Guest profiles: the QEMU arguments of each guest flavour, as data.
+
+A profile owns the machine, CPU model, SMP, memory, firmware and kernel command line,
+because those are exactly the conditions that decide between a recovered page and a guest
+panic (an AMD CPU model takes the AMD MCE path, two vCPUs need broadcast MCEs with an Intel
+model >= 14, ``panic=0`` plus ``-action panic=none`` keeps the panic text on the console).
+The QEMU process owner adds QMP, serial and networking; image-specific boot arguments come
+in through ``extra_kernel_args`` (``images`` sits above ``guests`` and cannot be imported).
+
+``requirements`` names the capabilities a profile needs, so a runner can probe them and
+cancel with a reason instead of failing: ``kvm_boots_linux`` (a KVM that really runs a
+Linux guest), ``sev_snp_host``, ``tdx_host`` and ``qemu:<object-or-property>`` for features
+of the QEMU binary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Final
+
+__all__ = [
+    "DEFAULT_OVMF",
+    "PROFILES",
+    "GuestProfile",
+    "get_profile",
+    "kvm_gmem_profile",
+    "kvm_sev_snp_profile",
+    "kvm_tdx_profile",
+    "profile_names",
+]
+
+# Debian 12's ovmf package (2022.11); lab hosts pass their own SNP/TDX-capable build.
+DEFAULT_OVMF: Final[Path] = Path("/usr/share/ovmf/OVMF.fd")
+
+# Conditions for a recoverable MCE in the guest (FACTS: generic kernel, Intel vendor,
+# panic kept on the console); hugepages for the hugetlb2m probe kind.
+BASE_KERNEL_ARGS: Final[tuple[str, ...]] = (
+    "console=ttyS0",
+    "panic=0",
+    "hugepages=16",
+    "transparent_hugepage=madvise",
+)
+# pvpanic turns a guest panic into a GUEST_PANICKED QMP event; panic=none keeps the guest
+# (and the panic text on the serial console) instead of pausing or exiting.
+PANIC_ARGS: Final[tuple[str, ...]] = ("-device", "pvpanic", "-action", "panic=none")
+
+
+@dataclass(frozen=True)
+class GuestProfile:
+    """How to run one guest flavour; everything but QMP, serial and netdev."""
+
+    name: str
+    accel: str
+    machine: str
+    cpu: str
+    smp: int
+    memory_mib: int
+    kernel_args: tuple[str, ...]
+    extra_args: tuple[str, ...] = ()
+    requirements: tuple[str, ...] = ()
+    firmware: Path | None = None
+    description: str = ""
+    # Options appended to the -machine argument (e.g. confidential-guest-support=sev0).
+    machine_options: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.accel not in ("tcg", "kvm"):
+            raise ValueError(f"profile {self.name!r}: accel must be 'tcg' or 'kvm', got {self.accel!r}")
+        if self.smp < 1:
+            raise ValueError(f"profile {self.name!r}: smp must be >= 1, got {self.smp}")
+        if self.memory_mib < 64:
+            raise ValueError(f"profile {self.name!r}: memory_mib must be >= 64, got {self.memory_mib}")
+
+    def machine_arg(self) -> str:
+        return ",".join((self.machine, *self.machine_options))
+
+    def kernel_cmdline(self, extra_kernel_args: str | Sequence[str] = ()) -> str:
+        """The profile's kernel arguments plus ``extra_kernel_args``, exact duplicates dropped."""
+        extra = extra_kernel_args.split() if isinstance(extra_kernel_args, str) else list(extra_kernel_args)
+        seen: set[str] = set()
+        words: list[str] = []
+        for word in (*self.kernel_args, *extra):
+            if word not in seen:
+                seen.add(word)
+                words.append(word)
+        return " ".join(words)
+
+    def qemu_args(self, kernel: Path, initrd: Path, *,
+                  extra_kernel_args: str | Sequence[str] = ()) -> list[str]:
+        """QEMU arguments for this profile booting ``kernel`` + ``initrd`` directly."""
+        args = [
+            "-accel", self.accel,
+            "-machine", self.machine_arg(),
+            "-cpu", self.cpu,
+            "-smp", str(self.smp),
+            "-m", str(self.memory_mib),
+        ]
+        if self.firmware is not None:
+            args += ["-bios", str(self.firmware)]
+        args += [
+            "-kernel", str(kernel),
+            "-initrd", str(initrd),
+            "-append", self.kernel_cmdline(extra_kernel_args),
+            *self.extra_args,
+        ]
+        return args
+
+
+def kvm_gmem_profile(memory_mib: int = 1024) -> GuestProfile:
+    """KVM guest whose RAM is a guest_memfd-backed memfd (posted, unmerged QEMU series).
+
+    QEMU 10.0 has no ``guest-memfd`` property on memory backends; a runner must check the
+    ``qemu:guest-memfd`` requirement through QOM before launching this profile.
+    """
+    return GuestProfile(
+        name="kvm-gmem", accel="kvm", machine="q35", cpu="host", smp=1, memory_mib=memory_mib,
+        kernel_args=BASE_KERNEL_ARGS,
+        machine_options=("memory-backend=ram0",),
+        extra_args=(
+            "-object", f"memory-backend-memfd,id=ram0,size={memory_mib}M,guest-memfd=on",
+            *PANIC_ARGS,
+        ),
+        requirements=("kvm_boots_linux", "qemu:guest-memfd"),
+        description="KVM guest with guest_memfd-backed RAM (needs the QEMU guest-memfd series)",
+    )
+
+
+def kvm_sev_snp_profile(firmware: Path = DEFAULT_OVMF, memory_mib: int = 1024,
+                        policy: int = 0x30000, cbitpos: int = 51,
+                        reduced_phys_bits: int = 1) -> GuestProfile:
+    """SEV-SNP guest (QEMU docs/system/i386/amd-memory-encryption.rst, "Launching (SEV-SNP)").
+
+    Memory comes from a memfd backend because QEMU backs SNP private memory with
+    guest_memfd next to it; kernel-hashes=on lets OVMF measure the direct-boot kernel.
+    """
+    return GuestProfile(
+        name="kvm-sev-snp", accel="kvm", machine="q35", cpu="EPYC-v4", smp=1,
+        memory_mib=memory_mib, kernel_args=BASE_KERNEL_ARGS, firmware=firmware,
+        machine_options=("confidential-guest-support=sev0", "memory-backend=ram0"),
+        extra_args=(
+            "-object", f"memory-backend-memfd,id=ram0,size={memory_mib}M,share=true,"
+                       "prealloc=false,reserve=false",
+            "-object", f"sev-snp-guest,id=sev0,cbitpos={cbitpos},"
+                       f"reduced-phys-bits={reduced_phys_bits},policy={policy:#x},kernel-hashes=on",
+            *PANIC_ARGS,
+        ),
+        requirements=("kvm_boots_linux", "sev_snp_host", "qemu:sev-snp-guest"),
+        description="AMD SEV-SNP confidential guest (lab hosts only)",
+    )
+
+
+def kvm_tdx_profile(firmware: Path = DEFAULT_OVMF, memory_mib: int = 1024) -> GuestProfile:
+    """Intel TDX guest (QEMU >= 10.1, docs/system/i386/tdx.rst): split irqchip is mandatory."""
+    return GuestProfile(
+        name="kvm-tdx", accel="kvm", machine="q35", cpu="host", smp=1, memory_mib=memory_mib,
+        kernel_args=BASE_KERNEL_ARGS, firmware=firmware,
+        machine_options=("kernel-irqchip=split", "confidential-guest-support=tdx0"),
+        extra_args=("-object", "tdx-guest,id=tdx0", *PANIC_ARGS),
+        requirements=("kvm_boots_linux", "tdx_host", "qemu:tdx-guest"),
+        description="Intel TDX confidential guest (lab hosts only)",
+    )
+
+
+def _builtin_profiles() -> dict[str, GuestProfile]:
+    tcg_default = GuestProfile(
+        name="tcg-default", accel="tcg", machine="q35", cpu="max,vendor=GenuineIntel", smp=1,
+        memory_mib=512, kernel_args=BASE_KERNEL_ARGS, extra_args=PANIC_ARGS,
+        description="TCG, 1 vCPU, Intel vendor: the guest recovers from SRAO/SRAR in user pages",
+    )
+    profiles = [
+        tcg_default,
+        replace(
+            tcg_default, name="tcg-smp2-broadcast", smp=2,
+            cpu="max,vendor=GenuineIntel,family=6,model=85",
+            description="TCG, 2 vCPUs, Intel model 85 (>= 14): MCEs must be broadcast (mce -b)",
+        ),
+        GuestProfile(
+            name="kvm-default", accel="kvm", machine="q35", cpu="host", smp=1, memory_mib=512,
+            kernel_args=BASE_KERNEL_ARGS, extra_args=PANIC_ARGS,
+            requirements=("kvm_boots_linux",),
+            description="KVM with the host CPU model",
+        ),
+        kvm_gmem_profile(),
+        kvm_sev_snp_profile(),
+        kvm_tdx_profile(),
+    ]
+    return {p.name: p for p in profiles}
+
+
+PROFILES: Final[Mapping[str, GuestProfile]] = MappingProxyType(_builtin_profiles())
+
+
+def profile_names() -> tuple[str, ...]:
+    return tuple(PROFILES)
+
+
+def get_profile(name: str) -> GuestProfile:
+    """The built-in profile called ``name``; ValueError naming the valid ones otherwise."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown guest profile {name!r}; valid: {', '.join(PROFILES)}"
+        ) from None
