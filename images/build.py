@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from images import debs, initramfs, kconfig, keys, kmod, manifest
+from images import debs, initramfs, kconfig, keys, kmod, manifest, vmlinux
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -44,7 +44,9 @@ USERLAND_PACKAGES: tuple[str, ...] = (
     "busybox-static", "dropbear-bin", "libtomcrypt1", "libtommath1", "libgmp10",
     "zlib1g", "libcrypt1", "libc6",
 )
-KERNEL_NAME = "vmlinuz"
+# The kernel QEMU gets with -kernel: the uncompressed ELF when the kernel has a PVH
+# entry (saves the in-guest decompression, see vmlinux.py), else the bzImage.
+KERNEL_NAME = "kernel"
 INITRD_NAME = "initrd.img"
 SSH_KEY_NAME = "id_ecdsa"
 # "none" or "gzip": measured by measure_boot.py, see boot_params.py.
@@ -136,6 +138,18 @@ def _kernel_release(kernel_root: Path, package: str) -> str:
     return found[0]
 
 
+def _write_kernel(bzimage: Path, dest: Path, *, pvh: bool) -> str:
+    """Write the kernel QEMU boots; return its format, ``pvh-elf`` or ``bzimage``."""
+    if pvh:
+        elf = vmlinux.extract_vmlinux(bzimage.read_bytes())
+        if vmlinux.has_pvh_entry(elf):
+            dest.write_bytes(elf)
+            return "pvh-elf"
+        _log.warning("%s: CONFIG_PVH=y but no PVH entry note; using the bzImage", bzimage)
+    shutil.copyfile(bzimage, dest)
+    return "bzimage"
+
+
 def _build(work: Path, out: Path, pins: tuple[debs.PackagePin, ...], deb_dir: Path,
            probe_source: Path) -> dict[str, Any]:
     """Build the outputs into ``out``; return the manifest fields this step knows."""
@@ -152,7 +166,8 @@ def _build(work: Path, out: Path, pins: tuple[debs.PackagePin, ...], deb_dir: Pa
     config_path = kernel_root / "boot" / f"config-{release}"
     if not config_path.is_file():
         raise BuildError(f"{kernel_pin.name} has no /boot/config-{release}")
-    wanted = kconfig.check_config(kconfig.read_config(config_path), kernel_pin.name)
+    config = kconfig.read_config(config_path)
+    wanted = kconfig.check_config(config, kernel_pin.name)
     index = kmod.index_modules(kernel_root / "lib" / "modules" / release)
     modules = kmod.load_order(wanted, index)
 
@@ -162,7 +177,8 @@ def _build(work: Path, out: Path, pins: tuple[debs.PackagePin, ...], deb_dir: Pa
     keys.dropbear_host_key(userland, host_key)
     authorized = keys.new_client_key(out / SSH_KEY_NAME)
 
-    shutil.copyfile(kernel_root / "boot" / f"vmlinuz-{release}", out / KERNEL_NAME)
+    kernel_format = _write_kernel(kernel_root / "boot" / f"vmlinuz-{release}",
+                                  out / KERNEL_NAME, pvh=config.get("PVH") == "y")
     inputs = initramfs.InitramfsInputs(
         busybox=busybox_root / "bin" / "busybox", userland=userland, modules=modules,
         probe=probe_bin, authorized_keys=authorized, host_key=host_key)
@@ -183,6 +199,7 @@ def _build(work: Path, out: Path, pins: tuple[debs.PackagePin, ...], deb_dir: Pa
         "libraries": libs,
         "probe_binary_sha256": _sha256(probe_bin),
         "initrd_compression": INITRD_COMPRESSION,
+        "kernel_format": kernel_format,
         "host_key_type": keys.HOST_KEY_TYPE,
     }
 

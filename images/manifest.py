@@ -41,7 +41,7 @@ SCHEMA = 1
 # measure_boot, boot_params) do not, and editing them must not invalidate the cache.
 BUILDER_MODULES: tuple[str, ...] = (
     "build.py", "cpio.py", "debs.py", "initramfs.py", "kconfig.py", "keys.py", "kmod.py",
-    "manifest.py",
+    "manifest.py", "vmlinux.py",
 )
 
 
