@@ -1,1 +1,58 @@
-"""qmp_helpers package."""
+"""QEMU as a managed process and its QMP connection.
+
+Knows nothing of guests, images, SSH or Avocado: callers pass the guest's QEMU arguments,
+this package owns launching, QMP (with timeouts and a transcript), the serial console
+file, the SSH host forward, MCE injection by named kind and teardown that leaves nothing.
+"""
+
+import logging
+
+from .errors import (
+    EventTimeout,
+    GpaOutOfRange,
+    HmpError,
+    MachineStateError,
+    QemuBinaryNotFound,
+    QemuError,
+    QemuLaunchError,
+    QmpCommandError,
+    QmpTimeout,
+)
+from .events import QmpEvent
+from .hmp import HMP_ERROR_SHAPES, hmp_error_shape
+from .machine import QemuMachine, resolve_binary
+from .mce import MCE_BANKS, MCE_KINDS, MceInjection, MceKind, mce_kind
+from .process import find_tagged_qemus, reap_orphans
+from .qemu_caps import QemuCapabilities, probe_qemu, validate_args
+
+__all__ = (  # noqa: RUF022 - curated order, most important first
+    # Classes, most to least important
+    "QemuMachine",
+    "QmpEvent",
+    "MceKind",
+    "MceInjection",
+    "QemuCapabilities",
+    # Functions and data
+    "mce_kind",
+    "MCE_KINDS",
+    "MCE_BANKS",
+    "probe_qemu",
+    "validate_args",
+    "reap_orphans",
+    "find_tagged_qemus",
+    "resolve_binary",
+    "hmp_error_shape",
+    "HMP_ERROR_SHAPES",
+    # Exceptions, most generic to most explicit
+    "QemuError",
+    "QemuBinaryNotFound",
+    "QemuLaunchError",
+    "MachineStateError",
+    "QmpTimeout",
+    "QmpCommandError",
+    "HmpError",
+    "GpaOutOfRange",
+    "EventTimeout",
+)
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -341,9 +341,15 @@ class QemuMachine:
     def ram_ranges(self) -> list[tuple[int, int, str]]:
         """(start, end inclusive, region) of guest RAM in the system address space."""
         text = self.hmp("info mtree -f")
-        first_view = text.split("FlatView #1", 1)[0]
+        # FlatViews come out in hash-table order: pick the one of address space "memory".
+        views = [v for v in re.split(r"^FlatView #\d+", text, flags=re.MULTILINE)
+                 if re.search(r'^ AS "memory"', v, re.MULTILINE)]
+        if len(views) != 1:
+            raise MachineStateError(
+                f"expected one FlatView for address space 'memory' in 'info mtree -f', "
+                f"found {len(views)}: {text[:400]!r}")
         return [(int(m["start"], 16), int(m["end"], 16), m["name"])
-                for m in _MTREE_RAM_RE.finditer(first_view)]
+                for m in _MTREE_RAM_RE.finditer(views[0])]
 
     def gpa2hva(self, gpa: int) -> int:
         """Host virtual address of a guest-physical address (HMP ``gpa2hva``)."""
