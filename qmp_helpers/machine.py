@@ -25,7 +25,6 @@ from .errors import (
     MachineStateError,
     QemuBinaryNotFound,
     QemuLaunchError,
-    QmpCommandError,
 )
 from .events import EventPredicate, EventRecorder, QmpEvent
 from .hmp import hmp_error_shape
@@ -247,13 +246,17 @@ class QemuMachine:
                                     "(not launched, or shut down)")
         return self._qmp
 
-    def qmp(self, cmd: str, timeout: float | None = None, **arguments: Any) -> Any:
-        """Run a QMP command; raises :class:`QmpCommandError` on a QMP error reply."""
-        return self._require_qmp().execute(cmd, arguments, timeout)
+    def qmp(self, cmd: str, *, qmp_timeout: float | None = None, **arguments: Any) -> Any:
+        """Run a QMP command; raises :class:`QmpCommandError` on a QMP error reply.
 
-    def hmp(self, command_line: str, timeout: float | None = None) -> str:
+        ``qmp_timeout`` overrides the machine's per-call deadline (named so that it cannot
+        collide with a QMP argument called ``timeout``).
+        """
+        return self._require_qmp().execute(cmd, arguments, qmp_timeout)
+
+    def hmp(self, command_line: str, qmp_timeout: float | None = None) -> str:
         """Run an HMP command; raises :class:`HmpError` when the reply text is an error."""
-        reply = self.qmp("human-monitor-command", timeout=timeout,
+        reply = self.qmp("human-monitor-command", qmp_timeout=qmp_timeout,
                          **{"command-line": command_line})
         text = str(reply)
         shape = hmp_error_shape(text)
@@ -393,6 +396,7 @@ class QemuMachine:
         t_before = time.monotonic()
         text = self.hmp(command_line)
         t_after = time.monotonic()
+        _LOG.info("%s: injected %s at gpa %#x: %s", self.name, mce.name, gpa, command_line)
         injection = MceInjection(mce, gpa, cpu, bank, broadcast, command_line, text.strip(),
                                  t_before, t_after, mark)
         if injection.guest_reset:
@@ -410,10 +414,10 @@ class QemuMachine:
         if process is not None and process.running() and self._qmp is not None:
             try:
                 self._qmp.execute("quit", timeout=min(timeout, self.qmp_timeout))
-            except (QmpCommandError, MachineStateError, Exception) as exc:
+            except Exception as exc:  # QEMU may already be gone or hung: escalate below
                 _LOG.debug("QMP quit of %s: %r", self.name, exc)
             process.wait(timeout)
-        returncode = process.stop() if process is not None else None
+        returncode = process.stop(term_timeout=min(3.0, timeout)) if process else None
         if self._qmp is not None:
             self._qmp.close()
             self._qmp = None

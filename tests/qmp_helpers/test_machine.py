@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import BASE_ARGS, QEMU
@@ -66,12 +67,13 @@ def _socket_inodes(pid: int) -> set[int]:
     return inodes
 
 
-def _transcript(machine: QemuMachine) -> list[dict[str, object]]:
+def _transcript(machine: QemuMachine) -> list[dict[str, Any]]:
     return [json.loads(line) for line in machine.qmp_log.read_text().splitlines()]
 
 
 def test_launch_and_shutdown_leave_nothing(tmp_path: Path) -> None:
     machine = QemuMachine([*BASE_ARGS, "-S"], tmp_path / "m", name="leak-check")
+    fds_before = sorted(os.listdir("/proc/self/fd"))
     with machine:
         pid = machine.pid
         sock = machine.qmp_socket
@@ -90,6 +92,7 @@ def test_launch_and_shutdown_leave_nothing(tmp_path: Path) -> None:
     assert {"cmd": "quit"}.items() <= next(r for r in records if r.get("cmd") == "quit").items()
     assert [t.name for t in threading.enumerate() if t.name.startswith("q")] == [], \
         "QMP loop or launcher thread outlived shutdown"
+    assert sorted(os.listdir("/proc/self/fd")) == fds_before, "file descriptors leaked"
 
 
 def test_stop_cont_events_and_marks(machine: QemuMachine) -> None:
@@ -140,7 +143,7 @@ def test_mce_bad_inputs_refused_before_injection(machine: QemuMachine) -> None:
         machine.inject_mce("SRAO", 0x1_0000_0000)
     assert "0x100000000" in str(err.value) and "pc.ram" in str(err.value)
     assert any(end == 0xFFF_FFFF for _, end, _ in err.value.ram_ranges), err.value.ram_ranges
-    with pytest.raises(ValueError, match="unknown MCE kind 'SRAX'.*SRAO, SRAR"):
+    with pytest.raises(ValueError, match=r"unknown MCE kind 'SRAX'.*SRAO, SRAR"):
         machine.inject_mce("SRAX", 0x200000)
     with pytest.raises(ValueError, match=r"bank 10 is invalid.*0\.\.9"):
         machine.inject_mce("SRAO", 0x200000, bank=10)
@@ -218,7 +221,7 @@ def test_qmp_timeout_and_shutdown_escalation(tmp_path: Path) -> None:
         os.kill(machine.pid, signal.SIGSTOP)  # QEMU cannot answer any more
         t0 = time.monotonic()
         with pytest.raises(QmpTimeout):
-            machine.qmp("query-status", timeout=0.5)
+            machine.qmp("query-status", qmp_timeout=0.5)
         assert time.monotonic() - t0 < 2
         with pytest.raises(MachineStateError):
             _ = machine.ssh_port
@@ -257,12 +260,14 @@ def test_qemu_dies_with_sigkilled_launcher(tmp_path: Path) -> None:
         qemu_pid = int(child.stdout.readline())
         time.sleep(0.5)
         assert _alive(qemu_pid), "QEMU died when its launching thread ended"
+        t_kill = time.monotonic()
         child.send_signal(signal.SIGKILL)
         child.wait(5)
-        deadline = time.monotonic() + 5
+        deadline = t_kill + 5
         while _alive(qemu_pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _alive(qemu_pid), f"QEMU {qemu_pid} outlived its SIGKILLed launcher by 5 s"
+        print(f"QEMU gone {time.monotonic() - t_kill:.3f} s after launcher SIGKILL")
     finally:
         child.kill()
         child.wait()
