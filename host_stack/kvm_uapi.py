@@ -56,12 +56,7 @@ def ioc(direction: int, nr: int, size: int, type_: int = KVMIO) -> int:
     """Encode an ioctl number exactly as the kernel's ``_IOC`` macro does."""
     if not 0 <= size < (1 << _IOC_SIZEBITS):
         raise ValueError(f"ioctl size {size} does not fit in {_IOC_SIZEBITS} bits")
-    return (
-        (direction << _IOC_DIRSHIFT)
-        | (type_ << _IOC_TYPESHIFT)
-        | (nr << _IOC_NRSHIFT)
-        | (size << _IOC_SIZESHIFT)
-    )
+    return (direction << _IOC_DIRSHIFT) | (type_ << _IOC_TYPESHIFT) | (nr << _IOC_NRSHIFT) | (size << _IOC_SIZESHIFT)
 
 
 def ioc_size(request: int) -> int:

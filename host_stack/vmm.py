@@ -83,7 +83,14 @@ class GmemUnsupported(RuntimeError):
 
 
 class PayloadError(RuntimeError):
-    """The payload did not run as written (unexpected exit, protocol error)."""
+    """The payload did not run as written (unexpected exit, protocol error).
+
+    ``exit`` is the vCPU exit that stopped it, if any (e.g. a memory-fault exit).
+    """
+
+    def __init__(self, message: str, exit: VcpuExit | None = None) -> None:
+        super().__init__(message)
+        self.exit = exit
 
 
 def gmem_marker(index: int) -> int:
@@ -99,7 +106,7 @@ def anon_marker(index: int) -> int:
 def build_read_payload(gfns: Sequence[int]) -> bytes:
     """Hand-assembled 16-bit real-mode code: for each gfn, report it and its first dword.
 
-    Per gfn (20 bytes)::
+    Per gfn (21 bytes)::
 
         B8 lo hi        mov ax, gfn          ; the gfn itself
         BA E0 00        mov dx, PORT_GFN
@@ -256,7 +263,7 @@ def _collect(vcpu: Vcpu, gfns: Sequence[int]) -> list[GuestRead]:
         if isinstance(ex, HltExit):
             break
         if not isinstance(ex, IoExit) or ex.direction != u.KVM_EXIT_IO_OUT:
-            raise PayloadError(f"payload stopped with {ex!r} after {len(reads)} reads")
+            raise PayloadError(f"payload stopped with {ex!r} after {len(reads)} reads", ex)
         if ex.port == PORT_GFN and ex.size == 2:
             pending_gfn = ex.value
         elif ex.port == PORT_VALUE and ex.size == 4 and pending_gfn is not None:

@@ -1,0 +1,84 @@
+"""Typed KVM objects on the real /dev/kvm: errors, exits, and that nothing leaks."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from host_stack import kvm_uapi as u
+from host_stack.kvm import (
+    HltExit,
+    HostMapping,
+    IoExit,
+    KvmIoctlError,
+    KvmSystem,
+)
+
+pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("no_fd_leak")]
+P = 4096
+
+
+def test_error_names_ioctl_arguments_and_errno(kvm_system: KvmSystem) -> None:
+    with kvm_system.create_vm() as vm, pytest.raises(KvmIoctlError) as info:
+        vm.create_guest_memfd(P + 1, 0)
+    err = info.value
+    assert err.errno == errno.EINVAL
+    assert err.ioctl_name == "KVM_CREATE_GUEST_MEMFD"
+    assert err.ioctl_args == {"size": P + 1, "flags": 0}
+    assert str(err) == "KVM_CREATE_GUEST_MEMFD(size=0x1001, flags=0x0) failed: EINVAL (Invalid argument)"
+
+
+def test_system_reports_api_version_and_vcpu_mmap_size(kvm_system: KvmSystem) -> None:
+    assert kvm_system.api_version() == u.KVM_API_VERSION
+    assert kvm_system.vcpu_mmap_size() >= 4096
+
+
+def test_vm_check_extension_answers_for_the_vm(kvm_system: KvmSystem) -> None:
+    with kvm_system.create_vm() as vm:
+        assert vm.check_extension(u.KVM_CAP_USER_MEMORY2) > 0
+        # An unknown capability number answers 0, not an error.
+        assert vm.check_extension(0x7FFF) == 0
+
+
+def test_gmem_mmap_write_punch_and_close(kvm_system: KvmSystem) -> None:
+    with kvm_system.create_vm() as vm:
+        flags = vm.check_extension(u.KVM_CAP_GUEST_MEMFD_FLAGS)
+        want = u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED
+        if flags & want != want:
+            pytest.skip(f"KVM_CAP_GUEST_MEMFD_FLAGS={flags:#x}, need {want:#x}")
+        with vm.create_guest_memfd(4 * P, want) as gmem, gmem.mmap() as mapping:
+            mapping.write_u64(P, 0xFEEDFACE)
+            assert mapping.read_u64(P) == 0xFEEDFACE
+            gmem.punch_hole(P, P)
+            assert mapping.read_u64(P) == 0
+        assert mapping.closed and gmem.closed
+
+
+def test_memslot_deleted_on_exit_frees_the_gpa(kvm_system: KvmSystem) -> None:
+    with kvm_system.create_vm() as vm, HostMapping.anonymous(4 * P) as buf:
+        with vm.add_memslot(1, 0x100000, 4 * P, buf.addr):
+            with pytest.raises(KvmIoctlError) as info:
+                vm.add_memslot(2, 0x100000, 4 * P, buf.addr)
+            assert info.value.errno == errno.EEXIST
+        # After deletion the same range can be used again.
+        with vm.add_memslot(2, 0x100000, 4 * P, buf.addr):
+            pass
+
+
+def test_vcpu_runs_out_and_hlt_as_typed_exits(kvm_system: KvmSystem) -> None:
+    # Real-mode code at gpa 0x1000: mov al, 0x42; out 0xE0, al; hlt.
+    code = bytes([0xB0, 0x42, 0xE6, 0xE0, 0xF4])
+    with kvm_system.create_vm() as vm, HostMapping.anonymous(P) as mem:
+        mem.write(0, code)
+        with vm.add_memslot(0, 0x1000, P, mem.addr), vm.create_vcpu() as vcpu:
+            sregs = vcpu.get_sregs()
+            sregs.cs.base, sregs.cs.selector = 0x1000, 0x100
+            vcpu.set_sregs(sregs)
+            regs = u.KvmRegs()
+            regs.rip, regs.rflags = 0, 2
+            vcpu.set_regs(regs)
+            first = vcpu.run()
+            assert first == IoExit(0xE0, u.KVM_EXIT_IO_OUT, 1, 1, b"\x42")
+            assert isinstance(vcpu.run(), HltExit)
+            assert vcpu.get_regs().rip == len(code)
