@@ -164,9 +164,17 @@ class QemuMachine:
         return argv
 
     def launch(self) -> QemuMachine:
-        """Start QEMU and connect QMP; on any failure nothing is left running."""
+        """Start QEMU and connect QMP; on any failure nothing is left running.
+
+        Calling it on a machine that is already running is a no-op, so both
+        ``with QemuMachine(...) as m:`` and "enter, then ``launch()``" (the qemu.machine
+        habit) work. A machine cannot be launched again after shutdown.
+        """
         if self._process is not None:
-            raise MachineStateError(f"machine {self.name} was already launched")
+            if self._qmp is not None and self._process.running():
+                return self
+            raise MachineStateError(f"machine {self.name} was launched before and is shut "
+                                    "down; create a new QemuMachine")
         binary_path = resolve_binary(self.binary)
         self.workdir.mkdir(parents=True, exist_ok=True)
         socket_path = self.workdir / "qmp.sock"

@@ -33,7 +33,9 @@ from ._uapi import PR_SET_PDEATHSIG
 _LOG = logging.getLogger(__name__)
 
 TAG_PREFIX = "gmemtest-"
-_TAG_RE = re.compile(re.escape(TAG_PREFIX) + r"(\d+)-([0-9a-f]{12})")
+# The tag is the last thing in the ``-name guest=...`` value (anchored at the end so a
+# caller's own guest name cannot be mistaken for it).
+_TAG_RE = re.compile(re.escape(TAG_PREFIX) + r"(\d+)-([0-9a-f]{12})$")
 
 
 def new_tag() -> str:
@@ -151,7 +153,7 @@ def _alive(pid: int) -> bool:
 def _name_tag(cmdline: list[str]) -> re.Match[str] | None:
     for flag, value in itertools.pairwise(cmdline):
         if flag == "-name":
-            return _TAG_RE.search(value)
+            return _TAG_RE.search(value.split(",", 1)[0])
     return None
 
 

@@ -72,9 +72,10 @@ def _transcript(machine: QemuMachine) -> list[dict[str, Any]]:
 
 
 def test_launch_and_shutdown_leave_nothing(tmp_path: Path) -> None:
-    machine = QemuMachine([*BASE_ARGS, "-S"], tmp_path / "m", name="leak-check")
+    machine = QemuMachine([*BASE_ARGS, "-S"], tmp_path / "m", name="gmemtest-1-0123456789ab")
     fds_before = sorted(os.listdir("/proc/self/fd"))
     with machine:
+        assert machine.launch() is machine  # enter-then-launch habit: no second QEMU
         pid = machine.pid
         sock = machine.qmp_socket
         assert _alive(pid), f"QEMU pid {pid} not running after launch"
@@ -82,8 +83,10 @@ def test_launch_and_shutdown_leave_nothing(tmp_path: Path) -> None:
         assert machine.args[0].endswith(QEMU)
         assert "-qmp" in machine.args and "-serial" in machine.args
         assert machine.status() == "prelaunch"
-        assert pid in find_tagged_qemus(), "QEMU argv lacks the gmemtest tag"
+        assert find_tagged_qemus().get(pid) == machine.tag, "QEMU argv lacks the gmemtest tag"
     assert machine.shutdown() == 0, "second shutdown must be a no-op returning the status"
+    with pytest.raises(MachineStateError, match="shut down"):
+        machine.launch()
     assert not _alive(pid), f"QEMU pid {pid} still alive after shutdown"
     assert not sock.exists(), f"QMP socket {sock} left behind"
     records = _transcript(machine)
