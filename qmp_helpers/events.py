@@ -45,9 +45,23 @@ EventPredicate = Callable[[QmpEvent], bool]
 class EventRecorder:
     """Append-only event list with a condition variable for waiters."""
 
+    # After QEMU exits, events already read from the socket may still be on their way
+    # through the pump: waiters keep looking this long before giving up.
+    EXIT_GRACE_S = 0.5
+
     def __init__(self) -> None:
         self._events: list[QmpEvent] = []
         self._cond = threading.Condition()
+        self._closed_at: float | None = None
+        self._closed_why = ""
+
+    def close(self, why: str) -> None:
+        """No further events will come (QEMU exited): waiters stop after a short grace."""
+        with self._cond:
+            if self._closed_at is None:
+                self._closed_at = time.monotonic()
+                self._closed_why = why
+            self._cond.notify_all()
 
     def record(self, event: QmpEvent) -> None:
         """Append an event and wake every waiter."""
@@ -79,10 +93,14 @@ class EventRecorder:
                     index += 1
                     if event.name == name and (predicate is None or predicate(event)):
                         return event
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                now = time.monotonic()
+                limit = deadline
+                if self._closed_at is not None:
+                    limit = min(deadline, self._closed_at + self.EXIT_GRACE_S)
+                if now >= limit:
                     seen = [e.name for e in self._events[since:]]
-                    raise EventTimeout(f"QMP event {name}"
-                                       + (" matching the predicate" if predicate else ""),
-                                       timeout, seen)
-                self._cond.wait(remaining)
+                    what = f"QMP event {name}" + (" matching the predicate" if predicate else "")
+                    if self._closed_at is not None and limit < deadline:
+                        what += f" ({self._closed_why})"
+                    raise EventTimeout(what, timeout, seen)
+                self._cond.wait(limit - now)

@@ -190,7 +190,10 @@ class QemuMachine:
             self._transcript = Transcript(self.qmp_log)
             self._transcript.write("launch", argv=list(self._argv))
             _LOG.info("launching %s: %s", self.name, " ".join(self._argv))
-            self._process = QemuProcess(self._argv, self._stderr_file)
+            self._process = QemuProcess(
+                self._argv, self._stderr_file,
+                on_exit=lambda status: self._recorder.close(
+                    f"QEMU exited with status {status}; see {self.stderr_log}"))
             self._process.start()
             self._connect_qmp(socket_path)
             if self.ssh_forward_port is not None:

@@ -60,8 +60,10 @@ def _pdeathsig_setup(launcher_pid: int) -> Callable[[], None]:
 class QemuProcess:
     """A child process forked and waited for by its own thread (see module docstring)."""
 
-    def __init__(self, argv: Sequence[str], output: IO[bytes]) -> None:
+    def __init__(self, argv: Sequence[str], output: IO[bytes],
+                 on_exit: Callable[[int], None] | None = None) -> None:
         self.argv = tuple(argv)
+        self._on_exit = on_exit
         self._output = output
         self._popen: subprocess.Popen[bytes] | None = None
         self._spawn_error: BaseException | None = None
@@ -89,8 +91,13 @@ class QemuProcess:
             self._started.set()
             return
         self._started.set()
-        self._popen.wait()
+        status = self._popen.wait()
         self._exited.set()
+        if self._on_exit is not None:
+            try:
+                self._on_exit(status)
+            except Exception:
+                _LOG.exception("on_exit callback for QEMU pid %d failed", self._popen.pid)
 
     @property
     def pid(self) -> int:

@@ -297,3 +297,15 @@ def test_reap_orphans_kills_only_orphans(tmp_path: Path) -> None:
     finally:
         orphan.kill()
         orphan.wait()
+
+
+def test_wait_event_stops_early_when_qemu_exits(tmp_path: Path) -> None:
+    with QemuMachine([*BASE_ARGS, "-S"], tmp_path / "m", ssh_forward_port=None) as machine:
+        mark = machine.event_mark()
+        os.kill(machine.pid, signal.SIGTERM)
+        t0 = time.monotonic()
+        with pytest.raises(EventTimeout, match="QEMU exited with status 0"):
+            machine.wait_event("MEMORY_FAILURE", since=mark, timeout=30)
+        assert time.monotonic() - t0 < 5, "wait_event kept waiting after QEMU exited"
+        shutdown = machine.wait_event("SHUTDOWN", since=mark, timeout=1)
+        assert shutdown.data.get("reason") == "host-signal", shutdown
