@@ -1,0 +1,33 @@
+"""The seed's regression: poison behind a slot with a non-zero guest_memfd offset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from avocado import Test
+
+from host_stack.kvm import probe_vm_creation
+from host_stack.seed_regression import SeedCancelled, run_seed_regression
+
+
+class SeedRegression(Test):  # type: ignore[misc]  # avocado is untyped
+    """
+    Poison one guest_memfd page, touch it from the guest and from userspace, judge the answer.
+
+    :avocado: tags=host,gmem,hwpoison,seed,kvm
+    """
+
+    def test_poisoned_gmem_page(self) -> None:
+        reason = probe_vm_creation()
+        if reason is not None:
+            self.cancel(reason)
+        try:
+            result = run_seed_regression()
+        except SeedCancelled as exc:
+            (Path(self.outputdir) / "cancel_reason.txt").write_text(exc.reason + "\n")
+            self.cancel(exc.reason)
+            return
+        (Path(self.outputdir) / "seed_regression.json").write_text(json.dumps(result.to_json(), indent=2))
+        if not result.ok:
+            self.fail("; ".join(result.guest_verdict.messages + result.user_verdict.messages))
