@@ -67,7 +67,7 @@ def test_same_entries_give_same_bytes() -> None:
 def test_bad_names_are_refused(name: str) -> None:
     w = NewcWriter(io.BytesIO())
     w.add_dir("dup")
-    with pytest.raises(CpioError, match="name|duplicate"):
+    with pytest.raises(CpioError, match=r"name|duplicate"):
         w.add_file(name, b"x")
 
 
