@@ -177,15 +177,15 @@ class QemuMachine:
                                     "down; create a new QemuMachine")
         binary_path = resolve_binary(self.binary)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        socket_path = self.workdir / "qmp.sock"
-        if len(os.fsencode(socket_path)) > _SUN_PATH_MAX:
-            self._socket_dir = Path(tempfile.mkdtemp(prefix="gmq-"))
-            socket_path = self._socket_dir / "qmp.sock"
-        socket_path.unlink(missing_ok=True)
-        self._socket_path = socket_path
-        self.console_log.write_bytes(b"")
-        self._argv = tuple(self._build_argv(binary_path, socket_path))
         try:
+            socket_path = self.workdir / "qmp.sock"
+            if len(os.fsencode(socket_path)) > _SUN_PATH_MAX:
+                self._socket_dir = Path(tempfile.mkdtemp(prefix="gmq-"))
+                socket_path = self._socket_dir / "qmp.sock"
+            socket_path.unlink(missing_ok=True)
+            self._socket_path = socket_path
+            self.console_log.write_bytes(b"")
+            self._argv = tuple(self._build_argv(binary_path, socket_path))
             self._stderr_file = self.stderr_log.open("wb")
             self._transcript = Transcript(self.qmp_log)
             self._transcript.write("launch", argv=list(self._argv))

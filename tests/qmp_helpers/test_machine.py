@@ -203,6 +203,8 @@ def test_bad_argument_reports_stderr(tmp_path: Path) -> None:
     assert "invalid option" in machine.stderr_log.read_text()
     assert set(find_tagged_qemus()) <= before
     assert not (tmp_path / "m" / "qmp.sock").exists()
+    assert [t.name for t in threading.enumerate() if t.name.startswith("q")] == [], \
+        "QMP loop or launcher thread outlived a failed launch"
 
 
 def test_two_machines_get_distinct_bound_ssh_ports(tmp_path: Path) -> None:
