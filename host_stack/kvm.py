@@ -34,6 +34,7 @@ __all__ = [
     "HltExit",
     "HostMapping",
     "InternalErrorExit",
+    "InterruptedExit",
     "IoExit",
     "KvmIoctlError",
     "KvmSystem",
@@ -502,6 +503,16 @@ class RunFailedExit:
 
 
 @dataclass(frozen=True)
+class InterruptedExit:
+    """KVM_RUN returned -1/EINTR (``KVM_EXIT_INTR``): a signal is pending for the vCPU thread.
+
+    This is how a SIGBUS sent to the vCPU thread (e.g. for poisoned shared memory) ends a run.
+    """
+
+    errno: int = errno.EINTR
+
+
+@dataclass(frozen=True)
 class ShutdownExit:
     """``KVM_EXIT_SHUTDOWN`` (triple fault)."""
 
@@ -539,6 +550,7 @@ VcpuExit = (
     | MmioExit
     | MemoryFaultExit
     | RunFailedExit
+    | InterruptedExit
     | ShutdownExit
     | InternalErrorExit
     | FailEntryExit
@@ -579,13 +591,16 @@ class Vcpu(_FdOwner):
         """One ``KVM_RUN``; returns the typed exit.
 
         EFAULT/EHWPOISON are answers about guest memory, not failures of this call, so they
-        come back as ``MemoryFaultExit``/``RunFailedExit``; any other errno raises.
+        come back as ``MemoryFaultExit``/``RunFailedExit``; EINTR (a signal for this thread)
+        comes back as ``InterruptedExit``; any other errno raises ``KvmIoctlError``.
         """
         try:
             fcntl.ioctl(self.fd, u.KVM_RUN, 0)
             err: int | None = None
         except OSError as exc:
             err = exc.errno or 0
+            if err == errno.EINTR:
+                return InterruptedExit()
             if err not in (errno.EFAULT, u.EHWPOISON):
                 raise KvmIoctlError("KVM_RUN", {"vcpu": self.vcpu_id}, err) from exc
         run = self.kvm_run

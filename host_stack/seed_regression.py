@@ -291,7 +291,7 @@ def _child(mode: Literal["guest", "user"]) -> int:  # pragma: no cover - runs in
     import threading
     import time
 
-    from host_stack.kvm import KvmSystem, MemoryFaultExit, RunFailedExit
+    from host_stack.kvm import InterruptedExit, KvmSystem, MemoryFaultExit, RunFailedExit
     from host_stack.vmm import PayloadError, TinyVm
 
     def emit(obj: dict[str, Any]) -> None:
@@ -349,6 +349,8 @@ def _child(mode: Literal["guest", "user"]) -> int:  # pragma: no cover - runs in
             })  # fmt: skip
         elif isinstance(ex, RunFailedExit):
             emit({"event": "run", "run_errno": ex.errno, "exit_reason": ex.exit_reason})
+        elif isinstance(ex, InterruptedExit):
+            emit({"event": "run", "run_errno": ex.errno, "exit_reason": u.KVM_EXIT_INTR})
         return 0
 
 

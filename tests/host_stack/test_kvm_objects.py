@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import signal
+import threading
 
 import pytest
 
@@ -10,6 +12,7 @@ from host_stack import kvm_uapi as u
 from host_stack.kvm import (
     HltExit,
     HostMapping,
+    InterruptedExit,
     IoExit,
     KvmIoctlError,
     KvmSystem,
@@ -82,3 +85,27 @@ def test_vcpu_runs_out_and_hlt_as_typed_exits(kvm_system: KvmSystem) -> None:
             assert first == IoExit(0xE0, u.KVM_EXIT_IO_OUT, 1, 1, b"\x42")
             assert isinstance(vcpu.run(), HltExit)
             assert vcpu.get_regs().rip == len(code)
+
+
+def test_signal_during_kvm_run_is_a_typed_interrupted_exit(kvm_system: KvmSystem) -> None:
+    # A SIGBUS for poisoned shared memory ends KVM_RUN this way; SIGUSR1 stands in for it.
+    hits: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signo, _frame: hits.append(signo))
+    timer = threading.Timer(0.2, signal.pthread_kill, (threading.get_ident(), signal.SIGUSR1))
+    try:
+        with kvm_system.create_vm() as vm, HostMapping.anonymous(P) as mem:
+            mem.write(0, bytes([0xEB, 0xFE]))  # jmp $ (spin until interrupted)
+            with vm.add_memslot(0, 0x1000, P, mem.addr), vm.create_vcpu() as vcpu:
+                sregs = vcpu.get_sregs()
+                sregs.cs.base, sregs.cs.selector = 0x1000, 0x100
+                vcpu.set_sregs(sregs)
+                regs = u.KvmRegs()
+                regs.rflags = 2
+                vcpu.set_regs(regs)
+                timer.start()
+                assert vcpu.run() == InterruptedExit(errno.EINTR)
+                assert vcpu.kvm_run.exit_reason == u.KVM_EXIT_INTR
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+    assert hits == [signal.SIGUSR1]
