@@ -16,8 +16,9 @@
  * - Input is read with read(2) into our own buffer, never stdio, so that a
  *   siglongjmp out of a blocked read (an action-optional SIGBUS arriving while
  *   idle) cannot corrupt library state.
- * - After a SIGBUS the handler siglongjmps back to the command loop: returning
- *   would re-execute the faulting load on the poisoned page forever.
+ * - After a SIGBUS during a command the handler siglongjmps back to the command
+ *   loop: returning would re-execute the faulting load on the poisoned page forever.
+ *   While idle (waiting for input) it just returns, so no input is lost.
  *
  * Protocol: see docs/architecture.md, "Probe protocol".
  * Build: gcc -static -O2 -Wall -Wextra -Werror -o gmem-probe gmem_probe.c
@@ -288,7 +289,8 @@ static int g_pagemap_fd = -1;
 static int g_kpageflags_fd = -1;
 static sigjmp_buf g_cmd_env;
 static volatile sig_atomic_t g_env_armed;
-static const char *volatile g_during = "idle";
+static const char g_idle[] = "idle";
+static const char *volatile g_during = g_idle;
 static volatile sig_atomic_t g_seq;
 
 /* ---------------------------------------------------------------------- */
@@ -319,10 +321,38 @@ static void on_sigbus(int sig, siginfo_t *si, void *uctx)
 	jw_kv_i64(&w, "t_mono_ns", ns);
 	jw_end(&w);
 	errno = saved_errno;
+	/*
+	 * Idle means blocked in read(2) (or about to be): returning is safe and loses no
+	 * input, whereas a jump out of a read that has already copied data would drop it.
+	 */
+	if (g_during == g_idle)
+		return;
 	if (g_env_armed)
 		siglongjmp(g_cmd_env, 1);
 	/* Not armed (during start-up): nothing safe to resume, so stop. */
 	_exit(4);
+}
+
+/*
+ * Replies are written with SIGBUS blocked, and the command is marked finished before
+ * SIGBUS is unblocked again.  So a reply line is never cut by the handler, and a `sigbus`
+ * whose "during" names a command means exactly that the command did not reply: an
+ * asynchronous signal that lands after (or while) a reply is written is reported as
+ * "idle".  No faulting access to the mappings happens while a reply is being written.
+ */
+static sigset_t g_sigbus_set;
+
+static void reply_begin(struct jw *w, const char *event)
+{
+	sigprocmask(SIG_BLOCK, &g_sigbus_set, NULL);
+	jw_begin(w, event);
+}
+
+static void reply_end(struct jw *w)
+{
+	jw_end(w);
+	g_during = g_idle;
+	sigprocmask(SIG_UNBLOCK, &g_sigbus_set, NULL);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -333,11 +363,11 @@ static void emit_error(const char *message, const char *input)
 {
 	struct jw w;
 
-	jw_begin(&w, "error");
+	reply_begin(&w, "error");
 	jw_kv_str(&w, "message", message);
 	if (input)
 		jw_kv_str(&w, "input", input);
-	jw_end(&w);
+	reply_end(&w);
 }
 
 /* Error with a formatted message; only used outside the signal handler. */
@@ -561,7 +591,7 @@ static void cmd_map(const char *kind_s, const char *npages_s, const char *input)
 	for (i = 0; i < n4k; i++)
 		m->pfn4k[i] = pfn_of((uintptr_t)m->va + i * GP_PAGE_4K);
 
-	jw_begin(&w, "mapped");
+	reply_begin(&w, "mapped");
 	jw_kv_u64(&w, "id", id);
 	jw_kv_str(&w, "kind", kind_names[kind]);
 	jw_kv_u64(&w, "va", (uint64_t)(uintptr_t)m->va);
@@ -591,7 +621,7 @@ static void cmd_map(const char *kind_s, const char *npages_s, const char *input)
 		jw_close(&w, "}");
 	}
 	jw_close(&w, "]");
-	jw_end(&w);
+	reply_end(&w);
 }
 
 static int parse_offset(struct mapping *m, const char *off_s, const char *input, uint64_t *off)
@@ -618,12 +648,12 @@ static void cmd_touch(const char *id_s, const char *off_s, const char *input)
 		return;
 	p = (volatile uint8_t *)(m->va + off);
 	value = *p; /* the load that takes the SIGBUS on a poisoned page */
-	jw_begin(&w, "touched");
+	reply_begin(&w, "touched");
 	jw_kv_u64(&w, "id", id);
 	jw_kv_u64(&w, "offset", off);
 	jw_kv_u64(&w, "va", (uint64_t)(uintptr_t)p);
 	jw_kv_u64(&w, "value", value);
-	jw_end(&w);
+	reply_end(&w);
 }
 
 /* Where one byte of a mapping lives right now (the pagemap is re-read). */
@@ -641,7 +671,7 @@ static void cmd_locate(const char *id_s, const char *off_s, const char *input)
 	va = (uintptr_t)m->va + off;
 	entry = pagemap_entry(va);
 	pfn = (entry & GP_PM_PRESENT) ? (entry & GP_PM_PFN_MASK) : 0;
-	jw_begin(&w, "located");
+	reply_begin(&w, "located");
 	jw_kv_u64(&w, "id", id);
 	jw_kv_u64(&w, "offset", off);
 	jw_kv_u64(&w, "va", va);
@@ -649,7 +679,7 @@ static void cmd_locate(const char *id_s, const char *off_s, const char *input)
 	jw_kv_u64(&w, "pfn", pfn);
 	jw_kv_u64(&w, "gpa", pfn ? (pfn << 12) + (va & (GP_PAGE_4K - 1)) : 0);
 	jw_kv_flags(&w, "flags", kpageflags_of(pfn));
-	jw_end(&w);
+	reply_end(&w);
 }
 
 static void cmd_flags(const char *id_s, const char *input)
@@ -663,7 +693,7 @@ static void cmd_flags(const char *id_s, const char *input)
 	if (!m)
 		return;
 	per = m->page_size / GP_PAGE_4K;
-	jw_begin(&w, "flags");
+	reply_begin(&w, "flags");
 	jw_kv_u64(&w, "id", id);
 	jw_open(&w, "pages", "[");
 	for (i = 0; i < m->npages; i++) {
@@ -700,7 +730,7 @@ static void cmd_flags(const char *id_s, const char *input)
 		}
 	}
 	jw_close(&w, "]");
-	jw_end(&w);
+	reply_end(&w);
 }
 
 static int parse_seconds(const char *s, const char *input, uint64_t *out)
@@ -729,10 +759,10 @@ static void cmd_spin(const char *s, const char *input)
 		if (now_ns() >= deadline)
 			break;
 	}
-	jw_begin(&w, "spun");
+	reply_begin(&w, "spun");
 	jw_kv_u64(&w, "seconds", seconds);
 	jw_kv_u64(&w, "iterations", iterations);
-	jw_end(&w);
+	reply_end(&w);
 }
 
 static void cmd_wait(const char *s, const char *input)
@@ -751,9 +781,9 @@ static void cmd_wait(const char *s, const char *input)
 
 		nanosleep(&ts, NULL); /* EINTR: loop re-computes the remainder */
 	}
-	jw_begin(&w, "waited");
+	reply_begin(&w, "waited");
 	jw_kv_u64(&w, "seconds", seconds);
-	jw_end(&w);
+	reply_end(&w);
 }
 
 static void cmd_kill(const char *mode, const char *input)
@@ -775,10 +805,10 @@ static void cmd_kill(const char *mode, const char *input)
 		return;
 	}
 	got = prctl(GP_PR_MCE_KILL_GET, 0UL, 0UL, 0UL, 0UL);
-	jw_begin(&w, "kill");
+	reply_begin(&w, "kill");
 	jw_kv_str(&w, "mode", mode);
 	jw_kv_i64(&w, "prctl_get", got);
-	jw_end(&w);
+	reply_end(&w);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -872,9 +902,9 @@ static int dispatch(char *line)
 	} else if (!strcmp(verb, "quit")) {
 		struct jw w;
 
-		jw_begin(&w, "bye");
+		reply_begin(&w, "bye");
 		jw_kv_str(&w, "reason", "quit");
-		jw_end(&w);
+		reply_end(&w);
 		return 0;
 	} else {
 		emit_errorf(input, "unknown command '", verb, "'; valid: " GP_VALID_COMMANDS);
@@ -889,6 +919,8 @@ int main(void)
 	char *line;
 	int too_long;
 
+	sigemptyset(&g_sigbus_set);
+	sigaddset(&g_sigbus_set, SIGBUS);
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_sigaction = on_sigbus;
 	sa.sa_flags = SA_SIGINFO;
@@ -900,16 +932,16 @@ int main(void)
 	g_pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
 	g_kpageflags_fd = open("/proc/kpageflags", O_RDONLY | O_CLOEXEC);
 
-	jw_begin(&w, "ready");
+	reply_begin(&w, "ready");
 	jw_kv_i64(&w, "pid", getpid());
 	jw_kv_u64(&w, "page_size", (uint64_t)sysconf(_SC_PAGESIZE));
 	jw_kv_bool(&w, "pagemap", g_pagemap_fd >= 0);
 	jw_kv_bool(&w, "kpageflags", g_kpageflags_fd >= 0);
-	jw_end(&w);
+	reply_end(&w);
 
-	/* Every SIGBUS lands here, with the signal mask restored, ready for more input. */
+	/* A SIGBUS during a command lands here, mask restored, ready for more input. */
 	if (sigsetjmp(g_cmd_env, 1))
-		g_during = "idle";
+		g_during = g_idle;
 	g_env_armed = 1;
 	for (;;) {
 		line = read_line(&too_long);
@@ -922,10 +954,10 @@ int main(void)
 		}
 		if (!dispatch(line))
 			return 0;
-		g_during = "idle";
+		g_during = g_idle;
 	}
-	jw_begin(&w, "bye");
+	reply_begin(&w, "bye");
 	jw_kv_str(&w, "reason", "eof");
-	jw_end(&w);
+	reply_end(&w);
 	return 0;
 }
