@@ -70,3 +70,14 @@ def dropbear(dropbear_factory: Callable[[], Dropbear]) -> Dropbear:
     server.start()
     wait_listening(server.port)
     return server
+
+
+@pytest.fixture(scope="session")
+def default_image() -> object:
+    """The default guest image (cached build); skipped with the builder's reason if it fails."""
+    from images.build import BuildError, build_default_image
+
+    try:
+        return build_default_image()
+    except (BuildError, OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"default guest image cannot be built here: {exc}")
