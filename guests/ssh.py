@@ -150,7 +150,7 @@ class SshSession:
         auth_timeout: float = 10.0,
         retry_interval_s: float = 0.25,
         console_log: Path | None = None,
-        ready: Callable[[float], None] | None = None,
+        ready: Callable[[float], object] | None = None,
     ) -> SshSession:
         """Log in with the private key at ``key_path``, retrying until ``deadline_s`` elapses.
 
