@@ -112,3 +112,17 @@ def test_srao_early_kill_gives_ao_while_waiting(guest: Guest, probe: ProbeClient
     report = probe.wait_sigbus(timeout=15)
     assert (report.si_code, report.si_addr_lsb, report.during) == (BUS_MCEERR_AO, 21, "wait")
     assert report.si_addr == m.va, f"expected si_addr {m.va:#x}, got {report.si_addr:#x}"
+
+
+def test_hugetlb_srao_then_touch_names_the_exact_4k_frame(guest: Guest, probe: ProbeClient) -> None:
+    m = probe.map("hugetlb2m", 1)
+    gpa = m.pages[0].gpa + 0x5000
+    guest.machine.inject_mce("SRAO", gpa)
+    time.sleep(0.5)
+    report = probe.touch(m.id, 0x5000 + 9)
+    assert isinstance(report, SigbusReport), f"expected SIGBUS after SRAO at {gpa:#x}, got {report}"
+    assert (report.si_code, report.si_addr, report.si_addr_lsb) == (BUS_MCEERR_AR, m.va + 0x5009, 21)
+    flags = probe.flags(m.id)
+    # The huge page is dissolved: KPF_HWPOISON sits on the one 4 KiB frame that was hit.
+    assert flags.pages[0].hwpoison is True
+    assert [(f.offset, f.gpa) for f in flags.hwpoison_frames] == [(0x5000, gpa)]
