@@ -87,10 +87,12 @@ def test_probe_gpas_hold_the_pattern(guest: Guest, probe: ProbeClient) -> None:
             assert where.pfn == m.pages[0].pfn + offset // 4096
 
 
-def test_srao_late_kill_then_touch_reports_ar(guest: Guest, probe: ProbeClient) -> None:
-    m = probe.map("anon4k", 1)
-    offset = 0x123
-    gpa = m.pages[0].gpa
+@pytest.mark.parametrize("kind", ["anon4k", "thp"])
+def test_srao_late_kill_then_touch_reports_ar(guest: Guest, probe: ProbeClient, kind: str) -> None:
+    m = probe.map(kind, 1)
+    offset = 0x3123 if kind == "thp" else 0x123
+    where = probe.locate(m.id, offset)
+    gpa = where.gpa & ~0xFFF
     guest.machine.inject_mce("SRAO", gpa)
     time.sleep(0.5)
     report = probe.touch(m.id, offset)
@@ -99,7 +101,7 @@ def test_srao_late_kill_then_touch_reports_ar(guest: Guest, probe: ProbeClient) 
         (BUS_MCEERR_AR, m.va + offset, 12, "touch")
     flags = probe.flags(m.id)
     assert flags.pages[0].hwpoison is True
-    assert [f.gpa for f in flags.hwpoison_frames] == [gpa]
+    assert [(f.offset, f.gpa) for f in flags.hwpoison_frames] == [(offset & ~0xFFF, gpa)]
     assert probe.spin(0) is not None  # still answering
 
 
