@@ -300,3 +300,31 @@ def test_exiting_program_is_reported(ssh: SshSession) -> None:
         ProbeClient(channel, ready_timeout=5)
     assert "gmem-probe: not found" in str(info.value)
     channel.close()
+
+
+def wait_gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+        except FileNotFoundError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_close_quits_the_probe(ssh: SshSession, probe_binary: Path) -> None:
+    client = ProbeClient(ssh.start(str(probe_binary)))
+    client.map("anon4k", 1)
+    client.close()
+    assert client.transcript[-1]["line"] == '{"event":"bye","reason":"quit"}'
+    assert wait_gone(client.pid), f"probe pid {client.pid} still alive after close()"
+
+
+def test_closing_the_session_ends_a_started_probe(dropbear: Dropbear, probe_binary: Path) -> None:
+    session = SshSession.connect("127.0.0.1", dropbear.port, dropbear.client.private, deadline_s=15)
+    client = ProbeClient(session.start(str(probe_binary)))
+    session.close()
+    assert wait_gone(client.pid), f"probe pid {client.pid} outlived its SSH session"
