@@ -12,9 +12,17 @@ from dataclasses import dataclass, field
 _MEMINFO_HWCORRUPTED = re.compile(r"^HardwareCorrupted:\s+(\d+)\s+kB$", re.MULTILINE)
 # mm/memory-failure.c: pr_fmt "Memory failure: " + "%#lx: recovery action for %s: %s"
 _RECOVERY = re.compile(r"Memory failure: (0x[0-9a-f]+): recovery action for ([^:]+): (\w+)")
-# include/trace/events/mce.h (mce_record): "... MC%d: %016Lx, ... ADDR/MISC: %016Lx/%016Lx, ..."
-_MCE_RECORD = re.compile(r"mce_record:.*?MC(\d+): ([0-9a-f]{16}).*?ADDR/MISC: ([0-9a-f]{16})/([0-9a-f]{16})")
+# include/trace/events/mce.h (mce_record): "... MC%d: %016Lx, ... ADDR/MISC[/SYND]: %016Lx/%016Lx[/%016Lx], ..."
+_MCE_RECORD = re.compile(
+    r"mce_record:.*?MC(\d+): ([0-9a-f]{16}).*?ADDR/MISC(?:/SYND)?: ([0-9a-f]{16})/([0-9a-f]{16})"
+)
 _PANIC = re.compile(r"Kernel panic - not syncing: ?(.*)")
+# arch/x86/kernel/cpu/mce/core.c (__print_mce, mce_panic), as printed on the console on a panic.
+_CONSOLE_MCE_BANK = re.compile(
+    r"mce: \[Hardware Error\]: CPU \d+: Machine Check(?: Exception)?: \S+ Bank (\d+): ([0-9a-f]+)"
+)
+_CONSOLE_MCE_ADDR = re.compile(r"mce: \[Hardware Error\]: .*?ADDR ([0-9a-f]+) (?:MISC ([0-9a-f]+))?")
+_CONSOLE_MCE_SEVERITY = re.compile(r"mce: \[Hardware Error\]: Machine check: (.*?)\s*$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,7 @@ class Observations:
     memory_failure_events: list[dict[str, object]] = field(default_factory=list)
     guest_panicked_events: list[dict[str, object]] = field(default_factory=list)
     panic_message: str | None = None
+    mce_severity: str | None = None
     hardware_corrupted_before_kb: int | None = None
     hardware_corrupted_after_kb: int | None = None
     hwpoison_flag: bool | None = None
@@ -78,3 +87,21 @@ def parse_mce_records(trace: str) -> list[MceRecord]:
 def parse_panic_message(console: str) -> str | None:
     match = _PANIC.search(console)
     return match.group(1).strip() if match else None
+
+
+def parse_console_mce_records(console: str) -> list[MceRecord]:
+    """The MCE the guest printed before panicking: its bank line, then the ADDR/MISC line."""
+    records: list[MceRecord] = []
+    for bank in _CONSOLE_MCE_BANK.finditer(console):
+        addr = _CONSOLE_MCE_ADDR.search(console, bank.end())
+        if addr is None:
+            continue
+        misc = int(addr.group(2), 16) if addr.group(2) else 0
+        records.append(MceRecord(int(bank.group(1)), int(bank.group(2), 16), int(addr.group(1), 16), misc))
+    return records
+
+
+def parse_mce_severity(console: str) -> str | None:
+    """The severity grader's verdict, e.g. 'Data load in unrecoverable area of kernel'."""
+    match = _CONSOLE_MCE_SEVERITY.search(console)
+    return match.group(1) if match else None

@@ -84,6 +84,10 @@ class Expectation:
     recovery_pfn: int | None
     mce_status: int
     mce_bank: int
+    mce_record_addr: int
+    # arch/x86/kernel/cpu/mce/severity.c: what the grader must say when the guest panics.
+    panic_severity: str | None = None
+    panic_reason: str | None = None
 
 
 def poison_unit_shift(layout: MappingLayout) -> int:
@@ -97,7 +101,7 @@ def poison_unit_shift(layout: MappingLayout) -> int:
 
 
 def expect(
-    spec: ScenarioSpec, layout: MappingLayout, *, vcpus: int, mce_status: int, mce_bank: int
+    spec: ScenarioSpec, layout: MappingLayout, *, vcpus: int, mce_status: int, mce_misc: int, mce_bank: int
 ) -> Expectation:
     """What must happen when `spec` runs against `layout` on a guest with `vcpus` vCPUs."""
     if spec.poison_offset >= layout.size:
@@ -133,8 +137,6 @@ def expect(
     nevents = vcpus if spec.broadcast else 1
 
     recovered = not spec.expects_panic
-    # A hugetlb page carries the poison mark on its head page; other pages on themselves.
-    hwpoison_pfn = layout.page_for(poison_va).pfn if layout.kind == "hugetlb2m" else poison_pfn
     return Expectation(
         scenario=spec.name,
         poison_va=poison_va,
@@ -143,10 +145,28 @@ def expect(
         sigbus=sigbus,
         memory_failure_events=(event,) * nevents,
         panic=spec.expects_panic,
-        hwpoison_pfn=hwpoison_pfn if recovered else None,
+        # The mark ends up on the raw 4 KiB frame that was hit, for hugetlb too: the free huge
+        # page is dissolved after unmapping and the poison moves to its raw page.
+        hwpoison_pfn=poison_pfn if recovered else None,
         # HardwareCorrupted counts raw 4 KiB pages handed to memory_failure(): one per injection.
         hardware_corrupted_delta_kb=PAGE_SIZE // 1024 if recovered else None,
         recovery_pfn=poison_pfn if recovered else None,
         mce_status=mce_status,
         mce_bank=mce_bank,
+        mce_record_addr=mce_record_addr(poison_gpa, mce_misc),
+        panic_severity="Data load in unrecoverable area of kernel" if spec.expects_panic else None,
+        panic_reason="Fatal machine check on current CPU" if spec.expects_panic else None,
     )
+
+
+def mce_record_addr(gpa: int, misc: int) -> int:
+    """The address the guest kernel records: MCi_ADDR masked to MCi_MISC's recoverable LSB.
+
+    arch/x86/kernel/cpu/mce/core.c (mce_read_aux) shifts the low bits out when MISC reports a
+    physical address mode, so an injection at gpa+0x80 with MISC 0x8c is recorded page-aligned.
+    """
+    lsb = misc & 0x3F  # MCi_MISC[5:0]: recoverable address LSB
+    mode = (misc >> 6) & 0x7  # MCi_MISC[8:6]: address mode, 2 = physical
+    if mode != 2:
+        return gpa
+    return gpa & ~((1 << lsb) - 1)

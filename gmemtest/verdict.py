@@ -87,15 +87,16 @@ def judge(exp: Expectation, obs: Observations) -> Verdict:
     # 3. The guest kernel's record of the machine check: bank status and the exact address.
     # A broadcast also raises a bank-1 record without an address on the other vCPUs: look at ours.
     records = [(r.status, r.addr) for r in obs.mce_records if r.bank == exp.mce_bank]
-    checks.append(_check(f"mce_record of bank {exp.mce_bank} (status, addr)", [(exp.mce_status, exp.poison_gpa)],
+    checks.append(_check(f"mce_record of bank {exp.mce_bank} (status, addr)", [(exp.mce_status, exp.mce_record_addr)],
                          records,
                          fmt=lambda v: "[" + ", ".join(f"({s:#x}, {a:#x})" for s, a in v) + "]"))
 
     # 4. Panic or survival.
     checks.append(_check("guest panicked (GUEST_PANICKED)", exp.panic, bool(obs.guest_panicked_events)))
-    if exp.panic:
-        checks.append(Check("panic message on the serial console", "a 'Kernel panic - not syncing' line",
-                            repr(obs.panic_message), obs.panic_message is not None))
+    if exp.panic_reason is not None:
+        checks.append(_check("panic message on the serial console", exp.panic_reason, obs.panic_message, fmt=repr))
+    if exp.panic_severity is not None:
+        checks.append(_check("MCE severity on the serial console", exp.panic_severity, obs.mce_severity, fmt=repr))
 
     # 5. The guest kernel's account of the recovery.
     if exp.recovery_pfn is not None:

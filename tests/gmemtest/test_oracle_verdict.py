@@ -42,7 +42,7 @@ def good_observations(exp_gpa: int, status: int, sig: SigbusSeen | None, *, ar: 
     obs.memory_failure_events = [
         {"recipient": "guest", "action": "inject", "flags": {"action-required": ar, "recursive": False}}
     ] * events
-    obs.mce_records = [MceRecord(9, status, exp_gpa, 0x8C)]
+    obs.mce_records = [MceRecord(9, status, exp_gpa & ~0xFFF, 0x8C)]
     obs.recovery_lines = [RecoveryLine(exp_gpa >> 12, "dirty LRU page", "Recovered")]
     obs.hardware_corrupted_before_kb, obs.hardware_corrupted_after_kb = 0, 4
     obs.hwpoison_flag = True
@@ -51,7 +51,7 @@ def good_observations(exp_gpa: int, status: int, sig: SigbusSeen | None, *, ar: 
 
 def test_touch_4k_expects_touched_address_and_page_of_poison() -> None:
     spec = get_scenario("srao-late-touch-4k")
-    exp = expect(spec, ANON, vcpus=1, mce_status=SRAO, mce_bank=9)
+    exp = expect(spec, ANON, vcpus=1, mce_status=SRAO, mce_misc=0x8C, mce_bank=9)
     assert exp.poison_gpa == (0x0999 << 12) + 0x80
     assert exp.sigbus is not None
     assert (exp.sigbus.si_code, exp.sigbus.si_addr, exp.sigbus.si_addr_lsb) == (
@@ -63,17 +63,17 @@ def test_touch_4k_expects_touched_address_and_page_of_poison() -> None:
 
 
 def test_early_kill_expects_page_aligned_ao() -> None:
-    exp = expect(get_scenario("srao-early-kill-prctl-4k"), ANON, vcpus=1, mce_status=SRAO, mce_bank=9)
+    exp = expect(get_scenario("srao-early-kill-prctl-4k"), ANON, vcpus=1, mce_status=SRAO, mce_misc=0x8C, mce_bank=9)
     assert exp.sigbus is not None
     assert (exp.sigbus.si_code, exp.sigbus.si_addr) == (BUS_MCEERR_AO, ANON.base_va + 0x2000)
 
 
 def test_hugetlb_lsb_21_and_seed_style_per_page_signal_fails() -> None:
     spec = get_scenario("srao-late-touch-hugetlb")
-    exp = expect(spec, HUGE, vcpus=1, mce_status=SRAO, mce_bank=9)
+    exp = expect(spec, HUGE, vcpus=1, mce_status=SRAO, mce_misc=0x8C, mce_bank=9)
     assert exp.sigbus is not None and exp.sigbus.si_addr_lsb == 21
     assert exp.poison_gpa == (0x12600 << 12) + 0x3080
-    assert exp.hwpoison_pfn == 0x12600  # the head page carries the mark
+    assert exp.hwpoison_pfn == 0x12603  # the raw frame that was hit, not the head
     # The seed's bug class: a per-4KiB signal (lsb 12) where the whole 2 MiB page is gone.
     bad = good_observations(exp.poison_gpa, SRAO, SigbusSeen(BUS_MCEERR_AR, exp.sigbus.si_addr, 12, "touch"), ar=False)
     verdict = judge(exp, bad)
@@ -83,27 +83,35 @@ def test_hugetlb_lsb_21_and_seed_style_per_page_signal_fails() -> None:
 
 
 def test_wrong_gpa_in_guest_record_fails_with_both_addresses() -> None:
-    exp = expect(get_scenario("srao-late-touch-4k"), ANON, vcpus=1, mce_status=SRAO, mce_bank=9)
+    exp = expect(get_scenario("srao-late-touch-4k"), ANON, vcpus=1, mce_status=SRAO, mce_misc=0x8C, mce_bank=9)
     assert exp.sigbus is not None
     obs = good_observations(exp.poison_gpa, SRAO, SigbusSeen(BUS_MCEERR_AR, exp.sigbus.si_addr, 12, "touch"), ar=False)
-    obs.mce_records = [MceRecord(9, SRAO, 0x1234080, 0x8C)]
+    obs.mce_records = [MceRecord(9, SRAO, 0x1234000, 0x8C)]
     failures = judge(exp, obs).failures
     assert [f.name for f in failures] == ["mce_record of bank 9 (status, addr)"]
-    assert f"{exp.poison_gpa:#x}" in failures[0].expected and "0x1234080" in failures[0].actual
+    assert f"{exp.poison_gpa & ~0xFFF:#x}" in failures[0].expected and "0x1234000" in failures[0].actual
+
+
+def test_mce_record_addr_follows_misc_granularity() -> None:
+    from gmemtest.oracle import mce_record_addr
+    assert mce_record_addr(0x29E8080, 0x8C) == 0x29E8000  # lsb 12, physical mode
+    assert mce_record_addr(0x29E8080, 0x95) == 0x2800000  # lsb 21, physical mode
+    assert mce_record_addr(0x29E8080, 0x0C) == 0x29E8080  # mode 0: not masked
 
 
 def test_missing_signal_and_extra_signal_fail() -> None:
-    exp = expect(get_scenario("srar-user-spin-4k"), ANON, vcpus=1, mce_status=SRAR, mce_bank=9)
+    exp = expect(get_scenario("srar-user-spin-4k"), ANON, vcpus=1, mce_status=SRAR, mce_misc=0x8C, mce_bank=9)
     obs = good_observations(exp.poison_gpa, SRAR, None, ar=True)
     assert {f.name for f in judge(exp, obs).failures} >= {"sigbus count", "si_code", "si_addr"}
-    panic = expect(get_scenario("srar-kernel-panic"), ANON, vcpus=1, mce_status=SRAR, mce_bank=9)
+    panic = expect(get_scenario("srar-kernel-panic"), ANON, vcpus=1, mce_status=SRAR, mce_misc=0x8C, mce_bank=9)
     extra = good_observations(panic.poison_gpa, SRAR, SigbusSeen(BUS_MCEERR_AR, 0x1000, 12, "wait"), ar=True)
     names = {f.name for f in judge(panic, extra).failures}
-    assert {"sigbus count", "guest panicked (GUEST_PANICKED)", "panic message on the serial console"} <= names
+    assert {"sigbus count", "guest panicked (GUEST_PANICKED)", "panic message on the serial console",
+            "MCE severity on the serial console"} <= names
 
 
 def test_broadcast_expects_one_event_per_vcpu() -> None:
-    exp = expect(get_scenario("srao-broadcast-smp2-4k"), ANON, vcpus=2, mce_status=SRAO, mce_bank=9)
+    exp = expect(get_scenario("srao-broadcast-smp2-4k"), ANON, vcpus=2, mce_status=SRAO, mce_misc=0x8C, mce_bank=9)
     assert exp.sigbus is not None
     sig = SigbusSeen(BUS_MCEERR_AR, exp.sigbus.si_addr, 12, "touch")
     assert judge(exp, good_observations(exp.poison_gpa, SRAO, sig, ar=False, events=2)).passed
@@ -114,7 +122,7 @@ def test_touch_outside_poisoned_unit_is_refused() -> None:
     spec = get_scenario("srao-late-touch-4k")
     bad = type(spec)(**{**spec.__dict__, "name": "bad", "touch_offset": 0x3000})
     with pytest.raises(ValueError, match="outside the poisoned unit"):
-        expect(bad, ANON, vcpus=1, mce_status=SRAO, mce_bank=9)
+        expect(bad, ANON, vcpus=1, mce_status=SRAO, mce_misc=0x8C, mce_bank=9)
     with pytest.raises(ValueError, match="outside the mapping"):
         ANON.page_for(0x1000)
 
@@ -135,8 +143,39 @@ def test_parsers_on_guest_text() -> None:
         parse_hardware_corrupted_kb("MemTotal: 1 kB\n")
     dmesg = "[   12.3] Memory failure: 0x1a2b3: recovery action for dirty LRU page: Recovered\n"
     assert parse_recovery_lines(dmesg) == [RecoveryLine(0x1A2B3, "dirty LRU page", "Recovered")]
-    trace = ("  <idle>-0  [000] d.h1.  12.1: mce_record: CPU: 0, MCGc/s: 100010a/5, MC9: bd000000000000c0, "
-             "IPID: 0000000000000000, ADDR/MISC: 000000001a2b3080/000000000000008c, RIP: 00:<0000000000000000>")
-    assert parse_mce_records(trace) == [MceRecord(9, SRAO, 0x1A2B3080, 0x8C)]
+    # As recorded by a Debian 6.1 guest (the SYND column is newer than the header comment).
+    trace = ("     kworker/0:2-47      [000] .....     2.189091: mce_record: CPU: 0, MCGc/s: 100010a/5, "
+             "MC9: bd000000000000c0, IPID: 0000000000000000, ADDR/MISC/SYND: 00000000029e8000/000000000000008c/"
+             "0000000000000000, RIP: 10:<ffffffff81a592eb>, TSC: 1617583b5, PROCESSOR: 0:663")
+    assert parse_mce_records(trace) == [MceRecord(9, SRAO, 0x29E8000, 0x8C)]
     assert parse_panic_message("x\nKernel panic - not syncing: Fatal machine check\n") == "Fatal machine check"
     assert parse_panic_message("all quiet") is None
+
+
+PANIC_CONSOLE = """\
+[    1.963918] mce: [Hardware Error]: CPU 0: Machine Check Exception: 7 Bank 9: bd80000000000134
+[    1.965445] mce: [Hardware Error]: RIP 10:<ffffffff81a592eb> {native_safe_halt+0xb/0x10}
+[    1.966725] mce: [Hardware Error]: TSC 13ac98afa ADDR 29dc000 MISC 8c
+[    1.967154] mce: [Hardware Error]: Machine check: Data load in unrecoverable area of kernel
+[    1.967263] Kernel panic - not syncing: Fatal machine check on current CPU
+"""
+
+
+def test_panic_console_parsed_and_judged() -> None:
+    from gmemtest.observations import parse_console_mce_records, parse_mce_severity
+    assert parse_console_mce_records(PANIC_CONSOLE) == [MceRecord(9, SRAR, 0x29DC000, 0x8C)]
+    assert parse_mce_severity(PANIC_CONSOLE) == "Data load in unrecoverable area of kernel"
+    layout = MappingLayout(kind="anon4k", base_va=0x7F0000000000, size=0x4000, page_size=0x1000,
+                           pages=tuple(PageLayout(0x7F0000000000 + i * 0x1000, 0x29DB + i) for i in range(4)))
+    exp = expect(get_scenario("srar-kernel-panic"), layout, vcpus=1, mce_status=SRAR, mce_misc=0x8C, mce_bank=9)
+    obs = Observations()
+    obs.memory_failure_events = [
+        {"recipient": "guest", "action": "inject", "flags": {"action-required": True, "recursive": False}}]
+    obs.guest_panicked_events = [{"action": "run"}]
+    obs.mce_records = parse_console_mce_records(PANIC_CONSOLE)
+    obs.mce_severity = parse_mce_severity(PANIC_CONSOLE)
+    obs.panic_message = parse_panic_message(PANIC_CONSOLE)
+    verdict = judge(exp, obs)
+    assert verdict.passed, verdict.summary()
+    obs.mce_severity = "Action required: data load in error recoverable area of kernel"
+    assert [f.name for f in judge(exp, obs).failures] == ["MCE severity on the serial console"]

@@ -1,0 +1,221 @@
+"""Run one scenario on a booted guest: prepare -> inject -> observe -> judge, keeping evidence.
+
+The order is symmetric with the kernel's memory-failure selftest: the probe maps and reports the
+layout, the oracle derives the expectation from that layout, QEMU injects, and only then are the
+observers read. Every file written lands in the scenario's evidence directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from gmemtest.guest_run import GuestRun
+from gmemtest.observations import (
+    Observations,
+    SigbusSeen,
+    parse_console_mce_records,
+    parse_hardware_corrupted_kb,
+    parse_mce_records,
+    parse_mce_severity,
+    parse_panic_message,
+    parse_recovery_lines,
+)
+from gmemtest.oracle import Expectation, MappingLayout, PageLayout, expect
+from gmemtest.scenarios import KillPolicy, ScenarioSpec, Trigger
+from gmemtest.verdict import Verdict, judge
+from guests.probe_client import Mapping, ProbeClient, SigbusReport
+from qmp_helpers import MachineStateError, MceInjection, mce_kind
+
+LOG = logging.getLogger(__name__)
+
+PROBE_PATH = "/usr/bin/gmem-probe"
+TRACE_DIR = "/sys/kernel/tracing"
+MCE_BANK = 9
+# Seconds the probe is told to wait or spin; the injection happens well inside this window.
+PROBE_WINDOW_S = 15
+# How long the guest gets to handle an action-optional MCE before the probe touches the page.
+RECOVERY_TIMEOUT_S = 15.0
+
+
+class ScenarioError(Exception):
+    """The scenario could not be carried out as specified (not a verdict on the host stack)."""
+
+
+@dataclass
+class ScenarioResult:
+    spec: ScenarioSpec
+    expectation: Expectation
+    observations: Observations
+    verdict: Verdict
+    injection: MceInjection
+    evidence_dir: Path
+
+
+def layout_of(mapping: Mapping) -> MappingLayout:
+    return MappingLayout(
+        kind=mapping.kind, base_va=mapping.va, size=mapping.size, page_size=mapping.page_size,
+        pages=tuple(PageLayout(p.va, p.pfn) for p in mapping.pages), is_thp=mapping.thp,
+    )
+
+
+def _seen(report: SigbusReport) -> SigbusSeen:
+    return SigbusSeen(report.si_code, report.si_addr, report.si_addr_lsb, report.during, report.t_mono_ns)
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=lambda o: o.value if hasattr(o, "value") else str(o)) + "\n")
+
+
+class _Evidence:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def text(self, name: str, content: str) -> None:
+        (self.dir / name).write_text(content)
+
+    def json(self, name: str, payload: Any) -> None:
+        _write_json(self.dir / name, payload)
+
+
+def _hardware_corrupted(guest: GuestRun) -> int:
+    return parse_hardware_corrupted_kb(guest.guest_text("cat /proc/meminfo"))
+
+
+def _wait_recovery(guest: GuestRun, before_kb: int) -> None:
+    """Action-optional MCEs are handled from a work queue: wait until the guest counted the page."""
+    deadline = time.monotonic() + RECOVERY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if _hardware_corrupted(guest) > before_kb:
+            return
+        time.sleep(0.05)
+    LOG.warning("guest did not count a corrupted page within %.0fs; touching anyway", RECOVERY_TIMEOUT_S)
+
+
+def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> ScenarioResult:
+    """Carry out `spec` on `guest` and judge it. Raises ScenarioError when a precondition fails."""
+    ev = _Evidence(evidence_dir)
+    kind = mce_kind(spec.mce_kind)
+    obs = Observations()
+
+    if spec.kill is KillPolicy.EARLY_SYSCTL:
+        guest.guest_text("echo 1 > /proc/sys/vm/memory_failure_early_kill")
+    guest.guest_text(f"echo > {TRACE_DIR}/trace")
+    obs.hardware_corrupted_before_kb = _hardware_corrupted(guest)
+
+    channel = guest.ssh.start(PROBE_PATH)
+    probe = ProbeClient(channel)
+    try:
+        if spec.kill is KillPolicy.EARLY_PRCTL:
+            probe.set_kill("early")
+        elif spec.kill is KillPolicy.LATE_PRCTL:
+            probe.set_kill("late")
+        mapping = probe.map(spec.page_kind, spec.npages)
+        if spec.page_kind == "thp" and not mapping.thp:
+            raise ScenarioError(f"{spec.name}: the probe's region is not backed by a THP (kpageflags); "
+                                "is transparent_hugepage=madvise set and memory unfragmented?")
+        layout = layout_of(mapping)
+        exp = expect(spec, layout, vcpus=guest.profile.smp, mce_status=kind.status, mce_misc=kind.misc,
+                     mce_bank=MCE_BANK)
+        located = probe.locate(mapping.id, spec.poison_offset)
+        if located.gpa != exp.poison_gpa:
+            raise ScenarioError(f"{spec.name}: layout changed before injection: oracle gpa {exp.poison_gpa:#x}, "
+                                f"probe locate gpa {located.gpa:#x}")
+        ev.json("layout.json", asdict(layout))
+        ev.json("expectation.json", asdict(exp))
+
+        machine = guest.machine
+        injection: MceInjection
+        reply: object = None
+        if spec.trigger is Trigger.TOUCH:
+            injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
+            _wait_recovery(guest, obs.hardware_corrupted_before_kb)
+            assert spec.touch_offset is not None
+            reply = probe.touch(mapping.id, spec.touch_offset)
+        elif spec.trigger is Trigger.WAIT:
+            probe.begin_wait(PROBE_WINDOW_S)
+            injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
+            reply = probe.finish_wait(PROBE_WINDOW_S + 10)
+        elif spec.trigger is Trigger.SPIN:
+            probe.begin_spin(PROBE_WINDOW_S)
+            time.sleep(0.5)  # let the loop take the vCPU: the MCE must land in user mode
+            injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
+            reply = probe.finish_spin(PROBE_WINDOW_S + 10)
+        else:
+            injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
+        ev.json("injection.json", asdict(injection))
+
+        if isinstance(reply, SigbusReport):
+            obs.sigbus.append(_seen(reply))
+            obs.injection_to_sigbus_ms = (reply.host_monotonic - injection.t_mono_after) * 1000.0
+
+        if spec.expects_panic:
+            _observe_panic(guest, injection, obs)
+        else:
+            obs.sigbus.extend(_seen(r) for r in probe.pending_sigbus())
+            _observe_recovery(guest, probe, mapping, exp=exp, obs=obs, ev=ev)
+        _collect_events(guest, injection, obs, expected=len(exp.memory_failure_events))
+    finally:
+        probe.write_transcript(evidence_dir / "probe.jsonl")
+        if not spec.expects_panic:
+            probe.close()
+        else:
+            channel.close()
+
+    verdict = judge(exp, obs)
+    ev.json("observations.json", asdict(obs))
+    ev.text("verdict.txt", verdict.summary() + "\n")
+    ev.text("verdict.json", verdict.to_json() + "\n")
+    LOG.info("%s", verdict.summary())
+    return ScenarioResult(spec, exp, obs, verdict, injection, evidence_dir)
+
+
+def _observe_recovery(guest: GuestRun, probe: ProbeClient, mapping: Mapping, *, exp: Expectation,
+                      obs: Observations, ev: _Evidence) -> None:
+    meminfo = guest.guest_text("cat /proc/meminfo")
+    ev.text("meminfo-after.txt", meminfo)
+    obs.hardware_corrupted_after_kb = parse_hardware_corrupted_kb(meminfo)
+    dmesg = guest.guest_text("dmesg")
+    ev.text("dmesg.txt", dmesg)
+    obs.recovery_lines = parse_recovery_lines(dmesg)
+    trace = guest.guest_text(f"cat {TRACE_DIR}/trace")
+    ev.text("mce_record.trace", trace)
+    obs.mce_records = parse_mce_records(trace)
+    flags = probe.flags(mapping.id)
+    ev.json("flags.json", asdict(flags))
+    obs.hwpoison_flag = any(f.pfn == exp.hwpoison_pfn for f in flags.hwpoison_frames)
+
+
+def _observe_panic(guest: GuestRun, injection: MceInjection, obs: Observations) -> None:
+    machine = guest.machine
+    event = machine.wait_event("GUEST_PANICKED", timeout=60.0, since=injection.event_mark)
+    obs.guest_panicked_events.append(dict(event.data))
+    # The panic text follows the event on the serial line; give it a moment to arrive.
+    try:
+        machine.wait_console(r"Kernel panic - not syncing", timeout=10.0)
+    except MachineStateError:  # absence is recorded and judged, not raised
+        LOG.warning("no panic line on the console after GUEST_PANICKED")
+    console = machine.console_text()
+    obs.panic_message = parse_panic_message(console)
+    obs.mce_records = parse_console_mce_records(console)
+    obs.mce_severity = parse_mce_severity(console)
+
+
+def _collect_events(guest: GuestRun, injection: MceInjection, obs: Observations, *, expected: int) -> None:
+    """All MEMORY_FAILURE and GUEST_PANICKED events since the injection, extras included."""
+    machine = guest.machine
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        got = [e for e in machine.events[injection.event_mark:] if e.name == "MEMORY_FAILURE"]
+        if len(got) >= expected:
+            break
+        time.sleep(0.05)
+    later = machine.events[injection.event_mark:]
+    obs.memory_failure_events = [dict(e.data) for e in later if e.name == "MEMORY_FAILURE"]
+    if not obs.guest_panicked_events:
+        obs.guest_panicked_events = [dict(e.data) for e in later if e.name == "GUEST_PANICKED"]
