@@ -1,0 +1,50 @@
+"""What the thin Avocado tests call: one function per test, no Avocado import here.
+
+The test object is used through a small protocol (outputdir, log, cancel, fail), so this module
+stays importable and testable without an Avocado job around it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import NoReturn, Protocol
+
+from gmemtest.guest_run import booted_guest
+from gmemtest.requirements import unmet_requirements
+from gmemtest.runner import ScenarioResult, run_scenario
+from gmemtest.scenarios import get_scenario
+from guests.profiles import get_profile
+from images.build import build_default_image
+
+
+class AvocadoTestLike(Protocol):
+    outputdir: str
+    log: logging.Logger
+
+    def cancel(self, message: str | None = None) -> NoReturn: ...
+
+    def fail(self, message: str | None = None) -> NoReturn: ...
+
+
+def run_guest_scenario(test: AvocadoTestLike, name: str) -> ScenarioResult:
+    """Boot the scenario's guest, run it, keep the evidence in the test's outputdir, judge it."""
+    spec = get_scenario(name)
+    profile = get_profile(spec.profile)
+    unmet = unmet_requirements(profile.requirements, accel=profile.accel)
+    if unmet:
+        test.cancel(f"profile {profile.name} cannot run here: " + "; ".join(unmet))
+    image = build_default_image()
+    outdir = Path(test.outputdir)
+    (outdir / "image.json").write_text(json.dumps(image.as_json(), indent=2) + "\n")
+    test.log.info("scenario %s: %s", spec.name, spec.summary)
+    with booted_guest(image, outdir, profile=profile) as guest:
+        test.log.info("guest up: console ready %.2fs, first SSH command %.2fs",
+                      guest.timings.console_ready_s, guest.timings.first_ssh_command_s)
+        result = run_scenario(spec, guest, outdir)
+    for line in result.verdict.summary().splitlines():
+        test.log.info("%s", line)
+    if not result.verdict.passed:
+        test.fail("; ".join(c.line() for c in result.verdict.failures))
+    return result

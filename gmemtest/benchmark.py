@@ -1,0 +1,108 @@
+"""Measure what a lab pays per run: image build, boot to SSH, injection to SIGBUS, suite time.
+
+Numbers are written as JSON with every sample, so a regression can be traced to one run.
+Nothing here asserts a bound: tests judge behaviour, this script reports speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from gmemtest.guest_run import booted_guest
+from gmemtest.runner import run_scenario
+from gmemtest.scenarios import get_scenario
+from images.build import build_default_image
+
+# Scenarios whose SIGBUS follows the injection directly (no touch in between).
+LATENCY_SCENARIOS = ("srao-early-kill-prctl-4k", "srar-user-spin-4k")
+
+
+def _stats(samples: list[float]) -> dict[str, Any]:
+    if not samples:
+        return {"n": 0}
+    return {"n": len(samples), "median": round(statistics.median(samples), 4), "min": round(min(samples), 4),
+            "max": round(max(samples), 4), "samples": [round(s, 4) for s in samples]}
+
+
+def _timed(argv: list[str], env: dict[str, str] | None = None) -> float:
+    t0 = time.monotonic()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=env)
+    return time.monotonic() - t0
+
+
+def _image_builds(runs: int, cold: bool) -> dict[str, Any]:
+    build = [sys.executable, "-m", "images", "build", "--json"]
+    result: dict[str, Any] = {}
+    if cold:
+        with tempfile.TemporaryDirectory(prefix="gmemtest-bench-cache-") as cache:
+            env = {**os.environ, "GMEMTEST_CACHE": cache}
+            result["cold_s"] = _stats([_timed(build, env)])
+    _timed(build)  # make sure the default cache is warm before timing warm builds
+    result["warm_s"] = _stats([_timed(build) for _ in range(runs)])
+    return result
+
+
+def _guest_runs(runs: int, workdir: Path) -> dict[str, Any]:
+    image = build_default_image()
+    console: list[float] = []
+    first_ssh: list[float] = []
+    latency: dict[str, list[float]] = {name: [] for name in LATENCY_SCENARIOS}
+    verdicts: list[dict[str, Any]] = []
+    for i in range(runs):
+        for name in LATENCY_SCENARIOS:
+            spec = get_scenario(name)
+            outdir = workdir / f"{name}-{i}"
+            with booted_guest(image, outdir, profile=spec.profile) as guest:
+                console.append(guest.timings.console_ready_s)
+                first_ssh.append(guest.timings.first_ssh_command_s)
+                result = run_scenario(spec, guest, outdir)
+            verdicts.append({"scenario": name, "run": i, "passed": result.verdict.passed})
+            if result.observations.injection_to_sigbus_ms is not None:
+                latency[name].append(result.observations.injection_to_sigbus_ms)
+    return {
+        "launch_to_console_ready_s": _stats(console),
+        "launch_to_first_ssh_command_s": _stats(first_ssh),
+        "injection_to_sigbus_ms": {name: _stats(v) for name, v in latency.items()},
+        "verdicts": verdicts,
+    }
+
+
+def _suite(results_dir: Path) -> dict[str, Any]:
+    avocado = str(Path(sys.executable).with_name("avocado"))
+    argv = [avocado, "run", "--max-parallel-tasks=2", "--job-results-dir", str(results_dir), "avocado_tests/"]
+    t0 = time.monotonic()
+    proc = subprocess.run(argv, check=False, capture_output=True, text=True)
+    return {"wall_s": round(time.monotonic() - t0, 2), "exit_status": proc.returncode,
+            "tail": proc.stdout.strip().splitlines()[-6:]}
+
+
+def run_benchmark(*, runs: int, out: Path, suite: bool, cold: bool) -> dict[str, Any]:
+    if runs < 1:
+        raise ValueError(f"--runs must be >= 1, got {runs}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"machine": {"nproc": os.cpu_count(), "uname": " ".join(os.uname())},
+                               "runs": runs}
+    results["image_build"] = _image_builds(runs, cold)
+    with tempfile.TemporaryDirectory(prefix="gmemtest-bench-") as tmp:
+        results["guest"] = _guest_runs(runs, Path(tmp))
+        if suite:
+            results["suite"] = _suite(Path(tmp) / "avocado")
+    guest = results["guest"]
+    results["summary"] = {
+        "image_build_warm_median_s": results["image_build"]["warm_s"]["median"],
+        "image_build_cold_s": results["image_build"].get("cold_s", {}).get("median"),
+        "launch_to_first_ssh_median_s": guest["launch_to_first_ssh_command_s"]["median"],
+        "injection_to_sigbus_median_ms": {k: v.get("median") for k, v in guest["injection_to_sigbus_ms"].items()},
+        "suite_wall_s": results.get("suite", {}).get("wall_s"),
+        "all_verdicts_passed": all(v["passed"] for v in guest["verdicts"]),
+    }
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
