@@ -7,13 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from qmp_test_firmware import write_firmware
+from qmp_test_support import BASE_ARGS, QEMU, READY_MARKER, write_firmware
 
 from qmp_helpers import QemuMachine
-
-QEMU = "qemu-system-x86_64"
-BASE_ARGS = ["-machine", "q35", "-accel", "tcg", "-m", "256", "-nodefaults",
-             "-cpu", "max,vendor=GenuineIntel", "-smp", "1"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -31,5 +27,5 @@ def firmware(tmp_path: Path) -> Path:
 def machine(tmp_path: Path, firmware: Path) -> Iterator[QemuMachine]:
     """A running machine whose firmware sets CR4.MCE and reports #MC on the console."""
     with QemuMachine([*BASE_ARGS, "-bios", str(firmware)], tmp_path / "m") as m:
-        m.wait_console("GMEMTEST-FW-READY", timeout=10)
+        m.wait_console(READY_MARKER, timeout=10)
         yield m

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BASE_ARGS, QEMU
-from qmp_test_firmware import MCE_MARKER
+from qmp_test_support import BASE_ARGS, MCE_MARKER, QEMU
 
 from qmp_helpers import (
     EventTimeout,

@@ -6,7 +6,7 @@ import re
 import subprocess
 
 import pytest
-from conftest import BASE_ARGS, QEMU
+from qmp_test_support import BASE_ARGS, QEMU
 
 from qmp_helpers import probe_qemu, validate_args
 

@@ -1,4 +1,9 @@
-"""A 64 KiB x86 firmware image, hand-assembled, for tests that need a guest with CR4.MCE.
+"""Shared pieces of the qmp_helpers tests: the QEMU command line and a tiny firmware.
+
+(A plain module, not conftest, so that imports stay unambiguous when other test
+directories grow their own conftest.py.)
+
+The firmware: a 64 KiB x86 image, hand-assembled, for tests that need a guest with CR4.MCE.
 
 Why: without a guest kernel, QEMU answers ``mce`` with "MCE capability is not enabled,
 raising triple fault" and resets the guest (CR4.MCE is clear under SeaBIOS). This image,
@@ -14,6 +19,10 @@ So a real #MC is delivered by QEMU and seen by guest code (the console line is t
 from __future__ import annotations
 
 from pathlib import Path
+
+QEMU = "qemu-system-x86_64"
+BASE_ARGS = ["-machine", "q35", "-accel", "tcg", "-m", "256", "-nodefaults",
+             "-cpu", "max,vendor=GenuineIntel", "-smp", "1"]
 
 READY_MARKER = "GMEMTEST-FW-READY"
 MCE_MARKER = "GMEMTEST-FW-MCE"
