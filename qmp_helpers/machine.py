@@ -6,6 +6,7 @@ host forward) and leaves everything about the guest to the caller's ``args``.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 import re
@@ -93,7 +94,7 @@ class QemuMachine:
         self._console_text = ""
         self._console_offset = 0
         self._console_cursor = 0
-        self._console_decoder_pending = b""
+        self._console_decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     # ----- paths and properties -------------------------------------------------------
     @property
@@ -308,20 +309,8 @@ class QemuMachine:
         if not chunk:
             return
         self._console_offset += len(chunk)
-        data = self._console_decoder_pending + chunk
-        # keep an incomplete UTF-8 tail for the next read
-        cut = len(data)
-        for back in range(1, min(4, len(data)) + 1):
-            byte = data[-back]
-            if byte & 0xC0 == 0xC0:  # lead byte of a multi-byte sequence
-                need = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4
-                if back < need:
-                    cut = len(data) - back
-                break
-            if byte & 0x80 == 0:
-                break
-        self._console_decoder_pending = data[cut:]
-        self._console_text += data[:cut].decode(errors="replace")
+        # incremental: a multi-byte character split across reads is decoded once whole
+        self._console_text += self._console_decoder.decode(chunk)
 
     def console_text(self) -> str:
         """Everything the guest wrote on the serial console so far."""
