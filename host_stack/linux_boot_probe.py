@@ -96,12 +96,8 @@ def _describe(exit_: VcpuExit) -> str:
 
 def _long_mode(vcpu: Vcpu) -> None:
     sregs = vcpu.get_sregs()
-    code = u.KvmSegment(
-        base=0, limit=0xFFFFFFFF, selector=8, type=11, present=1, dpl=0, db=0, s=1, l=1, g=1
-    )
-    data = u.KvmSegment(
-        base=0, limit=0xFFFFFFFF, selector=16, type=3, present=1, dpl=0, db=1, s=1, l=0, g=1
-    )
+    code = u.KvmSegment(base=0, limit=0xFFFFFFFF, selector=8, type=11, present=1, dpl=0, db=0, s=1, l=1, g=1)
+    data = u.KvmSegment(base=0, limit=0xFFFFFFFF, selector=16, type=3, present=1, dpl=0, db=1, s=1, l=0, g=1)
     sregs.cs = code
     sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
     sregs.cr3 = _PML4

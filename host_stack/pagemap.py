@@ -163,9 +163,7 @@ def _read_u64(path: str, index: int) -> int:
     finally:
         os.close(fd)
     if len(data) != m.PAGEMAP_ENTRY_SIZE:
-        raise PagemapError(
-            0, f"short read from {path} at {offset:#x}: expected 8 bytes, got {len(data)}"
-        )
+        raise PagemapError(0, f"short read from {path} at {offset:#x}: expected 8 bytes, got {len(data)}")
     return int.from_bytes(data, "little")
 
 

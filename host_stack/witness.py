@@ -290,8 +290,7 @@ class SigbusWitness:
             if len(self._records) < count:
                 ended = "" if self.exit_status is None else f"; target exited ({self.exit_status:#x})"
                 raise TimeoutError(
-                    f"expected {count} SIGBUS in pid {self.pid} within {timeout}s, "
-                    f"saw {len(self._records)}{ended}"
+                    f"expected {count} SIGBUS in pid {self.pid} within {timeout}s, saw {len(self._records)}{ended}"
                 )
             return list(self._records)
 
@@ -315,9 +314,7 @@ class SigbusWitness:
             stdout=subprocess.PIPE,
             env=env,
         )
-        self._reader = threading.Thread(
-            target=self._read_agent, name=f"sigbus-witness-{self.pid}", daemon=True
-        )
+        self._reader = threading.Thread(target=self._read_agent, name=f"sigbus-witness-{self.pid}", daemon=True)
         self._reader.start()
         with self._cond:
             self._cond.wait_for(lambda: self._attached or self._agent_done, self.attach_timeout)
@@ -326,8 +323,7 @@ class SigbusWitness:
             self.stop()
             raise WitnessError(
                 errno.EPERM if error else errno.ETIMEDOUT,
-                f"could not attach to pid {self.pid}: "
-                + (error or f"no answer within {self.attach_timeout}s"),
+                f"could not attach to pid {self.pid}: " + (error or f"no answer within {self.attach_timeout}s"),
             )
 
     def stop(self, timeout: float = 10.0) -> None:

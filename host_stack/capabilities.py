@@ -1,0 +1,388 @@
+"""Host capability probing: what this host kernel and KVM can do, each fact proven by trying.
+
+Tests declare what they need ("hwpoison", "guest_memfd_mmap", ...) and cancel with the
+report's own sentence (``HostReport.missing``), so a lab engineer reading a CANCEL knows what
+to change on the host. Facts come from real attempts wherever an attempt is safe: VM types by
+``KVM_CREATE_VM``, hwpoison by ``madvise(MADV_HWPOISON)`` on a scratch page of a throw-away
+child process, kprobe/uprobe support by adding and removing an event, Linux-guest support by
+running the instruction that kills a Linux guest (``linux_boot_probe``). Nothing about QEMU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from host_stack import kvm_uapi as u
+from host_stack import mm_uapi as m
+from host_stack.injectors import madvise_failure_sentence
+from host_stack.kernelfs import DEBUGFS, TRACEFS, mounted
+
+__all__ = ["REQUIREMENTS", "HostReport", "probe_host"]
+
+_log = logging.getLogger(__name__)
+_log.addHandler(logging.NullHandler())
+
+REQUIREMENTS: Final = (
+    "kvm",
+    "kvm_boots_linux",
+    "guest_memfd",
+    "guest_memfd_mmap",
+    "private_memory",
+    "pre_fault",
+    "hwpoison",
+    "hwpoison_inject",
+    "einj",
+    "kprobes",
+    "uprobes",
+    "sev_snp_host",
+    "tdx_host",
+)
+_PROBE_TIMEOUT: Final = 30.0
+_SYS_MODULE: Final = Path("/sys/module")
+_PROC_MODULES: Final = Path("/proc/modules")
+
+
+@dataclass(frozen=True)
+class HostReport:
+    """Everything ``probe_host`` found; ``*_reason`` fields hold the probed sentence."""
+
+    kernel_release: str
+    kvm_device: bool
+    kvm_reason: str | None
+    kvm_vendor_module: str | None
+    kvm_api_version: int | None
+    cap_guest_memfd: int = 0
+    guest_memfd_flags: int = 0
+    cap_user_memory2: int = 0
+    cap_memory_fault_info: int = 0
+    cap_memory_attributes: int = 0
+    vm_types_mask: int = 0
+    cap_pre_fault_memory: int = 0
+    supported_vm_types: tuple[int, ...] = ()
+    vm_type_errors: tuple[tuple[int, str], ...] = ()
+    private_memory_vm_types: tuple[int, ...] = ()
+    kvm_boots_linux: bool | None = None
+    kvm_boots_linux_reason: str = "not probed"
+    hwpoison: bool = False
+    hwpoison_errno: int | None = None
+    hwpoison_reason: str = "not probed"
+    debugfs: bool = False
+    hwpoison_inject: bool = False
+    einj: bool = False
+    einj_error_types: tuple[int, ...] = ()
+    tracefs: bool = False
+    kprobes: bool = False
+    kprobes_reason: str = "not probed"
+    uprobes: bool = False
+    uprobes_reason: str = "not probed"
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def guest_memfd_mmap(self) -> bool:
+        return bool(self.guest_memfd_flags & u.GUEST_MEMFD_FLAG_MMAP)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["guest_memfd_mmap"] = self.guest_memfd_mmap
+        d["vm_type_errors"] = {str(t): e for t, e in self.vm_type_errors}
+        return d
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(item, value) pairs for a two-column table."""
+        names = u.VM_TYPE_NAMES
+        return [
+            ("kernel release", self.kernel_release),
+            ("/dev/kvm", "yes" if self.kvm_device else f"no ({self.kvm_reason})"),
+            ("KVM vendor module", self.kvm_vendor_module or "none found"),
+            ("KVM API version", str(self.kvm_api_version)),
+            ("KVM_CAP_GUEST_MEMFD", str(self.cap_guest_memfd)),
+            ("KVM_CAP_GUEST_MEMFD_FLAGS", f"{self.guest_memfd_flags:#x}"),
+            ("KVM_CAP_USER_MEMORY2", str(self.cap_user_memory2)),
+            ("KVM_CAP_MEMORY_FAULT_INFO", str(self.cap_memory_fault_info)),
+            ("KVM_CAP_MEMORY_ATTRIBUTES", f"{self.cap_memory_attributes:#x}"),
+            ("KVM_CAP_VM_TYPES", f"{self.vm_types_mask:#x}"),
+            ("KVM_CAP_PRE_FAULT_MEMORY", str(self.cap_pre_fault_memory)),
+            ("VM types (KVM_CREATE_VM)",
+             ", ".join(names.get(t, str(t)) for t in self.supported_vm_types) or "none"),
+            ("private memory VM types",
+             ", ".join(names.get(t, str(t)) for t in self.private_memory_vm_types) or "none"),
+            ("KVM boots Linux", self.kvm_boots_linux_reason),
+            ("hwpoison (MADV_HWPOISON)", self.hwpoison_reason),
+            ("debugfs", "yes" if self.debugfs else "no"),
+            ("hwpoison-inject", "yes" if self.hwpoison_inject else "no"),
+            ("APEI EINJ", ", ".join(f"{t:#x}" for t in self.einj_error_types)
+             if self.einj else "no"),
+            ("tracefs", "yes" if self.tracefs else "no"),
+            ("kprobe events", self.kprobes_reason),
+            ("uprobe events", self.uprobes_reason),
+        ]  # fmt: skip
+
+    def missing(self, requirement: str) -> str | None:
+        """None if ``requirement`` is met, else a sentence saying what the host lacks."""
+        if requirement not in REQUIREMENTS:
+            raise ValueError(f"unknown host requirement {requirement!r}; valid: {', '.join(REQUIREMENTS)}")
+        no_kvm = None if self.kvm_device else f"host has no usable /dev/kvm: {self.kvm_reason}"
+        checks: dict[str, tuple[bool, str]] = {
+            "kvm": (self.kvm_device, no_kvm or ""),
+            "kvm_boots_linux": (self.kvm_boots_linux is True, self.kvm_boots_linux_reason),
+            "guest_memfd": (
+                self.cap_guest_memfd > 0,
+                "host KVM lacks guest_memfd: KVM_CAP_GUEST_MEMFD is 0",
+            ),
+            "guest_memfd_mmap": (
+                self.guest_memfd_mmap,
+                "host KVM cannot mmap guest_memfd: KVM_CAP_GUEST_MEMFD_FLAGS "
+                f"{self.guest_memfd_flags:#x} lacks GUEST_MEMFD_FLAG_MMAP",
+            ),
+            "private_memory": (
+                bool(self.private_memory_vm_types),
+                "host KVM has no private memory: KVM_CAP_MEMORY_ATTRIBUTES lacks "
+                "KVM_MEMORY_ATTRIBUTE_PRIVATE on every VM type it creates ("
+                + ", ".join(str(t) for t in self.supported_vm_types)
+                + ")",
+            ),
+            "pre_fault": (
+                self.cap_pre_fault_memory > 0,
+                "host KVM lacks KVM_PRE_FAULT_MEMORY: KVM_CAP_PRE_FAULT_MEMORY is 0",
+            ),
+            "hwpoison": (self.hwpoison, self.hwpoison_reason),
+            "hwpoison_inject": (
+                self.hwpoison_inject,
+                "host kernel lacks CONFIG_HWPOISON_INJECT: no hwpoison/corrupt-pfn in debugfs"
+                if self.debugfs
+                else "debugfs is not available, so hwpoison-inject cannot be used",
+            ),
+            "einj": (
+                self.einj and m.EINJ_TYPE_MEM_UNCORRECTABLE_NONFATAL in self.einj_error_types,
+                "host has no ACPI EINJ with memory uncorrectable non-fatal (0x10): " + self._einj_offer(),
+            ),
+            "kprobes": (self.kprobes, self.kprobes_reason),
+            "uprobes": (self.uprobes, self.uprobes_reason),
+            "sev_snp_host": (
+                u.KVM_X86_SNP_VM in self.supported_vm_types,
+                "host is not an SEV-SNP host: KVM_CREATE_VM(KVM_X86_SNP_VM) failed: "
+                + self._vm_type_error(u.KVM_X86_SNP_VM),
+            ),
+            "tdx_host": (
+                u.KVM_X86_TDX_VM in self.supported_vm_types,
+                "host is not a TDX host: KVM_CREATE_VM(KVM_X86_TDX_VM) failed: "
+                + self._vm_type_error(u.KVM_X86_TDX_VM),
+            ),
+        }
+        ok, sentence = checks[requirement]
+        if requirement != "kvm" and not self.kvm_device and requirement not in (
+            "hwpoison", "hwpoison_inject", "einj", "kprobes", "uprobes",
+        ):  # fmt: skip
+            return no_kvm
+        return None if ok else sentence
+
+    def _einj_offer(self) -> str:
+        if not self.einj:
+            return "no apei/einj in debugfs"
+        return "offered " + (", ".join(f"{t:#x}" for t in self.einj_error_types) or "nothing")
+
+    def _vm_type_error(self, vm_type: int) -> str:
+        return dict(self.vm_type_errors).get(vm_type, "not probed")
+
+
+# --- probes ------------------------------------------------------------------------------------
+def _vendor_module() -> str | None:
+    names: list[str] = []
+    if _PROC_MODULES.exists():
+        names = [line.split()[0] for line in _PROC_MODULES.read_text().splitlines() if line]
+    elif _SYS_MODULE.is_dir():
+        names = [p.name for p in _SYS_MODULE.iterdir()]
+    vendors = sorted(n for n in names if n.startswith("kvm_"))
+    return ",".join(vendors) if vendors else None
+
+
+def _probe_kvm(fields: dict[str, Any]) -> None:
+    from host_stack.kvm import KvmIoctlError, KvmSystem
+    from host_stack.linux_boot_probe import probe_linux_boot
+
+    try:
+        system = KvmSystem()
+    except OSError as exc:
+        fields.update(kvm_device=False, kvm_reason=f"open /dev/kvm: {exc.strerror}")
+        return
+    with system:
+        fields.update(kvm_device=True, kvm_reason=None, kvm_api_version=system.api_version())
+        caps = {
+            "cap_guest_memfd": u.KVM_CAP_GUEST_MEMFD,
+            "guest_memfd_flags": u.KVM_CAP_GUEST_MEMFD_FLAGS,
+            "cap_user_memory2": u.KVM_CAP_USER_MEMORY2,
+            "cap_memory_fault_info": u.KVM_CAP_MEMORY_FAULT_INFO,
+            "cap_memory_attributes": u.KVM_CAP_MEMORY_ATTRIBUTES,
+            "vm_types_mask": u.KVM_CAP_VM_TYPES,
+            "cap_pre_fault_memory": u.KVM_CAP_PRE_FAULT_MEMORY,
+        }
+        for name, cap in caps.items():
+            fields[name] = system.check_extension(cap)
+        supported: list[int] = []
+        errors: list[tuple[int, str]] = []
+        private: list[int] = []
+        for vm_type in sorted(u.VM_TYPE_NAMES):
+            try:
+                vm = system.create_vm(vm_type)
+            except KvmIoctlError as exc:
+                errors.append((vm_type, errno.errorcode.get(exc.errno or 0, str(exc.errno))))
+                continue
+            with vm:
+                supported.append(vm_type)
+                attrs = vm.check_extension(u.KVM_CAP_MEMORY_ATTRIBUTES)
+                if attrs & u.KVM_MEMORY_ATTRIBUTE_PRIVATE:
+                    private.append(vm_type)
+        fields.update(
+            supported_vm_types=tuple(supported),
+            vm_type_errors=tuple(errors),
+            private_memory_vm_types=tuple(private),
+        )
+        try:
+            boot = probe_linux_boot(system)
+            fields.update(kvm_boots_linux=boot.boots_linux, kvm_boots_linux_reason=boot.sentence)
+        except OSError as exc:
+            fields.update(
+                kvm_boots_linux=None,
+                kvm_boots_linux_reason=f"the long-mode probe payload could not be set up: {exc}",
+            )
+
+
+_HWPOISON_CHILD: Final = """
+import ctypes, os, sys
+from host_stack import mm_uapi as m
+from host_stack.pagemap import read_pagemap
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long)
+libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+page = libc.mmap(None, 4096, m.PROT_READ | m.PROT_WRITE, m.MAP_PRIVATE | m.MAP_ANONYMOUS, -1, 0)
+ctypes.memset(page, 0x5A, 4096)
+print("pfn", read_pagemap(page).pfn or 0, flush=True)
+rc = libc.madvise(page, 4096, m.MADV_HWPOISON)
+print("errno", 0 if rc == 0 else ctypes.get_errno(), flush=True)
+"""
+
+
+def _python_env() -> dict[str, str]:
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _probe_hwpoison(debugfs: Path | None) -> dict[str, Any]:
+    """MADV_HWPOISON on a scratch page of a child process, never on this process's memory.
+
+    On a kernel with memory failure this really poisons one page of the child (which is then
+    killed by SIGBUS, itself proof of support); the page is unpoisoned when hwpoison-inject
+    allows it, otherwise it stays retired, as after any real poison.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", _HWPOISON_CHILD],
+        capture_output=True, text=True, env=_python_env(), timeout=_PROBE_TIMEOUT, check=False,
+    )  # fmt: skip
+    values = dict(line.split() for line in proc.stdout.splitlines() if len(line.split()) == 2)
+    pfn = int(values.get("pfn", "0"))
+    if "errno" in values and values["errno"] != "0":
+        err = int(values["errno"])
+        return {"hwpoison": False, "hwpoison_errno": err,
+                "hwpoison_reason": madvise_failure_sentence(err)}  # fmt: skip
+    if proc.returncode not in (0, -m.SIGBUS):
+        return {
+            "hwpoison": False,
+            "hwpoison_errno": None,
+            "hwpoison_reason": f"the MADV_HWPOISON probe child failed (exit {proc.returncode}): "
+            + proc.stderr.strip()[-300:],
+        }
+    if debugfs is not None and pfn and (debugfs / m.HWPOISON_UNPOISON_PFN).exists():
+        with contextlib.suppress(OSError):
+            (debugfs / m.HWPOISON_UNPOISON_PFN).write_text(f"{pfn:#x}")
+    how = "its child was killed by SIGBUS" if proc.returncode == -m.SIGBUS else "it returned 0"
+    return {"hwpoison": True, "hwpoison_errno": 0,
+            "hwpoison_reason": f"MADV_HWPOISON poisoned a scratch page ({how})"}  # fmt: skip
+
+
+def _probe_debugfs(debugfs: Path | None) -> dict[str, Any]:
+    if debugfs is None:
+        return {"debugfs": False}
+    einj_types = debugfs / m.EINJ_DIR / "available_error_type"
+    types: tuple[int, ...] = ()
+    if einj_types.exists():
+        with contextlib.suppress(OSError, ValueError):
+            types = tuple(int(line.split()[0], 16) for line in einj_types.read_text().splitlines() if line)
+    return {
+        "debugfs": True,
+        "hwpoison_inject": (debugfs / m.HWPOISON_CORRUPT_PFN).exists(),
+        "einj": einj_types.exists(),
+        "einj_error_types": types,
+    }
+
+
+def _try_probe_event(tracefs: Path, file: str, kind: str, definition: str) -> tuple[bool, str]:
+    """Add one probe event and remove it again; the outcome is the proof."""
+    events = tracefs / file
+    if not events.exists():
+        return False, f"host kernel lacks {kind} events: no {file} in tracefs"
+    group, name = f"gmemtest_{os.getpid()}", kind
+    spec = f"p:{group}/{name} {definition}\n"
+    try:
+        fd = os.open(events, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            os.write(fd, spec.encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        return False, f"host kernel refused a {kind} event ({spec.strip()!r}): {code}"
+    fd = os.open(events, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    try:
+        os.write(fd, f"-:{group}/{name}\n".encode())
+    finally:
+        os.close(fd)
+    return True, f"added and removed {spec.strip()!r}"
+
+
+def _probe_tracing(tracefs: Path | None) -> dict[str, Any]:
+    if tracefs is None:
+        reason = "tracefs is not available"
+        return {"tracefs": False, "kprobes_reason": reason, "uprobes_reason": reason}
+    kprobes, kreason = _try_probe_event(tracefs, m.TRACEFS_KPROBE_EVENTS, "kprobe", "do_sys_openat2")
+    exe = os.path.realpath(sys.executable)
+    uprobes, ureason = _try_probe_event(tracefs, m.TRACEFS_UPROBE_EVENTS, "uprobe", f"{exe}:0x0")
+    return {
+        "tracefs": True,
+        "kprobes": kprobes,
+        "kprobes_reason": kreason,
+        "uprobes": uprobes,
+        "uprobes_reason": ureason,
+    }
+
+
+def probe_host() -> HostReport:
+    """Probe this host; takes well under a second and leaves no mount, event or process."""
+    fields: dict[str, Any] = {
+        "kernel_release": os.uname().release,
+        "kvm_device": False,
+        "kvm_reason": "not probed",
+        "kvm_vendor_module": _vendor_module(),
+        "kvm_api_version": None,
+    }
+    _probe_kvm(fields)
+    with mounted(DEBUGFS) as debugfs:
+        fields.update(_probe_debugfs(debugfs))
+        fields.update(_probe_hwpoison(debugfs))
+    with mounted(TRACEFS) as tracefs:
+        fields.update(_probe_tracing(tracefs))
+    report = HostReport(**fields)
+    _log.info("host report: %s", report.to_dict())
+    return report

@@ -1,0 +1,415 @@
+"""Hardware-poison injectors with a safety interlock: madvise, debugfs corrupt-pfn, ACPI EINJ.
+
+Poisoning the wrong page frame takes down the host (a page-table, slab or firmware page) or
+silently tests nothing (a PFN that no longer backs the target). So every injector first
+*proves* the frame: the target process's pagemap at the expected virtual address shows the
+page present with exactly that PFN, and the frame's kpageflags show an ordinary user page
+(not reserved, slab, buddy, page table, zero page, offline or absent). Anything else raises
+``InjectionRefused`` naming the reason; the proof is re-read just before the write to narrow
+the window in which the page could move. A kernel without the interface raises
+``HwpoisonUnsupported`` with a sentence a lab engineer can act on, carrying the errno.
+
+Every injection returns an ``InjectionRecord`` (method, pid, va, pfn, timestamps); injectors
+are context managers that unpoison what they poisoned when the kernel offers a way
+(debugfs ``hwpoison/unpoison-pfn``), and say so in the record when it cannot.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import errno
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Literal, Self
+
+from host_stack import mm_uapi as m
+from host_stack.kernelfs import find_mount
+from host_stack.pagemap import PAGE_SIZE, PageFlags, PagemapEntry, read_kpageflags, read_pagemap
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+__all__ = [
+    "CorruptPfnInjector",
+    "EinjInjector",
+    "HwpoisonUnsupported",
+    "InjectionRecord",
+    "InjectionRefused",
+    "MadviseInjector",
+    "ProvenFrame",
+    "RefusalReason",
+    "check_frame_flags",
+    "prove_frame",
+]
+
+_log = logging.getLogger(__name__)
+_log.addHandler(logging.NullHandler())
+
+RefusalReason = Literal[
+    "bad-address",
+    "not-present",
+    "swapped",
+    "pfn-hidden",
+    "pfn-mismatch",
+    "reserved",
+    "slab",
+    "buddy",
+    "nopage",
+    "pgtable",
+    "zero-page",
+    "offline",
+    "not-user-mapped",
+    "already-poisoned",
+    "moved",
+]
+
+# kpageflags bits that make a frame unsafe to poison, with the reason each one gives.
+_FORBIDDEN_FLAGS: Final[tuple[tuple[int, RefusalReason, str], ...]] = (
+    (m.KPF_NOPAGE, "nopage", "no struct page backs it (firmware/MMIO hole)"),
+    (m.KPF_RESERVED, "reserved", "it is reserved (kernel image, firmware or boot memory)"),
+    (m.KPF_SLAB, "slab", "it is a kernel slab page"),
+    (m.KPF_BUDDY, "buddy", "it is free in the buddy allocator"),
+    (m.KPF_PGTABLE, "pgtable", "it is a page-table page"),
+    (m.KPF_ZERO_PAGE, "zero-page", "it is the shared zero page every process maps"),
+    (m.KPF_OFFLINE, "offline", "it is offline"),
+    (m.KPF_HWPOISON, "already-poisoned", "it is already hardware-poisoned"),
+)
+
+
+class InjectionRefused(RuntimeError):
+    """The interlock would not poison this frame; ``reason`` is a stable code for tests."""
+
+    def __init__(self, reason: RefusalReason, message: str) -> None:
+        super().__init__(message)
+        self.reason: RefusalReason = reason
+
+
+class HwpoisonUnsupported(OSError):
+    """The host kernel lacks the injection interface; the message says what is missing."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+@dataclass(frozen=True)
+class ProvenFrame:
+    """A page frame proven to back ``va`` of ``pid``, with the evidence used."""
+
+    pid: int
+    va: int
+    pfn: int
+    pagemap: PagemapEntry
+    flags: PageFlags
+
+    @property
+    def physical_address(self) -> int:
+        return self.pfn * PAGE_SIZE + self.va % PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class InjectionRecord:
+    """What an injector did: enough to reproduce it and to check the observables."""
+
+    method: Literal["madvise", "corrupt-pfn", "einj"]
+    pid: int
+    va: int
+    pfn: int | None
+    length: int
+    t_start_ns: int  # time.monotonic_ns() before the write/call
+    t_end_ns: int  # time.monotonic_ns() after it returned
+    t_wall_ns: int  # time.time_ns() at start, for correlating with logs
+    flags_before: tuple[str, ...] = ()
+    detail: str = ""
+    cleanup: str = field(default="none attempted")
+
+    def with_cleanup(self, cleanup: str) -> InjectionRecord:
+        return dataclasses.replace(self, cleanup=cleanup)
+
+
+def check_frame_flags(flags: PageFlags) -> None:
+    """Refuse a frame whose flags say it is not an ordinary page mapped by a user process."""
+    for bit, reason, why in _FORBIDDEN_FLAGS:
+        if flags.has(bit):
+            raise InjectionRefused(
+                reason,
+                f"refusing to poison pfn {flags.pfn:#x}: {why} (kpageflags {flags.raw:#x}: "
+                f"{','.join(flags.names) or 'none'})",
+            )
+    if not flags.mapped_to_user:
+        raise InjectionRefused(
+            "not-user-mapped",
+            f"refusing to poison pfn {flags.pfn:#x}: no user mapping (KPF_MMAP clear), so it "
+            f"is a kernel page (kpageflags {flags.raw:#x}: {','.join(flags.names) or 'none'})",
+        )
+
+
+def prove_frame(pid: int, va: int, expected_pfn: int | None = None) -> ProvenFrame:
+    """Prove which frame backs ``va`` in ``pid`` and that poisoning it is safe."""
+    if va < 0 or pid <= 0:
+        raise InjectionRefused("bad-address", f"invalid target pid {pid} va {va:#x}")
+    entry = read_pagemap(va, pid)
+    where = f"va {va:#x} of pid {pid}"
+    if entry.swapped:
+        raise InjectionRefused("swapped", f"refusing: {where} is swapped out (touch it first)")
+    if not entry.present:
+        raise InjectionRefused("not-present", f"refusing: {where} is not present in its pagemap (touch it first)")
+    if entry.pfn is None:
+        raise InjectionRefused(
+            "pfn-hidden",
+            f"refusing: the pagemap of {where} hides the PFN (the reader lacks CAP_SYS_ADMIN)",
+        )
+    if expected_pfn is not None and entry.pfn != expected_pfn:
+        raise InjectionRefused(
+            "pfn-mismatch",
+            f"refusing: expected pfn {expected_pfn:#x} behind {where}, pagemap shows {entry.pfn:#x}",
+        )
+    flags = read_kpageflags(entry.pfn)
+    check_frame_flags(flags)
+    return ProvenFrame(pid=pid, va=va, pfn=entry.pfn, pagemap=entry, flags=flags)
+
+
+def _recheck(frame: ProvenFrame) -> None:
+    """Re-read the pagemap right before the write: the page must not have moved."""
+    now = read_pagemap(frame.va, frame.pid)
+    if now.pfn != frame.pfn:
+        raise InjectionRefused(
+            "moved",
+            f"refusing: pfn behind va {frame.va:#x} of pid {frame.pid} changed from "
+            f"{frame.pfn:#x} to {now.pfn if now.pfn is None else hex(now.pfn)} before injection",
+        )
+
+
+def _write_sysfs(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+class _Injector:
+    """Records and clean-up shared by all injectors."""
+
+    def __init__(self, debugfs: Path | None = None) -> None:
+        self.debugfs = debugfs
+        self.records: list[InjectionRecord] = []
+
+    @property
+    def unpoison_path(self) -> Path | None:
+        debugfs = self.debugfs if self.debugfs is not None else find_mount("debugfs")
+        if debugfs is None:
+            return None
+        path = debugfs / m.HWPOISON_UNPOISON_PFN
+        return path if path.exists() else None
+
+    def cleanup(self) -> list[InjectionRecord]:
+        """Unpoison every recorded PFN when the kernel allows it; records say what happened."""
+        done: list[InjectionRecord] = []
+        unpoison = self.unpoison_path
+        for rec in self.records:
+            if rec.pfn is None:
+                done.append(rec.with_cleanup("no pfn recorded: nothing to unpoison"))
+            elif unpoison is None:
+                done.append(
+                    rec.with_cleanup("cannot unpoison: no debugfs hwpoison/unpoison-pfn (CONFIG_HWPOISON_INJECT)")
+                )
+            else:
+                try:
+                    _write_sysfs(unpoison, f"{rec.pfn:#x}")
+                    done.append(rec.with_cleanup(f"unpoisoned pfn {rec.pfn:#x}"))
+                except OSError as exc:
+                    done.append(rec.with_cleanup(f"unpoison-pfn {rec.pfn:#x} failed: {exc}"))
+        for rec in done:
+            _log.info("cleanup %s pid %d va %#x: %s", rec.method, rec.pid, rec.va, rec.cleanup)
+        self.records = done
+        return done
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
+
+class MadviseInjector(_Injector):
+    """``madvise(MADV_HWPOISON)`` on pages the calling process maps (e.g. a guest_memfd mmap).
+
+    The kernel only lets a process poison its own mappings, so the target pid is always the
+    caller's. Pages must be present (touched) so their frame can be proven first.
+    """
+
+    def __init__(self, debugfs: Path | None = None) -> None:
+        super().__init__(debugfs)
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._libc.madvise.restype = ctypes.c_int
+        self._libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+    def inject(self, addr: int, length: int, expected_pfns: list[int] | None = None) -> InjectionRecord:
+        """Poison ``[addr, addr+length)``; returns the record (``pfn`` of the first page)."""
+        if addr % PAGE_SIZE or length <= 0 or length % PAGE_SIZE:
+            raise InjectionRefused(
+                "bad-address",
+                f"madvise range must be page-aligned and non-empty, got {addr:#x}+{length:#x}",
+            )
+        pid = os.getpid()
+        npages = length // PAGE_SIZE
+        if expected_pfns is not None and len(expected_pfns) != npages:
+            raise ValueError(f"expected_pfns has {len(expected_pfns)} entries for {npages} pages")
+        frames = [
+            prove_frame(pid, addr + i * PAGE_SIZE, None if expected_pfns is None else expected_pfns[i])
+            for i in range(npages)
+        ]
+        for frame in frames:
+            _recheck(frame)
+        t_wall = time.time_ns()
+        t0 = time.monotonic_ns()
+        rc = self._libc.madvise(addr, length, m.MADV_HWPOISON)
+        t1 = time.monotonic_ns()
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise HwpoisonUnsupported(err, madvise_failure_sentence(err))
+        record = InjectionRecord(
+            method="madvise",
+            pid=pid,
+            va=addr,
+            pfn=frames[0].pfn,
+            length=length,
+            t_start_ns=t0,
+            t_end_ns=t1,
+            t_wall_ns=t_wall,
+            flags_before=frames[0].flags.names,
+            detail="pfns " + ",".join(f"{f.pfn:#x}" for f in frames),
+        )
+        _log.info("MADV_HWPOISON pid %d va %#x+%#x pfn %#x", pid, addr, length, frames[0].pfn)
+        self.records.append(record)
+        return record
+
+
+def madvise_failure_sentence(err: int) -> str:
+    """What a failed ``madvise(MADV_HWPOISON)`` means, for a lab engineer."""
+    name = errno.errorcode.get(err, str(err))
+    if err == errno.EINVAL:
+        return f"host kernel lacks CONFIG_MEMORY_FAILURE: MADV_HWPOISON returned {name}"
+    if err == errno.EPERM:
+        return f"MADV_HWPOISON needs CAP_SYS_ADMIN: it returned {name}"
+    return f"MADV_HWPOISON failed with {name} ({os.strerror(err)})"
+
+
+class CorruptPfnInjector(_Injector):
+    """debugfs ``hwpoison/corrupt-pfn`` (CONFIG_HWPOISON_INJECT) on a proven frame of any pid.
+
+    The kernel handles it like an action-optional machine check on that frame. ``debugfs``
+    is the debugfs mount point (see ``kernelfs.mounted``).
+    """
+
+    def __init__(self, debugfs: Path | None) -> None:
+        super().__init__(debugfs)
+        self.corrupt_path = None if debugfs is None else debugfs / m.HWPOISON_CORRUPT_PFN
+
+    def require(self) -> Path:
+        if self.corrupt_path is None:
+            raise HwpoisonUnsupported(
+                errno.ENOENT, "debugfs is not mounted and could not be mounted: no hwpoison-inject"
+            )
+        if not self.corrupt_path.exists():
+            raise HwpoisonUnsupported(
+                errno.ENOENT,
+                f"host kernel lacks CONFIG_HWPOISON_INJECT: {self.corrupt_path} does not exist",
+            )
+        return self.corrupt_path
+
+    def inject(self, pid: int, va: int, expected_pfn: int | None = None) -> InjectionRecord:
+        path = self.require()
+        frame = prove_frame(pid, va, expected_pfn)
+        _recheck(frame)
+        t_wall = time.time_ns()
+        t0 = time.monotonic_ns()
+        _write_sysfs(path, f"{frame.pfn:#x}")
+        t1 = time.monotonic_ns()
+        record = InjectionRecord(
+            method="corrupt-pfn",
+            pid=pid,
+            va=va,
+            pfn=frame.pfn,
+            length=PAGE_SIZE,
+            t_start_ns=t0,
+            t_end_ns=t1,
+            t_wall_ns=t_wall,
+            flags_before=frame.flags.names,
+            detail=f"wrote {frame.pfn:#x} to {path}",
+        )
+        _log.info("corrupt-pfn pid %d va %#x pfn %#x", pid, va, frame.pfn)
+        self.records.append(record)
+        return record
+
+
+class EinjInjector(_Injector):
+    """ACPI APEI EINJ: memory uncorrectable non-fatal (type 0x10) at a proven frame.
+
+    Real firmware raises a real machine check; there is no undo for the hardware error, only
+    the kernel's unpoison of its bookkeeping when hwpoison-inject is present.
+    """
+
+    def __init__(self, debugfs: Path | None) -> None:
+        super().__init__(debugfs)
+        self.einj_dir = None if debugfs is None else debugfs / m.EINJ_DIR
+
+    def require(self) -> Path:
+        if self.einj_dir is None:
+            raise HwpoisonUnsupported(errno.ENOENT, "debugfs is not mounted and could not be mounted: no APEI EINJ")
+        types = self.einj_dir / "available_error_type"
+        if not types.exists():
+            raise HwpoisonUnsupported(
+                errno.ENOENT,
+                f"host has no ACPI EINJ (firmware table or CONFIG_ACPI_APEI_EINJ): {types} does not exist",
+            )
+        offered = {int(line.split()[0], 16) for line in types.read_text().splitlines() if line}
+        if m.EINJ_TYPE_MEM_UNCORRECTABLE_NONFATAL not in offered:
+            raise HwpoisonUnsupported(
+                errno.EOPNOTSUPP,
+                "firmware EINJ does not offer memory uncorrectable non-fatal (0x10); it offers "
+                + ", ".join(f"{t:#x}" for t in sorted(offered)),
+            )
+        return self.einj_dir
+
+    def inject(self, pid: int, va: int, expected_pfn: int | None = None) -> InjectionRecord:
+        einj = self.require()
+        frame = prove_frame(pid, va, expected_pfn)
+        _recheck(frame)
+        page_addr = frame.pfn * PAGE_SIZE
+        mask = ~(PAGE_SIZE - 1) & 0xFFFF_FFFF_FFFF_FFFF
+        t_wall = time.time_ns()
+        t0 = time.monotonic_ns()
+        _write_sysfs(einj / "error_type", f"{m.EINJ_TYPE_MEM_UNCORRECTABLE_NONFATAL:#x}")
+        if (einj / "flags").exists():
+            _write_sysfs(einj / "flags", f"{m.EINJ_FLAG_PHYS_ADDR_VALID:#x}")
+        _write_sysfs(einj / "param1", f"{page_addr:#x}")
+        _write_sysfs(einj / "param2", f"{mask:#x}")
+        if (einj / "notrigger").exists():
+            _write_sysfs(einj / "notrigger", "0")
+        _write_sysfs(einj / "error_inject", "1")
+        t1 = time.monotonic_ns()
+        record = InjectionRecord(
+            method="einj",
+            pid=pid,
+            va=va,
+            pfn=frame.pfn,
+            length=PAGE_SIZE,
+            t_start_ns=t0,
+            t_end_ns=t1,
+            t_wall_ns=t_wall,
+            flags_before=frame.flags.names,
+            detail=f"type 0x10 param1 {page_addr:#x} param2 {mask:#x} via {einj}",
+        )
+        _log.info("EINJ pid %d va %#x phys %#x", pid, va, page_addr)
+        self.records.append(record)
+        return record
