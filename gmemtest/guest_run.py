@@ -61,11 +61,11 @@ def booted_guest(
     workdir.mkdir(parents=True, exist_ok=True)
     args = [*prof.qemu_args(image.kernel, image.initrd, extra_kernel_args=DEFAULT_KERNEL_ARGS), *FAST_QEMU_ARGS]
     with ExitStack() as stack:
+        t0 = time.monotonic()
+        # Entering the machine's context launches QEMU and connects QMP.
         machine = stack.enter_context(
             QemuMachine(args, workdir, binary=binary, name=f"gmemtest-{prof.name}-{uuid.uuid4().hex[:8]}")
         )
-        t0 = time.monotonic()
-        machine.launch()
         timings = BootTimings(qmp_s=time.monotonic() - t0)
         machine.wait_console(READY_MARKER, timeout=boot_timeout_s)
         timings.console_ready_s = time.monotonic() - t0
