@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,11 +55,12 @@ def booted_guest(
     profile: str | GuestProfile = "tcg-default",
     boot_timeout_s: float = 90.0,
     binary: str = "qemu-system-x86_64",
+    extra_kernel_args: Sequence[str] = (),
 ) -> Iterator[GuestRun]:
     """Launch QEMU, wait for the guest's ready marker, log in; tear everything down on exit."""
     prof = get_profile(profile) if isinstance(profile, str) else profile
     workdir.mkdir(parents=True, exist_ok=True)
-    args = [*prof.qemu_args(image.kernel, image.initrd, extra_kernel_args=DEFAULT_KERNEL_ARGS), *FAST_QEMU_ARGS]
+    args = [*prof.qemu_args(image.kernel, image.initrd, extra_kernel_args=[*DEFAULT_KERNEL_ARGS, *extra_kernel_args]), *FAST_QEMU_ARGS]
     with ExitStack() as stack:
         t0 = time.monotonic()
         # Entering the machine's context launches QEMU and connects QMP.

@@ -1,0 +1,111 @@
+"""The whole guest-side chain on the real default guest: boot, SSH, probe, QMP injection, verdict.
+
+These run real TCG guests one at a time (a few seconds each) and check both that the scenarios
+pass and that the failure paths leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gmemtest.cli import main as cli_main
+from gmemtest.guest_run import booted_guest
+from gmemtest.runner import run_scenario
+from gmemtest.scenarios import get_scenario
+from images.build import GuestImage, build_default_image
+from qmp_helpers import MachineStateError, QemuBinaryNotFound, find_tagged_qemus
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def image() -> GuestImage:
+    return build_default_image()
+
+
+def _our_qemus() -> set[int]:
+    return {pid for pid, tag in find_tagged_qemus().items() if tag.startswith(f"gmemtest-{os.getpid()}-")}
+
+
+@pytest.mark.parametrize("name", ["srao-late-touch-4k", "srao-late-touch-hugetlb", "srar-kernel-panic"])
+def test_scenario_passes_with_evidence(image: GuestImage, tmp_path: Path, name: str) -> None:
+    spec = get_scenario(name)
+    with booted_guest(image, tmp_path, profile=spec.profile) as guest:
+        result = run_scenario(spec, guest, tmp_path)
+    assert result.verdict.passed, result.verdict.summary()
+    for evidence in ("console.log", "qmp.jsonl", "probe.jsonl", "verdict.txt", "expectation.json", "layout.json"):
+        assert (tmp_path / evidence).stat().st_size > 0, f"evidence file {evidence} missing or empty"
+    events = [json.loads(line) for line in (tmp_path / "qmp.jsonl").read_text().splitlines()]
+    assert any("MEMORY_FAILURE" in json.dumps(e) for e in events), "QMP transcript lacks the MEMORY_FAILURE event"
+    assert not _our_qemus(), "a QEMU outlived its booted_guest() context"
+
+
+def test_guest_that_never_reaches_ssh_names_the_console_and_leaves_nothing(image: GuestImage, tmp_path: Path) -> None:
+    with pytest.raises(MachineStateError) as err:  # noqa: PT012 - the context is what is under test
+        with booted_guest(image, tmp_path, boot_timeout_s=8.0, extra_kernel_args=["rdinit=/gmemtest-no-such-init"]):
+            pytest.fail("the guest must not become ready without an init")
+    message = str(err.value)
+    assert "GMEMTEST-READY" in message and str(tmp_path / "console.log") in message, message
+    assert "Kernel panic" in message, f"the console tail (why the guest never came up) is missing: {message}"
+    assert not _our_qemus()
+    assert not list(tmp_path.glob("*.sock")), "QMP socket left behind"
+
+
+def test_missing_qemu_binary_is_named(image: GuestImage, tmp_path: Path) -> None:
+    with pytest.raises(QemuBinaryNotFound, match="qemu-system-nonexistent"):  # noqa: SIM117
+        with booted_guest(image, tmp_path, binary="qemu-system-nonexistent"):
+            pass
+    assert not _our_qemus()
+
+
+def test_cli_rejects_unknown_scenario(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["run", "srao-late-touch-5k"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown scenario 'srao-late-touch-5k'" in err and "srao-late-touch-4k" in err
+
+
+def test_cli_run_by_hand_keeps_evidence(image: GuestImage, tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "gmemtest.cli", "run", "srao-early-kill-prctl-4k", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "srao-early-kill-prctl-4k: PASS" in proc.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary[0]["passed"] is True and summary[0]["injection_to_sigbus_ms"] > 0
+
+
+def test_sigkilled_avocado_job_leaves_no_qemu(image: GuestImage, tmp_path: Path) -> None:
+    """SIGKILL the avocado process mid-run: every QEMU it started must be gone soon after."""
+    avocado = str(Path(sys.executable).with_name("avocado"))
+    job = subprocess.Popen(
+        [avocado, "run", "--max-parallel-tasks=1", "--job-results-dir", str(tmp_path),
+         "avocado_tests/guest/test_machine_checks.py:SraoLateKill.test_anon_4k"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        started: set[int] = set()
+        while time.monotonic() < deadline and not started:
+            started = set(find_tagged_qemus())
+            time.sleep(0.1)
+        assert started, "the avocado job never started a QEMU"
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        alive = started
+        while time.monotonic() < deadline and alive:
+            alive = started & set(find_tagged_qemus())
+            time.sleep(0.2)
+        assert not alive, f"QEMU pids {sorted(alive)} outlived the SIGKILLed avocado job"
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
