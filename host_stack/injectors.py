@@ -69,13 +69,14 @@ RefusalReason = Literal[
 
 # kpageflags bits that make a frame unsafe to poison, with the reason each one gives.
 _FORBIDDEN_FLAGS: Final[tuple[tuple[int, RefusalReason, str], ...]] = (
+    # most specific first: the zero page is also reserved, a page-table page also has a type
+    (m.KPF_ZERO_PAGE, "zero-page", "it is the shared zero page every process maps"),
     (m.KPF_NOPAGE, "nopage", "no struct page backs it (firmware/MMIO hole)"),
-    (m.KPF_RESERVED, "reserved", "it is reserved (kernel image, firmware or boot memory)"),
+    (m.KPF_PGTABLE, "pgtable", "it is a page-table page"),
     (m.KPF_SLAB, "slab", "it is a kernel slab page"),
     (m.KPF_BUDDY, "buddy", "it is free in the buddy allocator"),
-    (m.KPF_PGTABLE, "pgtable", "it is a page-table page"),
-    (m.KPF_ZERO_PAGE, "zero-page", "it is the shared zero page every process maps"),
     (m.KPF_OFFLINE, "offline", "it is offline"),
+    (m.KPF_RESERVED, "reserved", "it is reserved (kernel image, firmware or boot memory)"),
     (m.KPF_HWPOISON, "already-poisoned", "it is already hardware-poisoned"),
 )
 
