@@ -60,7 +60,8 @@ def booted_guest(
     """Launch QEMU, wait for the guest's ready marker, log in; tear everything down on exit."""
     prof = get_profile(profile) if isinstance(profile, str) else profile
     workdir.mkdir(parents=True, exist_ok=True)
-    args = [*prof.qemu_args(image.kernel, image.initrd, extra_kernel_args=[*DEFAULT_KERNEL_ARGS, *extra_kernel_args]), *FAST_QEMU_ARGS]
+    kernel_args = [*DEFAULT_KERNEL_ARGS, *extra_kernel_args]
+    args = [*prof.qemu_args(image.kernel, image.initrd, extra_kernel_args=kernel_args), *FAST_QEMU_ARGS]
     with ExitStack() as stack:
         t0 = time.monotonic()
         # Entering the machine's context launches QEMU and connects QMP.

@@ -51,9 +51,10 @@ def test_scenario_passes_with_evidence(image: GuestImage, tmp_path: Path, name: 
 
 
 def test_guest_that_never_reaches_ssh_names_the_console_and_leaves_nothing(image: GuestImage, tmp_path: Path) -> None:
-    with pytest.raises(MachineStateError) as err:  # noqa: PT012 - the context is what is under test
-        with booted_guest(image, tmp_path, boot_timeout_s=8.0, extra_kernel_args=["rdinit=/gmemtest-no-such-init"]):
-            pytest.fail("the guest must not become ready without an init")
+    no_init = ["rdinit=/gmemtest-no-such-init"]
+    with pytest.raises(MachineStateError) as err, booted_guest(image, tmp_path, boot_timeout_s=8.0,
+                                                               extra_kernel_args=no_init):
+        pytest.fail("the guest must not become ready without an init")
     message = str(err.value)
     assert "GMEMTEST-READY" in message and str(tmp_path / "console.log") in message, message
     assert "Kernel panic" in message, f"the console tail (why the guest never came up) is missing: {message}"
@@ -62,9 +63,9 @@ def test_guest_that_never_reaches_ssh_names_the_console_and_leaves_nothing(image
 
 
 def test_missing_qemu_binary_is_named(image: GuestImage, tmp_path: Path) -> None:
-    with pytest.raises(QemuBinaryNotFound, match="qemu-system-nonexistent"):  # noqa: SIM117
-        with booted_guest(image, tmp_path, binary="qemu-system-nonexistent"):
-            pass
+    with pytest.raises(QemuBinaryNotFound, match="qemu-system-nonexistent"), \
+            booted_guest(image, tmp_path, binary="qemu-system-nonexistent"):
+        pass
     assert not _our_qemus()
 
 
