@@ -1,0 +1,54 @@
+"""`gmemtest preflight`: what this host, its KVM and its QEMU can do, and which profiles can run.
+
+Everything is probed (real ioctls, a real MADV_HWPOISON attempt in a child, QEMU asked through
+QMP), so the table is the same evidence a test uses when it CANCELs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gmemtest.requirements import host_report, qemu_report, unmet_requirements
+from guests.profiles import PROFILES
+
+
+def preflight_report(binary: str = "qemu-system-x86_64") -> dict[str, Any]:
+    host = host_report()
+    caps = qemu_report(binary)
+    profiles: dict[str, Any] = {}
+    for profile in PROFILES.values():
+        unmet = unmet_requirements(profile.requirements, binary=binary, accel=profile.accel)
+        profiles[profile.name] = {"accel": profile.accel, "requirements": list(profile.requirements),
+                                  "runnable": not unmet, "unmet": unmet}
+    return {
+        "host": host.to_dict(),
+        "host_rows": [list(row) for row in host.rows()],
+        "qemu": caps if isinstance(caps, str) else caps.to_dict(),
+        "profiles": profiles,
+    }
+
+
+def _qemu_rows(qemu: dict[str, Any] | str) -> list[tuple[str, str]]:
+    if isinstance(qemu, str):
+        return [("QEMU", qemu)]
+    rows = [("QEMU binary", str(qemu["binary"])), ("QEMU version", str(qemu["version_text"])),
+            ("accelerators (compiled in)", ", ".join(qemu["accelerators"]))]
+    rows += [(f"object type {name}", "yes" if ok else "no") for name, ok in qemu["object_types"].items()]
+    rows += [(f"{backend} guest-memfd property", "yes" if ok else "no")
+             for backend, ok in qemu["guest_memfd_property"].items()]
+    return rows
+
+
+def render_table(report: dict[str, Any]) -> str:
+    sections: list[tuple[str, list[tuple[str, str]]]] = [
+        ("host", [(str(k), str(v)) for k, v in report["host_rows"]]),
+        ("qemu", _qemu_rows(report["qemu"])),
+        ("profiles", [(name, "runnable" if p["runnable"] else "CANNOT RUN: " + "; ".join(p["unmet"]))
+                      for name, p in report["profiles"].items()]),
+    ]
+    width = max(len(k) for _, rows in sections for k, _ in rows)
+    out: list[str] = []
+    for title, rows in sections:
+        out.append(f"== {title}")
+        out.extend(f"  {k:<{width}}  {v}" for k, v in rows)
+    return "\n".join(out)

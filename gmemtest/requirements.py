@@ -1,0 +1,67 @@
+"""Turn a profile's requirement names into sentences about what this host lacks.
+
+Names without a prefix are host capabilities (host_stack.capabilities); `qemu:NAME` asks the
+QEMU binary itself (an object type such as `qemu:sev-snp-guest`, `qemu:guest-memfd` for the
+memory-backend property, `qemu:accel-tcg`). Both reports are probed once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+
+from host_stack.capabilities import HostReport, probe_host
+from qmp_helpers import QemuCapabilities, QemuError, probe_qemu
+
+
+@functools.cache
+def host_report() -> HostReport:
+    return probe_host()
+
+
+@functools.cache
+def qemu_report(binary: str = "qemu-system-x86_64") -> QemuCapabilities | str:
+    """The binary's capabilities, or the sentence saying why it could not be asked."""
+    try:
+        return probe_qemu(binary)
+    except QemuError as exc:
+        return f"QEMU binary {binary!r} could not be probed: {exc}"
+
+
+def _qemu_missing(name: str, caps: QemuCapabilities) -> str | None:
+    qemu = f"{caps.binary} (QEMU {'.'.join(map(str, caps.version))})"
+    if name.startswith("accel-"):
+        accel = name.removeprefix("accel-")
+        if accel not in caps.accelerators:
+            return f"{qemu} has no {accel} accelerator (it offers: {', '.join(caps.accelerators)})"
+        return None
+    if name == "guest-memfd":
+        if not any(caps.guest_memfd_property.values()):
+            return (f"{qemu} has no 'guest-memfd' property on "
+                    f"{' or '.join(caps.guest_memfd_property)} (QOM says so)")
+        return None
+    if name in caps.object_types:
+        if not caps.object_types[name]:
+            return f"{qemu} has no '{name}' object type (QOM says so)"
+        return None
+    raise ValueError(f"unknown QEMU requirement 'qemu:{name}'; valid: accel-<name>, guest-memfd, "
+                     f"{', '.join(caps.object_types)}")
+
+
+def unmet_requirements(names: Iterable[str], *, binary: str = "qemu-system-x86_64",
+                       accel: str = "tcg") -> list[str]:
+    """One sentence per unmet requirement; empty when everything the names ask for is here."""
+    unmet: list[str] = []
+    caps = qemu_report(binary)
+    wanted = [f"qemu:accel-{accel}", *names]
+    for name in wanted:
+        if name.startswith("qemu:"):
+            if isinstance(caps, str):
+                unmet.append(caps)
+                continue
+            missing = _qemu_missing(name.removeprefix("qemu:"), caps)
+        else:
+            missing = host_report().missing(name)
+        if missing is not None and missing not in unmet:
+            unmet.append(missing)
+    return unmet
