@@ -6,6 +6,7 @@ stays importable and testable without an Avocado job around it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -28,18 +29,24 @@ class AvocadoTestLike(Protocol):
     def fail(self, message: str | None = None) -> NoReturn: ...
 
 
-def run_guest_scenario(test: AvocadoTestLike, name: str) -> ScenarioResult:
-    """Boot the scenario's guest, run it, keep the evidence in the test's outputdir, judge it."""
+def run_guest_scenario(test: AvocadoTestLike, name: str, *, profile: str | None = None) -> ScenarioResult:
+    """Boot the scenario's guest, run it, keep the evidence in the test's outputdir, judge it.
+
+    `profile` runs the same scenario under another guest profile (e.g. a KVM lab profile);
+    a profile whose requirements this host does not meet CANCELs with the probed reasons.
+    """
     spec = get_scenario(name)
-    profile = get_profile(spec.profile)
-    unmet = unmet_requirements(profile.requirements, accel=profile.accel)
+    if profile is not None:
+        spec = dataclasses.replace(spec, profile=profile)
+    guest_profile = get_profile(spec.profile)
+    unmet = unmet_requirements(guest_profile.requirements, accel=guest_profile.accel)
     if unmet:
-        test.cancel(f"profile {profile.name} cannot run here: " + "; ".join(unmet))
+        test.cancel(f"profile {guest_profile.name} cannot run here: " + "; ".join(unmet))
     image = build_default_image()
     outdir = Path(test.outputdir)
     (outdir / "image.json").write_text(json.dumps(image.as_json(), indent=2) + "\n")
     test.log.info("scenario %s: %s", spec.name, spec.summary)
-    with booted_guest(image, outdir, profile=profile) as guest:
+    with booted_guest(image, outdir, profile=guest_profile) as guest:
         test.log.info("guest up: console ready %.2fs, first SSH command %.2fs",
                       guest.timings.console_ready_s, guest.timings.first_ssh_command_s)
         result = run_scenario(spec, guest, outdir)
