@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -181,3 +182,28 @@ def test_decode_siginfo_layout() -> None:
     )  # fmt: skip
     with pytest.raises(ValueError, match="128 bytes"):
         decode_siginfo(bytes(64), 1, 2)
+
+
+def _state(tid: int) -> str:
+    return Path(f"/proc/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_group_stop_is_kept_and_sigcont_resumes() -> None:
+    """SIGSTOP must stop the target as untraced (no SIGBUS while stopped), SIGCONT resume it."""
+    with child("truncated", "thread", "handler") as c, SigbusWitness(c.pid) as w:
+        os.kill(c.pid, signal.SIGSTOP)
+        tids = os.listdir(f"/proc/{c.pid}/task")
+        deadline = time.monotonic() + 10
+        while any(_state(int(t)) not in ("t", "T") for t in tids):
+            assert time.monotonic() < deadline, [_state(int(t)) for t in tids]
+            time.sleep(0.01)
+        c.go()
+        with pytest.raises(TimeoutError, match=r"expected 1 SIGBUS .* saw 0"):
+            w.wait_for(1, 0.3)  # stopped: the worker cannot fault yet
+        os.kill(c.pid, signal.SIGCONT)
+        (rec,) = w.wait_for(1, 20)
+        status = w.wait_exit(20)
+        rc, events = c.finish()
+    assert rec.tid == _worker_tid(events) and rec.si_addr == c.ready["addr"]
+    assert os.WEXITSTATUS(status) == HANDLER_EXIT and rc == HANDLER_EXIT
+    assert signal.SIGSTOP in {sig for _tid, sig in w.other_signals}
