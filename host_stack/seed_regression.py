@@ -270,12 +270,8 @@ class SeedRegressionResult:
 
 
 def _unsupported_reason(exc: BaseException) -> str:
-    err = getattr(exc, "errno", None)
-    if err == errno.EINVAL:
-        return f"host kernel lacks CONFIG_MEMORY_FAILURE: MADV_HWPOISON on a guest_memfd page returned EINVAL ({exc})"
-    if err == errno.EPERM:
-        return f"MADV_HWPOISON needs CAP_SYS_ADMIN: it returned EPERM ({exc})"
-    return f"cannot poison a guest_memfd page on this host: {exc}"
+    """The injector's own sentence (it names the missing kernel support), placed in context."""
+    return f"{exc} (a real madvise(MADV_HWPOISON) on a guest_memfd page behind a slot with pgoff > 0)"
 
 
 def _child(mode: Literal["guest", "user"]) -> int:  # pragma: no cover - runs in a child
@@ -314,16 +310,20 @@ def _child(mode: Literal["guest", "user"]) -> int:  # pragma: no cover - runs in
         if sys.stdin.readline().strip() != "go":
             return 1
         try:
-            from host_stack.injectors import HwpoisonUnsupported, MadviseInjector
+            from host_stack.injectors import HwpoisonUnsupported, InjectionRefused, MadviseInjector
         except ImportError as exc:
             emit({"event": "unsupported", "reason": f"no poison injector available: {exc}"})
             return 0
+        injector = MadviseInjector()
         try:
-            record = MadviseInjector().inject(tvm.gmem_map.addr + index * gl.PAGE_SIZE, gl.PAGE_SIZE)
+            record = injector.inject(tvm.gmem_map.addr + index * gl.PAGE_SIZE, gl.PAGE_SIZE)
         except HwpoisonUnsupported as exc:
             emit({"event": "unsupported", "reason": _unsupported_reason(exc)})
             return 0
-        emit({"event": "injected", "record": repr(record)})
+        except InjectionRefused as exc:
+            emit({"event": "refused", "reason": str(exc)})
+            return 0
+        emit({"event": "injected", "record": asdict(record)})
         if mode == "user":
             signal.signal(signal.SIGBUS, signal.SIG_DFL)
             emit({"event": "touch_start"})
@@ -386,6 +386,7 @@ class _ChildRun:
     touch_signals: list[SigbusSeen]  # delivered at or after touch_start
     injection_signals: list[SigbusSeen]  # delivered before (e.g. by memory_failure itself)
     exit_status: int | None
+    cleanup: list[str] = field(default_factory=list)
 
 
 def _observe(mode: Literal["guest", "user"]) -> _ChildRun:
@@ -406,6 +407,8 @@ def _observe(mode: Literal["guest", "user"]) -> _ChildRun:
                 events.append(ev)
                 if ev["event"] == "unsupported":
                     raise SeedCancelled(str(ev["reason"]))
+                if ev["event"] == "refused":
+                    raise RuntimeError(f"the injector's interlock refused the guest_memfd page: {ev['reason']}")
             status = proc.wait(timeout=CHILD_TIMEOUT)
             records = witness.records
         touch_t = next((e["t_mono_ns"] for e in events if e["event"] == "touch_start"), None)
@@ -414,9 +417,22 @@ def _observe(mode: Literal["guest", "user"]) -> _ChildRun:
         for r in records:
             seen = SigbusSeen(r.si_code, r.si_addr, r.si_addr_lsb, r.tid)
             (touch if touch_t is not None and r.t_mono_ns >= touch_t else early).append(seen)
-        return _ChildRun(ready, events, touch, early, status)
+        return _ChildRun(ready, events, touch, early, status, _unpoison(events))
     finally:
         _stop(proc)
+
+
+def _unpoison(events: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Unpoison the child's page once it is gone, where the kernel allows; say what happened."""
+    from host_stack.injectors import InjectionRecord, MadviseInjector
+
+    injector = MadviseInjector()
+    for ev in events:
+        if ev["event"] == "injected":
+            fields = dict(ev["record"])
+            fields["flags_before"] = tuple(fields.get("flags_before", ()))
+            injector.records.append(InjectionRecord(**fields))
+    return [rec.cleanup for rec in injector.cleanup()]
 
 
 def run_seed_regression(order: int = 0) -> SeedRegressionResult:
@@ -456,6 +472,7 @@ def run_seed_regression(order: int = 0) -> SeedRegressionResult:
             "user_events": user_run.events,
             "user_injection_signals": [asdict(s) for s in user_run.injection_signals],
             "user_exit_status": user_run.exit_status,
+            "cleanup": guest_run.cleanup + user_run.cleanup,
         },
     )
 
