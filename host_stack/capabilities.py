@@ -349,7 +349,7 @@ def _try_probe_event(tracefs: Path, file: str, kind: str, definition: str) -> tu
         os.write(fd, f"-:{group}/{name}\n".encode())
     finally:
         os.close(fd)
-    return True, f"added and removed {spec.strip()!r}"
+    return True, f"yes: a {kind} event was added and removed ({definition.rsplit('/', maxsplit=1)[-1]})"
 
 
 def _probe_tracing(tracefs: Path | None) -> dict[str, Any]:

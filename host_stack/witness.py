@@ -18,6 +18,7 @@ the zombie for the real parent. The tracer reports JSON lines on a pipe.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -154,7 +155,10 @@ class _Tracer:
     def loop(self) -> None:
         """Poll every tracee until the target is gone or a stop was requested."""
         sleep = _IDLE_SLEEP_MIN
+        parent = os.getppid()
         while self.tids:
+            if os.getppid() != parent:  # the caller died: do not keep its target traced
+                self.stop_requested = True
             if self.stop_requested:
                 self.detach_all()
                 return
@@ -283,6 +287,11 @@ class SigbusWitness:
         with self._cond:
             return list(self._records)
 
+    @property
+    def tracer_pid(self) -> int | None:
+        """Pid of the tracer process while attached (it shows as TracerPid of the target)."""
+        return None if self._agent is None else self._agent.pid
+
     def wait_for(self, count: int, timeout: float) -> list[SigbusRecord]:
         """Block until ``count`` SIGBUS were seen; raises TimeoutError naming expected/actual."""
         with self._cond:
@@ -396,8 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def emit(obj: dict[str, object]) -> None:
-        sys.stdout.write(json.dumps(obj) + "\n")
-        sys.stdout.flush()
+        with contextlib.suppress(BrokenPipeError):  # the caller died; detaching still matters
+            sys.stdout.write(json.dumps(obj) + "\n")
+            sys.stdout.flush()
 
     tracer = _Tracer(int(args[0]), emit)
 

@@ -8,6 +8,7 @@ without a handler, it dies of SIGBUS.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -155,7 +156,7 @@ def test_detach_leaves_target_untraced_and_unchanged() -> None:
     with child("truncated", "thread", "handler") as c:
         with SigbusWitness(c.pid) as w:
             tids = [int(t) for t in os.listdir(f"/proc/{c.pid}/task")]
-            assert all(_tracer_pid(t) != 0 for t in tids), "every thread must be traced"
+            assert [_tracer_pid(t) for t in tids] == [w.tracer_pid] * len(tids)
         assert [_tracer_pid(t) for t in tids] == [0] * len(tids), "detach must untrace all"
         c.go()
         rc, events = c.finish()
@@ -207,3 +208,38 @@ def test_group_stop_is_kept_and_sigcont_resumes() -> None:
     assert rec.tid == _worker_tid(events) and rec.si_addr == c.ready["addr"]
     assert os.WEXITSTATUS(status) == HANDLER_EXIT and rc == HANDLER_EXIT
     assert signal.SIGSTOP in {sig for _tid, sig in w.other_signals}
+
+
+CALLER = """
+import sys
+from host_stack.witness import SigbusWitness
+w = SigbusWitness(int(sys.argv[1]))
+w.start()
+print(w.tracer_pid, flush=True)
+import os
+os._exit(0)  # die while witnessing
+"""
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def test_tracer_detaches_when_its_caller_dies() -> None:
+    """A crashed caller must not leave its target traced; the orphaned tracer detaches."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0  # so we can reap the tracer
+    try:
+        with child("truncated", "thread", "handler") as c:
+            out = subprocess.run(
+                [sys.executable, "-c", CALLER, str(c.pid)],
+                capture_output=True, text=True, check=True, timeout=30,
+                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+            )  # fmt: skip
+            agent = int(out.stdout.split()[0])
+            _, status = os.waitpid(agent, 0)  # reparented to us; exits after detaching
+            tids = [int(t) for t in os.listdir(f"/proc/{c.pid}/task")]
+            assert [_tracer_pid(t) for t in tids] == [0] * len(tids)
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, hex(status)
+            c.go()
+            rc, events = c.finish()
+        assert rc == HANDLER_EXIT and any(e["event"] == "sigbus" for e in events), events
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
