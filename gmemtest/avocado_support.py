@@ -35,6 +35,10 @@ def run_guest_scenario(test: AvocadoTestLike, name: str, *, profile: str | None 
     `profile` runs the same scenario under another guest profile (e.g. a KVM lab profile);
     a profile whose requirements this host does not meet CANCELs with the probed reasons.
     """
+    # Avocado records every logger at DEBUG; the QMP and SSH wire traces are already in
+    # qmp.jsonl and probe.jsonl, and at DEBUG they bury the verdict under thousands of lines.
+    for noisy in ("qemu.qmp", "paramiko"):
+        logging.getLogger(noisy).setLevel(logging.INFO)
     spec = get_scenario(name)
     if profile is not None:
         spec = dataclasses.replace(spec, profile=profile)
@@ -50,8 +54,6 @@ def run_guest_scenario(test: AvocadoTestLike, name: str, *, profile: str | None 
         test.log.info("guest up: console ready %.2fs, first SSH command %.2fs",
                       guest.timings.console_ready_s, guest.timings.first_ssh_command_s)
         result = run_scenario(spec, guest, outdir)
-    for line in result.verdict.summary().splitlines():
-        test.log.info("%s", line)
     if not result.verdict.passed:
         test.fail("; ".join(c.line() for c in result.verdict.failures))
     return result
