@@ -14,6 +14,12 @@ QEMU) would otherwise have its ``Popen.wait()/poll()`` consume ptrace stops as i
 had stopped, and would lose the exit status when the tracer reaps the leader. A tracer in a
 separate process is "reparented" in the kernel's sense: its wait on the dead leader leaves
 the zombie for the real parent. The tracer reports JSON lines on a pipe.
+
+Cost: the tracer polls its tracees (``WNOHANG``, backing off to 10 ms when idle), so each
+signal to the target (SIGBUS or any other, e.g. QEMU's vCPU kicks) is delivered up to ~10 ms
+later than untraced; what is delivered, to which thread, and in what order is unchanged.
+``t_mono_ns`` is when the tracer saw the delivery stop (CLOCK_MONOTONIC, comparable across
+processes), an upper bound on the kernel's send time.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from types import TracebackType
 
-__all__ = ["SigbusRecord", "SigbusWitness", "WitnessError"]
+__all__ = ["SigbusRecord", "SigbusWitness", "WitnessError", "decode_siginfo", "main"]
 
 _log = logging.getLogger(__name__)
 _log.addHandler(logging.NullHandler())
