@@ -12,9 +12,8 @@ import logging
 from pathlib import Path
 from typing import NoReturn, Protocol
 
-from gmemtest.guest_run import booted_guest
 from gmemtest.requirements import unmet_requirements
-from gmemtest.runner import ScenarioResult, run_scenario
+from gmemtest.runner import ScenarioResult, run_in_fresh_guest
 from gmemtest.scenarios import get_scenario
 from guests.profiles import get_profile
 from images.build import build_default_image
@@ -50,10 +49,7 @@ def run_guest_scenario(test: AvocadoTestLike, name: str, *, profile: str | None 
     outdir = Path(test.outputdir)
     (outdir / "image.json").write_text(json.dumps(image.as_json(), indent=2) + "\n")
     test.log.info("scenario %s: %s", spec.name, spec.summary)
-    with booted_guest(image, outdir, profile=guest_profile) as guest:
-        test.log.info("guest up: console ready %.2fs, first SSH command %.2fs",
-                      guest.timings.console_ready_s, guest.timings.first_ssh_command_s)
-        result = run_scenario(spec, guest, outdir)
+    result = run_in_fresh_guest(spec, image, outdir)
     if not result.verdict.passed:
         test.fail("; ".join(c.line() for c in result.verdict.failures))
     return result

@@ -56,9 +56,8 @@ def _cmd_scenarios(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from gmemtest.guest_run import booted_guest
     from gmemtest.requirements import unmet_requirements
-    from gmemtest.runner import run_scenario
+    from gmemtest.runner import run_in_fresh_guest
     from guests.profiles import get_profile
     from images.build import build_default_image
 
@@ -80,8 +79,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             status = max(status, EXIT_UNMET)
             continue
         outdir = out_root / spec.name
-        with booted_guest(image, outdir, profile=profile, binary=args.qemu) as guest:
-            result = run_scenario(spec, guest, outdir)
+        result = run_in_fresh_guest(spec, image, outdir, binary=args.qemu)
         print(result.verdict.summary())
         print(f"  evidence: {outdir}")
         summary.append({"scenario": spec.name, "passed": result.verdict.passed, "evidence": str(outdir),

@@ -179,3 +179,12 @@ def test_panic_console_parsed_and_judged() -> None:
     assert verdict.passed, verdict.summary()
     obs.mce_severity = "Action required: data load in error recoverable area of kernel"
     assert [f.name for f in judge(exp, obs).failures] == ["MCE severity on the serial console"]
+
+
+def test_mce_rip_tells_kernel_from_user_mode() -> None:
+    from gmemtest.runner import _MCE_RIP
+    kernel = "[    2.49] mce: [Hardware Error]: RIP 10:<ffffffff817f90fb> {rtnetlink_event+0xb/0xb0}"
+    user = "[    2.49] mce: [Hardware Error]: RIP 33:<00007f12a4c01234>"
+    k, u = _MCE_RIP.search(kernel), _MCE_RIP.search(user)
+    assert k is not None and (k.group(1), k.group(3)) == ("10", "rtnetlink_event+0xb/0xb0")
+    assert u is not None and (u.group(1), u.group(3)) == ("33", None)
