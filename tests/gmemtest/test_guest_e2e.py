@@ -110,3 +110,18 @@ def test_sigkilled_avocado_job_leaves_no_qemu(image: GuestImage, tmp_path: Path)
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
+
+
+def test_srar_landing_in_the_kernel_is_recognised_as_a_miss(image: GuestImage, tmp_path: Path) -> None:
+    """The retry path of the user-mode SRAR scenario: an SRAR on an idle guest must read as a miss."""
+    from gmemtest.runner import InjectionMissedUserMode, _await_reply_or_panic
+    from guests.probe_client import ProbeClient
+
+    with booted_guest(image, tmp_path) as guest:
+        channel = guest.ssh.start("/usr/bin/gmem-probe")
+        probe = ProbeClient(channel)
+        mapping = probe.map("anon4k", 1)
+        injection = guest.machine.inject_mce("SRAR", mapping.pages[0].gpa)  # the probe idles in read(2)
+        with pytest.raises(InjectionMissedUserMode, match=r"in the kernel \(RIP 10:ffffffff"):
+            _await_reply_or_panic(guest, channel, injection, timeout=20.0)
+        channel.close()
