@@ -22,6 +22,7 @@ from images.build import build_default_image
 class AvocadoTestLike(Protocol):
     outputdir: str
     log: logging.Logger
+    whiteboard: str
 
     def cancel(self, message: str | None = None) -> NoReturn: ...
 
@@ -50,6 +51,8 @@ def run_guest_scenario(test: AvocadoTestLike, name: str, *, profile: str | None 
     (outdir / "image.json").write_text(json.dumps(image.as_json(), indent=2) + "\n")
     test.log.info("scenario %s: %s", spec.name, spec.summary)
     result = run_in_fresh_guest(spec, image, outdir)
+    # The whiteboard travels with the job's results (results.json, the HTML report).
+    test.whiteboard = result.verdict.to_json()
     if not result.verdict.passed:
         test.fail("; ".join(c.line() for c in result.verdict.failures))
     return result
