@@ -1,0 +1,47 @@
+"""The README's main job, run as a user runs it, judged from Avocado's own results.json.
+
+Guest scenarios and the host tests this machine supports must PASS; tests that need what the
+host lacks must CANCEL with a reason, and only those. A job where a guest test was skipped or
+cancelled is a failure here, never a pass.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gmemtest.requirements import host_report
+from gmemtest.scenarios import SCENARIOS
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_main_job_passes_every_guest_scenario(tmp_path: Path) -> None:
+    avocado = str(Path(sys.executable).with_name("avocado"))
+    proc = subprocess.run([avocado, "run", "--max-parallel-tasks=2", "--job-results-dir", str(tmp_path),
+                           "avocado_tests/"], cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+    results = json.loads((tmp_path / "latest" / "results.json").read_text())
+    status = {t["name"].split(":", 1)[1]: (t["status"], t.get("fail_reason") or "") for t in results["tests"]}
+    report = "\n".join(f"{name}: {st} {why}" for name, (st, why) in sorted(status.items()))
+
+    guest = {n: s for n, s in status.items() if n.startswith(("SraoLateKill.", "SraoEarlyKill.", "SrarAction"))}
+    assert len(guest) >= len(SCENARIOS), f"expected a guest test per scenario ({len(SCENARIOS)}):\n{report}"
+    assert all(st == "PASS" for st, _ in guest.values()), report
+    for name in ("GmemUapi.test_cases", "TinyVmm.test_oracle_mapping", "TinyVmm.test_punch_hole",
+                 "TinyVmm.test_backing_source"):
+        assert status[name][0] == "PASS", report
+
+    host = host_report()
+    expected_seed = "CANCEL" if host.missing("hwpoison") else "PASS"
+    assert status["SeedRegression.test_poisoned_gmem_page"][0] == expected_seed, report
+    expected_lab = "CANCEL" if host.missing("kvm_boots_linux") else None
+    for name, (st, why) in status.items():
+        if name.startswith("KvmLabProfiles.") and expected_lab == "CANCEL":
+            assert st == "CANCEL" and "cannot run here" in why, report
+    assert proc.returncode == 0, proc.stdout[-2000:]
