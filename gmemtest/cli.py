@@ -91,6 +91,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return status
 
 
+def _cmd_qualify(args: argparse.Namespace) -> int:
+    from gmemtest.qualify import qualify
+    from gmemtest.report_html import render
+    from images.build import build_default_image
+
+    if args.no_guest:
+        specs = []
+    else:
+        names = args.scenario or list(scenario_names())
+        specs = [get_scenario(n) for n in names]
+    image = build_default_image() if specs else None
+    out = Path(args.out)
+    q = qualify(out, specs=specs, image=image, binary=args.qemu)
+    (out / "qualification.html").write_text(render(q))
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(q.counts().items()))
+    print(f"{q.outcome}: {counts}; findings: {len(q.findings)}")
+    for finding in q.findings:
+        print(f"  finding {finding['id']} ({finding['severity']})")
+    print(f"report: {out / 'qualification.html'}\njson:   {out / 'qualification.json'}")
+    return {"FAILED": EXIT_FAIL, "INCOMPLETE": EXIT_UNMET}.get(q.outcome, EXIT_PASS)
+
+
 def _cmd_reap(_args: argparse.Namespace) -> int:
     from qmp_helpers import reap_orphans
 
@@ -135,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="evidence directory (default: ./gmemtest-runs/<timestamp>)")
     p.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("qualify", help="qualify this host stack: host checks, seed regression, guest scenarios")
+    p.add_argument("scenario", nargs="*", help="guest scenarios to include (default: all)")
+    p.add_argument("--no-guest", action="store_true", help="host-side checks only")
+    p.add_argument("--out", default="gmemtest-qualification", help="report directory")
+    p.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary")
+    p.set_defaults(func=_cmd_qualify)
 
     p = sub.add_parser("reap", help="kill QEMU processes left by a killed gmemtest run")
     p.set_defaults(func=_cmd_reap)
