@@ -179,10 +179,10 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
         _collect_events(guest, injection, obs, expected=len(exp.memory_failure_events))
     finally:
         probe.write_transcript(evidence_dir / "probe.jsonl")
-        if not spec.expects_panic:
-            probe.close()
+        if any(e.name == "GUEST_PANICKED" for e in guest.machine.events):
+            channel.close()  # nobody is left to answer 'quit'
         else:
-            channel.close()
+            probe.close()
 
     verdict = judge(exp, obs)
     ev.json("observations.json", asdict(obs))
