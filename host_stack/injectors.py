@@ -126,6 +126,14 @@ class InjectionRecord:
     flags_before: tuple[str, ...] = ()
     detail: str = ""
     cleanup: str = field(default="none attempted")
+    # Every frame poisoned, for a multi-page injection; empty means just ``pfn``.
+    pfns: tuple[int, ...] = ()
+
+    @property
+    def poisoned_pfns(self) -> tuple[int, ...]:
+        if self.pfns:
+            return self.pfns
+        return () if self.pfn is None else (self.pfn,)
 
     def with_cleanup(self, cleanup: str) -> InjectionRecord:
         return dataclasses.replace(self, cleanup=cleanup)
@@ -212,18 +220,21 @@ class _Injector:
         done: list[InjectionRecord] = []
         unpoison = self.unpoison_path
         for rec in self.records:
-            if rec.pfn is None:
+            if not rec.poisoned_pfns:
                 done.append(rec.with_cleanup("no pfn recorded: nothing to unpoison"))
             elif unpoison is None:
                 done.append(
                     rec.with_cleanup("cannot unpoison: no debugfs hwpoison/unpoison-pfn (CONFIG_HWPOISON_INJECT)")
                 )
             else:
-                try:
-                    _write_sysfs(unpoison, f"{rec.pfn:#x}")
-                    done.append(rec.with_cleanup(f"unpoisoned pfn {rec.pfn:#x}"))
-                except OSError as exc:
-                    done.append(rec.with_cleanup(f"unpoison-pfn {rec.pfn:#x} failed: {exc}"))
+                outcomes = []
+                for pfn in rec.poisoned_pfns:
+                    try:
+                        _write_sysfs(unpoison, f"{pfn:#x}")
+                        outcomes.append(f"unpoisoned pfn {pfn:#x}")
+                    except OSError as exc:
+                        outcomes.append(f"unpoison-pfn {pfn:#x} failed: {exc}")
+                done.append(rec.with_cleanup("; ".join(outcomes)))
         for rec in done:
             _log.info("cleanup %s pid %d va %#x: %s", rec.method, rec.pid, rec.va, rec.cleanup)
         self.records = done
@@ -289,6 +300,7 @@ class MadviseInjector(_Injector):
             t_wall_ns=t_wall,
             flags_before=frames[0].flags.names,
             detail="pfns " + ",".join(f"{f.pfn:#x}" for f in frames),
+            pfns=tuple(f.pfn for f in frames),
         )
         _log.info("MADV_HWPOISON pid %d va %#x+%#x pfn %#x", pid, addr, length, frames[0].pfn)
         self.records.append(record)

@@ -341,6 +341,23 @@ def test_madvise_cleanup_says_when_it_cannot_unpoison(tmp_path: Path) -> None:
     assert "CONFIG_HWPOISON_INJECT" in done.cleanup
 
 
+def test_multi_page_madvise_record_unpoisons_every_frame(
+    standin_debugfs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 3-page MADV_HWPOISON poisons 3 frames: cleanup must write all 3 to unpoison-pfn, not just the first."""
+    import host_stack.injectors as injectors
+
+    writes: list[tuple[str, str]] = []
+    monkeypatch.setattr(injectors, "_write_sysfs", lambda path, value: writes.append((path.name, value)))
+    inj = MadviseInjector(debugfs=standin_debugfs)
+    inj.records.append(
+        InjectionRecord("madvise", os.getpid(), 0x7000, 0x1234, 3 * PAGE_SIZE, 1, 2, 3, pfns=(0x1234, 0x99, 0x5000))
+    )
+    (done,) = inj.cleanup()
+    assert writes == [("unpoison-pfn", "0x1234"), ("unpoison-pfn", "0x99"), ("unpoison-pfn", "0x5000")]
+    assert done.cleanup == "unpoisoned pfn 0x1234; unpoisoned pfn 0x99; unpoisoned pfn 0x5000"
+
+
 # --- ACPI EINJ ---------------------------------------------------------------------------
 def test_einj_on_this_host(report: HostReport) -> None:
     with mounted(DEBUGFS) as debugfs:
