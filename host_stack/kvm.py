@@ -350,13 +350,9 @@ class Vm(_FdOwner):
         )
 
     def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
+        size = self.system.vcpu_mmap_size()
         fd = _ioctl(self.fd, u.KVM_CREATE_VCPU, vcpu_id, {"id": vcpu_id})
-        try:
-            size = self.system.vcpu_mmap_size()
-            return Vcpu(self, fd, vcpu_id, size)
-        except BaseException:
-            os.close(fd)
-            raise
+        return Vcpu(self, fd, vcpu_id, size)  # owns fd from here, also when its mapping fails
 
 
 class GuestMemfd(_FdOwner):
@@ -565,7 +561,12 @@ class Vcpu(_FdOwner):
         super().__init__(fd)
         self.vm = vm
         self.vcpu_id = vcpu_id
-        self._run_map = HostMapping.map(mmap_size, fd=fd, description=f"kvm_run vcpu {vcpu_id}")
+        try:
+            self._run_map = HostMapping.map(mmap_size, fd=fd, description=f"kvm_run vcpu {vcpu_id}")
+        except BaseException:
+            # Close our fd exactly once, here: a later __del__ must not close a reused number.
+            _FdOwner.close(self)
+            raise
 
     @property
     def kvm_run(self) -> u.KvmRun:

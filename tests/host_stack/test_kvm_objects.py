@@ -109,3 +109,35 @@ def test_signal_during_kvm_run_is_a_typed_interrupted_exit(kvm_system: KvmSystem
         timer.cancel()
         signal.signal(signal.SIGUSR1, previous)
     assert hits == [signal.SIGUSR1]
+
+
+def test_failed_kvm_run_mapping_closes_the_vcpu_fd_once(
+    kvm_system: KvmSystem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If mapping kvm_run fails, the vCPU fd is closed once and no fd number is closed twice later."""
+    import gc
+    import os
+
+    import host_stack.kvm as kvm_mod
+
+    def refuse(*_args: object, **_kwargs: object) -> object:
+        raise OSError(errno.ENOMEM, "mmap refused by the test")
+
+    with kvm_system.create_vm() as vm:
+        before = set(os.listdir("/proc/self/fd"))
+        monkeypatch.setattr(kvm_mod.HostMapping, "map", staticmethod(refuse))
+        with pytest.raises(OSError, match="mmap refused by the test") as failure:
+            vm.create_vcpu(0)
+        monkeypatch.undo()
+        assert set(os.listdir("/proc/self/fd")) == before, "the vCPU fd leaked"
+        # A new file takes the freed number; collecting the half-built Vcpu (its traceback holds
+        # it) must not close that file.
+        reader, writer = os.pipe()
+        try:
+            del failure
+            gc.collect()
+            os.fstat(reader)
+            os.fstat(writer)
+        finally:
+            os.close(reader)
+            os.close(writer)
