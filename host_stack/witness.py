@@ -374,11 +374,19 @@ class SigbusWitness:
     def _read_agent(self) -> None:
         agent = self._agent
         assert agent is not None and agent.stdout is not None
-        for line in agent.stdout:
-            self._handle(json.loads(line))
-        with self._cond:
-            self._agent_done = True
-            self._cond.notify_all()
+        try:
+            for line in agent.stdout:
+                try:
+                    self._handle(json.loads(line))
+                except (ValueError, KeyError, TypeError) as exc:
+                    # A garbled line is the tracer's fault: say so to the waiters, never hang them.
+                    with self._cond:
+                        self._error = f"tracer sent an unreadable line {line!r}: {exc}"
+                    _log.error("witness of pid %d: %s", self.pid, self._error)
+        finally:
+            with self._cond:
+                self._agent_done = True
+                self._cond.notify_all()
 
     def _handle(self, msg: dict[str, Any]) -> None:
         kind = msg.pop("event")
