@@ -10,17 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gmemtest.scenarios import ScenarioSpec, Trigger
+from host_stack.gmem_layout import PAGE_SHIFT
+from host_stack.mm_uapi import BUS_CODE_NAMES, BUS_MCEERR_AO, BUS_MCEERR_AR
 
-PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 HUGE_2M_SHIFT = 21
 
-# include/uapi/asm-generic/siginfo.h
-BUS_MCEERR_AR = 4
-BUS_MCEERR_AO = 5
-
-SI_CODE_NAMES = {BUS_MCEERR_AR: "BUS_MCEERR_AR", BUS_MCEERR_AO: "BUS_MCEERR_AO", 1: "BUS_ADRALN", 2: "BUS_ADRERR",
-                 3: "BUS_OBJERR"}
+# The si_code names as the verdict prints them; the values live in host_stack.mm_uapi.
+SI_CODE_NAMES = BUS_CODE_NAMES
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,10 @@ from gmemtest.observations import (
     parse_panic_message,
     parse_recovery_lines,
 )
-from gmemtest.oracle import BUS_MCEERR_AO, BUS_MCEERR_AR, MappingLayout, PageLayout, expect
+from gmemtest.oracle import MappingLayout, PageLayout, expect
 from gmemtest.scenarios import SCENARIOS, get_scenario
 from gmemtest.verdict import judge
+from host_stack.mm_uapi import BUS_MCEERR_AO, BUS_MCEERR_AR
 
 SRAO = 0xBD000000000000C0
 SRAR = 0xBD80000000000134
