@@ -16,7 +16,7 @@ from pathlib import Path
 
 from guests.profiles import GuestProfile, get_profile
 from guests.ssh import SshSession
-from images.boot_params import DEFAULT_KERNEL_ARGS, FAST_QEMU_ARGS
+from images.boot_params import DEFAULT_KERNEL_ARGS
 from images.build import GuestImage
 from qmp_helpers import QemuMachine
 
@@ -47,6 +47,16 @@ class GuestRun:
         return self.ssh.run_checked(command, timeout=timeout).stdout
 
 
+def guest_argv(image: GuestImage, profile: GuestProfile, extra_kernel_args: Sequence[str] = ()) -> list[str]:
+    """The QEMU arguments a guest of ``profile`` is launched with (QMP, serial, netdev aside).
+
+    The profile owns machine, CPU and firmware; the image adds only its kernel arguments. Nothing
+    is appended after the profile, because QEMU keeps the last ``-bios``/``-machine`` it is given.
+    """
+    return profile.qemu_args(image.kernel, image.initrd,
+                             extra_kernel_args=[*DEFAULT_KERNEL_ARGS, *extra_kernel_args])
+
+
 @contextmanager
 def booted_guest(
     image: GuestImage,
@@ -60,8 +70,7 @@ def booted_guest(
     """Launch QEMU, wait for the guest's ready marker, log in; tear everything down on exit."""
     prof = get_profile(profile) if isinstance(profile, str) else profile
     workdir.mkdir(parents=True, exist_ok=True)
-    kernel_args = [*DEFAULT_KERNEL_ARGS, *extra_kernel_args]
-    args = [*prof.qemu_args(image.kernel, image.initrd, extra_kernel_args=kernel_args), *FAST_QEMU_ARGS]
+    args = guest_argv(image, prof, extra_kernel_args)
     with ExitStack() as stack:
         t0 = time.monotonic()
         # Entering the machine's context launches QEMU and connects QMP.

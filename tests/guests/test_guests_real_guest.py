@@ -36,13 +36,11 @@ class Guest:
 
 @pytest.fixture(scope="module")
 def guest(default_image: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
-    from images.boot_params import DEFAULT_KERNEL_ARGS, FAST_QEMU_ARGS
+    from gmemtest.guest_run import guest_argv
     from qmp_helpers import QemuMachine
 
     workdir = tmp_path_factory.mktemp("guest")
-    args = [*get_profile("tcg-default").qemu_args(default_image.kernel, default_image.initrd,
-                                                  extra_kernel_args=DEFAULT_KERNEL_ARGS),
-            *FAST_QEMU_ARGS]
+    args = guest_argv(default_image, get_profile("tcg-default"))
     with QemuMachine(args, workdir, name="guests-test") as machine:
         machine.launch()
         with SshSession.connect(
