@@ -113,6 +113,19 @@ def _wait_recovery(guest: GuestRun, before_kb: int) -> None:
     LOG.warning("guest did not count a corrupted page within %.0fs; touching anyway", RECOVERY_TIMEOUT_S)
 
 
+def _wait_probe_in_user_mode(guest: GuestRun, pid: int, timeout: float = 10.0) -> None:
+    """Poll until the probe runs its spin loop: /proc/PID/syscall says ``running`` in user mode."""
+    deadline = time.monotonic() + timeout
+    state = ""
+    while time.monotonic() < deadline:
+        state = guest.guest_text(f"cat /proc/{pid}/syscall").strip()
+        if state == "running":
+            return
+        time.sleep(0.02)
+    raise ScenarioError(f"the probe (pid {pid}) did not start spinning within {timeout:.0f}s: "
+                        f"/proc/{pid}/syscall last said {state!r}, expected 'running'")
+
+
 def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> ScenarioResult:
     """Carry out `spec` on `guest` and judge it. Raises ScenarioError when a precondition fails."""
     ev = _Evidence(evidence_dir)
@@ -159,7 +172,7 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
             reply = probe.finish_wait(PROBE_WINDOW_S + 10)
         elif spec.trigger is Trigger.SPIN:
             probe.begin_spin(PROBE_WINDOW_S)
-            time.sleep(0.5)  # let the loop take the vCPU: the MCE must land in user mode
+            _wait_probe_in_user_mode(guest, probe.pid)  # the MCE must land in the spin loop
             injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
             _await_reply_or_panic(guest, channel, injection, timeout=PROBE_WINDOW_S + 10)
             reply = probe.finish_spin(PROBE_WINDOW_S + 10)
@@ -168,21 +181,24 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
         ev.json("injection.json", asdict(injection))
 
         if isinstance(reply, SigbusReport):
-            obs.sigbus.append(_seen(reply))
             obs.injection_to_sigbus_ms = (reply.host_monotonic - injection.t_mono_after) * 1000.0
 
         if spec.expects_panic:
             _observe_panic(guest, injection, obs)
         else:
-            obs.sigbus.extend(_seen(r) for r in probe.pending_sigbus())
             _observe_recovery(guest, probe, mapping, exp=exp, obs=obs, ev=ev)
+            # 'quit' is answered only after every line the probe wrote before it: a late SIGBUS
+            # (one the probe reported after its last reply) is read here, not lost.
+            probe.close()
         _collect_events(guest, injection, obs, expected=len(exp.memory_failure_events))
     finally:
-        probe.write_transcript(evidence_dir / "probe.jsonl")
         if any(e.name == "GUEST_PANICKED" for e in guest.machine.events):
             channel.close()  # nobody is left to answer 'quit'
         else:
             probe.close()
+        probe.write_transcript(evidence_dir / "probe.jsonl")
+    # Every SIGBUS the probe ever reported is judged, in arrival order: replies and strays alike.
+    obs.sigbus = [_seen(r) for r in probe.sigbus_reports]
 
     verdict = judge(exp, obs)
     ev.json("observations.json", asdict(obs))

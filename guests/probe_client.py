@@ -335,6 +335,7 @@ class ProbeClient:
             event = obj.get("event")
             if event == "sigbus":
                 report = self._sigbus(obj)
+                self._pending_sigbus.pop()  # handed out here, so never again by pending_sigbus()
                 if report.during == self._outstanding:
                     self._outstanding = None
                 return report

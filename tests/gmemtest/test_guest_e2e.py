@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -125,3 +126,26 @@ def test_srar_landing_in_the_kernel_is_recognised_as_a_miss(image: GuestImage, t
         with pytest.raises(InjectionMissedUserMode, match=r"in the kernel \(RIP 10:ffffffff"):
             _await_reply_or_panic(guest, channel, injection, timeout=20.0)
         channel.close()
+
+
+def test_a_late_second_sigbus_is_judged(image: GuestImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGBUS the probe reports after its last reply must reach the 'sigbus count' check.
+
+    The probe is sent a second SIGBUS once every observer has been read (after its 'flags'
+    reply): a runner that drained the signals earlier would still call this a PASS.
+    """
+    from gmemtest import runner
+
+    original = runner._observe_recovery
+
+    def observe_then_signal(guest: Any, probe: Any, *args: Any, **kwargs: Any) -> None:
+        original(guest, probe, *args, **kwargs)
+        guest.guest_text(f"kill -BUS {probe.pid}")
+
+    monkeypatch.setattr(runner, "_observe_recovery", observe_then_signal)
+    spec = get_scenario("srao-late-touch-4k")
+    with booted_guest(image, tmp_path, profile=spec.profile) as guest:
+        result = run_scenario(spec, guest, tmp_path)
+    count = next(c for c in result.verdict.checks if c.name == "sigbus count")
+    assert (count.expected, count.actual, count.ok) == ("1", "2", False), result.verdict.summary()
+    assert not result.verdict.passed

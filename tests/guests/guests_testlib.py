@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,28 @@ def wait_listening(port: int, timeout: float = 10.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise AssertionError(f"expected a listener on 127.0.0.1:{port} within {timeout}s, found none")
+
+
+# x86_64 syscall numbers the probe's 'wait' sleeps in (arch/x86/entry/syscalls/syscall_64.tbl).
+SLEEP_SYSCALLS = frozenset({35, 230})  # nanosleep, clock_nanosleep
+
+
+def wait_until_sleeping(read_syscall: Callable[[], str], timeout: float = 10.0) -> None:
+    """Poll ``/proc/PID/syscall`` (through ``read_syscall``) until the probe sleeps in its wait.
+
+    Replaces a fixed sleep: a signal or MCE sent before the probe is in its wait would land
+    while it is idle, and the test would judge the wrong moment.
+    """
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        last = read_syscall().strip()
+        fields = last.split()
+        if fields and fields[0].isdigit() and int(fields[0]) in SLEEP_SYSCALLS:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"expected the probe in nanosleep/clock_nanosleep within {timeout}s; "
+                         f"/proc/PID/syscall last read {last!r}")
 
 
 @dataclass

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from guests_testlib import Dropbear
+from guests_testlib import Dropbear, wait_until_sleeping
 
 from guests.probe_client import (
     Mapping,
@@ -212,11 +212,12 @@ def test_truncated_file_gives_exact_sigbus_and_probe_survives(probe: ProbeClient
 
 def test_async_sigbus_during_wait_is_read(probe: ProbeClient) -> None:
     probe.begin_wait(20)
-    time.sleep(0.3)
+    wait_until_sleeping(lambda: Path(f"/proc/{probe.pid}/syscall").read_text())
     sent = time.monotonic_ns()
     os.kill(probe.pid, signal.SIGBUS)
     report = probe.wait_sigbus(timeout=10)
     assert (report.si_code, report.during) == (SI_USER, "wait")
+    assert probe.pending_sigbus() == [], "wait_sigbus handed this report out; it must not be queued again"
     assert sent <= report.t_mono_ns, "the handler's CLOCK_MONOTONIC stamp precedes the kill"
     assert time.monotonic_ns() - sent < 5e9, "the wait must end with the signal, not run 20 s"
     assert probe.set_kill("late").prctl_get == PR_MCE_KILL_LATE
