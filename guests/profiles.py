@@ -23,8 +23,8 @@ from typing import Final
 
 __all__ = [
     "DEFAULT_OVMF",
-    "QBOOT_FIRMWARE",
     "PROFILES",
+    "QBOOT_FIRMWARE",
     "GuestProfile",
     "get_profile",
     "kvm_gmem_profile",

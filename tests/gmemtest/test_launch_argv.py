@@ -7,7 +7,7 @@ profile silently replaces its firmware (an SNP or TDX guest would then never boo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -21,7 +21,7 @@ class _Launched(Exception):
 
 
 class _CapturingMachine:
-    argv: list[str] = []
+    argv: ClassVar[list[str]] = []
 
     def __init__(self, args: list[str], workdir: Path, **_: Any) -> None:
         type(self).argv = list(args)

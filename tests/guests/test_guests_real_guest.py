@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from guests_testlib import wait_until_sleeping
 
 from guests.probe_client import ProbeClient, SigbusReport
 from guests.profiles import get_profile
 from guests.ssh import SshSession
 from guests.uapi import BUS_MCEERR_AO, BUS_MCEERR_AR, PR_MCE_KILL_EARLY
-from guests_testlib import wait_until_sleeping
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
