@@ -16,6 +16,7 @@ from .errors import (
     QemuError,
     QemuLaunchError,
     QmpCommandError,
+    QmpConnectionError,
     QmpTimeout,
 )
 from .events import QmpEvent
@@ -49,6 +50,7 @@ __all__ = (  # noqa: RUF022 - curated order, most important first
     "QemuLaunchError",
     "MachineStateError",
     "QmpTimeout",
+    "QmpConnectionError",
     "QmpCommandError",
     "HmpError",
     "GpaOutOfRange",

@@ -42,6 +42,18 @@ class QmpTimeout(QemuError):
         super().__init__(f"{what} did not complete within {timeout:.1f} s")
 
 
+class QmpConnectionError(QemuError):
+    """The QMP connection could not be made or broke during an exchange (qemu.qmp's error wrapped).
+
+    Callers see one project error type whatever qemu.qmp raised (ConnectError, StateError,
+    a protocol or disconnect error); the original stays available as ``__cause__``.
+    """
+
+    def __init__(self, what: str, cause: BaseException) -> None:
+        self.what = what
+        super().__init__(f"{what} failed: {type(cause).__name__}: {cause}")
+
+
 class QmpCommandError(QemuError):
     """QEMU answered a QMP command with an error object."""
 

@@ -18,14 +18,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from qemu.qmp import ConnectError
-
 from .errors import (
     GpaOutOfRange,
     HmpError,
     MachineStateError,
     QemuBinaryNotFound,
     QemuLaunchError,
+    QmpConnectionError,
 )
 from .events import EventPredicate, EventRecorder, QmpEvent
 from .hmp import hmp_error_shape
@@ -229,7 +228,7 @@ class QemuMachine:
                 qmp = SyncQmp(self.name, self._recorder, self._transcript, self.qmp_timeout)
                 try:
                     qmp.connect(str(socket_path), self.qmp_timeout)
-                except ConnectError as exc:
+                except QmpConnectionError as exc:
                     last_error = exc
                     qmp.close()
                 else:
@@ -366,6 +365,28 @@ class QemuMachine:
         if match is None:
             raise MachineStateError(f"unexpected gpa2hva reply for {gpa:#x}: {text!r}")
         return int(match.group(3), 16)
+
+    def read_physical(self, gpa: int, size: int) -> bytes:
+        """``size`` bytes of guest-physical memory at ``gpa``, as QEMU itself reads them (``pmemsave``).
+
+        This is QEMU's view, independent of the guest kernel: a test compares it with what the
+        guest claims lives at a GPA before it trusts that GPA for an injection.
+        """
+        if size < 1 or size > 1 << 20:
+            raise ValueError(f"size must be 1..{1 << 20} bytes, got {size}")
+        if gpa < 0:
+            raise GpaOutOfRange(gpa, self.ram_ranges(), "gpa must be >= 0")
+        fd, name = tempfile.mkstemp(prefix="pmem-", suffix=".bin", dir=self.workdir)
+        os.close(fd)
+        dump = Path(name)
+        try:
+            self.qmp("pmemsave", val=gpa, size=size, filename=str(dump))
+            data = dump.read_bytes()
+        finally:
+            dump.unlink(missing_ok=True)
+        if len(data) != size:
+            raise MachineStateError(f"pmemsave of {size} bytes at {gpa:#x} wrote {len(data)} bytes")
+        return data
 
     def cpu_indexes(self) -> list[int]:
         """cpu-index of every vCPU (``query-cpus-fast``)."""

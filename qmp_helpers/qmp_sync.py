@@ -16,9 +16,9 @@ import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ExecuteError, QMPClient, QMPError
 
-from .errors import MachineStateError, QmpCommandError, QmpTimeout
+from .errors import MachineStateError, QmpCommandError, QmpConnectionError, QmpTimeout
 from .events import EventRecorder, QmpEvent
 from .transcript import Transcript
 
@@ -63,9 +63,13 @@ class SyncQmp:
         except TimeoutError as exc:
             future.cancel()
             raise QmpTimeout(what, limit) from exc
+        except ExecuteError:
+            raise  # a QMP error reply: execute() turns it into QmpCommandError with its context
+        except (QMPError, OSError, EOFError) as exc:
+            raise QmpConnectionError(what, exc) from exc
 
     def connect(self, socket_path: str, timeout: float) -> None:
-        """Connect once (the socket must exist); raises the client's ConnectError on failure."""
+        """Connect once (the socket must exist); raises QmpConnectionError on failure."""
         client = QMPClient(self._name)
 
         async def _connect() -> None:

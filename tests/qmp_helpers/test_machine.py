@@ -23,6 +23,7 @@ from qmp_helpers import (
     HmpError,
     MachineStateError,
     QemuBinaryNotFound,
+    QemuError,
     QemuLaunchError,
     QemuMachine,
     QmpCommandError,
@@ -310,3 +311,16 @@ def test_wait_event_stops_early_when_qemu_exits(tmp_path: Path) -> None:
         assert time.monotonic() - t0 < 5, "wait_event kept waiting after QEMU exited"
         shutdown = machine.wait_event("SHUTDOWN", since=mark, timeout=1)
         assert shutdown.data.get("reason") == "host-signal", shutdown
+
+
+def test_qmp_to_a_dead_qemu_raises_the_projects_error(tmp_path: Path) -> None:
+    """qemu.qmp's own errors (StateError, disconnects) never reach callers unwrapped."""
+    with QemuMachine([*BASE_ARGS, "-S"], tmp_path / "m", ssh_forward_port=None) as machine:
+        os.kill(machine.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while machine.running() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(QemuError) as err:
+            machine.qmp("query-status")
+        assert type(err.value).__module__ == "qmp_helpers.errors", repr(err.value)
+        assert "query-status" in str(err.value)
