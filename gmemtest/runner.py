@@ -32,7 +32,8 @@ from gmemtest.observations import (
 from gmemtest.oracle import Expectation, MappingLayout, PageLayout, expect
 from gmemtest.scenarios import KillPolicy, ScenarioSpec, Trigger
 from gmemtest.verdict import Verdict, judge
-from guests.probe_client import Mapping, ProbeClient, SigbusReport
+from guests.probe_client import Mapping, ProbeClient, ProbeError, SigbusReport
+from guests.ssh import SshError
 from images.build import GuestImage
 from qmp_helpers import MachineStateError, MceInjection, mce_kind
 
@@ -113,6 +114,24 @@ def _wait_recovery(guest: GuestRun, before_kb: int) -> None:
     LOG.warning("guest did not count a corrupted page within %.0fs; touching anyway", RECOVERY_TIMEOUT_S)
 
 
+def _confirm_pattern_at_gpa(guest: GuestRun, mapping: Mapping, offset: int, gpa: int, ev: _Evidence) -> None:
+    """QEMU's own read of ``gpa`` must hold the probe's pattern before anything is injected there.
+
+    The GPA comes from the guest kernel's pagemap; a guest that reported a wrong frame would make
+    the oracle and the injection agree on the wrong page and the verdict pass. QEMU's ``pmemsave``
+    is an independent witness that this GPA backs the probe's bytes.
+    """
+    size = min(64, mapping.size - offset, 4096 - (gpa & 0xFFF))
+    expected = bytes(mapping.expected_value(offset + i) for i in range(size))
+    actual = guest.machine.read_physical(gpa, size)
+    ev.json("gpa-interlock.json", {"gpa": gpa, "offset": offset, "size": size,
+                                   "expected": expected.hex(), "qemu_read": actual.hex()})
+    if actual != expected:
+        raise ScenarioError(f"QEMU reads {actual[:16].hex()}... at gpa {gpa:#x}, but the probe wrote "
+                            f"{expected[:16].hex()}... at offset {offset:#x} of mapping {mapping.id}: the guest's "
+                            "pagemap does not name the frame behind the probe's page; refusing to inject")
+
+
 def _wait_probe_in_user_mode(guest: GuestRun, pid: int, timeout: float = 10.0) -> None:
     """Poll until the probe runs its spin loop: /proc/PID/syscall says ``running`` in user mode."""
     deadline = time.monotonic() + timeout
@@ -138,7 +157,8 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
     obs.hardware_corrupted_before_kb = _hardware_corrupted(guest)
 
     channel = guest.ssh.start(PROBE_PATH)
-    probe = ProbeClient(channel)
+    probe = ProbeClient(channel, abort=lambda: _panic_sentence(guest))
+    injection: MceInjection | None = None
     try:
         if spec.kill is KillPolicy.EARLY_PRCTL:
             probe.set_kill("early")
@@ -157,46 +177,57 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
                                 f"probe locate gpa {located.gpa:#x}")
         ev.json("layout.json", asdict(layout))
         ev.json("expectation.json", asdict(exp))
+        _confirm_pattern_at_gpa(guest, mapping, spec.poison_offset, exp.poison_gpa, ev)
 
         machine = guest.machine
-        injection: MceInjection
-        reply: object = None
-        if spec.trigger is Trigger.TOUCH:
-            injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
-            _wait_recovery(guest, obs.hardware_corrupted_before_kb)
-            assert spec.touch_offset is not None
-            reply = probe.touch(mapping.id, spec.touch_offset)
-        elif spec.trigger is Trigger.WAIT:
-            probe.begin_wait(PROBE_WINDOW_S)
-            injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
-            reply = probe.finish_wait(PROBE_WINDOW_S + 10)
-        elif spec.trigger is Trigger.SPIN:
-            probe.begin_spin(PROBE_WINDOW_S)
-            _wait_probe_in_user_mode(guest, probe.pid)  # the MCE must land in the spin loop
-            injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
-            _await_reply_or_panic(guest, channel, injection, timeout=PROBE_WINDOW_S + 10)
-            reply = probe.finish_spin(PROBE_WINDOW_S + 10)
-        else:
-            injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
-        ev.json("injection.json", asdict(injection))
+        try:
+            reply: object = None
+            if spec.trigger is Trigger.TOUCH:
+                injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
+                _wait_recovery(guest, obs.hardware_corrupted_before_kb)
+                assert spec.touch_offset is not None
+                reply = probe.touch(mapping.id, spec.touch_offset)
+            elif spec.trigger is Trigger.WAIT:
+                probe.begin_wait(PROBE_WINDOW_S)
+                injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
+                reply = probe.finish_wait(PROBE_WINDOW_S + 10)
+            elif spec.trigger is Trigger.SPIN:
+                probe.begin_spin(PROBE_WINDOW_S)
+                _wait_probe_in_user_mode(guest, probe.pid)  # the MCE must land in the spin loop
+                injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
+                _await_reply_or_panic(guest, channel, injection, timeout=PROBE_WINDOW_S + 10)
+                reply = probe.finish_spin(PROBE_WINDOW_S + 10)
+            else:
+                injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
+            ev.json("injection.json", asdict(injection))
 
-        if isinstance(reply, SigbusReport):
-            obs.injection_to_sigbus_ms = (reply.host_monotonic - injection.t_mono_after) * 1000.0
+            if isinstance(reply, SigbusReport):
+                obs.injection_to_sigbus_ms = (reply.host_monotonic - injection.t_mono_after) * 1000.0
 
-        if spec.expects_panic:
-            _observe_panic(guest, injection, obs)
-        else:
-            _observe_recovery(guest, probe, mapping, exp=exp, obs=obs, ev=ev)
-            # 'quit' is answered only after every line the probe wrote before it: a late SIGBUS
-            # (one the probe reported after its last reply) is read here, not lost.
-            probe.close()
+            if spec.expects_panic:
+                _observe_panic(guest, injection.event_mark, obs)
+            else:
+                _observe_recovery(guest, probe, mapping, exp=exp, obs=obs, ev=ev)
+                # 'quit' is answered only after every line the probe wrote before it: a late SIGBUS
+                # (one the probe reported after its last reply) is read here, not lost.
+                probe.close()
+        except (ProbeError, SshError) as exc:
+            # A guest that panicked where the scenario expects it to survive is a verdict on the
+            # host stack (the 'guest panicked' check fails), not a broken test run.
+            if injection is None or spec.expects_panic or _panic_sentence(guest) is None:
+                raise
+            LOG.warning("%s: the guest panicked after the injection (%s); judging what was observed",
+                        spec.name, exc)
+            ev.text("unexpected-panic.txt", f"{type(exc).__name__}: {exc}\n")
+            _observe_panic(guest, injection.event_mark, obs)
         _collect_events(guest, injection, obs, expected=len(exp.memory_failure_events))
     finally:
-        if any(e.name == "GUEST_PANICKED" for e in guest.machine.events):
+        if _panic_sentence(guest) is not None:
             channel.close()  # nobody is left to answer 'quit'
         else:
             probe.close()
         probe.write_transcript(evidence_dir / "probe.jsonl")
+    assert injection is not None, "every path that reaches the verdict has injected"
     # Every SIGBUS the probe ever reported is judged, in arrival order: replies and strays alike.
     obs.sigbus = [_seen(r) for r in probe.sigbus_reports]
 
@@ -241,9 +272,16 @@ def _observe_recovery(guest: GuestRun, probe: ProbeClient, mapping: Mapping, *, 
     obs.hwpoison_flag = any(f.pfn == exp.hwpoison_pfn for f in flags.hwpoison_frames)
 
 
-def _observe_panic(guest: GuestRun, injection: MceInjection, obs: Observations) -> None:
+def _panic_sentence(guest: GuestRun) -> str | None:
+    """Why waiting on the guest is pointless, or None while it has not panicked."""
+    if any(e.name == "GUEST_PANICKED" for e in guest.machine.events):
+        return "the guest panicked (QMP GUEST_PANICKED)"
+    return None
+
+
+def _observe_panic(guest: GuestRun, event_mark: int, obs: Observations) -> None:
     machine = guest.machine
-    event = machine.wait_event("GUEST_PANICKED", timeout=60.0, since=injection.event_mark)
+    event = machine.wait_event("GUEST_PANICKED", timeout=60.0, since=event_mark)
     obs.guest_panicked_events.append(dict(event.data))
     # The panic text follows the event on the serial line; give it a moment to arrive.
     try:

@@ -95,6 +95,8 @@ def judge(exp: Expectation, obs: Observations) -> Verdict:
     checks.append(_check("guest panicked (GUEST_PANICKED)", exp.panic, bool(obs.guest_panicked_events)))
     if exp.panic_reason is not None:
         checks.append(_check("panic message on the serial console", exp.panic_reason, obs.panic_message, fmt=repr))
+    elif obs.panic_message is not None:  # an unexpected panic: its text is the first thing to read
+        checks.append(_check("panic message on the serial console", None, obs.panic_message, fmt=repr))
     if exp.panic_severity is not None:
         checks.append(_check("MCE severity on the serial console", exp.panic_severity, obs.mce_severity, fmt=repr))
 

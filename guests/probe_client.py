@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -32,6 +33,7 @@ __all__ = [
     "Mapping",
     "PageInfo",
     "PoisonedFrame",
+    "ProbeAbortedError",
     "ProbeClient",
     "ProbeCommandError",
     "ProbeError",
@@ -51,6 +53,8 @@ MapKind = Literal["anon4k", "thp", "hugetlb2m", "memfd4k"]
 MAP_KINDS: Final[tuple[str, ...]] = ("anon4k", "thp", "hugetlb2m", "memfd4k")
 KILL_MODES: Final[tuple[str, ...]] = ("early", "late")
 RECENT_LINES = 12
+# How often an abort condition is polled while a reply is awaited.
+ABORT_POLL_S: Final = 0.2
 
 
 def pattern_byte(mapping_id: int, offset: int) -> int:
@@ -85,6 +89,10 @@ class ProbeError(Exception):
 
 class ProbeTimeoutError(ProbeError):
     """The expected reply did not arrive in time."""
+
+
+class ProbeAbortedError(ProbeError):
+    """The caller's abort condition (say, a guest panic) ended the wait for a reply."""
 
 
 class ProbeExitedError(ProbeError):
@@ -235,8 +243,11 @@ class ProbeClient:
     for the probe's ``ready`` line)."""
 
     def __init__(self, channel: ByteChannel, *, timeout: float = 30.0,
-                 ready_timeout: float = 20.0) -> None:
+                 ready_timeout: float = 20.0, abort: Callable[[], str | None] | None = None) -> None:
+        """``abort`` is polled while a reply is awaited; a sentence from it (e.g. "the guest
+        panicked") ends the wait at once with :class:`ProbeAbortedError` instead of a timeout."""
         self._channel = channel
+        self._abort = abort
         self.timeout = timeout
         self._buf = b""
         self._eof = False
@@ -399,7 +410,11 @@ class ProbeClient:
                                    list(self._recent))
         self._record("send", command, False)
         LOG.debug("probe <- %s", command)
-        self._channel.sendall(command.encode("ascii") + b"\n")
+        try:
+            self._channel.sendall(command.encode("ascii") + b"\n")
+        except OSError as exc:  # paramiko raises OSError("Socket is closed") on a dead channel
+            raise ProbeExitedError(f"cannot send {command!r}: the channel failed: {exc}",
+                                   list(self._recent)) from exc
         self._outstanding = verb
 
     def _command(self, command: str, expected: tuple[str, ...], *, sigbus_ok: bool = False,
@@ -494,11 +509,20 @@ class ProbeClient:
             if remaining <= 0:
                 raise ProbeTimeoutError(f"expected {what} within the timeout, got nothing more",
                                         list(self._recent))
+            if self._abort is not None:
+                why = self._abort()
+                if why is not None:
+                    raise ProbeAbortedError(f"expected {what}, but gave up waiting: {why}",
+                                            list(self._recent))
+                remaining = min(remaining, ABORT_POLL_S)
             self._channel.settimeout(remaining)
             try:
                 chunk = self._channel.recv(65536)
             except TimeoutError:
                 continue
+            except OSError as exc:
+                raise ProbeExitedError(f"expected {what}, but the channel failed: {exc}",
+                                       list(self._recent)) from exc
             if not chunk:
                 self._eof = True
             self._buf += chunk

@@ -236,7 +236,18 @@ class SshSession:
         return transport
 
     def run(self, command: str, timeout: float) -> CommandResult:
-        """Run ``command`` and collect its exit status and output (both streams, fully)."""
+        """Run ``command`` and collect its exit status and output (both streams, fully).
+
+        paramiko's and the socket's errors (a guest that panicked or went away) come out as
+        :class:`SshError` naming the command; the original is its ``__cause__``.
+        """
+        try:
+            return self._run(command, timeout)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise SshError(f"SSH command {command!r} to {self.host}:{self.port} failed: "
+                           f"{type(exc).__name__}: {exc}") from exc
+
+    def _run(self, command: str, timeout: float) -> CommandResult:
         deadline = time.monotonic() + timeout
         channel = self._transport().open_session(timeout=timeout)
         out: list[bytes] = []
@@ -290,8 +301,12 @@ class SshSession:
 
         The session closes the channel on :meth:`close` if the caller has not.
         """
-        channel = self._transport().open_session(timeout=timeout)
-        channel.exec_command(command)
+        try:
+            channel = self._transport().open_session(timeout=timeout)
+            channel.exec_command(command)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise SshError(f"starting {command!r} over SSH to {self.host}:{self.port} failed: "
+                           f"{type(exc).__name__}: {exc}") from exc
         self._channels.append(channel)
         return channel
 

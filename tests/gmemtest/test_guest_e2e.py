@@ -149,3 +149,58 @@ def test_a_late_second_sigbus_is_judged(image: GuestImage, tmp_path: Path, monke
     count = next(c for c in result.verdict.checks if c.name == "sigbus count")
     assert (count.expected, count.actual, count.ok) == ("1", "2", False), result.verdict.summary()
     assert not result.verdict.passed
+
+
+def test_an_unexpected_panic_is_a_fail_verdict_with_the_panic_text(
+        image: GuestImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guest that panics where the scenario expects it to survive is judged, not an SSH timeout."""
+    from gmemtest import runner
+
+    original = runner._wait_recovery
+
+    def recover_then_crash(guest: Any, before_kb: int) -> None:
+        original(guest, before_kb)
+        guest.ssh.start("echo c > /proc/sysrq-trigger")  # never answers: the kernel is gone
+
+    monkeypatch.setattr(runner, "_wait_recovery", recover_then_crash)
+    spec = get_scenario("srao-late-touch-4k")
+    t0 = time.monotonic()
+    with booted_guest(image, tmp_path, profile=spec.profile) as guest:
+        result = run_scenario(spec, guest, tmp_path)
+    lines = {c.name: c for c in result.verdict.checks}
+    panicked = lines["guest panicked (GUEST_PANICKED)"]
+    assert (panicked.expected, panicked.actual, panicked.ok) == ("False", "True", False)
+    message = lines["panic message on the serial console"]
+    assert not message.ok and "sysrq" in message.actual, message
+    assert not result.verdict.passed
+    assert time.monotonic() - t0 < 25, "the panic must end the wait at once, not after a probe timeout"
+
+
+def test_a_gpa_the_guest_misreports_is_refused_before_injection(
+        image: GuestImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest kernel's pagemap alone does not decide where to inject: QEMU must read the pattern there."""
+    import dataclasses
+
+    from gmemtest.runner import ScenarioError
+    from guests.probe_client import ProbeClient
+
+    real_map, real_locate = ProbeClient.map, ProbeClient.locate
+
+    def lying_map(self: ProbeClient, kind: Any, npages: int) -> Any:
+        m = real_map(self, kind, npages)
+        pages = tuple(dataclasses.replace(p, pfn=p.pfn + 1, gpa=p.gpa + 0x1000) for p in m.pages)
+        return dataclasses.replace(m, pages=pages)
+
+    def lying_locate(self: ProbeClient, mapping_id: int, offset: int) -> Any:
+        where = real_locate(self, mapping_id, offset)
+        return dataclasses.replace(where, pfn=where.pfn + 1, gpa=where.gpa + 0x1000)
+
+    monkeypatch.setattr(ProbeClient, "map", lying_map)
+    monkeypatch.setattr(ProbeClient, "locate", lying_locate)
+    spec = get_scenario("srao-late-touch-4k")
+    with booted_guest(image, tmp_path, profile=spec.profile) as guest:
+        with pytest.raises(ScenarioError, match="refusing to inject"):
+            run_scenario(spec, guest, tmp_path)
+        assert not any(e.name == "MEMORY_FAILURE" for e in guest.machine.events), "it injected anyway"
+    interlock = json.loads((tmp_path / "gpa-interlock.json").read_text())
+    assert interlock["expected"] != interlock["qemu_read"]
