@@ -10,15 +10,18 @@ are listed apart: they do not fail a qualification, and they are never hidden.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from gmemtest.preflight import preflight_report
-from gmemtest.requirements import host_report, unmet_requirements
-from gmemtest.runner import ScenarioError, run_in_fresh_guest
+from gmemtest.requirements import unmet_requirements
+from gmemtest.runner import run_in_fresh_guest
 from gmemtest.scenarios import ScenarioSpec
 from guests.profiles import get_profile
 from host_stack import vmm
@@ -26,7 +29,8 @@ from host_stack.gmem_uapi_cases import CASES, run_case
 from host_stack.kvm import KvmSystem, probe_vm_creation
 from host_stack.seed_regression import SeedCancelled, run_seed_regression
 from images.build import GuestImage
-from qmp_helpers import QemuError
+
+_LOG = logging.getLogger(__name__)
 
 Status = Literal["PASS", "FAIL", "CANNOT RUN", "ERROR"]
 
@@ -76,79 +80,138 @@ class Qualification:
                 "items": [i.__dict__ for i in self.items]}
 
 
-def _host_checks(q: Qualification) -> None:
+class _Report:
+    """The qualification being written: every item is saved (JSON and HTML) as soon as it exists.
+
+    A crash of the process between two checks therefore still leaves a report with everything
+    judged so far, and an exception inside one check becomes that check's ERROR item.
+    """
+
+    def __init__(self, q: Qualification, out: Path, t0: float) -> None:
+        self.q, self.out, self.t0 = q, out, t0
+
+    def add(self, item: Item) -> None:
+        self.q.items.append(item)
+        self.save()
+
+    def save(self) -> None:
+        from gmemtest.report_html import render
+
+        self.q.duration_s = time.monotonic() - self.t0
+        _atomic_write(self.out / "qualification.json", json.dumps(self.q.to_json(), indent=2) + "\n")
+        _atomic_write(self.out / "qualification.html", render(self.q))
+
+    def guarded(self, section: str, name: str, check: Callable[[], Item | None],
+                evidence: str | None = None) -> None:
+        """Run one check; whatever it raises becomes an ERROR item with the message."""
+        try:
+            item = check()
+        except Exception as exc:  # one broken check must not take the report with it
+            _LOG.exception("qualification check %r raised", name)
+            item = Item(section, name, "ERROR", f"{type(exc).__name__}: {exc}",
+                        traceback.format_exception_only(exc), evidence=evidence)
+        if item is not None:
+            self.add(item)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+HOST_CHECKS = ("guest_memfd uAPI cases", "tiny VMM: slots map the oracle's indexes",
+               "tiny VMM: punch hole seen at the oracle's gfn", "tiny VMM: memory serving gmem slots")
+
+
+def _host_checks(r: _Report) -> None:
     reason = probe_vm_creation()
     if reason is not None:
-        for name in ("guest_memfd uAPI cases", "tiny VMM: slots map the oracle's indexes",
-                     "tiny VMM: punch hole seen at the oracle's gfn", "tiny VMM: memory serving gmem slots"):
-            q.items.append(Item("host", name, "CANNOT RUN", reason))
+        for name in HOST_CHECKS:
+            r.add(Item("host", name, "CANNOT RUN", reason))
         return
     with KvmSystem() as system:
-        results = [run_case(case, system) for case in CASES]
-        failed = [r for r in results if r.status == "fail"]
-        n_na = sum(r.status == "not_applicable" for r in results)
-        q.items.append(Item("host", "guest_memfd uAPI cases", "FAIL" if failed else "PASS",
-                            f"{len(results) - len(failed) - n_na} passed, {len(failed)} failed, {n_na} not applicable",
-                            [r.message for r in failed]))
-        mapping = vmm.run_oracle_mapping(system)
-        q.items.append(Item("host", "tiny VMM: slots map the oracle's indexes", "PASS" if mapping.ok else "FAIL",
-                            f"{len(mapping.reads)} gfns read over {len(mapping.layout)} slots",
-                            list(mapping.mismatches)))
-        index = mapping.layout[1].gmem_pgoff + 1
-        hole = vmm.run_punch_hole(system, index)
-        q.items.append(Item("host", "tiny VMM: punch hole seen at the oracle's gfn", "PASS" if hole.ok else "FAIL",
-                            f"file index {index} -> gfn {hole.expected_gfn:#x}", list(hole.mismatches)))
-        backing = vmm.run_backing_source(system)
-        q.items.append(Item("host", "tiny VMM: memory serving gmem slots", "FAIL" if backing.mismatches else "PASS",
-                            f"served from {backing.behaviour}", list(backing.mismatches)))
-        if backing.finding is not None:
-            q.findings.append(backing.finding.to_json())
+        def uapi() -> Item:
+            results = [run_case(case, system) for case in CASES]
+            failed = [res for res in results if res.status == "fail"]
+            n_na = sum(res.status == "not_applicable" for res in results)
+            return Item("host", HOST_CHECKS[0], "FAIL" if failed else "PASS",
+                        f"{len(results) - len(failed) - n_na} passed, {len(failed)} failed, {n_na} not applicable",
+                        [res.message for res in failed])
+
+        def mapping() -> Item:
+            result = vmm.run_oracle_mapping(system)
+            return Item("host", HOST_CHECKS[1], "PASS" if result.ok else "FAIL",
+                        f"{len(result.reads)} gfns read over {len(result.layout)} slots", list(result.mismatches))
+
+        def hole() -> Item:
+            index = vmm.DEFAULT_LAYOUT[1].gmem_pgoff + 1
+            result = vmm.run_punch_hole(system, index)
+            return Item("host", HOST_CHECKS[2], "PASS" if result.ok else "FAIL",
+                        f"file index {index} -> gfn {result.expected_gfn:#x}", list(result.mismatches))
+
+        def backing() -> Item:
+            result = vmm.run_backing_source(system)
+            if result.finding is not None:
+                r.q.findings.append(result.finding.to_json())
+            return Item("host", HOST_CHECKS[3], "FAIL" if result.mismatches else "PASS",
+                        f"served from {result.behaviour}", list(result.mismatches))
+
+        for name, check in zip(HOST_CHECKS, (uapi, mapping, hole, backing), strict=True):
+            r.guarded("host", name, check)
 
 
-def _seed(q: Qualification) -> None:
-    try:
-        result = run_seed_regression()
-    except SeedCancelled as exc:
-        q.items.append(Item("host", "seed regression: poison behind a slot with pgoff > 0", "CANNOT RUN", exc.reason))
-        return
-    messages = result.guest_verdict.messages + result.user_verdict.messages
-    q.items.append(Item("host", "seed regression: poison behind a slot with pgoff > 0",
-                        "PASS" if result.ok else "FAIL", "both the guest access and the userspace touch judged",
-                        list(messages)))
+SEED_ITEM = "seed regression: poison behind a slot with pgoff > 0"
 
 
-def _guest(q: Qualification, specs: Sequence[ScenarioSpec], image: GuestImage, out: Path, binary: str) -> None:
-    for spec in specs:
-        profile = get_profile(spec.profile)
-        unmet = unmet_requirements(profile.requirements, accel=profile.accel, binary=binary)
-        if unmet:
-            q.items.append(Item("guest", spec.name, "CANNOT RUN", "; ".join(unmet)))
-            continue
-        outdir = out / "scenarios" / spec.name
+def _seed(r: _Report) -> None:
+    def check() -> Item:
         try:
-            result = run_in_fresh_guest(spec, image, outdir, binary=binary)
-        except (ScenarioError, QemuError, OSError) as exc:
-            q.items.append(Item("guest", spec.name, "ERROR", f"{type(exc).__name__}: {exc}",
-                                evidence=str(outdir)))
-            continue
-        verdict = result.verdict
-        q.items.append(Item("guest", spec.name, "PASS" if verdict.passed else "FAIL",
-                            f"{spec.summary} ({len(verdict.checks)} checks)",
-                            [c.line() for c in verdict.checks], evidence=str(outdir)))
+            result = run_seed_regression()
+        except SeedCancelled as exc:
+            return Item("host", SEED_ITEM, "CANNOT RUN", exc.reason)
+        messages = result.guest_verdict.messages + result.user_verdict.messages
+        return Item("host", SEED_ITEM, "PASS" if result.ok else "FAIL",
+                    "both the guest access and the userspace touch judged", list(messages))
+
+    r.guarded("host", SEED_ITEM, check)
+
+
+def _guest(r: _Report, specs: Sequence[ScenarioSpec], image: GuestImage, binary: str) -> None:
+    for spec in specs:
+        outdir = r.out / "scenarios" / spec.name
+
+        def check(spec: ScenarioSpec = spec, outdir: Path = outdir) -> Item:
+            profile = get_profile(spec.profile)
+            unmet = unmet_requirements(profile.requirements, accel=profile.accel, binary=binary)
+            if unmet:
+                return Item("guest", spec.name, "CANNOT RUN", "; ".join(unmet))
+            verdict = run_in_fresh_guest(spec, image, outdir, binary=binary).verdict
+            return Item("guest", spec.name, "PASS" if verdict.passed else "FAIL",
+                        f"{spec.summary} ({len(verdict.checks)} checks)",
+                        [c.line() for c in verdict.checks], evidence=str(outdir))
+
+        r.guarded("guest", spec.name, check, evidence=str(outdir))
 
 
 def qualify(out: Path, *, specs: Sequence[ScenarioSpec], image: GuestImage | None,
             binary: str = "qemu-system-x86_64") -> Qualification:
+    """Run every check, writing qualification.json and .html after each item."""
+    if specs and image is None:
+        raise ValueError("guest scenarios were asked for, but no guest image was given")
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
     q = Qualification(started=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
-    q.preflight = preflight_report(binary)
-    host_report()  # probed once, shared with the checks below
-    _host_checks(q)
-    _seed(q)
+    r = _Report(q, out, time.monotonic())
+    try:
+        q.preflight = preflight_report(binary)
+    except Exception as exc:
+        _LOG.exception("preflight raised")
+        r.add(Item("host", "preflight", "ERROR", f"{type(exc).__name__}: {exc}"))
+    r.save()
+    _host_checks(r)
+    _seed(r)
     if specs:
-        assert image is not None, "guest scenarios need an image"
-        _guest(q, specs, image, out, binary)
-    q.duration_s = time.monotonic() - t0
-    (out / "qualification.json").write_text(json.dumps(q.to_json(), indent=2) + "\n")
+        assert image is not None
+        _guest(r, specs, image, binary)
+    r.save()
     return q

@@ -44,3 +44,60 @@ def test_outcome_order_and_escaping() -> None:
     html = render(q)
     assert "no &lt;hwpoison&gt; &amp; no luck" in html and "<hwpoison>" not in html
     assert "QUALIFICATION FAILED" in html
+
+
+def test_a_check_that_raises_is_an_error_item_and_the_report_is_still_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """One broken check must not take the report with it: its exception is that item's ERROR."""
+    from gmemtest import qualify as qualify_module
+
+    def broken() -> None:
+        raise RuntimeError("forced failure of the seed regression")
+
+    monkeypatch.setattr(qualify_module, "run_seed_regression", broken)
+    status = cli_main(["qualify", "--no-guest", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "qualification.json").read_text())
+    items = {i["name"]: i for i in report["items"]}
+    seed = items["seed regression: poison behind a slot with pgoff > 0"]
+    assert seed["status"] == "ERROR" and "RuntimeError: forced failure of the seed regression" in seed["summary"]
+    assert report["outcome"] == "FAILED" and status == 1
+    assert len(items) >= 5, "the other host checks must still be judged"
+    html = (tmp_path / "qualification.html").read_text()
+    assert "forced failure of the seed regression" in html and "QUALIFICATION FAILED" in html
+    capsys.readouterr()
+
+
+def test_the_report_is_written_as_it_goes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash after the host checks (here: a KeyboardInterrupt) still leaves their items on disk."""
+    from gmemtest import qualify as qualify_module
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qualify_module, "run_seed_regression", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        qualify_module.qualify(tmp_path, specs=[], image=None)
+    report = json.loads((tmp_path / "qualification.json").read_text())
+    assert [i["section"] for i in report["items"]] == ["host"] * 4, report["items"]
+    assert (tmp_path / "qualification.html").is_file()
+
+
+def test_run_exits_1_when_a_verdict_failed_even_if_another_scenario_was_unmet(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from types import SimpleNamespace
+
+    import gmemtest.requirements
+    import gmemtest.runner
+    import images.build
+    from gmemtest.verdict import Check, Verdict
+
+    failed = Verdict("srao-late-touch-4k", (Check("si_addr_lsb", "12", "21", False),))
+    monkeypatch.setattr(images.build, "build_default_image", lambda *a, **k: None)
+    monkeypatch.setattr(gmemtest.runner, "run_in_fresh_guest", lambda spec, *a, **k: SimpleNamespace(
+        verdict=failed, observations=SimpleNamespace(injection_to_sigbus_ms=None)))
+    calls = iter([[], ["host lacks what the second scenario needs"]])
+    monkeypatch.setattr(gmemtest.requirements, "unmet_requirements", lambda *a, **k: next(calls))
+    status = cli_main(["run", "srao-late-touch-4k", "srao-late-touch-thp", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "UNMET" in out
+    assert status == 1, f"a failed verdict must give exit 1 whatever else was unmet, got {status}"
