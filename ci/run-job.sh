@@ -5,6 +5,8 @@
 # Environment (optional):
 #   GMEMTEST_RESULTS    job results directory (default: <repo>/results)
 #   GMEMTEST_PARALLEL   --max-parallel-tasks (default: 2; each guest runs one TCG vCPU thread)
+#   GMEMTEST_JOB_TIMEOUT --job-timeout in seconds (default: 1500): a hung job ends, it never
+#                        outlives CI; each test also has its own timeout
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
@@ -13,10 +15,11 @@ venv=${GMEMTEST_VENV:-$repo/.venv}
 export PATH="$venv/bin:$PATH"
 results=${GMEMTEST_RESULTS:-$repo/results}
 parallel=${GMEMTEST_PARALLEL:-2}
+job_timeout=${GMEMTEST_JOB_TIMEOUT:-1500}
 
 python -m images build --json >/dev/null
 status=0
-avocado run --max-parallel-tasks="$parallel" --job-results-dir "$results" \
+avocado run --max-parallel-tasks="$parallel" --job-timeout "$job_timeout" --job-results-dir "$results" \
     avocado_tests/ "$@" || status=$?
 latest=$(readlink -f "$results/latest" 2>/dev/null || true)
 echo "results: ${latest:-$results}"

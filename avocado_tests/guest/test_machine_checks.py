@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from avocado import Test
 
-from gmemtest.avocado_support import run_guest_scenario
+from gmemtest.avocado_support import GUEST_TEST_TIMEOUT_S, run_guest_scenario
 
 
 class SraoLateKill(Test):  # type: ignore[misc]  # avocado is untyped
@@ -18,6 +18,8 @@ class SraoLateKill(Test):  # type: ignore[misc]  # avocado is untyped
 
     :avocado: tags=guest,tcg,mce,srao,late
     """
+
+    timeout = GUEST_TEST_TIMEOUT_S
 
     def test_anon_4k(self) -> None:
         """:avocado: tags=4k"""
@@ -43,6 +45,8 @@ class SraoEarlyKill(Test):  # type: ignore[misc]
     :avocado: tags=guest,tcg,mce,srao,early
     """
 
+    timeout = GUEST_TEST_TIMEOUT_S
+
     def test_prctl(self) -> None:
         """:avocado: tags=prctl"""
         run_guest_scenario(self, "srao-early-kill-prctl-4k")
@@ -58,6 +62,8 @@ class SrarActionRequired(Test):  # type: ignore[misc]
 
     :avocado: tags=guest,tcg,mce,srar
     """
+
+    timeout = GUEST_TEST_TIMEOUT_S
 
     def test_user_mode(self) -> None:
         """:avocado: tags=user"""

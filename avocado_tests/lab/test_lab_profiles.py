@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from avocado import Test
 
-from gmemtest.avocado_support import run_guest_scenario
+from gmemtest.avocado_support import GUEST_TEST_TIMEOUT_S, run_guest_scenario
 
 
 class KvmLabProfiles(Test):  # type: ignore[misc]  # avocado is untyped
     """
     :avocado: tags=guest,lab,kvm,mce,srao
     """
+
+    timeout = GUEST_TEST_TIMEOUT_S
 
     def test_kvm_default(self) -> None:
         """:avocado: tags=kvm-default"""
