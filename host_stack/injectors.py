@@ -9,18 +9,29 @@ page present with exactly that PFN, and the frame's kpageflags show an ordinary 
 the window in which the page could move. A kernel without the interface raises
 ``HwpoisonUnsupported`` with a sentence a lab engineer can act on, carrying the errno.
 
+Whether a frame was poisoned is judged by the frame's state afterwards (``KPF_HWPOISON`` in
+``/proc/kpageflags``, with the ``HardwareCorrupted`` delta as evidence), never by the return
+code: on a standard 7.3.4 kernel MADV_HWPOISON and corrupt-pfn on a guest_memfd page return
+EBUSY (memory_failure's MF_DELAYED) while the frame *is* poisoned. The return code is kept in
+the record (``call_errno``).
+
 Every injection returns an ``InjectionRecord`` (method, pid, va, pfn, timestamps); injectors
 are context managers that unpoison what they poisoned when the kernel offers a way
-(debugfs ``hwpoison/unpoison-pfn``), and say so in the record when it cannot.
+(debugfs ``hwpoison/unpoison-pfn``), also when the block raised; a frame left poisoned
+(unpoison failed or impossible) sets ``cleanup_failed`` and is logged as a warning, so callers
+can show it (``cleanup_warnings``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import errno
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +39,17 @@ from typing import TYPE_CHECKING, Final, Literal, Self
 
 from host_stack import mm_uapi as m
 from host_stack.kernelfs import find_mount
-from host_stack.pagemap import PAGE_SIZE, PageFlags, PagemapEntry, read_kpageflags, read_pagemap
+from host_stack.pagemap import (
+    PAGE_SIZE,
+    PageFlags,
+    PagemapEntry,
+    hardware_corrupted_kib,
+    read_kpageflags,
+    read_pagemap,
+)
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
     from types import TracebackType
 
 __all__ = [
@@ -40,9 +59,12 @@ __all__ = [
     "InjectionRecord",
     "InjectionRefused",
     "MadviseInjector",
+    "PoisonState",
     "ProvenFrame",
     "RefusalReason",
     "check_frame_flags",
+    "cleanup_warnings",
+    "judge_poison_state",
     "prove_frame",
 ]
 
@@ -128,6 +150,11 @@ class InjectionRecord:
     cleanup: str = field(default="none attempted")
     # Every frame poisoned, for a multi-page injection; empty means just ``pfn``.
     pfns: tuple[int, ...] = ()
+    poisoned: bool | None = None  # every frame shows KPF_HWPOISON afterwards; None: not judged
+    call_errno: int = 0  # what the madvise/write returned (0: success); evidence, not the verdict
+    hardware_corrupted_kib: tuple[int | None, int | None] = (None, None)  # before, after
+    sigbus_during_call: int = 0  # SIGBUS delivered to the caller while the call ran
+    cleanup_failed: bool = False  # a frame stays poisoned after cleanup
 
     @property
     def poisoned_pfns(self) -> tuple[int, ...]:
@@ -135,8 +162,73 @@ class InjectionRecord:
             return self.pfns
         return () if self.pfn is None else (self.pfn,)
 
-    def with_cleanup(self, cleanup: str) -> InjectionRecord:
-        return dataclasses.replace(self, cleanup=cleanup)
+    def with_cleanup(self, cleanup: str, *, failed: bool = False) -> InjectionRecord:
+        return dataclasses.replace(self, cleanup=cleanup, cleanup_failed=failed)
+
+
+def cleanup_warnings(records: Sequence[InjectionRecord]) -> list[str]:
+    """One sentence per record whose frames stay poisoned after cleanup (for results/verdicts)."""
+    return [
+        f"cleanup of {r.method} poison (pid {r.pid} va {r.va:#x} pfn "
+        f"{','.join(f'{p:#x}' for p in r.poisoned_pfns)}) failed: {r.cleanup}"
+        for r in records
+        if r.cleanup_failed
+    ]
+
+
+@dataclass(frozen=True)
+class PoisonState:
+    """The frames' state after an injection call: the only evidence ``injected`` rests on."""
+
+    poisoned: bool
+    flags_after: tuple[PageFlags, ...]
+    hardware_corrupted_kib: tuple[int | None, int | None]
+
+    def sentence(self) -> str:
+        marks = ", ".join(f"{f.pfn:#x} {'KPF_HWPOISON' if f.hwpoison else 'not poisoned'}" for f in self.flags_after)
+        before, after = self.hardware_corrupted_kib
+        delta = "unknown" if before is None or after is None else f"{after - before:+d} kB"
+        return f"kpageflags after: {marks}; HardwareCorrupted {delta}"
+
+
+def judge_poison_state(
+    flags_after: Sequence[PageFlags], hardware_corrupted_kib: tuple[int | None, int | None]
+) -> PoisonState:
+    """Pure: injected iff every frame carries KPF_HWPOISON (the meminfo delta is evidence).
+
+    HardwareCorrupted is host-wide (another poison may move it), so it never decides alone.
+    """
+    poisoned = bool(flags_after) and all(f.hwpoison for f in flags_after)
+    return PoisonState(poisoned, tuple(flags_after), hardware_corrupted_kib)
+
+
+def _poison_state(pfns: Sequence[int], hc_before: int | None) -> PoisonState:
+    return judge_poison_state([read_kpageflags(p) for p in pfns], (hc_before, hardware_corrupted_kib()))
+
+
+@contextlib.contextmanager
+def _sigbus_tolerated() -> Iterator[list[int]]:
+    """Survive a SIGBUS sent to the caller *during* the injection call, and count it.
+
+    memory_failure() sends BUS_MCEERR_AR to a process that poisons a dirty page it maps with a
+    forced signal (a blocked SIGBUS is unblocked and reset to the default action, which kills),
+    so only a handler keeps the caller alive. The signal arrives on return from the syscall,
+    not at a faulting instruction, so a handler that returns is safe. Handlers can only be
+    set in the main thread; elsewhere the caller's own disposition applies.
+    """
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+    previous = signal.getsignal(signal.SIGBUS)
+    signal.signal(signal.SIGBUS, lambda signo, _frame: seen.append(signo))
+    try:
+        yield seen
+    finally:
+        ctypes.pythonapi.PyErr_CheckSignals()  # run a pending handler before restoring
+        signal.signal(signal.SIGBUS, previous)
+        if seen and callable(previous):
+            previous(signal.SIGBUS, None)  # the caller's own handler still hears of it
 
 
 def check_frame_flags(flags: PageFlags) -> None:
@@ -216,7 +308,11 @@ class _Injector:
         return path if path.exists() else None
 
     def cleanup(self) -> list[InjectionRecord]:
-        """Unpoison every recorded PFN when the kernel allows it; records say what happened."""
+        """Unpoison every recorded PFN when the kernel allows it; records say what happened.
+
+        A frame that stays poisoned marks its record ``cleanup_failed`` and is logged at
+        WARNING: "nothing leaks" includes poisoned pages.
+        """
         done: list[InjectionRecord] = []
         unpoison = self.unpoison_path
         for rec in self.records:
@@ -224,19 +320,24 @@ class _Injector:
                 done.append(rec.with_cleanup("no pfn recorded: nothing to unpoison"))
             elif unpoison is None:
                 done.append(
-                    rec.with_cleanup("cannot unpoison: no debugfs hwpoison/unpoison-pfn (CONFIG_HWPOISON_INJECT)")
+                    rec.with_cleanup(
+                        "cannot unpoison: no debugfs hwpoison/unpoison-pfn (CONFIG_HWPOISON_INJECT)", failed=True
+                    )
                 )
             else:
                 outcomes = []
+                failed = False
                 for pfn in rec.poisoned_pfns:
                     try:
                         _write_sysfs(unpoison, f"{pfn:#x}")
                         outcomes.append(f"unpoisoned pfn {pfn:#x}")
                     except OSError as exc:
+                        failed = True
                         outcomes.append(f"unpoison-pfn {pfn:#x} failed: {exc}")
-                done.append(rec.with_cleanup("; ".join(outcomes)))
+                done.append(rec.with_cleanup("; ".join(outcomes), failed=failed))
         for rec in done:
-            _log.info("cleanup %s pid %d va %#x: %s", rec.method, rec.pid, rec.va, rec.cleanup)
+            level = logging.WARNING if rec.cleanup_failed else logging.INFO
+            _log.log(level, "cleanup %s pid %d va %#x: %s", rec.method, rec.pid, rec.va, rec.cleanup)
         self.records = done
         return done
 
@@ -264,6 +365,12 @@ class MadviseInjector(_Injector):
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._libc.madvise.restype = ctypes.c_int
         self._libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        self._madvise: Callable[[int, int, int], tuple[int, int]] = self._call_madvise
+
+    def _call_madvise(self, addr: int, length: int, advice: int) -> tuple[int, int]:
+        """(return value, errno) of madvise(2); an attribute so tests can record a kernel's answer."""
+        rc = int(self._libc.madvise(addr, length, advice))
+        return rc, ctypes.get_errno() if rc != 0 else 0
 
     def inject(self, addr: int, length: int, expected_pfns: list[int] | None = None) -> InjectionRecord:
         """Poison ``[addr, addr+length)``; returns the record (``pfn`` of the first page)."""
@@ -282,13 +389,17 @@ class MadviseInjector(_Injector):
         ]
         for frame in frames:
             _recheck(frame)
+        hc_before = hardware_corrupted_kib()
         t_wall = time.time_ns()
         t0 = time.monotonic_ns()
-        rc = self._libc.madvise(addr, length, m.MADV_HWPOISON)
+        with _sigbus_tolerated() as sigbus:
+            _rc, err = self._madvise(addr, length, m.MADV_HWPOISON)
         t1 = time.monotonic_ns()
-        if rc != 0:
-            err = ctypes.get_errno()
+        state = _poison_state([f.pfn for f in frames], hc_before)
+        if err and not state.poisoned:
             raise HwpoisonUnsupported(err, madvise_failure_sentence(err))
+        if err:
+            _log.info("MADV_HWPOISON returned %s, yet %s", errno.errorcode.get(err, err), state.sentence())
         record = InjectionRecord(
             method="madvise",
             pid=pid,
@@ -299,8 +410,12 @@ class MadviseInjector(_Injector):
             t_end_ns=t1,
             t_wall_ns=t_wall,
             flags_before=frames[0].flags.names,
-            detail="pfns " + ",".join(f"{f.pfn:#x}" for f in frames),
+            detail="pfns " + ",".join(f"{f.pfn:#x}" for f in frames) + f"; {state.sentence()}",
             pfns=tuple(f.pfn for f in frames),
+            poisoned=state.poisoned,
+            call_errno=err,
+            hardware_corrupted_kib=state.hardware_corrupted_kib,
+            sigbus_during_call=len(sigbus),
         )
         _log.info("MADV_HWPOISON pid %d va %#x+%#x pfn %#x", pid, addr, length, frames[0].pfn)
         self.records.append(record)
@@ -344,10 +459,21 @@ class CorruptPfnInjector(_Injector):
         path = self.require()
         frame = prove_frame(pid, va, expected_pfn)
         _recheck(frame)
+        hc_before = hardware_corrupted_kib()
         t_wall = time.time_ns()
         t0 = time.monotonic_ns()
-        _write_sysfs(path, f"{frame.pfn:#x}")
+        err = 0
+        try:
+            _write_sysfs(path, f"{frame.pfn:#x}")
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+            failure: OSError | None = exc
+        else:
+            failure = None
         t1 = time.monotonic_ns()
+        state = _poison_state([frame.pfn], hc_before)
+        if failure is not None and not state.poisoned:
+            raise failure
         record = InjectionRecord(
             method="corrupt-pfn",
             pid=pid,
@@ -358,7 +484,12 @@ class CorruptPfnInjector(_Injector):
             t_end_ns=t1,
             t_wall_ns=t_wall,
             flags_before=frame.flags.names,
-            detail=f"wrote {frame.pfn:#x} to {path}",
+            detail=f"wrote {frame.pfn:#x} to {path}"
+            + (f" ({errno.errorcode.get(err, err)})" if err else "")
+            + f"; {state.sentence()}",
+            poisoned=state.poisoned,
+            call_errno=err,
+            hardware_corrupted_kib=state.hardware_corrupted_kib,
         )
         _log.info("corrupt-pfn pid %d va %#x pfn %#x", pid, va, frame.pfn)
         self.records.append(record)

@@ -15,6 +15,7 @@ import errno
 import json
 import mmap
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -34,12 +35,13 @@ from host_stack.injectors import (
     ProvenFrame,
     _recheck,
     check_frame_flags,
+    cleanup_warnings,
     madvise_failure_sentence,
     prove_frame,
 )
 from host_stack.kernelfs import DEBUGFS, mounted
 from host_stack.kvm import HostMapping
-from host_stack.pagemap import PAGE_SIZE, read_kpageflags, read_pagemap
+from host_stack.pagemap import PAGE_SIZE, PageFlags, read_kpageflags, read_pagemap
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="PFNs and kpageflags need root")
@@ -391,3 +393,89 @@ def test_einj_writes_type_address_and_mask(standin_debugfs: Path, touched: HostM
         "error_inject": "1",
     }
     assert (rec.method, rec.pfn, rec.va) == ("einj", pfn, touched.addr + 0x10)
+
+
+# --- judged by the frame's state, not the return code (standard 7.3.4 kernel) ---------------
+@pytest.fixture
+def poisoned_after_call(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Recorded 7.3.4 answer: after the call the frame has KPF_HWPOISON and HardwareCorrupted +4 kB.
+
+    This host cannot poison, so the kpageflags and meminfo readers replay what the lab host
+    showed; they answer truthfully (the real flags) until the injection call was made.
+    """
+    import host_stack.injectors as injectors
+
+    calls: list[str] = []
+    real_flags = read_kpageflags
+    meminfo = iter([0, 4])
+
+    def kpageflags(pfn: int) -> PageFlags:
+        flags = real_flags(pfn)
+        return PageFlags(pfn, flags.raw | 1 << m.KPF_HWPOISON) if calls else flags
+
+    monkeypatch.setattr(injectors, "read_kpageflags", kpageflags)
+    monkeypatch.setattr(injectors, "hardware_corrupted_kib", lambda: next(meminfo))
+    return calls
+
+
+def test_madvise_ebusy_on_a_poisoned_frame_is_an_injection(
+    touched: HostMapping, poisoned_after_call: list[str], tmp_path: Path
+) -> None:
+    inj = MadviseInjector(debugfs=tmp_path)
+
+    def madvise_7_3_4(addr: int, length: int, advice: int) -> tuple[int, int]:
+        poisoned_after_call.append("madvise")
+        signal.raise_signal(signal.SIGBUS)  # the BUS_MCEERR_AR a dirty mapped page earns during the call
+        return -1, errno.EBUSY
+
+    inj._madvise = madvise_7_3_4
+    rec = inj.inject(touched.addr, PAGE_SIZE)
+    assert rec.poisoned is True, rec
+    assert rec.call_errno == errno.EBUSY, f"expected the EBUSY kept as evidence, got {rec.call_errno}"
+    assert rec.hardware_corrupted_kib == (0, 4)
+    assert rec.sigbus_during_call == 1, "expected the SIGBUS during madvise to be survived and counted"
+    assert "KPF_HWPOISON" in rec.detail and "+4 kB" in rec.detail
+
+
+def test_madvise_error_on_an_unpoisoned_frame_is_no_injection(touched: HostMapping, tmp_path: Path) -> None:
+    inj = MadviseInjector(debugfs=tmp_path)
+    inj._madvise = lambda addr, length, advice: (-1, errno.EBUSY)
+    with pytest.raises(HwpoisonUnsupported, match="EBUSY") as exc:
+        inj.inject(touched.addr, PAGE_SIZE)
+    assert exc.value.errno == errno.EBUSY and inj.records == []
+
+
+def test_corrupt_pfn_ebusy_on_a_poisoned_frame_is_an_injection(
+    standin_debugfs: Path, touched: HostMapping, poisoned_after_call: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import host_stack.injectors as injectors
+
+    real_write = injectors._write_sysfs
+
+    def write(path: Path, value: str) -> None:
+        if path.name == "corrupt-pfn":
+            poisoned_after_call.append(value)
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        real_write(path, value)
+
+    monkeypatch.setattr(injectors, "_write_sysfs", write)
+    with CorruptPfnInjector(standin_debugfs) as inj:
+        rec = inj.inject(os.getpid(), touched.addr)
+    assert (rec.poisoned, rec.call_errno) == (True, errno.EBUSY), rec
+    assert inj.records[0].cleanup == f"unpoisoned pfn {rec.pfn:#x}"
+
+
+def test_a_failed_unpoison_is_a_warning_even_when_the_block_raised(
+    standin_debugfs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    unpoison = standin_debugfs / m.HWPOISON_UNPOISON_PFN
+    unpoison.unlink()
+    unpoison.mkdir()  # writing to it fails (EISDIR), as a refused unpoison-pfn would
+    with pytest.raises(RuntimeError, match="the test body failed"), MadviseInjector(standin_debugfs) as inj:
+        inj.records.append(InjectionRecord("madvise", os.getpid(), 0x7000, 0x1234, PAGE_SIZE, 1, 2, 3))
+        raise RuntimeError("the test body failed")
+    (rec,) = inj.records
+    assert rec.cleanup_failed, f"expected cleanup_failed, got {rec}"
+    (warning,) = cleanup_warnings(inj.records)
+    assert "pfn 0x1234" in warning and "failed" in warning
+    assert any(r.levelname == "WARNING" and "unpoison-pfn 0x1234 failed" in r.getMessage() for r in caplog.records)
