@@ -6,6 +6,11 @@ to change on the host. Facts come from real attempts wherever an attempt is safe
 ``KVM_CREATE_VM``, hwpoison by ``madvise(MADV_HWPOISON)`` on a scratch page of a throw-away
 child process, kprobe/uprobe support by adding and removing an event, Linux-guest support by
 running the instruction that kills a Linux guest (``linux_boot_probe``). Nothing about QEMU.
+
+Probing is lazy per group of facts: ``probe_host()`` returns a report that runs a probe the
+first time something asks for one of its facts (``missing(name)``, an attribute, ``rows()``).
+Asking whether KVM boots Linux must not poison a page: the MADV_HWPOISON child runs only when
+the ``hwpoison`` facts are wanted (``missing("hwpoison")``, ``rows()``, ``to_dict()``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -25,8 +32,9 @@ from host_stack import kvm_uapi as u
 from host_stack import mm_uapi as m
 from host_stack.injectors import madvise_failure_sentence
 from host_stack.kernelfs import DEBUGFS, TRACEFS, mounted
+from host_stack.pagemap import PAGE_SIZE
 
-__all__ = ["REQUIREMENTS", "HostReport", "probe_host"]
+__all__ = ["PROBE_GROUPS", "REQUIREMENTS", "HostReport", "first_missing", "probe_host"]
 
 _log = logging.getLogger(__name__)
 _log.addHandler(logging.NullHandler())
@@ -36,6 +44,7 @@ REQUIREMENTS: Final = (
     "kvm_boots_linux",
     "guest_memfd",
     "guest_memfd_mmap",
+    "guest_memfd_init_shared",
     "private_memory",
     "pre_fault",
     "hwpoison",
@@ -90,9 +99,18 @@ class HostReport:
     def guest_memfd_mmap(self) -> bool:
         return bool(self.guest_memfd_flags & u.GUEST_MEMFD_FLAG_MMAP)
 
+    @property
+    def guest_memfd_init_shared(self) -> bool:
+        return bool(self.guest_memfd_flags & u.GUEST_MEMFD_FLAG_INIT_SHARED)
+
+    def snapshot(self) -> HostReport:
+        """A plain, fully probed copy (for ``dataclasses.replace`` and comparisons)."""
+        return HostReport(**{f.name: getattr(self, f.name) for f in dataclasses.fields(HostReport)})
+
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = dataclasses.asdict(self.snapshot())
         d["guest_memfd_mmap"] = self.guest_memfd_mmap
+        d["guest_memfd_init_shared"] = self.guest_memfd_init_shared
         d["vm_type_errors"] = {str(t): e for t, e in self.vm_type_errors}
         return d
 
@@ -127,63 +145,73 @@ class HostReport:
         ]  # fmt: skip
 
     def missing(self, requirement: str) -> str | None:
-        """None if ``requirement`` is met, else a sentence saying what the host lacks."""
+        """None if ``requirement`` is met, else a sentence saying what the host lacks.
+
+        Only the facts ``requirement`` depends on are read, so a lazy report (``probe_host``)
+        runs only the probes that decide it.
+        """
         if requirement not in REQUIREMENTS:
             raise ValueError(f"unknown host requirement {requirement!r}; valid: {', '.join(REQUIREMENTS)}")
-        no_kvm = None if self.kvm_device else f"host has no usable /dev/kvm: {self.kvm_reason}"
-        checks: dict[str, tuple[bool, str]] = {
-            "kvm": (self.kvm_device, no_kvm or ""),
-            "kvm_boots_linux": (self.kvm_boots_linux is True, self.kvm_boots_linux_reason),
-            "guest_memfd": (
+        if requirement not in _WITHOUT_KVM and not self.kvm_device:
+            return f"host has no usable /dev/kvm: {self.kvm_reason}"
+        ok, sentence = self._checks()[requirement]()
+        return None if ok else sentence
+
+    def _checks(self) -> dict[str, Callable[[], tuple[bool, str]]]:
+        flags = "host KVM cannot {what}: KVM_CAP_GUEST_MEMFD_FLAGS {flags:#x} lacks {flag}"
+        return {
+            "kvm": lambda: (self.kvm_device, f"host has no usable /dev/kvm: {self.kvm_reason}"),
+            "kvm_boots_linux": lambda: (self.kvm_boots_linux is True, self.kvm_boots_linux_reason),
+            "guest_memfd": lambda: (
                 self.cap_guest_memfd > 0,
                 "host KVM lacks guest_memfd: KVM_CAP_GUEST_MEMFD is 0",
             ),
-            "guest_memfd_mmap": (
-                self.guest_memfd_mmap,
-                "host KVM cannot mmap guest_memfd: KVM_CAP_GUEST_MEMFD_FLAGS "
-                f"{self.guest_memfd_flags:#x} lacks GUEST_MEMFD_FLAG_MMAP",
+            "guest_memfd_mmap": lambda: (
+                self.cap_guest_memfd > 0 and self.guest_memfd_mmap,
+                flags.format(what="mmap guest_memfd", flags=self.guest_memfd_flags, flag="GUEST_MEMFD_FLAG_MMAP")
+                if self.cap_guest_memfd > 0 else "host KVM lacks guest_memfd: KVM_CAP_GUEST_MEMFD is 0",
             ),
-            "private_memory": (
+            "guest_memfd_init_shared": lambda: (
+                self.cap_guest_memfd > 0 and self.guest_memfd_init_shared,
+                flags.format(what="create guest_memfd shared from the start (a gmem-only slot)",
+                             flags=self.guest_memfd_flags, flag="GUEST_MEMFD_FLAG_INIT_SHARED")
+                if self.cap_guest_memfd > 0 else "host KVM lacks guest_memfd: KVM_CAP_GUEST_MEMFD is 0",
+            ),
+            "private_memory": lambda: (
                 bool(self.private_memory_vm_types),
                 "host KVM has no private memory: KVM_CAP_MEMORY_ATTRIBUTES lacks "
                 "KVM_MEMORY_ATTRIBUTE_PRIVATE on every VM type it creates ("
                 + ", ".join(str(t) for t in self.supported_vm_types)
                 + ")",
             ),
-            "pre_fault": (
+            "pre_fault": lambda: (
                 self.cap_pre_fault_memory > 0,
                 "host KVM lacks KVM_PRE_FAULT_MEMORY: KVM_CAP_PRE_FAULT_MEMORY is 0",
             ),
-            "hwpoison": (self.hwpoison, self.hwpoison_reason),
-            "hwpoison_inject": (
+            "hwpoison": lambda: (self.hwpoison, self.hwpoison_reason),
+            "hwpoison_inject": lambda: (
                 self.hwpoison_inject,
                 "host kernel lacks CONFIG_HWPOISON_INJECT: no hwpoison/corrupt-pfn in debugfs"
                 if self.debugfs
                 else "debugfs is not available, so hwpoison-inject cannot be used",
             ),
-            "einj": (
+            "einj": lambda: (
                 self.einj and m.EINJ_TYPE_MEM_UNCORRECTABLE_NONFATAL in self.einj_error_types,
                 "host has no ACPI EINJ with memory uncorrectable non-fatal (0x10): " + self._einj_offer(),
             ),
-            "kprobes": (self.kprobes, self.kprobes_reason),
-            "uprobes": (self.uprobes, self.uprobes_reason),
-            "sev_snp_host": (
+            "kprobes": lambda: (self.kprobes, self.kprobes_reason),
+            "uprobes": lambda: (self.uprobes, self.uprobes_reason),
+            "sev_snp_host": lambda: (
                 u.KVM_X86_SNP_VM in self.supported_vm_types,
                 "host is not an SEV-SNP host: KVM_CREATE_VM(KVM_X86_SNP_VM) failed: "
                 + self._vm_type_error(u.KVM_X86_SNP_VM),
             ),
-            "tdx_host": (
+            "tdx_host": lambda: (
                 u.KVM_X86_TDX_VM in self.supported_vm_types,
                 "host is not a TDX host: KVM_CREATE_VM(KVM_X86_TDX_VM) failed: "
                 + self._vm_type_error(u.KVM_X86_TDX_VM),
             ),
-        }
-        ok, sentence = checks[requirement]
-        if requirement != "kvm" and not self.kvm_device and requirement not in (
-            "hwpoison", "hwpoison_inject", "einj", "kprobes", "uprobes",
-        ):  # fmt: skip
-            return no_kvm
-        return None if ok else sentence
+        }  # fmt: skip
 
     def _einj_offer(self) -> str:
         if not self.einj:
@@ -205,15 +233,15 @@ def _vendor_module() -> str | None:
     return ",".join(vendors) if vendors else None
 
 
-def _probe_kvm(fields: dict[str, Any]) -> None:
+def _probe_kvm() -> dict[str, Any]:
+    """Capabilities and VM types: ioctls only, nothing runs in a guest."""
     from host_stack.kvm import KvmIoctlError, KvmSystem
-    from host_stack.linux_boot_probe import probe_linux_boot
 
     try:
         system = KvmSystem()
     except OSError as exc:
-        fields.update(kvm_device=False, kvm_reason=f"open /dev/kvm: {exc.strerror}")
-        return
+        return {"kvm_device": False, "kvm_reason": f"open /dev/kvm: {exc.strerror}"}
+    fields: dict[str, Any] = {}
     with system:
         fields.update(kvm_device=True, kvm_reason=None, kvm_api_version=system.api_version())
         caps = {
@@ -246,14 +274,23 @@ def _probe_kvm(fields: dict[str, Any]) -> None:
             vm_type_errors=tuple(errors),
             private_memory_vm_types=tuple(private),
         )
-        try:
+    return fields
+
+
+def _probe_linux_boot() -> dict[str, Any]:
+    """Two tiny long-mode payloads (``linux_boot_probe``); harmless to the host."""
+    from host_stack.kvm import KvmSystem
+    from host_stack.linux_boot_probe import probe_linux_boot
+
+    try:
+        with KvmSystem() as system:
             boot = probe_linux_boot(system)
-            fields.update(kvm_boots_linux=boot.boots_linux, kvm_boots_linux_reason=boot.sentence)
-        except OSError as exc:
-            fields.update(
-                kvm_boots_linux=None,
-                kvm_boots_linux_reason=f"the long-mode probe payload could not be set up: {exc}",
-            )
+    except OSError as exc:
+        return {
+            "kvm_boots_linux": None,
+            "kvm_boots_linux_reason": f"the long-mode probe payload could not be set up: {exc}",
+        }
+    return {"kvm_boots_linux": boot.boots_linux, "kvm_boots_linux_reason": boot.sentence}
 
 
 _HWPOISON_CHILD: Final = """
@@ -280,17 +317,31 @@ def _python_env() -> dict[str, str]:
     return env
 
 
-def _probe_hwpoison(debugfs: Path | None) -> dict[str, Any]:
+def _run_hwpoison_child() -> subprocess.CompletedProcess[str]:
+    """The only place a page is poisoned by probing: a throw-away child's scratch page."""
+    return subprocess.run(
+        [sys.executable, "-c", _HWPOISON_CHILD],
+        capture_output=True, text=True, env=_python_env(), timeout=_PROBE_TIMEOUT, check=False,
+    )  # fmt: skip
+
+
+def _probe_hwpoison() -> dict[str, Any]:
     """MADV_HWPOISON on a scratch page of a child process, never on this process's memory.
 
     On a kernel with memory failure this really poisons one page of the child (which is then
     killed by SIGBUS, itself proof of support); the page is unpoisoned when hwpoison-inject
-    allows it, otherwise it stays retired, as after any real poison.
+    allows it, otherwise it stays retired, as after any real poison (the reason says so).
     """
-    proc = subprocess.run(
-        [sys.executable, "-c", _HWPOISON_CHILD],
-        capture_output=True, text=True, env=_python_env(), timeout=_PROBE_TIMEOUT, check=False,
-    )  # fmt: skip
+    try:
+        proc = _run_hwpoison_child()
+    except subprocess.TimeoutExpired as exc:
+        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        return {
+            "hwpoison": False,
+            "hwpoison_errno": None,
+            "hwpoison_reason": f"the MADV_HWPOISON probe child did not finish within {_PROBE_TIMEOUT}s"
+            + (f": {stderr.strip()[-300:]}" if stderr.strip() else ""),
+        }
     values = dict(line.split() for line in proc.stdout.splitlines() if len(line.split()) == 2)
     pfn = int(values.get("pfn", "0"))
     if "errno" in values and values["errno"] != "0":
@@ -304,28 +355,40 @@ def _probe_hwpoison(debugfs: Path | None) -> dict[str, Any]:
             "hwpoison_reason": f"the MADV_HWPOISON probe child failed (exit {proc.returncode}): "
             + proc.stderr.strip()[-300:],
         }
-    if debugfs is not None and pfn and (debugfs / m.HWPOISON_UNPOISON_PFN).exists():
-        with contextlib.suppress(OSError):
-            (debugfs / m.HWPOISON_UNPOISON_PFN).write_text(f"{pfn:#x}")
     how = "its child was killed by SIGBUS" if proc.returncode == -m.SIGBUS else "it returned 0"
     return {"hwpoison": True, "hwpoison_errno": 0,
-            "hwpoison_reason": f"MADV_HWPOISON poisoned a scratch page ({how})"}  # fmt: skip
+            "hwpoison_reason": f"MADV_HWPOISON poisoned a scratch page ({how}); {_unpoison_scratch(pfn)}"}  # fmt: skip
 
 
-def _probe_debugfs(debugfs: Path | None) -> dict[str, Any]:
-    if debugfs is None:
-        return {"debugfs": False}
-    einj_types = debugfs / m.EINJ_DIR / "available_error_type"
-    types: tuple[int, ...] = ()
-    if einj_types.exists():
-        with contextlib.suppress(OSError, ValueError):
-            types = tuple(int(line.split()[0], 16) for line in einj_types.read_text().splitlines() if line)
-    return {
-        "debugfs": True,
-        "hwpoison_inject": (debugfs / m.HWPOISON_CORRUPT_PFN).exists(),
-        "einj": einj_types.exists(),
-        "einj_error_types": types,
-    }
+def _unpoison_scratch(pfn: int) -> str:
+    from host_stack.injectors import InjectionRecord, MadviseInjector
+
+    if not pfn:
+        return "its pfn was hidden, so it stays poisoned"
+    with mounted(DEBUGFS) as debugfs:
+        injector = MadviseInjector(debugfs)
+        injector.records.append(InjectionRecord("madvise", 0, 0, pfn, PAGE_SIZE, 0, 0, 0))
+        (done,) = injector.cleanup()
+    if done.cleanup_failed:
+        _log.warning("hwpoison probe: scratch pfn %#x: %s", pfn, done.cleanup)
+    return done.cleanup
+
+
+def _probe_debugfs() -> dict[str, Any]:
+    with mounted(DEBUGFS) as debugfs:
+        if debugfs is None:
+            return {"debugfs": False}
+        einj_types = debugfs / m.EINJ_DIR / "available_error_type"
+        types: tuple[int, ...] = ()
+        if einj_types.exists():
+            with contextlib.suppress(OSError, ValueError):
+                types = tuple(int(line.split()[0], 16) for line in einj_types.read_text().splitlines() if line)
+        return {
+            "debugfs": True,
+            "hwpoison_inject": (debugfs / m.HWPOISON_CORRUPT_PFN).exists(),
+            "einj": einj_types.exists(),
+            "einj_error_types": types,
+        }
 
 
 def _try_probe_event(tracefs: Path, file: str, kind: str, definition: str) -> tuple[bool, str]:
@@ -352,37 +415,115 @@ def _try_probe_event(tracefs: Path, file: str, kind: str, definition: str) -> tu
     return True, f"yes: a {kind} event was added and removed ({definition.rsplit('/', maxsplit=1)[-1]})"
 
 
-def _probe_tracing(tracefs: Path | None) -> dict[str, Any]:
-    if tracefs is None:
-        reason = "tracefs is not available"
-        return {"tracefs": False, "kprobes_reason": reason, "uprobes_reason": reason}
-    kprobes, kreason = _try_probe_event(tracefs, m.TRACEFS_KPROBE_EVENTS, "kprobe", "do_sys_openat2")
-    exe = os.path.realpath(sys.executable)
-    uprobes, ureason = _try_probe_event(tracefs, m.TRACEFS_UPROBE_EVENTS, "uprobe", f"{exe}:0x0")
-    return {
-        "tracefs": True,
-        "kprobes": kprobes,
-        "kprobes_reason": kreason,
-        "uprobes": uprobes,
-        "uprobes_reason": ureason,
-    }
+def _probe_tracing() -> dict[str, Any]:
+    with mounted(TRACEFS) as tracefs:
+        if tracefs is None:
+            reason = "tracefs is not available"
+            return {"tracefs": False, "kprobes_reason": reason, "uprobes_reason": reason}
+        kprobes, kreason = _try_probe_event(tracefs, m.TRACEFS_KPROBE_EVENTS, "kprobe", "do_sys_openat2")
+        exe = os.path.realpath(sys.executable)
+        uprobes, ureason = _try_probe_event(tracefs, m.TRACEFS_UPROBE_EVENTS, "uprobe", f"{exe}:0x0")
+        return {
+            "tracefs": True,
+            "kprobes": kprobes,
+            "kprobes_reason": kreason,
+            "uprobes": uprobes,
+            "uprobes_reason": ureason,
+        }
+
+
+# Each group of facts, the probe that establishes it, and the fields it sets. ``hwpoison`` is
+# the only destructive one (it poisons a child's scratch page); it runs only when asked.
+_PROBES: Final[dict[str, Callable[[], dict[str, Any]]]] = {
+    "kvm": _probe_kvm,
+    "kvm_boots_linux": _probe_linux_boot,
+    "debugfs": _probe_debugfs,
+    "hwpoison": _probe_hwpoison,
+    "tracing": _probe_tracing,
+}
+PROBE_GROUPS: Final = tuple(_PROBES)
+_GROUP_FIELDS: Final[dict[str, tuple[str, ...]]] = {
+    "kvm": ("kvm_device", "kvm_reason", "kvm_api_version", "cap_guest_memfd", "guest_memfd_flags",
+            "cap_user_memory2", "cap_memory_fault_info", "cap_memory_attributes", "vm_types_mask",
+            "cap_pre_fault_memory", "supported_vm_types", "vm_type_errors", "private_memory_vm_types"),
+    "kvm_boots_linux": ("kvm_boots_linux", "kvm_boots_linux_reason"),
+    "debugfs": ("debugfs", "hwpoison_inject", "einj", "einj_error_types"),
+    "hwpoison": ("hwpoison", "hwpoison_errno", "hwpoison_reason"),
+    "tracing": ("tracefs", "kprobes", "kprobes_reason", "uprobes", "uprobes_reason"),
+}  # fmt: skip
+_FIELD_GROUP: Final = {name: group for group, names in _GROUP_FIELDS.items() for name in names}
+_WITHOUT_KVM: Final = frozenset({"hwpoison", "hwpoison_inject", "einj", "kprobes", "uprobes"})
+
+
+class _LazyHostReport(HostReport):
+    """A ``HostReport`` whose groups of facts are probed on first access, each at most once.
+
+    Reading a field (directly or through ``missing``/``rows``/``to_dict``) runs the probe of
+    its group; the value then stays, as in an eagerly built report.
+    """
+
+    def __init__(self, probes: dict[str, Callable[[], dict[str, Any]]] | None = None, **facts: Any) -> None:
+        """``probes`` for a lazy report; ``facts`` alone (what ``dataclasses.replace`` passes) for a complete one."""
+        object.__setattr__(self, "_probes", dict(probes or {}))
+        object.__setattr__(self, "_pending", set(probes or ()))
+        object.__setattr__(self, "_lock", threading.RLock())
+        if probes is None:
+            super().__init__(**facts)
+            return
+        super().__init__(
+            kernel_release=os.uname().release,
+            kvm_device=False,
+            kvm_reason="not probed",
+            kvm_vendor_module=_vendor_module(),
+            kvm_api_version=None,
+        )
+
+    def __getattribute__(self, name: str) -> Any:
+        group = _FIELD_GROUP.get(name)
+        if group is not None:
+            object.__getattribute__(self, "_ensure")(group)
+        return object.__getattribute__(self, name)
+
+    def _ensure(self, group: str) -> None:
+        pending: set[str] = object.__getattribute__(self, "_pending")
+        if group not in pending:
+            return
+        with object.__getattribute__(self, "_lock"):
+            if group not in pending:
+                return
+            probe = object.__getattribute__(self, "_probes")[group]
+            facts = probe()
+            unknown = set(facts) - set(_GROUP_FIELDS[group])
+            if unknown:
+                raise RuntimeError(f"probe {group!r} set {sorted(unknown)}, expected only {_GROUP_FIELDS[group]}")
+            for key, value in facts.items():
+                object.__setattr__(self, key, value)
+            pending.discard(group)
+            _log.info("host probe %s: %s", group, facts)
+
+    @property
+    def probed(self) -> tuple[str, ...]:
+        """The groups probed so far, in probing order of ``PROBE_GROUPS``."""
+        pending: set[str] = object.__getattribute__(self, "_pending")
+        return tuple(g for g in PROBE_GROUPS if g not in pending)
+
+    def __repr__(self) -> str:
+        return f"HostReport(kernel_release={self.kernel_release!r}, probed={self.probed})"
 
 
 def probe_host() -> HostReport:
-    """Probe this host; takes well under a second and leaves no mount, event or process."""
-    fields: dict[str, Any] = {
-        "kernel_release": os.uname().release,
-        "kvm_device": False,
-        "kvm_reason": "not probed",
-        "kvm_vendor_module": _vendor_module(),
-        "kvm_api_version": None,
-    }
-    _probe_kvm(fields)
-    with mounted(DEBUGFS) as debugfs:
-        fields.update(_probe_debugfs(debugfs))
-        fields.update(_probe_hwpoison(debugfs))
-    with mounted(TRACEFS) as tracefs:
-        fields.update(_probe_tracing(tracefs))
-    report = HostReport(**fields)
-    _log.info("host report: %s", report.to_dict())
-    return report
+    """This host's report, probed lazily: each group runs the first time one of its facts is read.
+
+    Cheap to call; leaves no mount, event or process. ``missing("kvm_boots_linux")`` runs the
+    KVM probes only; the MADV_HWPOISON child runs only for ``hwpoison`` (or a full table).
+    """
+    return _LazyHostReport(_PROBES)
+
+
+def first_missing(report: HostReport, requirements: Iterable[str]) -> str | None:
+    """The sentence of the first unmet requirement, in the given order, or None."""
+    for name in requirements:
+        sentence = report.missing(name)
+        if sentence is not None:
+            return sentence
+    return None

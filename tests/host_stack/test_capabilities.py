@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
 import os
+import subprocess
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
+from host_stack import capabilities
 from host_stack import kvm_uapi as u
-from host_stack.capabilities import REQUIREMENTS, HostReport, probe_host
+from host_stack.capabilities import REQUIREMENTS, HostReport, first_missing, probe_host
 from host_stack.kernelfs import TRACEFS, find_mount, mounted
 from host_stack.kvm import KvmIoctlError, KvmSystem
 from host_stack.linux_boot_probe import probe_linux_boot
@@ -24,12 +30,37 @@ def report() -> HostReport:
     return probe_host()
 
 
-def test_probe_leaves_no_mount_event_or_child() -> None:
+def _threads_left_by(call: Callable[[], object], monkeypatch: pytest.MonkeyPatch) -> set[int]:
+    """Thread ids ``call`` created that are still alive after it returned.
+
+    Counting every entry of /proc/self/task is flaky: a thread of somebody else (pytest, an
+    earlier test's reader finishing late) may start or end meanwhile. Owned are the threads
+    this thread started during the call (Python threads, recorded at ``start``) and native
+    threads that appeared during the call and are no Python thread of somebody else.
+    """
+    caller = threading.current_thread()
+    ours: list[threading.Thread] = []
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if threading.current_thread() is caller:
+            ours.append(self)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    before = {int(t) for t in os.listdir("/proc/self/task")}
+    call()
+    after = {int(t) for t in os.listdir("/proc/self/task")}
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    foreign = {t.native_id for t in threading.enumerate() if t not in ours}
+    return (after - before) - foreign
+
+
+def test_probe_leaves_no_mount_event_or_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     mounts_before = Path("/proc/self/mounts").read_text()
-    children_before = set(os.listdir(f"/proc/{os.getpid()}/task"))
-    probe_host()
+    assert _threads_left_by(lambda: probe_host().rows(), monkeypatch) == set()
     assert Path("/proc/self/mounts").read_text() == mounts_before
-    assert set(os.listdir(f"/proc/{os.getpid()}/task")) == children_before
+    assert not _live_children(), "expected no child process left by the probes"
     with mounted(TRACEFS) as tracefs:
         if tracefs is None:
             pytest.skip("no tracefs to inspect")
@@ -37,6 +68,110 @@ def test_probe_leaves_no_mount_event_or_child() -> None:
             path = tracefs / name
             if path.exists():
                 assert "gmemtest_" not in path.read_text(), f"{name} keeps a probe event"
+
+
+def _live_children() -> list[int]:
+    """Live children of this process (from /proc, no psutil needed)."""
+    me = str(os.getpid())
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                if stat.rsplit(")", 1)[1].split()[1] == me:
+                    kids.append(int(entry))
+    return kids
+
+
+def test_thread_accounting_ignores_a_thread_started_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flake, reproduced: another thread starts a thread while probe_host runs."""
+    go, started, stop = threading.Event(), threading.Event(), threading.Event()
+
+    def foreign_owner() -> None:
+        go.wait(10)
+        threading.Thread(target=stop.wait, args=(10,), name="not-probe-host", daemon=True).start()
+        started.set()
+
+    owner = threading.Thread(target=foreign_owner, daemon=True)
+    owner.start()
+    real_vendor = capabilities._vendor_module
+
+    def vendor_and_foreign_thread() -> str | None:
+        go.set()
+        started.wait(10)
+        return real_vendor()
+
+    monkeypatch.setattr(capabilities, "_vendor_module", vendor_and_foreign_thread)
+    tasks_before = set(os.listdir("/proc/self/task"))
+    try:
+        assert _threads_left_by(lambda: probe_host().rows(), monkeypatch) == set()
+        # the old whole-process count would have seen the foreign thread as a leak:
+        assert set(os.listdir("/proc/self/task")) != tasks_before
+    finally:
+        stop.set()
+        owner.join(10)
+
+
+def test_thread_accounting_catches_a_thread_the_call_leaves(monkeypatch: pytest.MonkeyPatch) -> None:
+    stop = threading.Event()
+    leaker = threading.Thread(target=stop.wait, args=(10,), daemon=True)
+    try:
+        left = _threads_left_by(lambda: leaker.start(), monkeypatch)  # noqa: PLW0108 - bind after patching
+        assert left == {leaker.native_id}
+    finally:
+        stop.set()
+        leaker.join(10)
+
+
+def test_asking_for_kvm_boots_linux_runs_no_hwpoison_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probing is lazy per capability: only ``hwpoison`` may poison a scratch page."""
+
+    def no_child(*args: object, **kwargs: object) -> NoReturn:
+        raise AssertionError(f"expected no MADV_HWPOISON child for kvm_boots_linux, got subprocess.run{args}")
+
+    monkeypatch.setattr(subprocess, "run", no_child)
+    report = probe_host()
+    sentence = report.missing("kvm_boots_linux")
+    assert sentence is None or "KVM" in sentence or "/dev/kvm" in sentence
+    report.missing("guest_memfd_mmap")
+    assert "hwpoison" not in getattr(report, "probed", ())
+
+
+def test_asking_for_hwpoison_runs_only_that_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+
+    def recorder(group: str) -> Callable[[], dict[str, object]]:
+        def probe() -> dict[str, object]:
+            calls.append(group)
+            return {}
+
+        return probe
+
+    for group in ("kvm", "kvm_boots_linux", "debugfs", "tracing"):
+        monkeypatch.setitem(capabilities._PROBES, group, recorder(group))
+    report = probe_host()
+    assert report.missing("hwpoison") == report.hwpoison_reason
+    assert calls == [] and report.probed == ("hwpoison",)  # type: ignore[attr-defined]
+    report.rows()
+    assert sorted(calls) == ["debugfs", "kvm", "kvm_boots_linux", "tracing"]
+
+
+FLAGS_0 = HostReport(
+    kernel_release="7.3.4-amd64", kvm_device=True, kvm_reason=None, kvm_vendor_module="kvm_amd",
+    kvm_api_version=12, cap_guest_memfd=1, guest_memfd_flags=0,
+)  # fmt: skip
+
+
+def test_guest_memfd_without_mmap_or_init_shared_is_a_sentence() -> None:
+    assert FLAGS_0.missing("guest_memfd") is None
+    assert FLAGS_0.missing("guest_memfd_mmap") == (
+        "host KVM cannot mmap guest_memfd: KVM_CAP_GUEST_MEMFD_FLAGS 0x0 lacks GUEST_MEMFD_FLAG_MMAP"
+    )
+    init_shared = str(FLAGS_0.missing("guest_memfd_init_shared"))
+    assert "KVM_CAP_GUEST_MEMFD_FLAGS 0x0 lacks GUEST_MEMFD_FLAG_INIT_SHARED" in init_shared
+    mmap_only = dataclasses.replace(FLAGS_0, guest_memfd_flags=u.GUEST_MEMFD_FLAG_MMAP)
+    assert mmap_only.missing("guest_memfd_mmap") is None and mmap_only.missing("guest_memfd_init_shared")
+    assert first_missing(FLAGS_0, ("kvm", "guest_memfd", "guest_memfd_mmap")) == FLAGS_0.missing("guest_memfd_mmap")
 
 
 def test_kernel_and_vendor_module(report: HostReport) -> None:
