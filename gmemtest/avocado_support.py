@@ -18,7 +18,6 @@ from gmemtest.scenarios import get_scenario
 from guests.profiles import get_profile
 from images.build import build_default_image
 
-
 # Avocado's per-test timeout for a guest scenario: three boot-and-run attempts (a missed
 # user-mode SRAR is retried) of about 10 s each here, with room for a loaded machine.
 GUEST_TEST_TIMEOUT_S = 240

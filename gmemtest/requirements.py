@@ -2,7 +2,8 @@
 
 Names without a prefix are host capabilities (host_stack.capabilities); `qemu:NAME` asks the
 QEMU binary itself (an object type such as `qemu:sev-snp-guest`, `qemu:guest-memfd` for the
-memory-backend property, `qemu:accel-tcg`). Both reports are probed once per process.
+memory-backend property, `qemu:accel-tcg`, `qemu:kvm-start`: a real, paused KVM start). Every
+KVM profile needs `qemu:kvm-start`. Each report is probed once per process.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import functools
 from collections.abc import Iterable
 
 from host_stack.capabilities import HostReport, probe_host
-from qmp_helpers import QemuCapabilities, QemuError, probe_qemu
+from qmp_helpers import QemuCapabilities, QemuError, kvm_start_refusal, probe_qemu, resolve_binary
 
 
 @functools.cache
@@ -28,6 +29,23 @@ def qemu_report(binary: str = "qemu-system-x86_64") -> QemuCapabilities | str:
         return f"QEMU binary {binary!r} could not be probed: {exc}"
 
 
+def kvm_start_report(binary: str) -> str | None:
+    """Why ``binary`` cannot start a KVM guest here (probed once per resolved binary), or None."""
+    try:
+        path = resolve_binary(binary)
+    except QemuError as exc:
+        return str(exc)
+    return _kvm_start_report(path)
+
+
+@functools.cache
+def _kvm_start_report(path: str) -> str | None:
+    try:
+        return kvm_start_refusal(path)
+    except QemuError as exc:
+        return f"{path} could not be started to probe KVM: {exc}"
+
+
 def _qemu_missing(name: str, caps: QemuCapabilities) -> str | None:
     qemu = f"{caps.binary} (QEMU {'.'.join(map(str, caps.version))})"
     if name.startswith("accel-"):
@@ -35,6 +53,8 @@ def _qemu_missing(name: str, caps: QemuCapabilities) -> str | None:
         if accel not in caps.accelerators:
             return f"{qemu} has no {accel} accelerator (it offers: {', '.join(caps.accelerators)})"
         return None
+    if name == "kvm-start":
+        return kvm_start_report(caps.binary)
     if name == "guest-memfd":
         if not any(caps.guest_memfd_property.values()):
             return (f"{qemu} has no 'guest-memfd' property on "
@@ -44,7 +64,7 @@ def _qemu_missing(name: str, caps: QemuCapabilities) -> str | None:
         if not caps.object_types[name]:
             return f"{qemu} has no '{name}' object type (QOM says so)"
         return None
-    raise ValueError(f"unknown QEMU requirement 'qemu:{name}'; valid: accel-<name>, guest-memfd, "
+    raise ValueError(f"unknown QEMU requirement 'qemu:{name}'; valid: accel-<name>, kvm-start, guest-memfd, "
                      f"{', '.join(caps.object_types)}")
 
 
@@ -53,7 +73,7 @@ def unmet_requirements(names: Iterable[str], *, binary: str = "qemu-system-x86_6
     """One sentence per unmet requirement; empty when everything the names ask for is here."""
     unmet: list[str] = []
     caps = qemu_report(binary)
-    wanted = [f"qemu:accel-{accel}", *names]
+    wanted = [f"qemu:accel-{accel}", *(["qemu:kvm-start"] if accel == "kvm" else []), *names]
     for name in wanted:
         if name.startswith("qemu:"):
             if isinstance(caps, str):

@@ -24,7 +24,7 @@ from .hmp import HMP_ERROR_SHAPES, hmp_error_shape
 from .machine import QemuMachine, resolve_binary
 from .mce import MCE_BANKS, MCE_KINDS, MceInjection, MceKind, mce_kind
 from .process import find_tagged_qemus, reap_orphans
-from .qemu_caps import QemuCapabilities, probe_qemu, validate_args
+from .qemu_caps import QemuCapabilities, kvm_start_refusal, probe_qemu, validate_args
 
 __all__ = (  # noqa: RUF022 - curated order, most important first
     # Classes, most to least important
@@ -39,6 +39,7 @@ __all__ = (  # noqa: RUF022 - curated order, most important first
     "MCE_BANKS",
     "probe_qemu",
     "validate_args",
+    "kvm_start_refusal",
     "reap_orphans",
     "find_tagged_qemus",
     "resolve_binary",

@@ -112,3 +112,24 @@ def validate_args(binary: str, args: Sequence[str], timeout: float = 10.0) -> st
         finally:
             machine.shutdown(timeout=2.0)
     return None
+
+
+# The smallest KVM guest QEMU will build: what a KVM profile needs before anything of its own.
+KVM_START_ARGS = ("-accel", "kvm", "-cpu", "host", "-machine", "q35", "-nodefaults", "-m", "128",
+                  "-display", "none")
+
+
+def kvm_start_refusal(binary: str = "qemu-system-x86_64", timeout: float = 10.0) -> str | None:
+    """Why ``binary`` cannot start a KVM guest on this host, from a real (paused) start; None if it can.
+
+    That /dev/kvm opens says nothing about whether QEMU can use it: on an AMD host with a
+    PVM-based KVM, QEMU aborts while it sets up the vCPU ("failed to set MSR 0x10a ...
+    kvm_buf_set_msrs: Assertion ... failed"), on an Intel one of the same kind it starts. Only
+    starting QEMU tells, so the answer is probed, never derived from the CPU vendor.
+    """
+    error = validate_args(binary, KVM_START_ARGS, timeout=timeout)
+    if error is None:
+        return None
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    return (f"{binary} cannot start a KVM guest on this host (a paused '{' '.join(KVM_START_ARGS[:4])}' "
+            f"start failed): {' | '.join(lines[:3]) or 'no message'}")

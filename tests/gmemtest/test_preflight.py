@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +48,33 @@ def test_cli_preflight_json_covers_every_profile(capsys: pytest.CaptureFixture[s
     for name, entry in report["profiles"].items():
         assert entry["runnable"] == (not entry["unmet"]), name
     assert report["host"]["kernel_release"]
+
+
+def test_a_qemu_that_aborts_under_kvm_is_a_reason_not_an_assertion(tmp_path: Path) -> None:
+    """The AMD/PVM abort, reproduced by a wrapper: every KVM profile CANNOT RUN with its text."""
+    import shutil
+
+    from gmemtest.preflight import preflight_report, render_table
+    from gmemtest.requirements import kvm_start_report
+
+    real = shutil.which("qemu-system-x86_64")
+    if real is None:
+        pytest.skip("qemu-system-x86_64 not installed")
+    fake = tmp_path / "qemu-system-x86_64"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'case " $* " in *" -accel kvm "*)\n'
+        "  echo 'qemu-system-x86_64: error: failed to set MSR 0x10a to 0xc000069' >&2\n"
+        "  echo 'kvm_buf_set_msrs: Assertion `ret == cpu->kvm_msr_buf->nmsrs'\"'\"' failed.' >&2\n"
+        "  exit 134;;\n"
+        f'esac\nexec {real} "$@"\n')
+    fake.chmod(0o755)
+    refusal = kvm_start_report(str(fake))
+    assert refusal is not None and "failed to set MSR 0x10a" in refusal, refusal
+    report = preflight_report(str(fake))
+    for name in ("kvm-default", "kvm-gmem", "kvm-sev-snp", "kvm-tdx"):
+        assert report["profiles"][name]["runnable"] is False
+        assert refusal in report["profiles"][name]["unmet"], report["profiles"][name]
+    for name in ("tcg-default", "tcg-smp2-broadcast"):
+        assert not any("KVM guest" in u for u in report["profiles"][name]["unmet"]), report["profiles"][name]
+    assert "failed to set MSR 0x10a" in render_table(report)
