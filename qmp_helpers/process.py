@@ -24,7 +24,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -180,15 +180,19 @@ def find_tagged_qemus() -> dict[int, str]:
     return found
 
 
-def reap_orphans(timeout: float = 5.0) -> list[int]:
+def reap_orphans(timeout: float = 5.0, *, only: Iterable[int] | None = None) -> list[int]:
     """SIGKILL tagged QEMUs whose parent is not the launcher named in their tag.
 
     A QEMU is an orphan when its launcher died (it was reparented, so its ppid no longer
-    equals the pid in the tag). Returns the pids killed; waits up to ``timeout`` for them
-    to disappear.
+    equals the pid in the tag). ``only`` limits the sweep to those pids (a test judging its
+    own QEMUs must not kill another job's). Returns the pids killed; waits up to ``timeout``
+    for them to disappear.
     """
     killed: list[int] = []
+    allowed = None if only is None else set(only)
     for pid, tag in find_tagged_qemus().items():
+        if allowed is not None and pid not in allowed:
+            continue
         match = _TAG_RE.fullmatch(tag)
         if match is None or _ppid(pid) == int(match.group(1)):
             continue

@@ -34,6 +34,29 @@ def image() -> GuestImage:
     return build_default_image()
 
 
+def _ppid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # fields after comm: state ppid ...
+
+
+def _qemus_descending_from(ancestor: int) -> set[int]:
+    """Tagged QEMUs started below ``ancestor``: the job under test, not another job on the machine."""
+    found = set()
+    for pid in find_tagged_qemus():
+        cur: int | None = pid
+        for _ in range(64):
+            cur = _ppid(cur) if cur is not None else None
+            if cur is None or cur <= 1:
+                break
+            if cur == ancestor:
+                found.add(pid)
+                break
+    return found
+
+
 def _our_qemus() -> set[int]:
     return {pid for pid, tag in find_tagged_qemus().items() if tag.startswith(f"gmemtest-{os.getpid()}-")}
 
@@ -97,7 +120,7 @@ def test_sigkilled_avocado_job_leaves_no_qemu(image: GuestImage, tmp_path: Path)
         deadline = time.monotonic() + 60
         started: set[int] = set()
         while time.monotonic() < deadline and not started:
-            started = set(find_tagged_qemus())
+            started = _qemus_descending_from(job.pid)
             time.sleep(0.1)
         assert started, "the avocado job never started a QEMU"
         os.kill(job.pid, signal.SIGKILL)

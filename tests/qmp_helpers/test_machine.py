@@ -193,7 +193,6 @@ def test_missing_binary(tmp_path: Path) -> None:
 
 
 def test_bad_argument_reports_stderr(tmp_path: Path) -> None:
-    before = set(find_tagged_qemus())
     machine = QemuMachine([*BASE_ARGS, "-no-such-option"], tmp_path / "m")
     with pytest.raises(QemuLaunchError) as err:
         machine.launch()
@@ -201,7 +200,7 @@ def test_bad_argument_reports_stderr(tmp_path: Path) -> None:
     assert "-no-such-option: invalid option" in str(err.value)
     assert err.value.returncode == 1
     assert "invalid option" in machine.stderr_log.read_text()
-    assert set(find_tagged_qemus()) <= before
+    assert machine.tag not in find_tagged_qemus().values(), "the failed QEMU is still running"
     assert not (tmp_path / "m" / "qmp.sock").exists()
     assert [t.name for t in threading.enumerate() if t.name.startswith("q")] == [], \
         "QMP loop or launcher thread outlived a failed launch"
@@ -292,7 +291,8 @@ def test_reap_orphans_kills_only_orphans(tmp_path: Path) -> None:
             deadline = time.monotonic() + 5
             while orphan.pid not in find_tagged_qemus() and time.monotonic() < deadline:
                 time.sleep(0.05)
-            killed = reap_orphans()
+            # Only this test's two QEMUs are judged: a parallel job's orphans are not ours to kill.
+            killed = reap_orphans(only={orphan.pid, ours.pid})
             assert killed == [orphan.pid], f"expected to reap only {orphan.pid}, got {killed}"
             assert orphan.wait(5) == -signal.SIGKILL
             assert ours.running() and ours.status() == "prelaunch"
