@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import pytest
 
 from host_stack import gmem_layout as gl
+from host_stack import kvm_uapi as u
 from host_stack import vmm
+from host_stack.capabilities import HostReport, first_missing
 from host_stack.kvm import KvmSystem
 
 
@@ -48,22 +53,72 @@ def test_classify_backing_fails_on_wrong_gfn_mixed_or_garbage() -> None:
     assert vmm.classify_backing(LAYOUT, _reads({0x20: 0xDEAD}))[0] == "unexpected"
 
 
-@pytest.mark.kvm
-@pytest.mark.usefixtures("no_fd_leak")
-def test_every_slot_maps_the_index_the_oracle_predicts(kvm_system: KvmSystem) -> None:
-    result = vmm.run_oracle_mapping(kvm_system)
-    assert result.ok, result.mismatches
-    assert len(result.reads) == sum(s.npages for s in LAYOUT)
+def _all(values: Callable[[int, int], int]) -> list[vmm.GuestRead]:
+    return [
+        vmm.GuestRead(g, values(g, gl.index_for_gfn(LAYOUT, g) or 0))
+        for s in LAYOUT
+        for g in range(s.base_gfn, s.gfn_end)
+    ]
+
+
+def test_oracle_check_is_not_meaningful_when_userspace_addr_serves() -> None:
+    """Decoy markers at every gfn: the gfn -> index translation was never used, so no PASS."""
+    status, problems, reason = vmm.judge_oracle_mapping(LAYOUT, _all(lambda g, i: vmm.anon_marker(i)))
+    assert (status, problems) == ("not_meaningful", [])
+    assert "served from each slot's userspace_addr" in reason and vmm.FINDING_ID in reason
+
+
+def test_oracle_check_passes_only_on_the_guest_memfd_markers_of_the_oracle() -> None:
+    assert vmm.judge_oracle_mapping(LAYOUT, _all(lambda g, i: vmm.gmem_marker(i))) == ("pass", [], "")
+    status, problems, _ = vmm.judge_oracle_mapping(LAYOUT, _all(lambda g, i: vmm.gmem_marker(g)))  # seed: index = gfn
+    assert status == "fail" and "gfn 0x20: expected 0x474d0002 (index 2), got 0x474d0020" in problems[0]
+    assert vmm.judge_oracle_mapping(LAYOUT, [])[0] == "fail"
+
+
+def test_punch_hole_judgement_distinguishes_the_three_outcomes() -> None:
+    hole = gl.gfn_for_index(LAYOUT, 9)
+    assert hole == 0x41
+    gm = _all(lambda g, i: vmm.gmem_marker(i))
+    punched = _all(lambda g, i: 0 if g == hole else vmm.gmem_marker(i))
+    anon = _all(lambda g, i: vmm.anon_marker(i))
+    assert vmm.judge_punch_hole(LAYOUT, hole, gm, punched) == ("pass", [], "")
+    status, _, reason = vmm.judge_punch_hole(LAYOUT, hole, anon, anon)
+    assert status == "not_meaningful" and "punch-hole check" in reason
+    # the hole falls back to the decoy view: a failure naming what was read
+    fallback = _all(lambda g, i: vmm.anon_marker(i) if g == hole else vmm.gmem_marker(i))
+    status, problems, _ = vmm.judge_punch_hole(LAYOUT, hole, gm, fallback)
+    assert status == "fail" and "expected 0x00000000 (zero (punched)), got 0x414e0009 (userspace_addr" in problems[0]
 
 
 @pytest.mark.kvm
 @pytest.mark.usefixtures("no_fd_leak")
-@pytest.mark.parametrize("index", [2, 9, 21])
-def test_punch_hole_seen_at_exactly_the_oracle_gfn(kvm_system: KvmSystem, index: int) -> None:
-    result = vmm.run_punch_hole(kvm_system, index)
-    assert result.ok, result.mismatches
-    zeros = [r.gfn for r in result.after if r.value == 0]
-    assert zeros == [gl.gfn_for_index(LAYOUT, index)]
+def test_oracle_and_punch_checks_pass_only_where_guest_memfd_serves(kvm_system: KvmSystem) -> None:
+    """Here (PVM) the slots are served from userspace_addr: both checks must say so, not PASS."""
+    backing = vmm.run_backing_source(kvm_system)
+    mapping = vmm.run_oracle_mapping(kvm_system)
+    hole = vmm.run_punch_hole(kvm_system, 9)
+    assert len(mapping.reads) == sum(s.npages for s in LAYOUT)
+    expected = {"guest_memfd": "pass", "userspace_addr": "not_meaningful"}[backing.behaviour]
+    assert (mapping.status, hole.status) == (expected, expected), (mapping.to_json(), hole.to_json())
+    assert mapping.ok == hole.ok == (expected == "pass")
+    if expected == "not_meaningful":
+        assert backing.finding is not None and backing.finding.id == vmm.FINDING_ID
+        assert vmm.FINDING_ID in mapping.reason and vmm.FINDING_ID in hole.reason
+    else:
+        assert [r.gfn for r in hole.after if r.value == 0] == [0x41]
+
+
+def test_host_requirements_cancel_without_mmap_init_shared() -> None:
+    flags_0 = HostReport(
+        kernel_release="7.3.4-amd64", kvm_device=True, kvm_reason=None, kvm_vendor_module="kvm_amd",
+        kvm_api_version=12, cap_guest_memfd=1, guest_memfd_flags=0,
+    )  # fmt: skip
+    sentence = first_missing(flags_0, vmm.HOST_REQUIREMENTS)
+    assert sentence == "host KVM cannot mmap guest_memfd: KVM_CAP_GUEST_MEMFD_FLAGS 0x0 lacks GUEST_MEMFD_FLAG_MMAP"
+    mmap_only = dataclasses.replace(flags_0, guest_memfd_flags=u.GUEST_MEMFD_FLAG_MMAP)
+    assert "lacks GUEST_MEMFD_FLAG_INIT_SHARED" in str(first_missing(mmap_only, vmm.HOST_REQUIREMENTS))
+    both = dataclasses.replace(flags_0, guest_memfd_flags=u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED)
+    assert first_missing(both, vmm.HOST_REQUIREMENTS) is None
 
 
 @pytest.mark.kvm
