@@ -7,10 +7,20 @@ reports gfn 9 (the file index) and, for a 2 MiB folio, 512 signals with lsb 12.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
 import pytest
 
 from host_stack import kvm_uapi as u
+from host_stack import mm_uapi as m
 from host_stack import seed_regression as sr
+from host_stack.capabilities import HostReport
 from host_stack.vmm import DEFAULT_LAYOUT
 
 SLOT_HVA = {1: 0x7F0000000000, 2: 0x7F0000100000, 3: 0x7F0000200000}
@@ -119,3 +129,105 @@ def test_live_regression_runs_or_names_what_is_missing(kvm_unavailable: str | No
         assert exc.reason  # the sentence the Avocado test cancels with
         pytest.skip(exc.reason)
     assert result.ok, result.to_json()
+    assert result.warnings == (), f"expected every poisoned frame unpoisoned, got {result.warnings}"
+
+
+# --- the live path's plumbing, with stand-in children (this host cannot poison) -------------
+READY = '{"event": "ready", "layout": [], "slot_hva": {}, "gmem_map_addr": 0, "index": 9, "tid": 1, "t_mono_ns": 0}'
+INJECTED = (
+    '{"event": "injected", "t_mono_ns": 1, "record": {"method": "madvise", "pid": 1, "va": 4096, '
+    '"pfn": 4660, "length": 4096, "t_start_ns": 1, "t_end_ns": 2, "t_wall_ns": 3}}'
+)
+
+
+@pytest.fixture
+def standin_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """Make the seed child a shell script; it records its pid so the test can always kill it.
+
+    ``via_executable`` swaps ``sys.executable`` (what every version of the live path runs;
+    the witness would run it too, so only for tests that never get that far), otherwise the
+    child's argv.
+    """
+    pidfile = tmp_path / "child.pid"
+    monkeypatch.setattr(sr, "CHILD_TIMEOUT", 2.0)
+
+    def use(body: str, *, via_executable: bool = False) -> None:
+        script = tmp_path / "child.sh"
+        script.write_text(f"#!/bin/sh\necho $$ > {pidfile}\n{body}\n")
+        script.chmod(0o755)
+        if via_executable:
+            monkeypatch.setattr(sys, "executable", str(script))
+        else:
+            monkeypatch.setattr(sr, "_child_argv", lambda mode: [str(script), mode])
+
+    yield use
+    if pidfile.exists():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+
+
+def _observe_within(seconds: float, **kwargs: object) -> BaseException | sr._ChildRun:
+    """Run ``_observe('guest')`` in a thread: a hang is a test failure, not a hung suite."""
+    outcome: list[BaseException | sr._ChildRun] = []
+
+    def run() -> None:
+        try:
+            outcome.append(sr._observe("guest", **kwargs))  # type: ignore[arg-type]
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"expected _observe to give up within {seconds}s, it still waits on the child"
+    return outcome[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the witness needs ptrace rights over the child")
+def test_a_silent_child_times_out_with_its_stderr(standin_child: Callable[..., None]) -> None:
+    standin_child("echo 'Traceback: TinyVm exploded' >&2\nexec sleep 600", via_executable=True)
+    outcome = _observe_within(15)
+    assert isinstance(outcome, sr.SeedChildError), f"expected SeedChildError, got {outcome!r}"
+    text = str(outcome)
+    assert "expected a 'ready' event within 2.0s" in text and "Traceback: TinyVm exploded" in text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the witness needs ptrace rights over the child")
+def test_a_child_that_hangs_after_injecting_is_still_unpoisoned(
+    standin_child: Callable[..., None], tmp_path: Path
+) -> None:
+    debugfs = tmp_path / "standin-debugfs"  # a stand-in for debugfs, named as such
+    (debugfs / "hwpoison").mkdir(parents=True)
+    (debugfs / m.HWPOISON_UNPOISON_PFN).write_text("")
+    standin_child(f"echo '{READY}'\nread go\necho '{INJECTED}'\nexec sleep 600")
+    outcome = _observe_within(15, debugfs=debugfs)
+    assert isinstance(outcome, sr.SeedChildError), f"expected SeedChildError, got {outcome!r}"
+    assert (debugfs / m.HWPOISON_UNPOISON_PFN).read_text() == "0x1234", "expected unpoison in finally"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the witness needs ptrace rights over the child")
+def test_a_failed_unpoison_is_a_warning_of_the_run(standin_child: Callable[..., None], tmp_path: Path) -> None:
+    debugfs = tmp_path / "standin-debugfs"
+    (debugfs / m.HWPOISON_UNPOISON_PFN).mkdir(parents=True)  # a directory: the write fails
+    standin_child(f"echo '{READY}'\nread go\necho '{INJECTED}'")
+    run = _observe_within(15, debugfs=debugfs)
+    assert isinstance(run, sr._ChildRun), f"expected a finished run, got {run!r}"
+    (warning,) = run.cleanup_warnings
+    assert "pfn 0x1234" in warning and "unpoison-pfn 0x1234 failed" in warning
+    # and when the run fails too, the warning rides on the exception
+    standin_child(f"echo '{READY}'\nread go\necho '{INJECTED}'\necho 'not json'")
+    outcome = _observe_within(15, debugfs=debugfs)
+    assert isinstance(outcome, sr.SeedChildError) and "not json" in str(outcome)
+    assert any("unpoison-pfn 0x1234 failed" in note for note in getattr(outcome, "__notes__", []))
+
+
+def test_a_host_without_mmap_init_shared_cancels_the_seed() -> None:
+    flags_0 = HostReport(
+        kernel_release="7.3.4-amd64", kvm_device=True, kvm_reason=None, kvm_vendor_module="kvm_amd",
+        kvm_api_version=12, cap_guest_memfd=1, guest_memfd_flags=0,
+    )  # fmt: skip
+    with pytest.raises(sr.SeedCancelled) as exc:
+        sr.run_seed_regression(report=flags_0)
+    assert exc.value.reason == (
+        "host KVM cannot mmap guest_memfd: KVM_CAP_GUEST_MEMFD_FLAGS 0x0 lacks GUEST_MEMFD_FLAG_MMAP"
+    )
