@@ -275,6 +275,21 @@ class KvmSystem(_FdOwner):
         fd = _ioctl(self.fd, u.KVM_CREATE_VM, vm_type, {"vm_type": vm_type})
         return Vm(self, fd, vm_type)
 
+    def supported_cpuid(self) -> list[u.KvmCpuidEntry2]:
+        """``KVM_GET_SUPPORTED_CPUID``: the CPUID this KVM can give a vCPU (for KVM_SET_CPUID2)."""
+        nent = 64
+        while True:
+            buf = u.kvm_cpuid2(nent)
+            try:
+                _ioctl(self.fd, u.KVM_GET_SUPPORTED_CPUID, buf, {"nent": nent})
+            except KvmIoctlError as exc:
+                if exc.errno == errno.E2BIG and nent < u.KVM_MAX_CPUID_ENTRIES * 4:
+                    nent *= 2  # the kernel needs more room than offered
+                    continue
+                raise
+            entries = getattr(buf, "entries")  # noqa: B009 - a field of a per-size ctypes class
+            return [u.KvmCpuidEntry2.from_buffer_copy(entries[i]) for i in range(buf.nent)]
+
 
 class Vm(_FdOwner):
     """A VM fd; creates guest_memfds, memslots and vCPUs."""
@@ -587,6 +602,14 @@ class Vcpu(_FdOwner):
 
     def set_sregs(self, sregs: u.KvmSregs) -> None:
         _ioctl(self.fd, u.KVM_SET_SREGS, sregs, {"cr0": sregs.cr0, "cs_base": sregs.cs.base})
+
+    def set_cpuid2(self, entries: list[u.KvmCpuidEntry2]) -> None:
+        """``KVM_SET_CPUID2``; upstream KVM refuses EFER.LME in KVM_SET_SREGS until the vCPU has LM."""
+        buf = u.kvm_cpuid2(len(entries))
+        target = getattr(buf, "entries")  # noqa: B009 - a field of a per-size ctypes class
+        for i, entry in enumerate(entries):
+            target[i] = entry
+        _ioctl(self.fd, u.KVM_SET_CPUID2, buf, {"nent": len(entries)})
 
     def run(self) -> VcpuExit:
         """One ``KVM_RUN``; returns the typed exit.

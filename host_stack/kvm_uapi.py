@@ -22,6 +22,8 @@ __all__ = [
     "EHWPOISON",
     "EXIT_REASON_NAMES",
     "IOCTL_NAMES",
+    "KvmCpuid2",
+    "KvmCpuidEntry2",
     "KvmCreateGuestMemfd",
     "KvmDtable",
     "KvmMemoryAttributes",
@@ -35,6 +37,7 @@ __all__ = [
     "check_layouts",
     "ioc",
     "ioc_size",
+    "kvm_cpuid2",
 ]
 
 # --- include/uapi/asm-generic/ioctl.h: _IOC(dir, type, nr, size) ---------------------------
@@ -140,6 +143,52 @@ class KvmPreFaultMemory(ctypes.Structure):
         ("flags", ctypes.c_uint64),
         ("padding", ctypes.c_uint64 * 5),
     )
+
+
+class KvmCpuidEntry2(ctypes.Structure):
+    """``struct kvm_cpuid_entry2`` (asm/kvm.h), 40 bytes."""
+
+    _fields_ = (
+        ("function", ctypes.c_uint32),
+        ("index", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("eax", ctypes.c_uint32),
+        ("ebx", ctypes.c_uint32),
+        ("ecx", ctypes.c_uint32),
+        ("edx", ctypes.c_uint32),
+        ("padding", ctypes.c_uint32 * 3),
+    )
+
+
+class KvmCpuid2(ctypes.Structure):
+    """``struct kvm_cpuid2`` (asm/kvm.h) without its flexible ``entries[]``: 8 bytes.
+
+    The ioctl numbers encode only this header's size; ``kvm_cpuid2(n)`` builds the header
+    followed by ``n`` entries, the buffer the kernel really reads and writes.
+    """
+
+    _fields_ = (("nent", ctypes.c_uint32), ("padding", ctypes.c_uint32))
+
+
+def kvm_cpuid2(nent: int) -> ctypes.Structure:
+    """A ``struct kvm_cpuid2`` with room for ``nent`` entries, ``nent`` already set."""
+
+    class _KvmCpuid2N(ctypes.Structure):
+        _fields_ = (
+            ("nent", ctypes.c_uint32),
+            ("padding", ctypes.c_uint32),
+            ("entries", KvmCpuidEntry2 * nent),
+        )
+
+    buf = _KvmCpuid2N()
+    buf.nent = nent
+    return buf
+
+
+# CPUID leaf 0x80000001 EDX bit 29: long mode (LM); KVM refuses EFER.LME without it.
+CPUID_EXT_FEATURES: Final = 0x80000001
+CPUID_EXT_EDX_LM: Final = 1 << 29
+KVM_MAX_CPUID_ENTRIES: Final = 256  # arch/x86/include/asm/kvm_host.h
 
 
 class KvmRegs(ctypes.Structure):
@@ -319,6 +368,7 @@ KVM_GET_API_VERSION: Final = ioc(IOC_NONE, 0x00, 0)
 KVM_CREATE_VM: Final = ioc(IOC_NONE, 0x01, 0)
 KVM_CHECK_EXTENSION: Final = ioc(IOC_NONE, 0x03, 0)  # also a VM ioctl
 KVM_GET_VCPU_MMAP_SIZE: Final = ioc(IOC_NONE, 0x04, 0)
+KVM_GET_SUPPORTED_CPUID: Final = ioc(IOC_READ | IOC_WRITE, 0x05, ctypes.sizeof(KvmCpuid2))
 # VM ioctls
 KVM_CREATE_VCPU: Final = ioc(IOC_NONE, 0x41, 0)
 KVM_SET_USER_MEMORY_REGION: Final = ioc(IOC_WRITE, 0x46, ctypes.sizeof(KvmUserspaceMemoryRegion))
@@ -334,12 +384,14 @@ KVM_SET_REGS: Final = ioc(IOC_WRITE, 0x82, ctypes.sizeof(KvmRegs))
 KVM_GET_SREGS: Final = ioc(IOC_READ, 0x83, ctypes.sizeof(KvmSregs))
 KVM_SET_SREGS: Final = ioc(IOC_WRITE, 0x84, ctypes.sizeof(KvmSregs))
 KVM_PRE_FAULT_MEMORY: Final = ioc(IOC_READ | IOC_WRITE, 0xD5, ctypes.sizeof(KvmPreFaultMemory))
+KVM_SET_CPUID2: Final = ioc(IOC_WRITE, 0x90, ctypes.sizeof(KvmCpuid2))
 
 IOCTL_NAMES: Final[dict[int, str]] = {
     KVM_GET_API_VERSION: "KVM_GET_API_VERSION",
     KVM_CREATE_VM: "KVM_CREATE_VM",
     KVM_CHECK_EXTENSION: "KVM_CHECK_EXTENSION",
     KVM_GET_VCPU_MMAP_SIZE: "KVM_GET_VCPU_MMAP_SIZE",
+    KVM_GET_SUPPORTED_CPUID: "KVM_GET_SUPPORTED_CPUID",
     KVM_CREATE_VCPU: "KVM_CREATE_VCPU",
     KVM_SET_USER_MEMORY_REGION: "KVM_SET_USER_MEMORY_REGION",
     KVM_SET_TSS_ADDR: "KVM_SET_TSS_ADDR",
@@ -353,6 +405,7 @@ IOCTL_NAMES: Final[dict[int, str]] = {
     KVM_GET_SREGS: "KVM_GET_SREGS",
     KVM_SET_SREGS: "KVM_SET_SREGS",
     KVM_PRE_FAULT_MEMORY: "KVM_PRE_FAULT_MEMORY",
+    KVM_SET_CPUID2: "KVM_SET_CPUID2",
 }
 
 # --- capabilities (kvm.h, KVM_CAP_*) ---------------------------------------------------------
@@ -470,6 +523,8 @@ _EXPECTED_SIZES: Final[dict[str, tuple[type[ctypes.Structure | ctypes.Union], in
     "kvm_segment": (KvmSegment, 24),
     "kvm_dtable": (KvmDtable, 16),
     "kvm_sregs": (KvmSregs, 312),
+    "kvm_cpuid_entry2": (KvmCpuidEntry2, 40),
+    "kvm_cpuid2 (header)": (KvmCpuid2, 8),
     "kvm_run exit union": (KvmRunExit, 256),
 }
 # Literal numbers as printed by the kernel headers' expansion (and measured on a 6.x host).
@@ -483,6 +538,8 @@ KNOWN_IOCTL_NUMBERS: Final[dict[str, int]] = {
     "KVM_SET_REGS": 0x4090AE82,
     "KVM_GET_SREGS": 0x8138AE83,
     "KVM_SET_SREGS": 0x4138AE84,
+    "KVM_GET_SUPPORTED_CPUID": 0xC008AE05,
+    "KVM_SET_CPUID2": 0x4008AE90,
     "KVM_RUN": 0xAE80,
 }
 

@@ -9,6 +9,11 @@ store, HLT) that proves a long-mode payload runs at all, then ``lock cmpxchg16b`
 ordinary data page. Measured here: the control reaches HLT, the cmpxchg16b ends in an
 emulation failure (on a data page as well as on a page-table page); hardware-assisted KVM
 executes it natively and reaches HLT. The vendor module name alone would not prove this.
+
+Long mode needs a CPUID first: upstream KVM refuses ``KVM_SET_SREGS`` with EFER.LME (EINVAL)
+until ``KVM_SET_CPUID2`` gave the vCPU a CPUID with LM; the PVM development host accepts it
+without. So each vCPU gets ``KVM_GET_SUPPORTED_CPUID``'s entries before its sregs, as QEMU
+and the KVM selftests do.
 """
 
 from __future__ import annotations
@@ -94,7 +99,8 @@ def _describe(exit_: VcpuExit) -> str:
     return type(exit_).__name__
 
 
-def _long_mode(vcpu: Vcpu) -> None:
+def _long_mode(vcpu: Vcpu, cpuid: list[u.KvmCpuidEntry2]) -> None:
+    vcpu.set_cpuid2(cpuid)  # before KVM_SET_SREGS: EFER.LME needs CPUID.80000001h:EDX.LM
     sregs = vcpu.get_sregs()
     code = u.KvmSegment(base=0, limit=0xFFFFFFFF, selector=8, type=11, present=1, dpl=0, db=0, s=1, l=1, g=1)
     data = u.KvmSegment(base=0, limit=0xFFFFFFFF, selector=16, type=3, present=1, dpl=0, db=1, s=1, l=0, g=1)
@@ -113,6 +119,9 @@ def _long_mode(vcpu: Vcpu) -> None:
 
 
 def _run_once(system: KvmSystem, payload: bytes) -> str:
+    cpuid = system.supported_cpuid()
+    if not any(e.function == u.CPUID_EXT_FEATURES and e.edx & u.CPUID_EXT_EDX_LM for e in cpuid):
+        return "no long mode in KVM_GET_SUPPORTED_CPUID (leaf 0x80000001 EDX.LM clear)"
     with (
         HostMapping.anonymous(_MEM_SIZE, "boot probe memory") as mem,
         system.create_vm() as vm,
@@ -122,7 +131,7 @@ def _run_once(system: KvmSystem, payload: bytes) -> str:
         mem.write_u64(_PD, 0 | _PDE_PS | _PTE_P_RW)
         mem.write(_CODE, payload)
         with vm.add_memslot(0, 0, _MEM_SIZE, mem.addr), vm.create_vcpu(0) as vcpu:
-            _long_mode(vcpu)
+            _long_mode(vcpu, cpuid)
             return _describe(vcpu.run())
 
 
