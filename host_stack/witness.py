@@ -34,6 +34,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -286,6 +287,7 @@ class SigbusWitness:
         self._agent_done = False
         self._error: str | None = None
         self._agent: subprocess.Popen[bytes] | None = None
+        self._agent_stderr: tempfile._TemporaryFileWrapper[bytes] | None = None
         self._reader: threading.Thread | None = None
 
     @property
@@ -323,10 +325,14 @@ class SigbusWitness:
         pkg_root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
+        # The tracer's stderr (a traceback if it crashes) goes to a file nobody has to drain,
+        # and is quoted in the error that its failure raises.
+        self._agent_stderr = tempfile.NamedTemporaryFile(prefix="gmemtest-witness-", suffix=".stderr")  # noqa: SIM115
         self._agent = subprocess.Popen(
             [sys.executable, "-m", "host_stack.witness", str(self.pid)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
+            stderr=self._agent_stderr,
             env=env,
         )
         self._reader = threading.Thread(target=self._read_agent, name=f"sigbus-witness-{self.pid}", daemon=True)
@@ -335,16 +341,38 @@ class SigbusWitness:
             self._cond.wait_for(lambda: self._attached or self._agent_done, self.attach_timeout)
             attached, error = self._attached, self._error
         if not attached:
-            self.stop()
+            status = self._agent.poll()
+            self.stop(keep_stderr=True)
+            stderr = self.agent_stderr()
+            self._close_stderr()
+            why = error or (
+                f"the tracer exited with status {status}" if status is not None
+                else f"no answer within {self.attach_timeout}s"
+            )  # fmt: skip
             raise WitnessError(
                 errno.EPERM if error else errno.ETIMEDOUT,
-                f"could not attach to pid {self.pid}: " + (error or f"no answer within {self.attach_timeout}s"),
+                f"could not attach to pid {self.pid}: {why}"
+                + (f"; tracer stderr: {stderr}" if stderr else "; tracer stderr is empty"),
             )
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def agent_stderr(self, limit: int = 2000) -> str:
+        """The tracer process's stderr so far (its traceback, if it crashed)."""
+        if self._agent_stderr is None:
+            return ""
+        with open(self._agent_stderr.name, "rb") as f:
+            return f.read().decode(errors="replace").strip()[-limit:]
+
+    def _close_stderr(self) -> None:
+        stderr, self._agent_stderr = self._agent_stderr, None
+        if stderr is not None:
+            stderr.close()
+
+    def stop(self, timeout: float = 10.0, *, keep_stderr: bool = False) -> None:
         """Detach from every live thread and reap the tracer process."""
         agent, self._agent = self._agent, None
         if agent is None:
+            if not keep_stderr:
+                self._close_stderr()
             return
         try:
             if agent.poll() is None:
@@ -358,6 +386,10 @@ class SigbusWitness:
                 self._reader.join(timeout)
             if agent.stdout is not None:
                 agent.stdout.close()
+            if agent.returncode not in (0, -signal.SIGTERM) and (stderr := self.agent_stderr()):
+                _log.error("witness of pid %d: tracer exited %s: %s", self.pid, agent.returncode, stderr)
+            if not keep_stderr:
+                self._close_stderr()
 
     def __enter__(self) -> Self:
         self.start()

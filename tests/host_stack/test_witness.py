@@ -243,3 +243,17 @@ def test_tracer_detaches_when_its_caller_dies() -> None:
         assert rc == HANDLER_EXIT and any(e["event"] == "sigbus" for e in events), events
     finally:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def test_a_crashing_tracer_fails_attach_with_its_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tracer's stderr (its traceback) is kept in the error, not lost on a terminal."""
+    tracer = tmp_path / "tracer.sh"
+    tracer.write_text("#!/bin/sh\necho 'Traceback: ptrace exploded' >&2\nexit 1\n")
+    tracer.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(tracer))
+    t0 = time.monotonic()
+    with pytest.raises(WitnessError) as exc:
+        SigbusWitness(os.getpid(), attach_timeout=5.0).start()
+    assert "Traceback: ptrace exploded" in str(exc.value), str(exc.value)
+    assert "exited with status 1" in str(exc.value)
+    assert time.monotonic() - t0 < 5.0, "expected the tracer's death to be noticed before the attach timeout"
