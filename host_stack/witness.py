@@ -339,9 +339,12 @@ class SigbusWitness:
         self._reader.start()
         with self._cond:
             self._cond.wait_for(lambda: self._attached or self._agent_done, self.attach_timeout)
-            attached, error = self._attached, self._error
+            attached, error, done = self._attached, self._error, self._agent_done
         if not attached:
-            status = self._agent.poll()
+            status = None
+            if done:  # its output ended: it is exiting, give it a moment to be reaped
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    status = self._agent.wait(2.0)
             self.stop(keep_stderr=True)
             stderr = self.agent_stderr()
             self._close_stderr()
