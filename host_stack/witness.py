@@ -134,6 +134,9 @@ class _Tracer:
         self.ptrace = _Ptrace()
         self.tids: set[int] = set()
         self.stop_requested = False
+        # The caller, taken before "attached" is emitted: a caller that dies right after
+        # reading it must still be noticed (read later, the subreaper would be taken for it).
+        self.parent = os.getppid()
 
     def _list_tids(self) -> set[int]:
         try:
@@ -162,7 +165,7 @@ class _Tracer:
     def loop(self) -> None:
         """Poll every tracee until the target is gone or a stop was requested."""
         sleep = _IDLE_SLEEP_MIN
-        parent = os.getppid()
+        parent = self.parent
         while self.tids:
             if os.getppid() != parent:  # the caller died: do not keep its target traced
                 self.stop_requested = True

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -222,6 +222,19 @@ os._exit(0)  # die while witnessing
 PR_SET_CHILD_SUBREAPER = 36
 
 
+def _reap_within(pid: int, timeout: float) -> int:
+    """waitpid with a deadline: a tracer that never detaches fails the test, never hangs it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got, status = os.waitpid(pid, os.WNOHANG)
+        if got == pid:
+            return status
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"expected the orphaned tracer {pid} to detach and exit within {timeout}s; killed it")
+
+
 def test_tracer_detaches_when_its_caller_dies() -> None:
     """A crashed caller must not leave its target traced; the orphaned tracer detaches."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -234,7 +247,7 @@ def test_tracer_detaches_when_its_caller_dies() -> None:
                 env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
             )  # fmt: skip
             agent = int(out.stdout.split()[0])
-            _, status = os.waitpid(agent, 0)  # reparented to us; exits after detaching
+            status = _reap_within(agent, 30.0)  # reparented to us; exits after detaching
             tids = [int(t) for t in os.listdir(f"/proc/{c.pid}/task")]
             assert [_tracer_pid(t) for t in tids] == [0] * len(tids)
             assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, hex(status)
@@ -257,3 +270,25 @@ def test_a_crashing_tracer_fails_attach_with_its_stderr(tmp_path: Path, monkeypa
     assert "Traceback: ptrace exploded" in str(exc.value), str(exc.value)
     assert "exited with status 1" in str(exc.value)
     assert time.monotonic() - t0 < 5.0, "expected the tracer's death to be noticed before the attach timeout"
+
+
+def test_a_caller_that_dies_right_after_attach_is_still_noticed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tracer learns its caller before announcing the attach, not when its loop starts.
+
+    Read at loop start, a caller that died in between (it exits as soon as it read "attached")
+    was already replaced by the subreaper, and the tracer kept the target traced forever.
+    """
+    from host_stack import witness
+
+    tracer = witness._Tracer(os.getpid(), lambda _event: None)  # the caller is known from here
+    tracer.tids = {os.getpid()}
+    detached: list[bool] = []
+    monkeypatch.setattr(tracer, "detach_all", lambda: detached.append(True))
+    monkeypatch.setattr(witness.os, "getppid", lambda: 1)  # the caller died before loop() began
+
+    def no_children(*_args: object) -> NoReturn:
+        raise ChildProcessError
+
+    monkeypatch.setattr(witness.os, "waitpid", no_children)
+    tracer.loop()
+    assert detached == [True], "expected the orphaned tracer to detach from its target"
