@@ -106,24 +106,36 @@ def _marker_target(marker: Path) -> Path | None:
 
 
 def _enter(fstype: str, default: Path, lock_dir: Path, anywhere: bool) -> tuple[Path | None, int | None]:
-    """Under the guard: find or mount, then take the shared users lock. Returns (mount, fd)."""
+    """Under the guard: find or mount, then take the shared users lock. Returns (mount, fd).
+
+    The users file is opened before anything is mounted, so a caller that may not open it
+    (not root) fails before it changed anything.
+    """
     marker = lock_dir / f"{fstype}.mounted"
-    with _guard(lock_dir, fstype):
-        existing = find_mount(fstype, None if anywhere else default)
-        recorded = _marker_target(marker)
-        if recorded is not None and recorded != existing:
-            _log.info("removing stale marker %s (names %s, mounted: %s)", marker, recorded, existing)
-            marker.unlink(missing_ok=True)
-        if existing is None:
-            try:
-                _mount(fstype, default)
-            except OSError as exc:
-                _log.debug("cannot mount %s: %s", fstype, exc)
-                return None, None
-            marker.write_text(f"{default}\n")
-            existing = default
-            _log.debug("mounted %s at %s", fstype, default)
-        return existing, _open_locked(lock_dir / f"{fstype}.users", fcntl.LOCK_SH)
+    users = os.open(lock_dir / f"{fstype}.users", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    keep = False
+    try:
+        with _guard(lock_dir, fstype):
+            existing = find_mount(fstype, None if anywhere else default)
+            recorded = _marker_target(marker)
+            if recorded is not None and recorded != existing:
+                _log.info("removing stale marker %s (names %s, mounted: %s)", marker, recorded, existing)
+                marker.unlink(missing_ok=True)
+            if existing is None:
+                try:
+                    _mount(fstype, default)
+                except OSError as exc:
+                    _log.debug("cannot mount %s: %s", fstype, exc)
+                    return None, None
+                marker.write_text(f"{default}\n")
+                existing = default
+                _log.debug("mounted %s at %s", fstype, default)
+            fcntl.flock(users, fcntl.LOCK_SH)
+            keep = True
+            return existing, users
+    finally:
+        if not keep:
+            os.close(users)
 
 
 def _leave(fstype: str, lock_dir: Path, users_fd: int) -> None:
@@ -149,9 +161,7 @@ def _leave(fstype: str, lock_dir: Path, users_fd: int) -> None:
 
 
 @contextlib.contextmanager
-def mounted(
-    fs: tuple[str, Path], *, lock_dir: Path = LOCK_DIR, anywhere: bool = True
-) -> Iterator[Path | None]:
+def mounted(fs: tuple[str, Path], *, lock_dir: Path = LOCK_DIR, anywhere: bool = True) -> Iterator[Path | None]:
     """Yield the mount point of ``fs`` (mounting it if needed and allowed), else None.
 
     None means it could not be mounted (no such file system, not root, ...): callers turn
@@ -162,14 +172,14 @@ def mounted(
     fstype, default = fs
     try:
         lock_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        where, users_fd = _enter(fstype, default, lock_dir, anywhere)
     except OSError as exc:
-        # Whoever cannot create the lock directory cannot mount either: use what is there.
+        # Whoever cannot use the lock files (not root) cannot mount either: use what is there.
         if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
-        _log.debug("no lock directory %s (%s): not mounting %s", lock_dir, exc.strerror, fstype)
+        _log.debug("no lock files in %s (%s): not mounting %s", lock_dir, exc.strerror, fstype)
         yield find_mount(fstype, None if anywhere else default)
         return
-    where, users_fd = _enter(fstype, default, lock_dir, anywhere)
     if users_fd is None:
         yield None
         return

@@ -7,6 +7,7 @@ second user is a separate process, as a parallel Avocado job would be.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -18,6 +19,8 @@ import pytest
 from host_stack.kernelfs import _mount, _umount, find_mount, mounted
 
 REPO = Path(__file__).resolve().parents[2]
+MS_RDONLY = 1  # include/uapi/linux/mount.h
+MS_REMOUNT = 32
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
 
 _USER = """
@@ -108,3 +111,25 @@ def test_a_stale_marker_without_a_mount_is_removed(scratch: tuple[tuple[str, Pat
         assert where == fs[1]
         assert (locks / "tmpfs.mounted").read_text().strip() == str(fs[1])
     assert find_mount("tmpfs", fs[1]) is None
+
+
+def test_a_job_that_may_not_create_lock_files_gets_what_is_mounted_without_error(
+    scratch: tuple[tuple[str, Path], Path], tmp_path: Path
+) -> None:
+    """As for a non-root job: the lock directory exists but no lock file can be created.
+
+    (Root bypasses permission bits, so a read-only file system stands in for them.)
+    """
+    fs, _locks = scratch
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    _mount("tmpfs", ro)
+    try:
+        (ro / "gmemtest").mkdir()
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.mount(b"nodev", os.fsencode(ro), b"tmpfs", MS_REMOUNT | MS_RDONLY, None) == 0, ctypes.get_errno()
+        with mounted(fs, lock_dir=ro / "gmemtest", anywhere=False) as where:
+            assert where is None, f"expected no mount without lock files, got {where}"
+        assert find_mount("tmpfs", fs[1]) is None
+    finally:
+        _umount(ro)
