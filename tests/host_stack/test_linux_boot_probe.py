@@ -19,7 +19,7 @@ def test_cpuid_structs_match_the_header_and_ioctl_numbers() -> None:
     assert u.ioc_size(u.KVM_SET_CPUID2) == 8 == u.ioc_size(u.KVM_GET_SUPPORTED_CPUID)
     assert (u.KVM_SET_CPUID2, u.KVM_GET_SUPPORTED_CPUID) == (0x4008AE90, 0xC008AE05)
     buf = u.kvm_cpuid2(3)
-    assert type(buf).entries.offset == 8 and len(bytes(buf)) == 8 + 3 * 40  # type: ignore[attr-defined]
+    assert type(buf).entries.offset == 8 and len(bytes(buf)) == 8 + 3 * 40
 
 
 @pytest.mark.kvm

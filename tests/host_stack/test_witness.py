@@ -284,11 +284,11 @@ def test_a_caller_that_dies_right_after_attach_is_still_noticed(monkeypatch: pyt
     tracer.tids = {os.getpid()}
     detached: list[bool] = []
     monkeypatch.setattr(tracer, "detach_all", lambda: detached.append(True))
-    monkeypatch.setattr(witness.os, "getppid", lambda: 1)  # the caller died before loop() began
+    monkeypatch.setattr(os, "getppid", lambda: 1)  # the caller died before loop() began
 
     def no_children(*_args: object) -> NoReturn:
         raise ChildProcessError
 
-    monkeypatch.setattr(witness.os, "waitpid", no_children)
+    monkeypatch.setattr(os, "waitpid", no_children)
     tracer.loop()
     assert detached == [True], "expected the orphaned tracer to detach from its target"
