@@ -14,6 +14,7 @@ import base64
 import hashlib
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -253,8 +254,8 @@ class SshSession:
         out: list[bytes] = []
         err: list[bytes] = []
         try:
+            _exec_with_deadline(channel, command, timeout)
             channel.settimeout(0.0)
-            channel.exec_command(command)
             while True:
                 progressed = False
                 while channel.recv_ready():
@@ -303,7 +304,7 @@ class SshSession:
         """
         try:
             channel = self._transport().open_session(timeout=timeout)
-            channel.exec_command(command)
+            _exec_with_deadline(channel, command, timeout)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise SshError(f"starting {command!r} over SSH to {self.host}:{self.port} failed: "
                            f"{type(exc).__name__}: {exc}") from exc
@@ -322,6 +323,33 @@ class SshSession:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _exec_with_deadline(channel: paramiko.Channel, command: str, timeout: float) -> None:
+    """``exec_command`` with a deadline: paramiko waits for the server's reply without one.
+
+    A guest that dies between the channel opening and the exec reply (a panic) keeps its TCP
+    connection open behind SLIRP, and ``exec_command`` would wait for ever. Closing the channel
+    wakes it; that is reported as a :class:`CommandTimeoutError`.
+    """
+    fired = threading.Event()
+
+    def expire() -> None:
+        fired.set()
+        channel.close()
+
+    timer = threading.Timer(timeout, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        channel.exec_command(command)
+    except paramiko.SSHException as exc:
+        if fired.is_set():
+            raise CommandTimeoutError(f"the server did not accept command {command!r} within "
+                                      f"{timeout}s (the guest may have died)") from exc
+        raise
+    finally:
+        timer.cancel()
 
 
 def _format_tail(console_log: Path | None, tail: list[str]) -> str:

@@ -217,3 +217,44 @@ def test_failing_ready_gate_reports_console(tmp_path: Path) -> None:
 ])
 def test_not_ready_classification(exc: BaseException, retry: bool) -> None:
     assert is_not_ready_error(exc) is retry
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def test_a_server_that_stops_answering_gives_ssh_errors_within_the_deadline(dropbear: Dropbear) -> None:
+    """A guest that dies mid-session (its TCP stays open behind SLIRP) must not hang run() or start().
+
+    The dropbear child serving this session is SIGSTOPped: it holds the connection and answers nothing,
+    which is what a panicked guest looks like from here. paramiko's own exec wait has no deadline.
+    """
+    import os
+    import signal
+
+    from guests.ssh import SshError
+
+    with SshSession.connect("127.0.0.1", dropbear.port, dropbear.client.private, deadline_s=15) as ssh:
+        assert ssh.run_checked("true", timeout=10).exit_status == 0
+        assert dropbear.proc is not None
+        before = set()
+        todo = [dropbear.proc.pid]
+        while todo:
+            pid = todo.pop()
+            kids = _children(pid)
+            before.update(kids)
+            todo.extend(kids)
+        servers = [p for p in before if Path(f"/proc/{p}/comm").read_text().strip() == "dropbear"]
+        assert servers, "no per-connection dropbear child found"
+        for pid in servers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            for call in (lambda: ssh.run("true", timeout=1.0), lambda: ssh.start("true", timeout=1.0)):
+                t0 = time.monotonic()
+                with pytest.raises(SshError):
+                    call()
+                assert time.monotonic() - t0 < 5, "the deadline was not kept"
+        finally:
+            for pid in servers:
+                os.kill(pid, signal.SIGCONT)
