@@ -32,7 +32,10 @@ from images.build import GuestImage
 
 _LOG = logging.getLogger(__name__)
 
-Status = Literal["PASS", "FAIL", "CANNOT RUN", "ERROR"]
+Status = Literal["PASS", "FAIL", "CANNOT RUN", "NOT MEANINGFUL", "ERROR"]
+# host_stack's scenario outcomes in the report's words. "not meaningful" is a check that ran but
+# could not discriminate on this host (e.g. gmem slots served from userspace_addr): never a pass.
+_SCENARIO_STATUS: dict[str, Status] = {"pass": "PASS", "fail": "FAIL", "not_meaningful": "NOT MEANINGFUL"}
 
 
 @dataclass
@@ -61,7 +64,7 @@ class Qualification:
 
     @property
     def incomplete(self) -> bool:
-        return any(i.status == "CANNOT RUN" for i in self.items)
+        return any(i.status in ("CANNOT RUN", "NOT MEANINGFUL") for i in self.items)
 
     @property
     def outcome(self) -> str:
@@ -141,14 +144,16 @@ def _host_checks(r: _Report) -> None:
 
         def mapping() -> Item:
             result = vmm.run_oracle_mapping(system)
-            return Item("host", HOST_CHECKS[1], "PASS" if result.ok else "FAIL",
-                        f"{len(result.reads)} gfns read over {len(result.layout)} slots", list(result.mismatches))
+            return Item("host", HOST_CHECKS[1], _SCENARIO_STATUS[result.status],
+                        result.reason or f"{len(result.reads)} gfns read over {len(result.layout)} slots",
+                        list(result.mismatches))
 
         def hole() -> Item:
             index = vmm.DEFAULT_LAYOUT[1].gmem_pgoff + 1
             result = vmm.run_punch_hole(system, index)
-            return Item("host", HOST_CHECKS[2], "PASS" if result.ok else "FAIL",
-                        f"file index {index} -> gfn {result.expected_gfn:#x}", list(result.mismatches))
+            return Item("host", HOST_CHECKS[2], _SCENARIO_STATUS[result.status],
+                        result.reason or f"file index {index} -> gfn {result.expected_gfn:#x}",
+                        list(result.mismatches))
 
         def backing() -> Item:
             result = vmm.run_backing_source(system)
@@ -171,8 +176,11 @@ def _seed(r: _Report) -> None:
         except SeedCancelled as exc:
             return Item("host", SEED_ITEM, "CANNOT RUN", exc.reason)
         messages = result.guest_verdict.messages + result.user_verdict.messages
+        warnings = [f"WARNING: {w}" for w in result.warnings]  # e.g. a frame left poisoned
         return Item("host", SEED_ITEM, "PASS" if result.ok else "FAIL",
-                    "both the guest access and the userspace touch judged", list(messages))
+                    "both the guest access and the userspace touch judged"
+                    + (f"; {len(warnings)} clean-up warning(s)" if warnings else ""),
+                    [*warnings, *messages])
 
     r.guarded("host", SEED_ITEM, check)
 

@@ -12,7 +12,7 @@ h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid 
 table{border-collapse:collapse;width:100%;font-size:.92em}td,th{border:1px solid #ddd;padding:4px 8px;
 vertical-align:top;text-align:left}th{background:#f4f4f4}
 .PASS{color:#176f2c;font-weight:600}.FAIL,.ERROR{color:#b00020;font-weight:600}
-.CANNOT{color:#8a5a00;font-weight:600}.finding{background:#fff6e0;border-left:4px solid #e0a000;
+.CANNOT,.NOT{color:#8a5a00;font-weight:600}.finding{background:#fff6e0;border-left:4px solid #e0a000;
 padding:.5em 1em;margin:.5em 0}pre{white-space:pre-wrap;margin:.3em 0;font-size:.9em}
 .banner{padding:.6em 1em;font-size:1.1em}.ok{background:#e6f4ea}.bad{background:#fde7e9}
 .incomplete{background:#fff6e0}

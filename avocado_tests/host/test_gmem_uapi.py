@@ -7,6 +7,7 @@ from pathlib import Path
 
 from avocado import Test
 
+from gmemtest.avocado_support import HOST_TEST_TIMEOUT_S
 from host_stack.gmem_uapi_cases import CASES, run_case
 from host_stack.kvm import KvmSystem, probe_vm_creation
 
@@ -17,6 +18,8 @@ class GmemUapi(Test):  # type: ignore[misc]  # avocado is untyped
 
     :avocado: tags=host,gmem,uapi,kvm
     """
+
+    timeout = HOST_TEST_TIMEOUT_S
 
     def test_cases(self) -> None:
         reason = probe_vm_creation()

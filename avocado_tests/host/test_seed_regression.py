@@ -7,6 +7,7 @@ from pathlib import Path
 
 from avocado import Test
 
+from gmemtest.avocado_support import HOST_TEST_TIMEOUT_S
 from host_stack.kvm import probe_vm_creation
 from host_stack.seed_regression import SeedCancelled, run_seed_regression
 
@@ -20,6 +21,8 @@ class SeedRegression(Test):  # type: ignore[misc]  # avocado is untyped
 
     :avocado: tags=host,gmem,hwpoison,seed,kvm
     """
+
+    timeout = HOST_TEST_TIMEOUT_S
 
     def test_poisoned_gmem_page(self) -> None:
         reason = probe_vm_creation()

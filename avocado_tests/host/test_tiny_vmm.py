@@ -9,6 +9,7 @@ from typing import Any
 
 from avocado import Test
 
+from gmemtest.avocado_support import HOST_TEST_TIMEOUT_S
 from host_stack import vmm
 from host_stack.capabilities import first_missing, probe_host
 from host_stack.kvm import KvmSystem, probe_vm_creation
@@ -23,6 +24,8 @@ class TinyVmm(Test):  # type: ignore[misc]  # avocado is untyped
 
     :avocado: tags=host,gmem,vmm,kvm
     """
+
+    timeout = HOST_TEST_TIMEOUT_S
 
     def setUp(self) -> None:
         reason = probe_vm_creation() or first_missing(probe_host(), vmm.HOST_REQUIREMENTS)
