@@ -170,6 +170,13 @@ def _cmd_labhost_run(args: argparse.Namespace) -> int:
         print("gmemtest labhost run: name the command after '--', e.g. "
               "gmemtest labhost run -- ls /dev/kvm", file=sys.stderr)
         return EXIT_USAGE
+    env: dict[str, str] = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            print(f"gmemtest labhost run: --env {item!r} must be NAME=VALUE", file=sys.stderr)
+            return EXIT_USAGE
+        env[name] = value
     out = Path(args.results) if args.results else (
         Path("gmemtest-labhost-runs") / time.strftime("%Y%m%d-%H%M%S"))
     t0 = time.monotonic()
@@ -190,7 +197,7 @@ def _cmd_labhost_run(args: argparse.Namespace) -> int:
     try:
         result, timings = run_in_labhost(
             image, argv, out / "labhost", share_dir=out / "results", timeout=args.timeout,
-            on_output=stream, boot_timeout_s=args.boot_timeout, binary=args.qemu)
+            on_output=stream, env=env, boot_timeout_s=args.boot_timeout, binary=args.qemu)
     except LabhostTimeout as exc:
         print(f"gmemtest labhost run: timeout: {exc}", file=sys.stderr)
         status = EXIT_LABHOST_TIMEOUT
@@ -294,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds from launch to L1 ready (default 90)")
     q.add_argument("--results", help="directory for results/ (L1's $GMEMTEST_RESULTS), labhost/ "
                    "(console, output, dmesg) and summary.json (default: ./gmemtest-labhost-runs/<timestamp>)")
+    q.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="add to the command's otherwise clean environment (repeatable)")
     q.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary")
     q.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
     q.set_defaults(func=_cmd_labhost_run)

@@ -1,7 +1,8 @@
 """Debian packages as build inputs: resolve candidates, download, verify, extract.
 
-Versions come from the machine's apt configuration at build time (the candidate
-version), never from what happens to be installed on the host: the host's libc
+Versions come from an apt configuration at build time (the candidate version): the
+machine's own, or a private one (:func:`private_apt`) that adds a suite for downloads
+only. Never from what happens to be installed on the host: the host's libc
 may be newer than the suite the guest is assembled from. apt's own SHA256 of each
 ``.deb`` is part of the pin, so a cached download is checked against the index it
 was resolved from. Extraction is ``dpkg-deb -x`` into a plain directory: no root,
