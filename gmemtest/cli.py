@@ -13,9 +13,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gmemtest.scenarios import SCENARIOS, get_scenario, scenario_names
+
+if TYPE_CHECKING:
+    from images.labhost import KernelSource, LabhostImage
 
 LOG = logging.getLogger("gmemtest")
 
@@ -119,7 +122,7 @@ def _cmd_qualify(args: argparse.Namespace) -> int:
 EXIT_LABHOST_TIMEOUT, EXIT_LABHOST_ERROR = 124, 125
 
 
-def _kernel_source(args: argparse.Namespace) -> Any:
+def _kernel_source(args: argparse.Namespace) -> KernelSource:
     from images.labhost import DebianKernel, KernelDebs, KernelTree
 
     if args.kernel_debs and args.kernel_tree:
@@ -132,7 +135,7 @@ def _kernel_source(args: argparse.Namespace) -> Any:
     return DebianKernel(args.kernel_suite, args.kernel_version)
 
 
-def _labhost_image(args: argparse.Namespace) -> Any:
+def _labhost_image(args: argparse.Namespace) -> LabhostImage:
     from images.labhost import build_labhost_image
 
     return build_labhost_image(args.cache, _kernel_source(args), force=args.force)
