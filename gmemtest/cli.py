@@ -13,8 +13,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from gmemtest.scenarios import SCENARIOS, get_scenario, scenario_names
+
+if TYPE_CHECKING:
+    from images.labhost import KernelSource, LabhostImage
 
 LOG = logging.getLogger("gmemtest")
 
@@ -111,6 +115,125 @@ def _cmd_qualify(args: argparse.Namespace) -> int:
     return {"FAILED": EXIT_FAIL, "INCOMPLETE": EXIT_UNMET}.get(q.outcome, EXIT_PASS)
 
 
+# Like timeout(1) and env(1): the command's own status passes through unchanged, so
+# these two mean "the command did not finish" and "the lab host itself failed".
+EXIT_LABHOST_TIMEOUT, EXIT_LABHOST_ERROR = 124, 125
+
+
+def _kernel_source(args: argparse.Namespace) -> KernelSource:
+    from images.labhost import DebianKernel, KernelDebs, KernelTree
+
+    if args.kernel_debs and args.kernel_tree:
+        raise ValueError("give --kernel-debs or --kernel-tree, not both")
+    if args.kernel_debs:
+        return KernelDebs(tuple(Path(p) for p in args.kernel_debs))
+    if args.kernel_tree:
+        vmlinuz, modules, config = (Path(p) for p in args.kernel_tree)
+        return KernelTree(vmlinuz, modules, config)
+    return DebianKernel(args.kernel_suite, args.kernel_version)
+
+
+def _labhost_image(args: argparse.Namespace) -> LabhostImage:
+    from images.labhost import build_labhost_image
+
+    return build_labhost_image(args.cache, _kernel_source(args), force=args.force)
+
+
+def _cmd_labhost_image(args: argparse.Namespace) -> int:
+    from images.build import BuildError
+    from images.debs import PackageError
+    from images.kconfig import KernelConfigError
+
+    t0 = time.monotonic()
+    try:
+        image = _labhost_image(args)
+    except (BuildError, PackageError, KernelConfigError) as exc:
+        print(f"gmemtest labhost image: {exc}", file=sys.stderr)
+        return EXIT_LABHOST_ERROR
+    if args.json:
+        print(json.dumps(image.as_json(), indent=2))
+    else:
+        state = "cache hit" if image.cache_hit else "built"
+        print(f"{state} in {time.monotonic() - t0:.2f}s: kernel {image.kernel_release} "
+              f"({image.kernel_source})\n  kernel   {image.kernel}\n  initrd   {image.initrd}\n"
+              f"  manifest {image.manifest}\n  modules  {' '.join(image.modules)}")
+    return EXIT_PASS
+
+
+def _cmd_labhost_run(args: argparse.Namespace) -> int:
+    from gmemtest.labhost import LabhostError, LabhostTimeout, run_in_labhost
+    from images.build import BuildError
+    from images.debs import PackageError
+    from images.kconfig import KernelConfigError
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        print("gmemtest labhost run: name the command after '--', e.g. "
+              "gmemtest labhost run -- ls /dev/kvm", file=sys.stderr)
+        return EXIT_USAGE
+    env: dict[str, str] = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            print(f"gmemtest labhost run: --env {item!r} must be NAME=VALUE", file=sys.stderr)
+            return EXIT_USAGE
+        env[name] = value
+    out = Path(args.results) if args.results else (
+        Path("gmemtest-labhost-runs") / time.strftime("%Y%m%d-%H%M%S"))
+    t0 = time.monotonic()
+    try:
+        image = _labhost_image(args)
+    except (BuildError, PackageError, KernelConfigError) as exc:
+        print(f"gmemtest labhost run: image: {exc}", file=sys.stderr)
+        return EXIT_LABHOST_ERROR
+    t_image = time.monotonic() - t0
+
+    def stream(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    summary: dict[str, Any] = {"argv": argv, "image_s": round(t_image, 3),
+                               "kernel_release": image.kernel_release}
+    status = EXIT_LABHOST_ERROR
+    try:
+        result, timings = run_in_labhost(
+            image, argv, out / "labhost", share_dir=out / "results", timeout=args.timeout,
+            on_output=stream, env=env, boot_timeout_s=args.boot_timeout, binary=args.qemu)
+    except LabhostTimeout as exc:
+        print(f"gmemtest labhost run: timeout: {exc}", file=sys.stderr)
+        status = EXIT_LABHOST_TIMEOUT
+        summary["error"] = str(exc)
+    except LabhostError as exc:
+        print(f"gmemtest labhost run: {exc}", file=sys.stderr)
+        summary["error"] = str(exc)
+    else:
+        status = result.returncode
+        summary |= {"returncode": result.returncode, "timings": timings.as_json()}
+    summary["wall_s"] = round(time.monotonic() - t0, 3)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    timing = summary.get("timings", {})
+    print(f"gmemtest labhost: exit {status}; image {t_image:.2f}s, L1 ready "
+          f"{timing.get('ready_s', float('nan')):.2f}s, total {summary['wall_s']:.2f}s; "
+          f"results {out}", file=sys.stderr)
+    return status
+
+
+def _add_kernel_options(p: argparse.ArgumentParser) -> None:
+    from images.labhost import DEFAULT_SUITE
+
+    p.add_argument("--kernel-suite", default=DEFAULT_SUITE,
+                   help=f"Debian suite of the L1 kernel (default: {DEFAULT_SUITE})")
+    p.add_argument("--kernel-version", default=None,
+                   help="kernel ABI version like 7.3.4+deb13 (default: the newest 7.x)")
+    p.add_argument("--kernel-debs", nargs="+", metavar="DEB", help="use these kernel .debs instead")
+    p.add_argument("--kernel-tree", nargs=3, metavar=("VMLINUZ", "MODULES_DIR", "CONFIG"),
+                   help="use a kernel you built: bzImage, lib/modules/<release>, .config")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="cache root (default: $GMEMTEST_CACHE or ~/.cache/gmemtest)")
+    p.add_argument("--force", action="store_true", help="rebuild the image even on a cache hit")
+
+
 def _cmd_reap(_args: argparse.Namespace) -> int:
     from qmp_helpers import reap_orphans
 
@@ -162,6 +285,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="gmemtest-qualification", help="report directory")
     p.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary")
     p.set_defaults(func=_cmd_qualify)
+
+    p = sub.add_parser("labhost", help="the lab host in a box: an L1 KVM host (kvm_amd, memory "
+                       "failure, hwpoison_inject) under TCG")
+    lab = p.add_subparsers(dest="labhost_command", required=True)
+    q = lab.add_parser("image", help="build (or reuse) the lab-host image")
+    _add_kernel_options(q)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_cmd_labhost_image)
+    q = lab.add_parser("run", help="boot L1, run COMMAND in a chroot of this machine's root, "
+                       "stream its output, return its exit status",
+                       usage="gmemtest labhost run [options] -- COMMAND [ARG...]")
+    _add_kernel_options(q)
+    q.add_argument("--timeout", type=float, default=600.0, help="seconds COMMAND may run (default 600)")
+    q.add_argument("--boot-timeout", type=float, default=90.0,
+                   help="seconds from launch to L1 ready (default 90)")
+    q.add_argument("--results", help="directory for results/ (L1's $GMEMTEST_RESULTS), labhost/ "
+                   "(console, output, dmesg) and summary.json (default: ./gmemtest-labhost-runs/<timestamp>)")
+    q.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="add to the command's otherwise clean environment (repeatable)")
+    q.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary")
+    q.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
+    q.set_defaults(func=_cmd_labhost_run)
 
     p = sub.add_parser("reap", help="kill QEMU processes left by a killed gmemtest run")
     p.set_defaults(func=_cmd_reap)

@@ -30,6 +30,7 @@ __all__ = [
     "kvm_gmem_profile",
     "kvm_sev_snp_profile",
     "kvm_tdx_profile",
+    "labhost_svm_profile",
     "profile_names",
 ]
 
@@ -169,6 +170,23 @@ def kvm_tdx_profile(firmware: Path = DEFAULT_OVMF, memory_mib: int = 1024) -> Gu
     )
 
 
+def labhost_svm_profile(memory_mib: int = 3072, smp: int = 2) -> GuestProfile:
+    """The lab host in a box (FACTS section 5): an L1 KVM host under TCG.
+
+    ``-cpu max`` under TCG is AuthenticAMD with svm and npt, so the L1 kernel's kvm_amd
+    runs nested guests; TCG has no VMX. Two vCPUs because one vCPU froze L1 for good in
+    7 of 18 runs that started a nested guest. ``-no-reboot`` turns an L1 panic
+    (``panic=-1``) into QEMU exiting, which the runner sees at once instead of waiting
+    for a deadline. The runner adds the 9p shares and the command-output serial port.
+    """
+    return GuestProfile(
+        name="labhost-svm", accel="tcg", machine="q35", cpu="max", smp=smp,
+        memory_mib=memory_mib, kernel_args=("console=ttyS0", "panic=-1", "loglevel=4"),
+        extra_args=("-nodefaults", "-no-reboot"),
+        description="TCG, AMD SVM+NPT, 2 vCPUs, 3 GiB: a nested KVM host with memory failure",
+    )
+
+
 def _builtin_profiles() -> dict[str, GuestProfile]:
     tcg_default = GuestProfile(
         name="tcg-default", accel="tcg", machine="q35", cpu="max,vendor=GenuineIntel", smp=1,
@@ -191,6 +209,7 @@ def _builtin_profiles() -> dict[str, GuestProfile]:
         kvm_gmem_profile(),
         kvm_sev_snp_profile(),
         kvm_tdx_profile(),
+        labhost_svm_profile(),
     ]
     return {p.name: p for p in profiles}
 

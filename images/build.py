@@ -25,13 +25,15 @@ from typing import TYPE_CHECKING, Any
 from images import debs, initramfs, kconfig, keys, kmod, manifest, vmlinux
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 __all__ = [
     "USERLAND_PACKAGES",
     "BuildError",
     "GuestImage",
     "build_default_image",
+    "build_lock",
+    "cached_build",
     "default_cache_root",
     "default_probe_source",
 ]
@@ -92,7 +94,8 @@ def default_probe_source() -> Path:
 
 
 @contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def build_lock(lock_path: Path) -> Iterator[None]:
+    """Exclusive flock on ``lock_path``: one builder per cache key at a time."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -108,6 +111,46 @@ def _locked(lock_path: Path) -> Iterator[None]:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cached_build(root: Path, key: str, build: Callable[[Path, Path], dict[str, Any]], *,
+                 force: bool = False, started: float | None = None) -> tuple[Path, dict[str, Any], bool]:
+    """The cache protocol every image shares; returns (image dir, manifest, cache hit).
+
+    Under the key's flock: a valid manifest whose outputs still hash right is a hit;
+    otherwise ``build(work, out)`` fills ``out`` and returns the manifest fields, and
+    ``out`` is renamed into place, so a reader sees no image or a complete one.
+    """
+    t0 = started if started is not None else time.monotonic()
+    images_dir = root / "images"
+    image_dir = images_dir / key[:24]
+    manifest_path = image_dir / manifest.MANIFEST_NAME
+    with build_lock(root / "locks" / f"{key[:24]}.lock"):
+        if not force and manifest_path.is_file():
+            try:
+                doc = manifest.read_manifest(manifest_path)
+                problems = manifest.verify_outputs(image_dir, doc)
+            except (ValueError, KeyError) as exc:
+                problems = [f"unreadable manifest: {exc}"]
+            if not problems and doc.get("key") == key:
+                _log.info("image cache hit %s (%.2f s)", image_dir, time.monotonic() - t0)
+                return image_dir, doc, True
+            _log.warning("cached image %s is invalid, rebuilding: %s", image_dir,
+                         "; ".join(problems))
+        images_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=images_dir, prefix=f".build-{key[:8]}-"))
+        try:
+            out = staging / "image"
+            out.mkdir()
+            doc = {"schema": manifest.SCHEMA, "key": key, **build(staging / "work", out)}
+            doc["build_seconds"] = round(time.monotonic() - t0, 2)
+            manifest.write_manifest(out / manifest.MANIFEST_NAME, doc)
+            if image_dir.exists():
+                os.replace(image_dir, staging / "stale")
+            os.replace(out, image_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return image_dir, doc, False
 
 
 def _image(image_dir: Path, doc: dict[str, Any], hit: bool,
@@ -138,18 +181,6 @@ def _kernel_release(kernel_root: Path, package: str) -> str:
     return found[0]
 
 
-def _write_kernel(bzimage: Path, dest: Path, *, pvh: bool) -> str:
-    """Write the kernel QEMU boots; return its format, ``pvh-elf`` or ``bzimage``."""
-    if pvh:
-        elf = vmlinux.extract_vmlinux(bzimage.read_bytes())
-        if vmlinux.has_pvh_entry(elf):
-            dest.write_bytes(elf)
-            return "pvh-elf"
-        _log.warning("%s: CONFIG_PVH=y but no PVH entry note; using the bzImage", bzimage)
-    shutil.copyfile(bzimage, dest)
-    return "bzimage"
-
-
 def _build(work: Path, out: Path, pins: tuple[debs.PackagePin, ...], deb_dir: Path,
            probe_source: Path) -> dict[str, Any]:
     """Build the outputs into ``out``; return the manifest fields this step knows."""
@@ -177,7 +208,7 @@ def _build(work: Path, out: Path, pins: tuple[debs.PackagePin, ...], deb_dir: Pa
     keys.dropbear_host_key(userland, host_key)
     authorized = keys.new_client_key(out / SSH_KEY_NAME)
 
-    kernel_format = _write_kernel(kernel_root / "boot" / f"vmlinuz-{release}",
+    kernel_format = vmlinux.write_boot_kernel(kernel_root / "boot" / f"vmlinuz-{release}",
                                   out / KERNEL_NAME, pvh=config.get("PVH") == "y")
     inputs = initramfs.InitramfsInputs(
         busybox=busybox_root / "bin" / "busybox", userland=userland, modules=modules,
@@ -220,48 +251,23 @@ def build_default_image(cache_root: Path | None = None, *, probe_source: Path | 
     builder = manifest.builder_source_hashes()
     probe_sha = _sha256(source)
     key = manifest.cache_key(pins, builder, probe_sha)
-    images_dir = root / "images"
-    image_dir = images_dir / key[:24]
-    manifest_path = image_dir / manifest.MANIFEST_NAME
 
-    with _locked(root / "locks" / f"{key[:24]}.lock"):
-        if not force and manifest_path.is_file():
-            try:
-                doc = manifest.read_manifest(manifest_path)
-                problems = manifest.verify_outputs(image_dir, doc)
-            except (ValueError, KeyError) as exc:
-                problems = [f"unreadable manifest: {exc}"]
-            if not problems and doc.get("key") == key:
-                _log.info("image cache hit %s (%.2f s)", image_dir, time.monotonic() - started)
-                return _image(image_dir, doc, True, pins)
-            _log.warning("cached image %s is invalid, rebuilding: %s", image_dir,
-                         "; ".join(problems))
-        images_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=images_dir, prefix=f".build-{key[:8]}-"))
-        try:
-            out = staging / "image"
-            out.mkdir()
-            fields = _build(staging / "work", out, pins, root / "debs", source)
-            doc = {
-                "schema": manifest.SCHEMA,
-                "key": key,
-                **fields,
-                "packages": [pin.as_json() for pin in pins],
-                "inputs": {
-                    "debs": {pin.filename: pin.sha256 for pin in pins},
-                    "probe_source": {"name": source.name, "sha256": probe_sha},
-                    "builder": builder,
-                },
-                "outputs": {name: _sha256(out / name)
-                            for name in (KERNEL_NAME, INITRD_NAME, SSH_KEY_NAME)},
-                "build_seconds": round(time.monotonic() - started, 2),
-            }
-            manifest.write_manifest(out / manifest.MANIFEST_NAME, doc)
-            if image_dir.exists():
-                stale = staging / "stale"
-                os.replace(image_dir, stale)
-            os.replace(out, image_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    def build(work: Path, out: Path) -> dict[str, Any]:
+        fields = _build(work, out, pins, root / "debs", source)
+        return {
+            **fields,
+            "packages": [pin.as_json() for pin in pins],
+            "inputs": {
+                "debs": {pin.filename: pin.sha256 for pin in pins},
+                "probe_source": {"name": source.name, "sha256": probe_sha},
+                "builder": builder,
+            },
+            "outputs": {name: _sha256(out / name)
+                        for name in (KERNEL_NAME, INITRD_NAME, SSH_KEY_NAME)},
+        }
+
+    image_dir, doc, hit = cached_build(root, key, build, force=force, started=started)
+    if hit:
+        return _image(image_dir, doc, True, pins)
     _log.info("image built %s in %.1f s", image_dir, time.monotonic() - started)
     return _image(image_dir, doc, False, pins)

@@ -1,7 +1,8 @@
 """Debian packages as build inputs: resolve candidates, download, verify, extract.
 
-Versions come from the machine's apt configuration at build time (the candidate
-version), never from what happens to be installed on the host: the host's libc
+Versions come from an apt configuration at build time (the candidate version): the
+machine's own, or a private one (:func:`private_apt`) that adds a suite for downloads
+only. Never from what happens to be installed on the host: the host's libc
 may be newer than the suite the guest is assembled from. apt's own SHA256 of each
 ``.deb`` is part of the pin, so a cached download is checked against the index it
 was resolved from. Extraction is ``dpkg-deb -x`` into a plain directory: no root,
@@ -13,24 +14,34 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Iterable
 
 __all__ = [
     "KERNEL_METAPACKAGE",
+    "SYSTEM_APT",
+    "AptConfig",
     "PackageError",
     "PackagePin",
+    "deb_pin",
+    "debian_uri",
     "download",
     "extract",
+    "package_depends",
+    "package_names",
+    "private_apt",
     "resolve",
     "resolve_kernel",
     "sha256_file",
+    "update",
 ]
 
 _log = logging.getLogger(__name__)
@@ -39,6 +50,27 @@ _log = logging.getLogger(__name__)
 # package carries the same kernel without the signed-bootloader plumbing.
 KERNEL_METAPACKAGE = "linux-image-amd64"
 _APT_TIMEOUT_S = 120.0
+_DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+_SUITE_RE = re.compile(r"^[a-z][a-z0-9.-]*$")
+
+
+@dataclass(frozen=True)
+class AptConfig:
+    """Which apt configuration a call uses: the system's, or a private one.
+
+    A private configuration adds a suite for downloads only (a trixie kernel for a
+    bookworm host) without touching ``/etc/apt``: every ``Dir::*`` apt reads or writes
+    points into a directory the builder owns.
+    """
+
+    options: tuple[str, ...] = ()
+    label: str = "system apt"
+
+    def args(self) -> list[str]:
+        return [arg for opt in self.options for arg in ("-o", opt)]
+
+
+SYSTEM_APT = AptConfig()
 
 
 class PackageError(RuntimeError):
@@ -95,10 +127,93 @@ def _records(text: str) -> list[dict[str, str]]:
     return records
 
 
-def resolve(names: Iterable[str]) -> tuple[PackagePin, ...]:
+def _deb822_uri(text: str, suite: str) -> str | None:
+    for stanza in text.split("\n\n"):
+        fields = {k.strip(): v.strip() for k, _, v in
+                  (line.partition(":") for line in stanza.splitlines() if ":" in line)}
+        if suite in fields.get("Suites", "").split() and "deb" in fields.get("Types", "").split():
+            uris = fields.get("URIs", "").split()
+            if uris:
+                return uris[0]
+    return None
+
+
+def _one_line_uri(text: str, suite: str) -> str | None:
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if not words or words[0] != "deb" or suite not in words:
+            continue
+        for word in words[1:]:
+            if re.match(r"^[a-z+]+://", word):
+                return word
+    return None
+
+
+def debian_uri(etc_apt: Path = Path("/etc/apt"), suite: str = "bookworm") -> str:
+    """URI of the machine's own Debian source for ``suite`` (deb822 first, then .list).
+
+    The same rule as ``debian_uri`` in ``ci/bootstrap-host.sh``: a suite added for
+    downloads comes from the mirror the machine already uses, so no mirror host name
+    lives in the repository.
+    """
+    parts = etc_apt / "sources.list.d"
+    for path in sorted(parts.glob("*.sources")):
+        if uri := _deb822_uri(path.read_text(errors="replace"), suite):
+            return uri
+    for path in [etc_apt / "sources.list", *sorted(parts.glob("*.list"))]:
+        if path.is_file() and (uri := _one_line_uri(path.read_text(errors="replace"), suite)):
+            return uri
+    raise PackageError(f"no Debian apt source for suite {suite!r} under {etc_apt} "
+                       "(sources.list.d/*.sources or *.list) to take the mirror URI from")
+
+
+def private_apt(root: Path, suite: str, *, uri: str | None = None,
+                components: Sequence[str] = ("main",), keyring: str = _DEBIAN_KEYRING) -> AptConfig:
+    """An apt configuration under ``root`` that lists only ``suite`` of ``uri``.
+
+    Sources, lists, cache, preferences and the dpkg status all live under ``root``,
+    so the candidate depends on that suite alone (not on what the host has installed
+    or pinned) and ``/etc/apt`` is never written.
+    """
+    if not _SUITE_RE.match(suite):
+        raise PackageError(f"suite {suite!r} is not a Debian suite name "
+                           "(lower-case letters, digits, '.', '-'; e.g. trixie-backports)")
+    uri = uri if uri is not None else debian_uri()
+    root = root.absolute()
+    for sub in ("etc/sources.list.d", "etc/preferences.d", "lists/partial", "cache/archives/partial"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    sources = root / "etc" / "sources.list"
+    line = f"deb [signed-by={keyring}] {uri} {suite} {' '.join(components)}\n"
+    if not sources.is_file() or sources.read_text() != line:
+        sources.write_text(line)
+    status = root / "status"
+    if not status.exists():
+        status.write_text("")
+    options = (
+        f"Dir::Etc::SourceList={sources}",
+        f"Dir::Etc::SourceParts={root / 'etc' / 'sources.list.d'}",
+        f"Dir::Etc::Preferences={root / 'etc' / 'preferences'}",
+        f"Dir::Etc::PreferencesParts={root / 'etc' / 'preferences.d'}",
+        f"Dir::State::Lists={root / 'lists'}",
+        f"Dir::State::status={status}",
+        f"Dir::Cache={root / 'cache'}",
+        "APT::Architectures::=amd64",
+        "Acquire::Languages=none",
+    )
+    return AptConfig(options, label=f"private apt ({suite})")
+
+
+def update(apt: AptConfig) -> None:
+    """``apt-get update`` of a private configuration (the system's is the admin's job)."""
+    if apt == SYSTEM_APT:
+        raise PackageError("refusing to run apt-get update on the system configuration")
+    _run(["apt-get", *apt.args(), "-q", "update"])
+
+
+def resolve(names: Iterable[str], apt: AptConfig = SYSTEM_APT) -> tuple[PackagePin, ...]:
     """Candidate version of each package in one ``apt-cache show`` call."""
     wanted = list(dict.fromkeys(names))
-    text = _run(["apt-cache", "show", "--no-all-versions", *wanted])
+    text = _run(["apt-cache", *apt.args(), "show", "--no-all-versions", *wanted])
     found: dict[str, PackagePin] = {}
     for rec in _records(text):
         if rec["Package"] in found or rec["Package"] not in wanted:
@@ -110,9 +225,33 @@ def resolve(names: Iterable[str]) -> tuple[PackagePin, ...]:
                                            rec["Filename"].rsplit("/", 1)[-1])
     absent = [n for n in wanted if n not in found]
     if absent:
-        raise PackageError(f"apt has no candidate for {', '.join(absent)}; "
+        raise PackageError(f"{apt.label} has no candidate for {', '.join(absent)}; "
                            "run 'apt-get update' or check the configured suites")
     return tuple(found[n] for n in wanted)
+
+
+def package_names(prefix: str, apt: AptConfig = SYSTEM_APT) -> tuple[str, ...]:
+    """Every package name apt knows that starts with ``prefix`` (``apt-cache pkgnames``)."""
+    return tuple(sorted(_run(["apt-cache", *apt.args(), "pkgnames", prefix]).split()))
+
+
+def package_depends(name: str, apt: AptConfig = SYSTEM_APT) -> tuple[str, ...]:
+    """Names in the candidate's ``Depends`` (first alternative of each, no versions)."""
+    text = _run(["apt-cache", *apt.args(), "show", "--no-all-versions", name])
+    for rec in _records(text):
+        if rec["Package"] == name:
+            return tuple(dep.split("|")[0].strip().split(" ", 1)[0]
+                         for dep in rec.get("Depends", "").split(",") if dep.strip())
+    raise PackageError(f"{apt.label} has no candidate for {name}")
+
+
+def deb_pin(deb: Path) -> PackagePin:
+    """A pin for a ``.deb`` the user supplied: its control fields and its own sha256."""
+    fields = _run(["dpkg-deb", "-f", str(deb), "Package", "Version"])
+    values = dict(line.split(": ", 1) for line in fields.splitlines() if ": " in line)
+    if "Package" not in values or "Version" not in values:
+        raise PackageError(f"{deb}: not a Debian package (dpkg-deb -f gave {fields!r})")
+    return PackagePin(values["Package"], values["Version"], sha256_file(deb), deb.name)
 
 
 def resolve_kernel(metapackage: str = KERNEL_METAPACKAGE) -> str:
@@ -126,7 +265,8 @@ def resolve_kernel(metapackage: str = KERNEL_METAPACKAGE) -> str:
     raise PackageError(f"{metapackage} has no linux-image-* dependency in apt's candidate")
 
 
-def download(pins: Iterable[PackagePin], deb_dir: Path) -> dict[str, Path]:
+def download(pins: Iterable[PackagePin], deb_dir: Path,
+             apt: AptConfig = SYSTEM_APT) -> dict[str, Path]:
     """Fetch the missing ``.deb`` files into ``deb_dir``; verify every one by SHA256.
 
     Each download lands in a private temporary directory and is renamed into place,
@@ -138,7 +278,8 @@ def download(pins: Iterable[PackagePin], deb_dir: Path) -> dict[str, Path]:
     missing = [pin for pin in pins if not paths[pin.name].is_file()]
     if missing:
         with tempfile.TemporaryDirectory(dir=deb_dir, prefix=".dl-") as tmp:
-            _run(["apt-get", "download", "-q", *(f"{p.name}={p.version}" for p in missing)],
+            _run(["apt-get", *apt.args(), "download", "-q",
+                  *(f"{p.name}={p.version}" for p in missing)],
                  cwd=Path(tmp))
             for pin in missing:
                 # apt names the file name_version_arch with ':' of the epoch as %3a.

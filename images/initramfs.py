@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from images.cpio import NewcWriter
+from images.kmod import module_file_name, read_module
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -122,8 +123,8 @@ def write_initramfs(inputs: InitramfsInputs, stream: BinaryIO) -> list[str]:
     cpio.add_file("root/.ssh/authorized_keys", inputs.authorized_keys.encode(), 0o600)
     cpio.add_file("usr/bin/gmem-probe", inputs.probe.read_bytes(), 0o755)
     for ko in inputs.modules:
-        cpio.add_file(f"lib/modules/{ko.name}", ko.read_bytes())
-    order = "".join(f"{ko.name}\n" for ko in inputs.modules)
+        cpio.add_file(f"lib/modules/{module_file_name(ko)}", read_module(ko))
+    order = "".join(f"{module_file_name(ko)}\n" for ko in inputs.modules)
     cpio.add_file("etc/gmemtest/modules.order", order.encode())
     cpio.close()
     _log.debug("initramfs: %d modules, libraries %s", len(inputs.modules), sorted(libs))

@@ -12,15 +12,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
     from pathlib import Path
 
 __all__ = [
     "BUILTIN_REQUIRED",
+    "LABHOST_BUILTIN_REQUIRED",
+    "LABHOST_MODULE_ALLOWED",
     "MODULE_ALLOWED",
     "KernelConfigError",
     "Requirement",
     "check_config",
+    "check_labhost_config",
+    "check_requirements",
     "parse_config",
     "read_config",
 ]
@@ -65,9 +69,36 @@ MODULE_ALLOWED: tuple[Requirement, ...] = (
                 "gives the GUEST_PANICKED event", "pvpanic-mmio"),
 )
 
+# The lab host (FACTS section 5): an L1 kernel that is itself a KVM host with memory
+# failure. guest_memfd for ordinary VMs is CONFIG_KVM_GUEST_MEMFD since 6.18; the older
+# name KVM_PRIVATE_MEM (6.12) only gives it to private-memory VM types, which no Debian
+# kernel enables (KVM_SW_PROTECTED_VM is unset), so it does not count.
+LABHOST_BUILTIN_REQUIRED: tuple[Requirement, ...] = (
+    Requirement(("MEMORY_FAILURE",), "memory_failure(): the host-side poison path under test"),
+    Requirement(("KVM_GUEST_MEMFD",),
+                "guest_memfd for ordinary VMs (6.18+ name; KVM_PRIVATE_MEM of 6.12 "
+                "serves only private-memory VM types)"),
+    Requirement(("PROC_PAGE_MONITOR",), "/proc/PID/pagemap and kpageflags (PFN, HWPOISON)"),
+    Requirement(("DEVTMPFS",), "/dev (and /dev/kvm) in the initramfs without mknod"),
+    Requirement(("DEBUG_FS",), "debugfs: hwpoison/corrupt-pfn lives there"),
+    Requirement(("TRACING", "FTRACE"), "tracefs for kvm and ras tracepoints"),
+    Requirement(("SERIAL_8250",), "ttyS0 (console) and ttyS1 (command output) before modules load"),
+)
+LABHOST_MODULE_ALLOWED: tuple[Requirement, ...] = (
+    Requirement(("VIRTIO_PCI",), "the virtio PCI transport for the 9p shares", "virtio_pci"),
+    Requirement(("KVM",), "KVM itself: /dev/kvm", "kvm"),
+    Requirement(("KVM_AMD",), "KVM on AMD SVM (QEMU TCG emulates SVM with NPT, not VMX)",
+                "kvm_amd"),
+    Requirement(("HWPOISON_INJECT",), "debugfs hwpoison/corrupt-pfn and unpoison-pfn",
+                "hwpoison_inject"),
+    Requirement(("NET_9P",), "the 9p protocol (the host's root and the results share)", "9pnet"),
+    Requirement(("NET_9P_VIRTIO",), "9p over virtio (QEMU -virtfs)", "9pnet_virtio"),
+    Requirement(("9P_FS",), "the 9p file system", "9p"),
+)
+
 
 class KernelConfigError(RuntimeError):
-    """The guest kernel lacks an option the tests rely on."""
+    """A kernel (guest or lab host) lacks an option the tests rely on."""
 
     def __init__(self, option: str, package: str, found: str, wanted: str, why: str) -> None:
         self.option = option
@@ -97,16 +128,28 @@ def _describe(values: Mapping[str, str], req: Requirement) -> str:
 
 
 def check_config(values: Mapping[str, str], package: str) -> tuple[str, ...]:
+    """The guest kernel's check: see :func:`check_requirements`."""
+    return check_requirements(values, package, BUILTIN_REQUIRED, MODULE_ALLOWED)
+
+
+def check_labhost_config(values: Mapping[str, str], package: str) -> tuple[str, ...]:
+    """The lab-host (L1) kernel's check: see :func:`check_requirements`."""
+    return check_requirements(values, package, LABHOST_BUILTIN_REQUIRED, LABHOST_MODULE_ALLOWED)
+
+
+def check_requirements(values: Mapping[str, str], package: str,
+                       builtin: Sequence[Requirement],
+                       modular: Sequence[Requirement]) -> tuple[str, ...]:
     """Raise :class:`KernelConfigError` on the first unmet requirement.
 
     Returns the module stems (in table order) whose options are ``=m`` and so
     must be loaded from the initramfs.
     """
-    for req in BUILTIN_REQUIRED:
+    for req in builtin:
         if not any(values.get(alt) == "y" for alt in req.alternatives):
             raise KernelConfigError(req.name, package, _describe(values, req), "y", req.why)
     modules: list[str] = []
-    for req in MODULE_ALLOWED:
+    for req in modular:
         states = [values.get(alt) for alt in req.alternatives]
         if "y" in states:
             continue

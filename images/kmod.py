@@ -4,10 +4,15 @@ Debian's kernel package does not ship ``modules.dep`` (its postinst runs depmod)
 and the host need not have kmod. Every module records its direct dependencies in
 the ``depends=`` string of its ELF ``.modinfo`` section, which is all that busybox
 ``insmod`` ordering needs.
+
+Debian 7.x kernels ship their modules as ``.ko.xz``; busybox ``insmod`` may lack xz
+support and decompressing under TCG costs boot time, so :func:`read_module` hands
+out the plain ELF and the initramfs stores that.
 """
 
 from __future__ import annotations
 
+import lzma
 import struct
 from typing import TYPE_CHECKING
 
@@ -15,7 +20,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
     from pathlib import Path
 
-__all__ = ["ModuleError", "index_modules", "load_order", "modinfo"]
+__all__ = ["ModuleError", "index_modules", "load_order", "modinfo", "module_file_name", "read_module"]
 
 _ELF64_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
 _ELF64_SECTION = struct.Struct("<IIQQQQIIQQ")
@@ -52,9 +57,30 @@ def modinfo(ko: bytes) -> dict[str, str]:
     raise ModuleError("no .modinfo section")
 
 
+def module_file_name(path: Path) -> str:
+    """``name.ko`` for ``name.ko`` or ``name.ko.xz``: the file name in the initramfs."""
+    name = path.name
+    for suffix in (".ko.xz", ".ko"):
+        if name.endswith(suffix):
+            return name[:-len(suffix)] + ".ko"
+    raise ModuleError(f"{path}: not a kernel module (expected .ko or .ko.xz)")
+
+
+def read_module(path: Path) -> bytes:
+    """The module's ELF bytes, decompressed when the file is ``.ko.xz``."""
+    data = path.read_bytes()
+    if path.name.endswith(".xz"):
+        try:
+            return lzma.decompress(data, format=lzma.FORMAT_XZ)
+        except lzma.LZMAError as exc:
+            raise ModuleError(f"{path}: not a valid xz stream: {exc}") from exc
+    return data
+
+
 def index_modules(modules_dir: Path) -> dict[str, Path]:
-    """Map normalised module name to its ``.ko`` path under ``lib/modules/<release>``."""
-    return {_stem(ko.name[:-3]): ko for ko in sorted(modules_dir.rglob("*.ko"))}
+    """Map normalised module name to its ``.ko``/``.ko.xz`` path under ``lib/modules/<release>``."""
+    found = sorted([*modules_dir.rglob("*.ko"), *modules_dir.rglob("*.ko.xz")])
+    return {_stem(module_file_name(ko)[:-3]): ko for ko in found}
 
 
 def load_order(wanted: Iterable[str], index: dict[str, Path]) -> list[Path]:
@@ -74,7 +100,10 @@ def load_order(wanted: Iterable[str], index: dict[str, Path]) -> list[Path]:
             via = f" (needed by {parent})" if parent else ""
             raise ModuleError(f"module {stem}{via} not found among {len(index)} modules")
         visiting.add(stem)
-        depends = modinfo(path.read_bytes()).get("depends", "")
+        try:
+            depends = modinfo(read_module(path)).get("depends", "")
+        except ModuleError as exc:
+            raise ModuleError(f"{path}: {exc}") from exc
         for dep in filter(None, depends.split(",")):
             visit(dep, stem)
         visiting.discard(stem)

@@ -43,25 +43,40 @@ BUILDER_MODULES: tuple[str, ...] = (
     "build.py", "cpio.py", "debs.py", "initramfs.py", "kconfig.py", "keys.py", "kmod.py",
     "manifest.py", "vmlinux.py",
 )
+# The files under ``images/files`` the default guest image is made from.
+BUILDER_FILES: tuple[str, ...] = ("inittab", "rcS")
 
 
-def builder_source_hashes() -> dict[str, str]:
-    """sha256 of each builder module and each file under ``images/files``."""
+def builder_source_hashes(modules: Iterable[str] = BUILDER_MODULES,
+                          files: Iterable[str] = BUILDER_FILES) -> dict[str, str]:
+    """sha256 of each builder module and each of its files under ``images/files``.
+
+    Each image names its own modules and files, so editing the lab host's init does
+    not invalidate the guest image and vice versa.
+    """
     root = resources.files("images")
-    entries = [(name, root.joinpath(name)) for name in BUILDER_MODULES]
-    entries += [(f"files/{f.name}", f) for f in root.joinpath("files").iterdir() if f.is_file()]
+    entries = [(name, root.joinpath(name)) for name in modules]
+    entries += [(f"files/{name}", root.joinpath("files", name)) for name in files]
     return {name: hashlib.sha256(entry.read_bytes()).hexdigest()
             for name, entry in sorted(entries)}
 
 
-def cache_key(pins: Iterable[PackagePin], builder: Mapping[str, str], probe_sha256: str) -> str:
-    """Hash of the canonical JSON of the inputs; equal inputs give equal keys."""
-    doc = {
+def cache_key(pins: Iterable[PackagePin], builder: Mapping[str, str], probe_sha256: str,
+              extra: Mapping[str, Any] | None = None) -> str:
+    """Hash of the canonical JSON of the inputs; equal inputs give equal keys.
+
+    ``extra`` carries inputs that are not packages (user-supplied kernel files by
+    sha256, build parameters); it is left out of the document when empty so the
+    default guest image keeps its key.
+    """
+    doc: dict[str, Any] = {
         "schema": SCHEMA,
         "packages": sorted((pin.as_json() for pin in pins), key=lambda p: p["name"]),
         "builder": dict(sorted(builder.items())),
         "probe_source": probe_sha256,
     }
+    if extra:
+        doc["extra"] = dict(extra)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 

@@ -21,7 +21,7 @@ from .errors import (
 )
 from .events import QmpEvent
 from .hmp import HMP_ERROR_SHAPES, hmp_error_shape
-from .machine import QemuMachine, resolve_binary
+from .machine import QemuMachine, opt_escape, resolve_binary
 from .mce import MCE_BANKS, MCE_KINDS, MceInjection, MceKind, mce_kind
 from .process import find_tagged_qemus, reap_orphans
 from .qemu_caps import QemuCapabilities, kvm_start_refusal, probe_qemu, validate_args
@@ -43,6 +43,7 @@ __all__ = (  # noqa: RUF022 - curated order, most important first
     "reap_orphans",
     "find_tagged_qemus",
     "resolve_binary",
+    "opt_escape",
     "hmp_error_shape",
     "HMP_ERROR_SHAPES",
     # Exceptions, most generic to most explicit

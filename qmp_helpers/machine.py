@@ -46,7 +46,7 @@ _MTREE_RAM_RE = re.compile(
 _GPA2HVA_RE = re.compile(r"Host virtual address for (0x[0-9a-f]+) \((.*)\) is (0x[0-9a-f]+)")
 
 
-def _opt_escape(value: str) -> str:
+def opt_escape(value: str) -> str:
     """Escape a value for a QEMU ``key=value,...`` option (commas are doubled)."""
     return value.replace(",", ",,")
 
@@ -151,9 +151,9 @@ class QemuMachine:
     # ----- launch ---------------------------------------------------------------------
     def _build_argv(self, binary_path: str, socket_path: Path) -> list[str]:
         argv = [binary_path, *self._user_args,
-                "-name", f"guest={_opt_escape(self.name)}.{self.tag}",
-                "-qmp", f"unix:{_opt_escape(str(socket_path))},server=on,wait=off",
-                "-chardev", f"file,id=gmcon0,path={_opt_escape(str(self.console_log))}",
+                "-name", f"guest={opt_escape(self.name)}.{self.tag}",
+                "-qmp", f"unix:{opt_escape(str(socket_path))},server=on,wait=off",
+                "-chardev", f"file,id=gmcon0,path={opt_escape(str(self.console_log))}",
                 "-serial", "chardev:gmcon0"]
         if "-nographic" not in self._user_args and "-display" not in self._user_args:
             argv += ["-display", "none"]

@@ -56,7 +56,16 @@ def test_unknown_profile_names_the_valid_ones() -> None:
     for name in ("tcg-default", "tcg-smp2-broadcast", "kvm-default", "kvm-gmem", "kvm-sev-snp", "kvm-tdx"):
         assert name in text
     assert set(PROFILES) == {"tcg-default", "tcg-smp2-broadcast", "kvm-default", "kvm-gmem",
-                             "kvm-sev-snp", "kvm-tdx"}
+                             "kvm-sev-snp", "kvm-tdx", "labhost-svm"}
+
+
+def test_labhost_profile_is_an_amd_tcg_host_with_two_vcpus() -> None:
+    lab = get_profile("labhost-svm")
+    args = lab.qemu_args(KERNEL, INITRD)
+    assert (opt(args, "-accel"), opt(args, "-cpu"), opt(args, "-smp"), opt(args, "-m")) == (
+        ["tcg"], ["max"], ["2"], ["3072"])
+    assert "-nodefaults" in args and "-no-reboot" in args
+    assert opt(args, "-append") == ["console=ttyS0 panic=-1 loglevel=4"]
 
 
 def test_bad_profile_values_are_refused() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import lzma
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -63,5 +65,14 @@ def test_extract_vmlinux_finds_the_xz_payload() -> None:
     payload = b"\x7fELF" + bytes(1000)
     image = b"MZ setup code \xfd7zXZ\x00 not a stream " + lzma.compress(payload) + b"tail"
     assert extract_vmlinux(image) == payload
-    with pytest.raises(VmlinuxError, match="no XZ or gzip stream"):
+    with pytest.raises(VmlinuxError, match="no XZ, gzip or zstd stream"):
         extract_vmlinux(b"MZ" + lzma.compress(b"not an elf"))
+
+
+@pytest.mark.skipif(shutil.which("zstd") is None, reason="needs the zstd tool")
+def test_extract_vmlinux_finds_a_zstd_payload_with_the_size_trailer() -> None:
+    """Debian 7.x bzImages are zstd; the kernel appends the size after the frame."""
+    payload = b"\x7fELF" + bytes(5000)
+    frame = subprocess.run(["zstd", "-q", "-c"], input=payload, capture_output=True, check=True).stdout
+    image = b"MZ setup \x28\xb5\x2f\xfd junk " + frame + len(payload).to_bytes(4, "little")
+    assert extract_vmlinux(image) == payload
