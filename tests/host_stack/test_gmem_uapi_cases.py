@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 
 import pytest
 
-from host_stack.gmem_uapi_cases import CASES, UapiCase, case_by_id, run_case
+from host_stack.gmem_uapi_cases import CASES, KnownErrno, Outcome, UapiCase, case_by_id, judge_outcome, run_case
 from host_stack.kvm import KvmSystem
 
 pytestmark = pytest.mark.kvm
@@ -18,7 +19,12 @@ def test_case(kvm_system: KvmSystem, case: UapiCase) -> None:
     result = run_case(case, kvm_system)
     if result.status == "not_applicable":
         pytest.skip(result.message)
-    assert result.status == "pass", result.message
+    # A documented errno of another kernel is a finding (carried, listed), not a failure.
+    assert result.status in ("pass", "finding"), result.message
+    if result.status == "finding":
+        (finding,) = result.findings
+        assert finding.id == f"uapi-errno-{case.id}" and finding.evidence["documented_on"], finding
+        assert result.actual_errno in {a.errno for a in case.alternatives}, result.message
 
 
 def test_a_wrong_expectation_fails_with_expected_and_actual(kvm_system: KvmSystem) -> None:
@@ -28,6 +34,34 @@ def test_a_wrong_expectation_fails_with_expected_and_actual(kvm_system: KvmSyste
     result = run_case(wrong, kvm_system)
     assert result.status == "fail"
     assert "expected EEXIST" in result.message and "got EINVAL" in result.message
+
+
+def test_a_documented_alternative_is_a_finding_with_both_kernels(kvm_system: KvmSystem) -> None:
+    real = case_by_id("create.size_unaligned")
+    alt = dataclasses.replace(
+        real, expected_errno=errno.EEXIST, kernels="kernel A",
+        alternatives=(KnownErrno(errno.EINVAL, "kernel B", "read in some source"),),
+    )  # fmt: skip
+    result = run_case(alt, kvm_system)
+    assert result.status == "finding", result.message
+    assert result.ok and result.to_json()["findings"][0]["id"] == "uapi-errno-create.size_unaligned"
+    for text in ("expected EEXIST", "kernel A", "got EINVAL", "kernel B", "read in some source"):
+        assert text in result.message, f"expected {text!r} in {result.message!r}"
+
+
+def test_an_undocumented_errno_fails_and_names_the_documented_ones() -> None:
+    case = dataclasses.replace(
+        case_by_id("bind.same_range_twice"), alternatives=(KnownErrno(errno.EINVAL, "kernel B", "x"),)
+    )
+    result = judge_outcome(case, Outcome(errno.EPERM))
+    assert result.status == "fail" and not result.findings
+    assert "got EPERM" in result.message and "EINVAL (Invalid argument) is documented on kernel B" in result.message
+
+
+def test_the_right_errno_with_a_failed_extra_check_fails() -> None:
+    case = case_by_id("mmap.punch_live")
+    result = judge_outcome(case, Outcome(0, ["page 5: expected 0x0, got 0x1"]))
+    assert result.status == "fail" and "page 5" in result.message
 
 
 def test_unknown_case_id_lists_known_ids() -> None:
