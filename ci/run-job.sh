@@ -18,6 +18,7 @@ parallel=${GMEMTEST_PARALLEL:-2}
 job_timeout=${GMEMTEST_JOB_TIMEOUT:-1500}
 
 python -m images build --json >/dev/null
+gmemtest labhost image --json >/dev/null  # the L1 of the labhost tests
 status=0
 avocado run --max-parallel-tasks="$parallel" --job-timeout "$job_timeout" --job-results-dir "$results" \
     avocado_tests/ "$@" || status=$?

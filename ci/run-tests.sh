@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's test command (README quick start, second command; .ci/run calls it).
-# Installs what it needs (bootstrap-host.sh), builds the default guest image (cache hit when
+# Installs what it needs (bootstrap-host.sh), builds the guest and lab-host images (cache hits when
 # warm), then runs the linters and the pytest suite against the real QEMU, SSH and KVM.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -9,8 +9,9 @@ bash ci/bootstrap-host.sh
 venv=${GMEMTEST_VENV:-$repo/.venv}
 export PATH="$venv/bin:$PATH"
 
-echo "== image"
+echo "== images (guest, lab host)"
 python -m images build --json >/dev/null
+gmemtest labhost image --json >/dev/null
 echo "== ruff"
 ruff check .
 echo "== mypy --strict (library packages)"

@@ -62,3 +62,77 @@ def run_guest_scenario(test: AvocadoTestLike, name: str, *, profile: str | None 
     if not result.verdict.passed:
         test.fail("; ".join(c.line() for c in result.verdict.failures))
     return result
+
+
+# The lab-host tests share one L1 run per job: the first one waits for the L1 boot and the host
+# checks inside it (about a minute here, more while guest tests load both cores).
+LABHOST_TEST_TIMEOUT_S = 900
+LABHOST_PREFLIGHT = "preflight inside the lab host"
+# What preflight must prove inside L1: that it is the standard KVM host with memory failure it is
+# built to be (FACTS section 5). A user-supplied kernel that lacks one of these fails here.
+_LABHOST_FACTS: tuple[tuple[str, str, object], ...] = (
+    ("hwpoison proven by MADV_HWPOISON", "hwpoison", True),
+    ("hwpoison-inject (corrupt-pfn)", "hwpoison_inject", True),
+    ("KVM boots Linux", "kvm_boots_linux", True),
+    ("KVM_CAP_GUEST_MEMFD_FLAGS (MMAP|INIT_SHARED)", "guest_memfd_flags", 0x3),
+)
+
+
+def _job_dir(outputdir: Path) -> Path:
+    """The Avocado job's directory (``<job>/test-results/<test>/data``), else the test's parent."""
+    for parent in outputdir.parents:
+        if parent.name == "test-results":
+            return parent.parent
+    return outputdir.parent
+
+
+def run_labhost_item(test: AvocadoTestLike, name: str) -> None:
+    """Judge one check of the lab host's qualification as this Avocado test.
+
+    The checks run inside L1 (one shared run per job, see gmemtest.labhost_qualify); this test
+    takes its own item, keeps it and the shared evidence in its outputdir, and maps the status:
+    PASS passes, FAIL and ERROR fail with the details, CANNOT RUN and NOT MEANINGFUL cancel with
+    their reason. Findings (documented divergences) are logged and listed on the whiteboard.
+    """
+    from gmemtest.labhost_qualify import shared_run
+    from gmemtest.verdict import Check, Verdict
+    from images.labhost import build_labhost_image
+
+    image = build_labhost_image()
+    outdir = Path(test.outputdir)
+    result = shared_run(image, _job_dir(outdir) / "labhost")
+    for evidence in ("qualification.json", "qualification.html", "preflight.json", "labhost-qualification.json"):
+        src = result.out / evidence
+        if src.is_file():
+            (outdir / evidence).write_bytes(src.read_bytes())
+    (outdir / "labhost-evidence.txt").write_text(f"L1 run (console, output, dmesg): {result.out / 'labhost'}\n")
+    test.log.info("lab host kernel %s, L1 ready in %s s", result.kernel_release, result.timings.get("ready_s"))
+    if name == LABHOST_PREFLIGHT:
+        host = result.preflight.get("host", {})
+        checks = tuple(Check(label, str(want), str(host.get(key)), host.get(key) == want)
+                       for label, key, want in _LABHOST_FACTS)
+        verdict = Verdict(LABHOST_PREFLIGHT, checks)
+        test.whiteboard = verdict.to_json()
+        (outdir / "verdict.txt").write_text(verdict.summary() + "\n")
+        if not verdict.passed:
+            test.fail("; ".join(c.line() for c in verdict.failures))
+        return
+    item = result.items.get(name)
+    if item is None:
+        test.fail(f"the lab host's qualification has no item {name!r}; it has: {', '.join(result.items)}")
+    findings = result.qualification.get("findings", [])
+    test.whiteboard = json.dumps({"item": item, "findings": findings}, indent=2)
+    (outdir / "item.json").write_text(test.whiteboard + "\n")
+    item_evidence = item.get("evidence")
+    if item_evidence and (result.out / str(item_evidence)).is_file():
+        (outdir / Path(str(item_evidence)).name).write_bytes((result.out / str(item_evidence)).read_bytes())
+    for finding in findings:
+        # log() at WARNING level would make the test WARN; a finding is reported, not a failure.
+        test.log.log(logging.INFO, "FINDING %s: %s", finding.get("id"), finding.get("summary", ""))
+    status, summary = item["status"], str(item["summary"])
+    details = "; ".join(str(d) for d in item.get("details", []))
+    if status == "PASS":
+        return
+    if status in ("CANNOT RUN", "NOT MEANINGFUL"):
+        test.cancel(f"{name} inside the lab host: {status}: {summary}")
+    test.fail(f"{name} inside the lab host: {status}: {summary}" + (f": {details}" if details else ""))

@@ -1,0 +1,52 @@
+"""The host half for real: every host check, run inside the lab host (an L1 KVM host under TCG).
+
+The lab host runs Debian's 7.x kernel with kvm_amd, memory failure and hwpoison_inject, so what
+this machine's PVM KVM cannot do (memory failure, the seed regression, gmem slots served from
+guest_memfd) runs here for real. One L1 run serves the whole class; each check is a test of its
+own with its own status and evidence.
+"""
+
+from __future__ import annotations
+
+from avocado import Test
+
+from gmemtest.avocado_support import LABHOST_PREFLIGHT, LABHOST_TEST_TIMEOUT_S, run_labhost_item
+from gmemtest.qualify import HOST_CHECKS, SEED_ITEM
+
+
+class LabhostHostChecks(Test):  # type: ignore[misc]  # avocado is untyped
+    """
+    :avocado: tags=labhost,host,kvm,nested
+    """
+
+    timeout = LABHOST_TEST_TIMEOUT_S
+
+    def test_preflight(self) -> None:
+        """hwpoison proven, KVM boots Linux, guest_memfd flags 0x3: L1 is the host it claims to be."""
+        run_labhost_item(self, LABHOST_PREFLIGHT)
+
+    def test_gmem_uapi(self) -> None:
+        """:avocado: tags=gmem,uapi"""
+        run_labhost_item(self, HOST_CHECKS[0])
+
+    def test_tiny_vmm_oracle_mapping(self) -> None:
+        """:avocado: tags=gmem,vmm"""
+        run_labhost_item(self, HOST_CHECKS[1])
+
+    def test_tiny_vmm_punch_hole(self) -> None:
+        """:avocado: tags=gmem,vmm"""
+        run_labhost_item(self, HOST_CHECKS[2])
+
+    def test_tiny_vmm_backing_source(self) -> None:
+        """Served from guest_memfd here: the divergence finding of the PVM host must not appear.
+
+        :avocado: tags=gmem,vmm
+        """
+        run_labhost_item(self, HOST_CHECKS[3])
+
+    def test_seed_regression(self) -> None:
+        """Memory-fault exit at the oracle's gpa, and BUS_MCEERR_AR lsb 12 to userspace.
+
+        :avocado: tags=gmem,hwpoison,seed
+        """
+        run_labhost_item(self, SEED_ITEM)

@@ -1,0 +1,73 @@
+"""The lab-host qualification's plumbing: one L1 run per job and image, shared by its tests."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gmemtest import labhost_qualify as lq
+from gmemtest.avocado_support import _job_dir
+from gmemtest.cli import main as cli_main
+
+
+class _Image:
+    def __init__(self, root: Path) -> None:
+        self.manifest = root / "images" / "abc123" / "manifest.json"
+        self.kernel_release = "7.3.4+deb13-amd64"
+
+
+def _fake_run(calls: list[Path], fail_first: bool = False) -> Any:
+    def run(image: Any, out: Path, **_: Any) -> lq.LabhostQualification:
+        calls.append(out)
+        if fail_first and len(calls) == 1:
+            raise lq.LabhostError("L1 not ready within 90.0 s")
+        out.mkdir(parents=True, exist_ok=True)
+        qual = {"outcome": "PASSED", "counts": {"PASS": 1}, "findings": [],
+                "items": [{"section": "host", "name": "x", "status": "PASS", "summary": "", "details": []}]}
+        (out / "qualification.json").write_text(json.dumps(qual))
+        (out / "preflight.json").write_text(json.dumps({"host": {}}))
+        result = lq.LabhostQualification(out, image.kernel_release, str(image.manifest), {"host": {}}, qual,
+                                         0, 0, {"ready_s": 7.0})
+        (out / lq.RESULT_NAME).write_text(json.dumps(result.to_json()))
+        return result
+    return run
+
+
+def test_one_l1_run_serves_every_test_of_the_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Path] = []
+    monkeypatch.setattr(lq, "qualify_in_labhost", _fake_run(calls))
+    image: Any = _Image(tmp_path)
+    results: list[lq.LabhostQualification] = []
+    threads = [threading.Thread(target=lambda: results.append(lq.shared_run(image, tmp_path / "job")))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(calls) == 1, f"expected one L1 run for the job, got {len(calls)}"
+    assert len(results) == 4 and all(r.items["x"]["status"] == "PASS" for r in results)
+
+
+def test_a_failed_l1_run_is_not_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Path] = []
+    monkeypatch.setattr(lq, "qualify_in_labhost", _fake_run(calls, fail_first=True))
+    image: Any = _Image(tmp_path)
+    with pytest.raises(lq.LabhostError, match="not ready"):
+        lq.shared_run(image, tmp_path / "job")
+    assert lq.shared_run(image, tmp_path / "job").kernel_release == "7.3.4+deb13-amd64"
+    assert len(calls) == 2
+
+
+def test_job_dir_is_found_from_a_tests_outputdir(tmp_path: Path) -> None:
+    out = tmp_path / "job-1" / "test-results" / "3-avocado_tests_x.py_T.test" / "data"
+    assert _job_dir(out) == tmp_path / "job-1"
+    assert _job_dir(tmp_path / "a" / "data") == tmp_path / "a"
+
+
+def test_qualify_labhost_refuses_guest_scenarios(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["qualify", "--labhost", "srao-late-touch-4k"]) == 2
+    assert "do not run inside the lab host" in capsys.readouterr().err
