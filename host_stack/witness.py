@@ -457,9 +457,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def emit(obj: dict[str, object]) -> None:
-        with contextlib.suppress(BrokenPipeError):  # the caller died; detaching still matters
+        try:
             sys.stdout.write(json.dumps(obj) + "\n")
             sys.stdout.flush()
+        except BrokenPipeError:
+            # The caller died; detaching still matters. The unwritten line stays buffered and
+            # the interpreter's final flush would fail again ("Exception ignored ...
+            # BrokenPipeError", exit status 120, seen in the lab host's L1): send the rest of
+            # the output to /dev/null, as the Python docs advise for SIGPIPE-less pipes.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
     tracer = _Tracer(int(args[0]), emit)
 
