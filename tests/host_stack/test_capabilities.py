@@ -150,7 +150,10 @@ def test_asking_for_hwpoison_runs_only_that_probe(monkeypatch: pytest.MonkeyPatc
     for group in ("kvm", "kvm_boots_linux", "debugfs", "tracing"):
         monkeypatch.setitem(capabilities._PROBES, group, recorder(group))
     report = probe_host()
-    assert report.missing("hwpoison") == report.hwpoison_reason
+    # Only the hwpoison probe runs; what it finds depends on the host (missing on a kernel
+    # without CONFIG_MEMORY_FAILURE, present on a lab host such as Debian's 7.3.4).
+    expected = None if report.hwpoison else report.hwpoison_reason
+    assert report.missing("hwpoison") == expected, f"expected {expected!r}, got {report.missing('hwpoison')!r}"
     assert calls == [] and report.probed == ("hwpoison",)  # type: ignore[attr-defined]
     report.rows()
     assert sorted(calls) == ["debugfs", "kvm", "kvm_boots_linux", "tracing"]
