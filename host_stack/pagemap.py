@@ -21,7 +21,10 @@ __all__ = [
     "PageFlags",
     "PagemapEntry",
     "PagemapError",
+    "Vma",
+    "find_vma",
     "hardware_corrupted_kib",
+    "parse_maps_line",
     "read_kpageflags",
     "read_pagemap",
 ]
@@ -176,6 +179,44 @@ def read_pagemap(va: int, pid: int | None = None) -> PagemapEntry:
     entry = PagemapEntry(pid=os.getpid() if pid is None else pid, va=va, raw=raw)
     _log.debug("pagemap pid %d va %#x -> %#018x", entry.pid, va, raw)
     return entry
+
+
+@dataclass(frozen=True)
+class Vma:
+    """One line of ``/proc/PID/maps``: which object a virtual address maps, at what offset.
+
+    A PFN from the pagemap proves *a* frame backs the address; the VMA proves whose frame it
+    is (e.g. ``anon_inode:[kvm-gmem]`` at file offset ``index * PAGE_SIZE``).
+    """
+
+    start: int
+    end: int
+    perms: str
+    offset: int
+    path: str
+
+    def file_offset(self, va: int) -> int:
+        return self.offset + (va - self.start)
+
+
+def parse_maps_line(line: str) -> Vma:
+    """Pure: ``start-end perms offset dev inode [path]`` (path may be empty or hold spaces)."""
+    fields = line.rstrip("\n").split(maxsplit=5)
+    if len(fields) < 5 or "-" not in fields[0]:
+        raise ValueError(f"not a /proc/PID/maps line: {line!r}")
+    start, _, end = fields[0].partition("-")
+    return Vma(int(start, 16), int(end, 16), fields[1], int(fields[2], 16), fields[5] if len(fields) > 5 else "")
+
+
+def find_vma(va: int, pid: int | None = None) -> Vma | None:
+    """The VMA of ``pid`` (this process when None) containing ``va``; None if none does."""
+    who = "self" if pid is None else str(pid)
+    with open(f"/proc/{who}/maps", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            vma = parse_maps_line(line)
+            if vma.start <= va < vma.end:
+                return vma
+    return None
 
 
 def read_kpageflags(pfn: int) -> PageFlags:

@@ -17,7 +17,10 @@ from host_stack.pagemap import (
     PAGE_SIZE,
     PagemapEntry,
     PagemapError,
+    Vma,
+    find_vma,
     hardware_corrupted_kib,
+    parse_maps_line,
     read_kpageflags,
     read_pagemap,
 )
@@ -146,3 +149,22 @@ def test_hardware_corrupted_matches_meminfo(tmp_path: Path) -> None:
     assert hardware_corrupted_kib(str(fake)) == 8
     fake.write_text("MemTotal: 10 kB\n")
     assert hardware_corrupted_kib(str(fake)) is None
+
+
+def test_maps_lines_with_and_without_a_path() -> None:
+    gmem = parse_maps_line("7f4e2ab6b000-7f4e2ab8b000 rw-s 00002000 00:0f 1234   /[kvm-gmem] (deleted)\n")
+    assert gmem == Vma(0x7F4E2AB6B000, 0x7F4E2AB8B000, "rw-s", 0x2000, "/[kvm-gmem] (deleted)")
+    assert gmem.file_offset(0x7F4E2AB6C000) == 0x3000
+    assert parse_maps_line("00400000-00401000 r-xp 00000000 00:00 0").path == ""
+    with pytest.raises(ValueError, match="not a /proc/PID/maps line"):
+        parse_maps_line("garbage")
+
+
+def test_find_vma_names_a_shared_file_mapping_at_its_offset(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 3 * PAGE_SIZE)
+    with path.open("r+b") as f, HostMapping.map(2 * PAGE_SIZE, fd=f.fileno(), offset=PAGE_SIZE) as mapping:
+        vma = find_vma(mapping.addr + PAGE_SIZE)
+        assert vma is not None and vma.path == str(path), vma
+        assert vma.file_offset(mapping.addr + PAGE_SIZE) == 2 * PAGE_SIZE
+    assert find_vma(0) is None
