@@ -167,6 +167,8 @@ class TinyVm:
     ``backing`` chooses each gmem slot's ``userspace_addr``: ``gmem_mmap`` points it at the
     guest_memfd's own mapping (both views agree), ``decoy`` at a separate anonymous buffer
     filled with ``anon_marker`` values (tells which view the host serves the guest from).
+    ``markers=False`` leaves every guest_memfd page unallocated and untouched, for callers
+    that decide per page whether it is mapped, clean or dirty (the poison matrix).
     """
 
     def __init__(
@@ -176,9 +178,11 @@ class TinyVm:
         *,
         gmem_pages: int = DEFAULT_GMEM_PAGES,
         backing: BackingMode = "gmem_mmap",
+        markers: bool = True,
     ) -> None:
         self.layout = gl.check_no_overlap(layout)
         self.backing = backing
+        self.markers = markers
         self.gmem_pages = gmem_pages
         for s in self.layout:
             if s.index_end > gmem_pages:
@@ -211,7 +215,7 @@ class TinyVm:
             self.vm.set_tss_addr(TSS_ADDR)
         self.gmem = self._own(self.vm.create_guest_memfd(self.gmem_pages * gl.PAGE_SIZE, wanted))
         self.gmem_map = self._own(self.gmem.mmap())
-        for index in range(self.gmem_pages):
+        for index in range(self.gmem_pages if self.markers else 0):
             self.gmem_map.write_u32(index * gl.PAGE_SIZE, gmem_marker(index))
         self.code = self._own(HostMapping.anonymous(gl.PAGE_SIZE, "payload code"))
         self._own(self.vm.add_memslot(CODE_SLOT, CODE_GFN << gl.PAGE_SHIFT, gl.PAGE_SIZE, self.code.addr))

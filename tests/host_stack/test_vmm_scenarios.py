@@ -138,3 +138,16 @@ def test_backing_source_is_an_understood_behaviour(kvm_system: KvmSystem) -> Non
 def test_punch_hole_refuses_an_unbound_index(kvm_system: KvmSystem) -> None:
     with pytest.raises(ValueError, match="bound to no slot"):
         vmm.run_punch_hole(kvm_system, 0)
+
+
+def test_without_markers_no_guest_memfd_page_is_allocated(kvm_system: KvmSystem) -> None:
+    """The poison matrix decides per page whether it is mapped, clean or dirty: none is touched."""
+    from host_stack.pagemap import read_pagemap
+
+    try:
+        tvm = vmm.TinyVm(kvm_system, backing="decoy", markers=False)
+    except vmm.GmemUnsupported as exc:
+        pytest.skip(str(exc))
+    with tvm:
+        present = [i for i in range(tvm.gmem_pages) if read_pagemap(tvm.gmem_map.addr + i * gl.PAGE_SIZE).present]
+        assert present == [], f"expected no guest_memfd page present, got indexes {present}"
