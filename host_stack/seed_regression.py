@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BUS_MCEERR_AR",
     "GuestAccessObservation",
+    "JsonLineChild",
     "MemoryFaultSeen",
     "SeedCancelled",
     "SeedChildError",
@@ -63,6 +64,7 @@ __all__ = [
     "judge_guest_access",
     "judge_user_touch",
     "run_seed_regression",
+    "unpoison_injected",
 ]
 
 _log = logging.getLogger(__name__)
@@ -400,20 +402,27 @@ class SeedChildError(RuntimeError):
     """
 
 
-class _Child:
-    """One seed child: JSON lines on stdout, every read bounded by a deadline.
+class JsonLineChild:
+    """One child process of a live poison check: JSON lines on stdout, every read bounded by a deadline.
+
+    Used by the seed regression and the poison matrix (``argv``/``label`` name the child).
 
     stderr goes to an unlinked temporary file (a pipe nobody drains could fill and stall the
     child), so any error about the child can quote it.
     """
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, argv: list[str] | None = None, label: str = "seed child") -> None:
         self.mode = mode
-        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - owned by _Child, closed in stop()
+        self.label = label
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - owned by JsonLineChild, closed in stop()
         self._buf = b""
         try:
             self.proc = subprocess.Popen(
-                _child_argv(mode), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, env=_child_env()
+                argv or _child_argv(mode),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self._stderr,
+                env=_child_env(),
             )
         except BaseException:
             self._stderr.close()
@@ -424,7 +433,7 @@ class _Child:
         state = "still running" if status is None else f"exit status {status}"
         stderr = self.stderr_tail()
         return SeedChildError(
-            f"seed child ({self.mode}, pid {self.proc.pid}, {state}): {what}; "
+            f"{self.label} ({self.mode}, pid {self.proc.pid}, {state}): {what}; "
             + (f"its stderr: {stderr}" if stderr else "its stderr is empty")
         )
 
@@ -513,7 +522,7 @@ def _observe(mode: Literal["guest", "user"], debugfs: Path | None = None) -> _Ch
     """
     from host_stack.witness import SigbusWitness
 
-    child = _Child(mode)
+    child = JsonLineChild(mode)
     events: list[dict[str, Any]] = []
     run: _ChildRun | None = None
     try:
@@ -545,7 +554,7 @@ def _observe(mode: Literal["guest", "user"], debugfs: Path | None = None) -> _Ch
         run = _ChildRun(ready, events, touch, early, status)
     finally:
         child.stop()
-        done = _unpoison(events, debugfs)
+        done = unpoison_injected(events, debugfs)
         warnings = cleanup_warnings(done)
         for warning in warnings:
             _log.warning("seed child (%s): %s", mode, warning)
@@ -556,7 +565,7 @@ def _observe(mode: Literal["guest", "user"], debugfs: Path | None = None) -> _Ch
     return dataclasses.replace(run, cleanup=[rec.cleanup for rec in done], cleanup_warnings=warnings)
 
 
-def _unpoison(events: Sequence[Mapping[str, Any]], debugfs: Path | None = None) -> list[InjectionRecord]:
+def unpoison_injected(events: Sequence[Mapping[str, Any]], debugfs: Path | None = None) -> list[InjectionRecord]:
     """Unpoison the child's page once it is gone, where the kernel allows; records say what happened.
 
     ``debugfs`` None mounts the real one for the duration (shared with parallel jobs).
