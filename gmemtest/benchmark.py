@@ -92,26 +92,78 @@ def _suite(results_dir: Path) -> dict[str, Any]:
             "tail": proc.stdout.strip().splitlines()[-6:]}
 
 
-def run_benchmark(*, runs: int, out: Path, suite: bool, cold: bool) -> dict[str, Any]:
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def _labhost(runs: int, workdir: Path) -> dict[str, Any]:
+    """L1 boot to /dev/kvm usable (READY), warm lab-host image builds, the labhost Avocado tests."""
+    from gmemtest.labhost import booted_labhost
+    from images.labhost import build_labhost_image
+
+    build = [sys.executable, "-m", "gmemtest.cli", "labhost", "image", "--json"]
+    _timed(build)
+    warm = [_timed(build) for _ in range(runs)]
+    image = build_labhost_image()
+    ready: list[float] = []
+    uptime: list[float] = []
+    first_command: list[float] = []
+    for i in range(runs):
+        with booted_labhost(image, workdir / f"l1-{i}", share_dir=workdir / f"l1-{i}" / "results") as run:
+            ready.append(run.timings.ready_s)
+            if run.timings.guest_uptime_at_ready_s is not None:
+                uptime.append(run.timings.guest_uptime_at_ready_s)
+            first_command.append(run.run(["true"], 60).seconds)
+    avocado = str(Path(sys.executable).with_name("avocado"))
+    argv = [avocado, "run", "--max-parallel-tasks=2", "--job-results-dir", str(workdir / "avocado"),
+            "-t", "labhost", "avocado_tests/"]
+    t0 = time.monotonic()
+    proc = subprocess.run(argv, check=False, capture_output=True, text=True)
+    return {
+        "image_build_warm_s": _stats(warm),
+        "launch_to_ready_s": _stats(ready),
+        "guest_uptime_at_ready_s": _stats(uptime),
+        "first_command_s": _stats(first_command),
+        "labhost_tests": {"wall_s": round(time.monotonic() - t0, 2), "exit_status": proc.returncode,
+                          "tail": proc.stdout.strip().splitlines()[-4:]},
+    }
+
+
+def run_benchmark(*, runs: int, out: Path, suite: bool, cold: bool, labhost: bool = False,
+                  guest: bool = True) -> dict[str, Any]:
     if runs < 1:
         raise ValueError(f"--runs must be >= 1, got {runs}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"machine": {"nproc": os.cpu_count(), "uname": " ".join(os.uname())},
-                               "runs": runs}
-    results["image_build"] = _image_builds(runs, cold)
+    results: dict[str, Any] = {"machine": {"nproc": os.cpu_count(), "uname": " ".join(os.uname()),
+                                           "cpu": _cpu_model()}, "runs": runs}
+    summary: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="gmemtest-bench-") as tmp:
-        results["guest"] = _guest_runs(runs, Path(tmp))
+        if guest:
+            results["image_build"] = _image_builds(runs, cold)
+            results["guest"] = _guest_runs(runs, Path(tmp))
+            g = results["guest"]
+            summary.update({
+                "image_build_warm_median_s": results["image_build"]["warm_s"]["median"],
+                "image_build_cold_s": results["image_build"].get("cold_s", {}).get("median"),
+                "launch_to_first_ssh_median_s": g["launch_to_first_ssh_command_s"]["median"],
+                "injection_to_sigbus_median_ms": {k: v.get("median") for k, v in g["injection_to_sigbus_ms"].items()},
+                "all_verdicts_passed": all(v["passed"] for v in g["verdicts"]),
+                "srar_missed_user_mode": g["srar_missed_user_mode"],
+            })
         if suite:
             results["suite"] = _suite(Path(tmp) / "avocado")
-    guest = results["guest"]
-    results["summary"] = {
-        "image_build_warm_median_s": results["image_build"]["warm_s"]["median"],
-        "image_build_cold_s": results["image_build"].get("cold_s", {}).get("median"),
-        "launch_to_first_ssh_median_s": guest["launch_to_first_ssh_command_s"]["median"],
-        "injection_to_sigbus_median_ms": {k: v.get("median") for k, v in guest["injection_to_sigbus_ms"].items()},
-        "suite_wall_s": results.get("suite", {}).get("wall_s"),
-        "all_verdicts_passed": all(v["passed"] for v in guest["verdicts"]),
-        "srar_missed_user_mode": guest["srar_missed_user_mode"],
-    }
+            summary["suite_wall_s"] = results["suite"]["wall_s"]
+        if labhost:
+            results["labhost"] = lab = _labhost(runs, Path(tmp) / "labhost")
+            summary.update({
+                "labhost_image_build_warm_median_s": lab["image_build_warm_s"]["median"],
+                "labhost_launch_to_ready_median_s": lab["launch_to_ready_s"]["median"],
+                "labhost_tests_wall_s": lab["labhost_tests"]["wall_s"],
+                "labhost_tests_exit_status": lab["labhost_tests"]["exit_status"],
+            })
+    results["summary"] = summary
     out.write_text(json.dumps(results, indent=2) + "\n")
     return results

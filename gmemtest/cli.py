@@ -284,7 +284,8 @@ def _cmd_reap(_args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from gmemtest.benchmark import run_benchmark
 
-    results = run_benchmark(runs=args.runs, out=Path(args.out), suite=args.suite, cold=args.cold)
+    results = run_benchmark(runs=args.runs, out=Path(args.out), suite=args.suite, cold=args.cold,
+                            labhost=args.labhost, guest=not args.no_guest)
     print(json.dumps(results["summary"], indent=2))
     print(f"full results: {args.out}")
     return EXIT_PASS
@@ -359,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench-results/benchmark.json")
     p.add_argument("--suite", action="store_true", help="also time the default Avocado suite once")
     p.add_argument("--cold", action="store_true", help="also time a cold image build in a scratch cache")
+    p.add_argument("--labhost", action="store_true",
+                   help="also time the lab host: L1 boot to /dev/kvm ready, warm image build, the labhost tests")
+    p.add_argument("--no-guest", action="store_true", help="skip the guest boots and injections")
     p.set_defaults(func=_cmd_bench)
     return parser
 
