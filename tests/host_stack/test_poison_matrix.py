@@ -1,0 +1,165 @@
+"""The shared-gmem poison matrix: predictions, verdicts on recorded rows, and the live run.
+
+Recorded observations use the matrix's layout (file index 9 behind slot 2 of the default
+layout: base gfn 0x40, pgoff 8 -> gfn 0x41, gpa 0x41000). The live run needs memory failure;
+where the host lacks it, it must cancel with the capability probe's own sentence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+
+import pytest
+
+from host_stack import kvm_uapi as u
+from host_stack import mm_uapi as m
+from host_stack import poison_matrix as pm
+from host_stack import seed_regression as sr
+from host_stack.capabilities import first_missing, probe_host
+from host_stack.vmm import DEFAULT_LAYOUT
+
+SLOT_HVA = {1: 0x7F0000000000, 2: 0x7F0000100000, 3: 0x7F0000200000}
+GMEM_MAP = 0x7F1000000000
+HVA = GMEM_MAP + 9 * 0x1000
+EXP = sr.SeedExpectation.from_layout(DEFAULT_LAYOUT, 9, SLOT_HVA, GMEM_MAP)
+AR, AO = m.BUS_MCEERR_AR, m.BUS_MCEERR_AO
+FAULT = sr.GuestAccessObservation(u.EHWPOISON, u.KVM_EXIT_MEMORY_FAULT, sr.MemoryFaultSeen(0x41000, 4096, 0), (), 7)
+
+
+def _obs(row: pm.MatrixRow, injection: tuple[sr.SigbusSeen, ...] = (), **kw: object) -> pm.RowObservation:
+    base = pm.RowObservation(
+        hva=HVA if row.mapped else None,
+        pfn=0x1234,
+        injection_signals=injection,
+        poisoned=True,
+        hardware_corrupted_kib=(0, 4),
+        call_errno=errno.EBUSY,
+        guest=FAULT,
+        user_signals=(sr.SigbusSeen(AR, HVA, 12),) if row.mapped else (),
+    )
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+def test_the_table_holds_every_variant_once() -> None:
+    ids = [r.id for r in pm.ROWS]
+    assert len(ids) == 16 == len(set(ids))
+    assert pm.row_by_id("corrupt-pfn.early.mapped.dirty") == pm.MatrixRow("corrupt-pfn", "early", True, True)
+    with pytest.raises(KeyError, match=r"madvise\.early\.mapped\.dirty"):
+        pm.row_by_id("nope")
+
+
+@pytest.mark.parametrize(
+    ("row_id", "kill_mappers", "delayed"),
+    [
+        ("madvise.early.mapped.dirty", AR, None),
+        ("madvise.late.mapped.dirty", AR, None),  # the caller is collected whatever its policy
+        ("madvise.early.mapped.clean", None, None),
+        ("madvise.early.unmapped.dirty", None, None),
+        ("corrupt-pfn.early.mapped.dirty", AO, None),
+        ("corrupt-pfn.late.mapped.dirty", None, None),
+        ("corrupt-pfn.early.mapped.clean", None, None),
+        ("corrupt-pfn.early.unmapped.dirty", None, None),
+    ],
+)
+def test_predictions_per_contract(row_id: str, kill_mappers: int | None, delayed: int | None) -> None:
+    row = pm.row_by_id(row_id)
+    got = (pm.predict(row, "kill_mappers").injection_signal, pm.predict(row, "delayed").injection_signal)
+    assert got == (kill_mappers, delayed), f"{row_id}: expected {(kill_mappers, delayed)}, got {got}"
+    touch = AR if row.mapped else None
+    assert pm.predict(row, "kill_mappers").user_touch_signal == touch == pm.predict(row, "delayed").user_touch_signal
+
+
+def test_an_ar_at_injection_is_kill_mappers_only() -> None:
+    row = pm.row_by_id("madvise.late.mapped.dirty")
+    matches, problems = pm.judge_row(row, EXP, _obs(row, (sr.SigbusSeen(AR, HVA, 12),)))
+    assert (matches, problems) == (("kill_mappers",), [])
+
+
+def test_no_signal_for_a_dirty_madvised_page_is_delayed_only() -> None:
+    row = pm.row_by_id("madvise.late.mapped.dirty")
+    matches, problems = pm.judge_row(row, EXP, _obs(row))
+    assert (matches, problems) == (("delayed",), [])
+
+
+def test_a_clean_row_does_not_tell_the_contracts_apart() -> None:
+    row = pm.row_by_id("corrupt-pfn.early.mapped.clean")
+    assert pm.judge_row(row, EXP, _obs(row)) == (("kill_mappers", "delayed"), [])
+
+
+@pytest.mark.parametrize(
+    ("sig", "needle"),
+    [
+        (sr.SigbusSeen(AR, HVA, 12), "expected si_code BUS_MCEERR_AO, got BUS_MCEERR_AR"),
+        (sr.SigbusSeen(AO, HVA + 0x1000, 12), f"expected si_addr {HVA:#x}, got {HVA + 0x1000:#x}"),
+        (sr.SigbusSeen(AO, HVA, 21), "expected si_addr_lsb 12, got 21"),
+    ],
+)
+def test_a_wrong_signal_matches_no_contract_and_says_why(sig: sr.SigbusSeen, needle: str) -> None:
+    row = pm.row_by_id("corrupt-pfn.early.mapped.dirty")
+    matches, problems = pm.judge_row(row, EXP, _obs(row, (sig,)))
+    assert matches == () and len(problems) == 1
+    assert "matches no documented contract" in problems[0] and needle in problems[0], problems
+    assert "not delayed (at injection: expected no SIGBUS, got 1" in problems[0], problems
+
+
+def test_a_wrong_gpa_fails_every_contract_with_the_oracle() -> None:
+    row = pm.row_by_id("corrupt-pfn.late.unmapped.clean")
+    guest = dataclasses.replace(FAULT, memory_fault=sr.MemoryFaultSeen(0x9000, 4096, 0))
+    _matches, problems = pm.judge_row(row, EXP, _obs(row, guest=guest))
+    assert any("expected gpa 0x41000" in p and "got 0x9000" in p for p in problems), problems
+
+
+def test_a_vcpu_sigbus_instead_of_the_memory_fault_exit_fails() -> None:
+    row = pm.row_by_id("madvise.early.mapped.clean")
+    guest = sr.GuestAccessObservation(None, None, None, (sr.SigbusSeen(AR, EXP.hva, 12, 7),), 7)
+    _matches, problems = pm.judge_row(row, EXP, _obs(row, guest=guest))
+    assert any("expected KVM_RUN -1/EHWPOISON with KVM_EXIT_MEMORY_FAULT at gpa 0x41000" in p for p in problems)
+
+
+def test_an_unpoisoned_frame_fails_whatever_the_signals() -> None:
+    row = pm.row_by_id("madvise.early.mapped.clean")
+    _matches, problems = pm.judge_row(row, EXP, _obs(row, poisoned=False, hardware_corrupted_kib=(4, 4)))
+    assert any("expected KPF_HWPOISON on pfn 0x1234" in p for p in problems), problems
+    assert any("expected HardwareCorrupted to grow by >= 4 kB, got +0 kB" in p for p in problems), problems
+
+
+def _result(row_id: str, matches: tuple[pm.Contract, ...]) -> pm.RowResult:
+    row = pm.row_by_id(row_id)
+    return pm.RowResult(row, "pass", ("ok",), matches, _obs(row))
+
+
+def test_the_matrix_names_the_one_contract_as_a_finding_with_the_table() -> None:
+    result = pm.judge_matrix([
+        _result("madvise.early.mapped.dirty", ("kill_mappers",)),
+        _result("madvise.early.mapped.clean", ("kill_mappers", "delayed")),
+    ])  # fmt: skip
+    assert result.ok and result.contract == "kill_mappers"
+    ids = [f.id for f in result.findings]
+    assert ids == [pm.CONTRACT_FINDING_ID, pm.EBUSY_FINDING_ID]
+    assert len(result.findings[0].evidence["table"]) == 2
+    assert result.to_json()["table"][0]["row"] == "madvise.early.mapped.dirty"
+
+
+def test_rows_that_follow_different_contracts_fail_the_matrix() -> None:
+    result = pm.judge_matrix([
+        _result("madvise.early.mapped.dirty", ("kill_mappers",)),
+        _result("madvise.late.mapped.dirty", ("delayed",)),
+    ])  # fmt: skip
+    assert not result.ok and result.contract is None
+    assert "rows disagree" in result.messages[0] and "madvise.late.mapped.dirty: delayed" in result.messages[0]
+
+
+def test_the_live_matrix_cancels_with_the_probed_sentence_or_runs_clean() -> None:
+    report = probe_host()
+    reason = first_missing(report, pm.MATRIX_REQUIREMENTS)
+    if reason is not None:
+        with pytest.raises(pm.MatrixCancelled) as exc:
+            pm.run_poison_matrix(report=report)
+        assert exc.value.reason == reason
+        return
+    result = pm.run_poison_matrix(report=report)
+    failed = [msg for r in result.rows if r.status == "fail" for msg in r.messages]
+    assert not failed and not result.messages, failed + list(result.messages)
+    assert result.contract is not None and not result.warnings, result.warnings
+    assert result.findings[0].id == pm.CONTRACT_FINDING_ID
