@@ -111,9 +111,7 @@ def test_signal_during_kvm_run_is_a_typed_interrupted_exit(kvm_system: KvmSystem
     assert hits == [signal.SIGUSR1]
 
 
-def test_failed_kvm_run_mapping_closes_the_vcpu_fd_once(
-    kvm_system: KvmSystem, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_failed_kvm_run_mapping_closes_the_vcpu_fd_once(kvm_system: KvmSystem, monkeypatch: pytest.MonkeyPatch) -> None:
     """If mapping kvm_run fails, the vCPU fd is closed once and no fd number is closed twice later."""
     import gc
     import os
