@@ -52,7 +52,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from host_stack import gmem_layout as gl
 from host_stack import kvm_uapi as u
@@ -74,6 +74,10 @@ from host_stack.seed_regression import (
     unpoison_injected,
 )
 from host_stack.vmm import HOST_REQUIREMENTS
+
+if TYPE_CHECKING:
+    from host_stack.kvm import HostMapping
+    from host_stack.witness import SigbusRecord
 
 __all__ = [
     "CONTRACTS",
@@ -427,7 +431,7 @@ def _set_kill_policy(kill: KillPolicy) -> int:
     return int(_libc.prctl(m.PR_MCE_KILL_GET, 0, 0, 0, 0))
 
 
-def _touch(mapping: Any, offset: int, dirty: bool) -> None:
+def _touch(mapping: HostMapping, offset: int, dirty: bool) -> None:
     if dirty:
         mapping.write_u32(offset, 0xD1 << 24 | INDEX)
     else:
@@ -599,7 +603,7 @@ def _wait_gone(pid: int | None, timeout: float = 10.0) -> None:
         os.kill(pid, 9)
 
 
-def _signals(records: Sequence[Any], start: int | None, end: int | None) -> tuple[SigbusSeen, ...]:
+def _signals(records: Sequence[SigbusRecord], start: int | None, end: int | None) -> tuple[SigbusSeen, ...]:
     return tuple(
         SigbusSeen(r.si_code, r.si_addr, r.si_addr_lsb, r.tid)
         for r in records
@@ -698,7 +702,7 @@ def _judge_live(
     row: MatrixRow,
     ready: Mapping[str, Any],
     events: Sequence[Mapping[str, Any]],
-    records: Sequence[Any],
+    records: Sequence[SigbusRecord],
     *,
     status: int,
     t_inject: int,
