@@ -27,6 +27,7 @@ from guests.profiles import get_profile
 from host_stack import vmm
 from host_stack.gmem_uapi_cases import CASES, run_case
 from host_stack.kvm import KvmSystem, probe_vm_creation
+from host_stack.poison_matrix import MatrixCancelled, run_poison_matrix
 from host_stack.seed_regression import SeedCancelled, run_seed_regression
 from images.build import GuestImage
 
@@ -195,6 +196,28 @@ def _seed(r: _Report) -> None:
     r.guarded("host", SEED_ITEM, check)
 
 
+MATRIX_ITEM = "poison matrix: shared guest_memfd page (injector x kill policy x mapped x dirty)"
+MATRIX_EVIDENCE = "poison_matrix.json"
+
+
+def _poison_matrix(r: _Report) -> None:
+    def check() -> Item:
+        try:
+            result = run_poison_matrix()
+        except MatrixCancelled as exc:
+            return Item("host", MATRIX_ITEM, "CANNOT RUN", exc.reason)
+        (r.out / MATRIX_EVIDENCE).write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n")
+        r.q.findings.extend(f.to_json() for f in result.findings)  # which contract the host follows
+        rows = [f"{row.row.id}: {row.status}" + (f" ({'; '.join(row.messages)})" if row.messages else "")
+                for row in result.rows]
+        warnings = [f"WARNING: {w}" for w in result.warnings]
+        return Item("host", MATRIX_ITEM, "PASS" if result.ok else "FAIL",
+                    f"{len(result.rows)} rows, contract followed: {result.contract or 'none'}",
+                    [*warnings, *result.messages, *rows], evidence=MATRIX_EVIDENCE)
+
+    r.guarded("host", MATRIX_ITEM, check)
+
+
 def _guest(r: _Report, specs: Sequence[ScenarioSpec], image: GuestImage, binary: str) -> None:
     for spec in specs:
         outdir = r.out / "scenarios" / spec.name
@@ -228,6 +251,7 @@ def qualify(out: Path, *, specs: Sequence[ScenarioSpec], image: GuestImage | Non
     r.save()
     _host_checks(r)
     _seed(r)
+    _poison_matrix(r)
     if specs:
         assert image is not None
         _guest(r, specs, image, binary)

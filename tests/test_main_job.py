@@ -59,7 +59,7 @@ def test_main_job_passes_every_guest_scenario(tmp_path: Path) -> None:
     # The host half for real inside the lab host: every check PASSes there, none cancels for
     # missing hardware, and the backing-source finding of this host is absent there.
     labhost = {n: s for n, s in status.items() if n.startswith("LabhostHostChecks.")}
-    assert len(labhost) == 6, f"expected 6 lab-host tests:\n{report}"
+    assert len(labhost) == 7, f"expected 7 lab-host tests:\n{report}"
     assert all(st == "PASS" for st, _ in labhost.values()), report
     backing = next(t for t in results["tests"] if t["name"].endswith("LabhostHostChecks.test_tiny_vmm_backing_source"))
     board = json.loads(backing["whiteboard"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 from avocado import Test
 
 from gmemtest.avocado_support import LABHOST_PREFLIGHT, LABHOST_TEST_TIMEOUT_S, run_labhost_item
-from gmemtest.qualify import HOST_CHECKS, SEED_ITEM
+from gmemtest.qualify import HOST_CHECKS, MATRIX_ITEM, SEED_ITEM
 
 
 class LabhostHostChecks(Test):  # type: ignore[misc]  # avocado is untyped
@@ -50,3 +50,10 @@ class LabhostHostChecks(Test):  # type: ignore[misc]  # avocado is untyped
         :avocado: tags=gmem,hwpoison,seed
         """
         run_labhost_item(self, SEED_ITEM)
+
+    def test_poison_matrix(self) -> None:
+        """Which contract the kernel follows for a poisoned shared guest_memfd page, row by row.
+
+        :avocado: tags=gmem,hwpoison,matrix
+        """
+        run_labhost_item(self, MATRIX_ITEM)
