@@ -9,8 +9,9 @@ results go to a writable 9p share at ``$GMEMTEST_RESULTS`` (/run/gmemtest/result
 Channels, each with one job:
 
 - ttyS0 (``console.log``): kernel messages and the READY / FAILED marker of init;
-- ttyS1 (``output.log``): only the command's stdout+stderr, raw, then an exit marker
-  ``\\nGMEMTEST-LABHOST-EXIT <nonce> <rc>\\n``; the per-job nonce means no output of the
+- hvc0, a virtio console (``output.log``): only the command's stdout+stderr, raw, then an exit marker
+  ``\\x1eGMEMTEST-LABHOST-EXIT <nonce> <rc>\\n`` (ASCII RS, not a newline, so a line the command
+  ends with is shown at once rather than held as a possible marker start); the per-job nonce means no output of the
   command can fake it. The runner tails this file to stream output while it runs;
 - the ``ctl`` 9p share (``ctl/``): the runner renames ``job-<n>.sh`` in (the argv,
   quoted by :func:`shlex.quote`, and the cwd); ``halt`` asks init to power off.
@@ -43,6 +44,7 @@ from qmp_helpers import MachineStateError, QemuMachine, opt_escape
 
 __all__ = [
     "DEFAULT_PROFILE",
+    "EXIT_FRAME",
     "EXIT_MARKER",
     "READY_MARKER",
     "LabhostError",
@@ -62,6 +64,8 @@ DEFAULT_PROFILE = "labhost-svm"
 READY_MARKER = "GMEMTEST-LABHOST-READY"
 FAILED_MARKER = "GMEMTEST-LABHOST-FAILED"
 EXIT_MARKER = "GMEMTEST-LABHOST-EXIT"
+# Starts the exit marker on hvc0: a byte commands hardly print, so nothing useful is held back.
+EXIT_FRAME = "\x1e"
 RESULTS_IN_L1 = "/run/gmemtest/results"
 _STATE_RE = re.compile(rf"({READY_MARKER}|{FAILED_MARKER})([^\r\n]*)\r?\n")
 _UPTIME_RE = re.compile(r"uptime=([0-9.]+)")
@@ -121,14 +125,14 @@ def job_script(argv: Sequence[str], cwd: Path, nonce: str,
 
 
 class _ExitScanner:
-    """Splits ttyS1 text into the command's output and its exit marker.
+    """Splits hvc0 text into the command's output and its exit marker.
 
     Text that could be the start of the marker is held back, so a streamed chunk never
     shows part of a marker and the output comes back byte-exact.
     """
 
     def __init__(self, nonce: str) -> None:
-        self._marker = f"\n{EXIT_MARKER} {nonce} "
+        self._marker = f"{EXIT_FRAME}{EXIT_MARKER} {nonce} "
         self._marker_re = re.compile(re.escape(self._marker) + r"(\d+)\n")
         self._held = ""
 
@@ -256,9 +260,12 @@ def _qemu_args(profile: GuestProfile, image: LabhostImage, *, share_dir: Path, c
 
     return [
         *profile.qemu_args(image.kernel, image.initrd, extra_kernel_args=extra_kernel_args),
-        # ttyS1 for the command's output only (the machine owner's -serial is ttyS0).
+        # hvc0 (a virtio console) for the command's output only; kernel messages stay on the
+        # machine owner's ttyS0. A second 8250 UART under TCG delivered a job's output only when
+        # the job ended (no streaming), and a virtio console moves bulk output far faster.
+        "-device", "virtio-serial-pci,id=lhvs",
         "-chardev", f"file,id=lhout,path={opt_escape(str(output_log))}",
-        "-device", "isa-serial,chardev=lhout,index=1",
+        "-device", "virtconsole,chardev=lhout,name=org.gmemtest.output",
         # multidevs=remap: the host's / spans several file systems; without it their
         # inode numbers can collide in L1's (loosely cached) view.
         *virtfs("/", "hostroot", "readonly=on", "multidevs=remap"),

@@ -82,10 +82,12 @@ LABHOST_BUILTIN_REQUIRED: tuple[Requirement, ...] = (
     Requirement(("DEVTMPFS",), "/dev (and /dev/kvm) in the initramfs without mknod"),
     Requirement(("DEBUG_FS",), "debugfs: hwpoison/corrupt-pfn lives there"),
     Requirement(("TRACING", "FTRACE"), "tracefs for kvm and ras tracepoints"),
-    Requirement(("SERIAL_8250",), "ttyS0 (console) and ttyS1 (command output) before modules load"),
+    Requirement(("SERIAL_8250",), "ttyS0 (console) before modules load"),
 )
 LABHOST_MODULE_ALLOWED: tuple[Requirement, ...] = (
     Requirement(("VIRTIO_PCI",), "the virtio PCI transport for the 9p shares", "virtio_pci"),
+    Requirement(("VIRTIO_CONSOLE",), "hvc0, the virtio console that carries the command output",
+                "virtio_console"),
     Requirement(("KVM",), "KVM itself: /dev/kvm", "kvm"),
     Requirement(("KVM_AMD",), "KVM on AMD SVM (QEMU TCG emulates SVM with NPT, not VMX)",
                 "kvm_amd"),

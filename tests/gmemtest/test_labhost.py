@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from gmemtest.labhost import (
+    EXIT_FRAME,
     EXIT_MARKER,
     LabhostTimeout,
     _ExitScanner,
@@ -65,9 +66,9 @@ def test_missing_cwd_exits_125(tmp_path: Path) -> None:
 @pytest.mark.parametrize("chunk", [1, 2, 5, 1000])
 def test_exit_scanner_returns_exact_output_and_status(chunk: int) -> None:
     nonce = "00ff00ff00ff00ff"
-    fake = f"\n{EXIT_MARKER} 1111111111111111 9\n"  # another job's nonce: just output
-    output = f"line 1\nno newline at end{fake}\n{EXIT_MARKER} {nonce}"
-    stream = output + f"\n{EXIT_MARKER} {nonce} 42\n"
+    fake = f"{EXIT_FRAME}{EXIT_MARKER} 1111111111111111 9\n"  # another job's nonce: just output
+    output = f"line 1\nno newline at end{fake}\n{EXIT_FRAME}{EXIT_MARKER} {nonce}"
+    stream = output + f"{EXIT_FRAME}{EXIT_MARKER} {nonce} 42\n"
     scanner = _ExitScanner(nonce)
     shown, status = [], None
     for i in range(0, len(stream), chunk):
@@ -82,8 +83,8 @@ def test_exit_scanner_returns_exact_output_and_status(chunk: int) -> None:
 
 def test_exit_scanner_holds_back_a_partial_marker() -> None:
     scanner = _ExitScanner("00ff00ff00ff00ff")
-    text, rc = scanner.feed(f"out\n{EXIT_MARKER} 00ff")
-    assert (text, rc) == ("out", None)
+    text, rc = scanner.feed(f"out\n{EXIT_FRAME}{EXIT_MARKER} 00ff")
+    assert (text, rc) == ("out\n", None), "a finished line is shown at once; only the marker is held"
     text, rc = scanner.feed("00ff00ff00ff 0\n")
     assert (text, rc) == ("", 0)
 
@@ -187,3 +188,41 @@ def test_command_timeout_kills_l1(tmp_path: Path, labhost_image: LabhostImage) -
     assert "did not exit within 5.0 s" in str(info.value)
     assert "started" in str(info.value)  # the output tail
     assert not _our_qemus(tmp_path)
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("moment", ["while L1 boots", "while the command runs"])
+def test_sigkilled_runner_leaves_no_qemu(tmp_path: Path, labhost_image: LabhostImage, moment: str) -> None:
+    """SIGKILL of `gmemtest labhost run` at any point takes L1's QEMU with it (PDEATHSIG)."""
+    import signal
+    import time
+
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "gmemtest.cli", "labhost", "run", "--results", str(tmp_path), "--timeout", "120",
+         "--", "sh", "-c", "echo command-started; sleep 100"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        if moment == "while L1 boots":
+            while not _our_qemus(tmp_path) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        else:
+            assert runner.stdout is not None
+            for line in runner.stdout:  # the command's own output, streamed by the runner
+                if "command-started" in line or time.monotonic() > deadline:
+                    break
+        assert _our_qemus(tmp_path), f"no L1 QEMU was running {moment}"
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(10)
+        deadline = time.monotonic() + 10
+        while _our_qemus(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _our_qemus(tmp_path), f"L1's QEMU outlived the runner SIGKILLed {moment}"
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+            runner.wait(10)
+        if runner.stdout is not None:
+            runner.stdout.close()

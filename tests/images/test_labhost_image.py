@@ -29,7 +29,7 @@ PKG = "linux-image-7.9.9+deb13-amd64"
 # kvm_amd's real dependencies in Debian's 7.3.4 (read from its .modinfo).
 DEPENDS = {"kvm_amd": "kvm,ccp", "kvm": "irqbypass", "ccp": "", "irqbypass": "",
            "hwpoison_inject": "", "netfs": "", "9pnet": "netfs", "9pnet_virtio": "9pnet",
-           "9p": "9pnet,netfs", "virtio_pci": ""}
+           "9p": "9pnet,netfs", "virtio_pci": "", "virtio_console": ""}
 FILE_NAMES = {"kvm_amd": "kvm-amd", "hwpoison_inject": "hwpoison-inject"}
 
 
@@ -82,7 +82,7 @@ def make_tree(root: Path, config: dict[str, str], *, xz: bool = True) -> KernelT
 # ----- kernel config -------------------------------------------------------------------
 def test_good_config_asks_for_the_kvm_and_9p_modules() -> None:
     assert check_labhost_config(_good_config(), PKG) == (
-        "virtio_pci", "kvm", "kvm_amd", "hwpoison_inject", "9pnet", "9pnet_virtio", "9p")
+        "virtio_pci", "virtio_console", "kvm", "kvm_amd", "hwpoison_inject", "9pnet", "9pnet_virtio", "9p")
 
 
 @pytest.mark.parametrize("option", ["KVM_AMD", "HWPOISON_INJECT", "KVM", "NET_9P_VIRTIO"])
@@ -210,7 +210,7 @@ def test_tree_build_hits_the_cache_and_misses_on_change(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     first = build_labhost_image(cache, tree)
     assert not first.cache_hit
-    assert first.modules == ("virtio_pci.ko", "irqbypass.ko", "kvm.ko", "ccp.ko", "kvm-amd.ko",
+    assert first.modules == ("virtio_pci.ko", "virtio_console.ko", "irqbypass.ko", "kvm.ko", "ccp.ko", "kvm-amd.ko",
                              "hwpoison-inject.ko", "netfs.ko", "9pnet.ko", "9pnet_virtio.ko", "9p.ko")
     assert first.kernel.read_bytes() == tree.vmlinuz.read_bytes()  # no PVH: the bzImage as is
     second = build_labhost_image(cache, tree)
