@@ -253,7 +253,7 @@ class LabhostRun:
 
 
 def _qemu_args(profile: GuestProfile, image: LabhostImage, *, share_dir: Path, ctl_dir: Path,
-               output_log: Path, extra_kernel_args: Sequence[str]) -> list[str]:
+               output_log: Path, work_dir: Path, extra_kernel_args: Sequence[str]) -> list[str]:
     def virtfs(path: Path | str, tag: str, *extra: str) -> list[str]:
         return ["-virtfs", ",".join((f"local,path={opt_escape(str(path))}", f"mount_tag={tag}",
                                      "security_model=none", *extra))]
@@ -270,6 +270,9 @@ def _qemu_args(profile: GuestProfile, image: LabhostImage, *, share_dir: Path, c
         # inode numbers can collide in L1's (loosely cached) view.
         *virtfs("/", "hostroot", "readonly=on", "multidevs=remap"),
         *virtfs(ctl_dir, "ctl"),
+        # The commands' cwd (the checkout), mounted at its own path in the chroot: under the
+        # host's /tmp or /run it would be hidden by L1's own tmpfs there.
+        *virtfs(work_dir, "work", "readonly=on", "multidevs=remap"),
         *virtfs(share_dir, "results"),
     ]
 
@@ -304,8 +307,12 @@ def booted_labhost(
         if stale.is_file():
             stale.unlink()
     output_log.write_bytes(b"")
+    work = (cwd if cwd is not None else Path.cwd()).absolute()
+    if "\n" in str(work) or not work.is_dir():
+        raise LabhostError(f"cwd {str(work)!r} must be an existing directory without a newline in its path")
+    (ctl_dir / "work-path").write_text(f"{work}\n")
     args = _qemu_args(prof, image, share_dir=share, ctl_dir=ctl_dir, output_log=output_log,
-                      extra_kernel_args=extra_kernel_args)
+                      work_dir=work, extra_kernel_args=extra_kernel_args)
     with ExitStack() as stack:
         t0 = time.monotonic()
         machine = stack.enter_context(QemuMachine(
@@ -331,7 +338,7 @@ def booted_labhost(
                  timings.guest_uptime_at_ready_s, match.group(0).strip())
         run = LabhostRun(machine, image, workdir=workdir, share_dir=share, ctl_dir=ctl_dir,
                          output_log=output_log, profile=prof,
-                         cwd=(cwd if cwd is not None else Path.cwd()).absolute(), timings=timings,
+                         cwd=work, timings=timings,
                          ready_line=match.group(0).strip())
         # On an exception (a timeout, ^C) there is no clean power-off to wait for:
         # leaving the stack kills QEMU. Otherwise init writes dmesg and powers off.

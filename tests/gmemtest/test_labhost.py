@@ -226,3 +226,20 @@ def test_sigkilled_runner_leaves_no_qemu(tmp_path: Path, labhost_image: LabhostI
             runner.wait(10)
         if runner.stdout is not None:
             runner.stdout.close()
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_cwd_under_tmp_is_the_commands_cwd_in_l1(tmp_path: Path, labhost_image: LabhostImage) -> None:
+    """L1 mounts its own tmpfs on /tmp; a checkout there (as a CI clone may be) must still be seen."""
+    from gmemtest.labhost import run_in_labhost
+
+    work = tmp_path / "checkout"
+    work.mkdir()
+    (work / "marker.txt").write_text("from the host's /tmp\n")
+    result, _ = run_in_labhost(labhost_image, ["sh", "-c", "pwd; cat marker.txt"], tmp_path / "l1",
+                               timeout=60, cwd=work)
+    assert result.returncode == 0, result.output
+    assert result.output == f"{work}\nfrom the host's /tmp\n"
+    assert not _our_qemus(tmp_path)
