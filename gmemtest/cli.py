@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from gmemtest.scenarios import SCENARIOS, get_scenario, scenario_names
 
 if TYPE_CHECKING:
+    from gmemtest.under_test import UnderTest
+    from images.build import GuestImage
     from images.labhost import KernelSource, LabhostImage
 
 LOG = logging.getLogger("gmemtest")
@@ -59,11 +61,32 @@ def _cmd_scenarios(args: argparse.Namespace) -> int:
     return EXIT_PASS
 
 
+def _under_test(args: argparse.Namespace, command: str) -> UnderTest | None:
+    """The lab's choices from the options, or None after printing every bad one (exit 2)."""
+    from gmemtest.under_test import UnderTest
+
+    chosen = UnderTest.from_params(lambda name: getattr(args, name, None))
+    problems = chosen.problems()
+    for problem in problems:
+        print(f"gmemtest {command}: {problem}", file=sys.stderr)
+    return None if problems else chosen
+
+
+def _guest_image(chosen: UnderTest, command: str) -> GuestImage | None:
+    from images.build import BuildError
+
+    try:
+        return chosen.guest_image()
+    except BuildError as exc:
+        if chosen.guest_manifest is None and chosen.guest_kernel_version is None:
+            raise
+        print(f"gmemtest {command}: guest image: {exc}", file=sys.stderr)
+        return None
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from gmemtest.requirements import unmet_requirements
     from gmemtest.runner import run_in_fresh_guest
-    from guests.profiles import get_profile
-    from images.build import build_default_image
 
     names = scenario_names() if args.all else args.scenario
     if not names:
@@ -71,23 +94,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     specs = [get_scenario(n) for n in names]  # validate every name before booting anything
-    image = build_default_image()
+    chosen = _under_test(args, "run")
+    if chosen is None:
+        return EXIT_USAGE
+    image = _guest_image(chosen, "run")
+    if image is None:
+        return EXIT_USAGE
     out_root = Path(args.out) if args.out else Path("gmemtest-runs") / time.strftime("%Y%m%d-%H%M%S")
     status = EXIT_PASS
     summary = []
     for spec in specs:
-        profile = get_profile(spec.profile)
-        unmet = unmet_requirements(profile.requirements, accel=profile.accel, binary=args.qemu)
+        profile = chosen.profile_for(spec)
+        unmet = unmet_requirements(profile.requirements, accel=profile.accel, binary=chosen.qemu)
         if unmet:
-            print(f"{spec.name}: UNMET: {'; '.join(unmet)}")
+            print(f"{spec.name}/{profile.name}: UNMET: {'; '.join(unmet)}")
             status = status if status == EXIT_FAIL else EXIT_UNMET
             continue
         outdir = out_root / spec.name
-        result = run_in_fresh_guest(spec, image, outdir, binary=args.qemu)
+        result = run_in_fresh_guest(spec, image, outdir, binary=chosen.qemu, profile=profile)
         print(result.verdict.summary())
         print(f"  evidence: {outdir}")
         summary.append({"scenario": spec.name, "passed": result.verdict.passed, "evidence": str(outdir),
-                        "injection_to_sigbus_ms": result.observations.injection_to_sigbus_ms})
+                        "injection_to_sigbus_ms": result.observations.injection_to_sigbus_ms,
+                        "setup": result.verdict.setup})
         if not result.verdict.passed:
             status = EXIT_FAIL  # a failed verdict outranks an unmet requirement elsewhere
     out_root.mkdir(parents=True, exist_ok=True)
@@ -136,16 +165,19 @@ def _cmd_qualify(args: argparse.Namespace) -> int:
 
     if args.labhost:
         return _cmd_qualify_labhost(args)
-    from images.build import build_default_image
-
     if args.no_guest:
         specs = []
     else:
         names = args.scenario or list(scenario_names())
         specs = [get_scenario(n) for n in names]
-    image = build_default_image() if specs else None
+    chosen = _under_test(args, "qualify")
+    if chosen is None:
+        return EXIT_USAGE
+    image = _guest_image(chosen, "qualify") if specs else None
+    if specs and image is None:
+        return EXIT_USAGE
     out = Path(args.out)
-    q = qualify(out, specs=specs, image=image, binary=args.qemu)
+    q = qualify(out, specs=specs, image=image, binary=chosen.qemu, under=chosen)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(q.counts().items()))
     print(f"{q.outcome}: {counts}; findings: {len(q.findings)}")
     for finding in q.findings:
@@ -273,6 +305,18 @@ def _add_kernel_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="rebuild the image even on a cache hit")
 
 
+def _add_under_test_options(p: argparse.ArgumentParser) -> None:
+    """The options of gmemtest.under_test.PARAMETERS (the Avocado -p names), same meaning."""
+    from gmemtest.under_test import DEFAULT_QEMU, PARAMETERS
+
+    for name, meaning in PARAMETERS.items():
+        if name.startswith("labhost_"):
+            continue  # the lab host's kernel has its --kernel-* options
+        metavar = {"qemu": "BINARY", "profile": "NAME", "guest_kernel_version": "VERSION"}.get(name, "PATH")
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar=metavar, help=meaning,
+                       default=DEFAULT_QEMU if name == "qemu" else None)
+
+
 def _cmd_reap(_args: argparse.Namespace) -> int:
     from qmp_helpers import reap_orphans
 
@@ -315,14 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scenario", nargs="*", help="scenario names (see 'gmemtest scenarios')")
     p.add_argument("--all", action="store_true", help="every scenario")
     p.add_argument("--out", help="evidence directory (default: ./gmemtest-runs/<timestamp>)")
-    p.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary")
+    _add_under_test_options(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("qualify", help="qualify this host stack: host checks, seed regression, guest scenarios")
     p.add_argument("scenario", nargs="*", help="guest scenarios to include (default: all)")
     p.add_argument("--no-guest", action="store_true", help="host-side checks only")
     p.add_argument("--out", default="gmemtest-qualification", help="report directory")
-    p.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary")
+    _add_under_test_options(p)
     p.add_argument("--labhost", action="store_true",
                    help="qualify the kernel inside the lab host (an L1 KVM host under TCG) instead of this host")
     p.add_argument("--quiet", action="store_true", help="with --labhost: do not stream L1's output")

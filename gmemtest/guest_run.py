@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from guests.profiles import GuestProfile, get_profile
 from guests.ssh import SshSession
@@ -45,6 +46,32 @@ class GuestRun:
 
     def guest_text(self, command: str, timeout: float = 20.0) -> str:
         return self.ssh.run_checked(command, timeout=timeout).stdout
+
+    def launch_record(self) -> dict[str, Any]:
+        """What was really under test, read from the launched machine, not from the request.
+
+        The binary is argv[0] as launched (resolved), its version is what the running QEMU
+        answers over QMP, and firmware, kernel and initrd are the paths in the argv: a lab that
+        passed ``-p qemu=...`` can see in the verdict that this binary ran.
+        """
+        argv = list(self.machine.args)
+        version = self.machine.qmp("query-version")
+        qemu = version.get("qemu", {}) if isinstance(version, dict) else {}
+
+        def value(option: str) -> str | None:
+            return next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == option), None)
+
+        return {
+            "qemu": {"binary": argv[0] if argv else self.machine.binary,
+                     "version": ".".join(str(qemu.get(k, "?")) for k in ("major", "minor", "micro")),
+                     "package": version.get("package", "") if isinstance(version, dict) else ""},
+            "profile": {"name": self.profile.name, "accel": self.profile.accel, "cpu": self.profile.cpu,
+                        "smp": self.profile.smp, "machine": self.profile.machine_arg()},
+            "firmware": value("-bios"),
+            "image": {"kernel": value("-kernel"), "initrd": value("-initrd"),
+                      "kernel_release": self.image.kernel_release, "manifest": str(self.image.manifest)},
+            "argv": argv,
+        }
 
 
 def guest_argv(image: GuestImage, profile: GuestProfile, extra_kernel_args: Sequence[str] = ()) -> list[str]:

@@ -23,7 +23,7 @@ from gmemtest.preflight import preflight_report
 from gmemtest.requirements import unmet_requirements
 from gmemtest.runner import run_in_fresh_guest
 from gmemtest.scenarios import ScenarioSpec
-from guests.profiles import get_profile
+from gmemtest.under_test import UnderTest
 from host_stack import vmm
 from host_stack.gmem_uapi_cases import CASES, run_case
 from host_stack.kvm import KvmSystem, probe_vm_creation
@@ -57,6 +57,9 @@ class Qualification:
     preflight: dict[str, Any] = field(default_factory=dict)
     items: list[Item] = field(default_factory=list)
     findings: list[dict[str, Any]] = field(default_factory=list)
+    # What the lab chose, and per scenario what was really launched (Verdict.setup).
+    under_test: dict[str, Any] = field(default_factory=dict)
+    setups: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def failed(self) -> bool:
@@ -80,6 +83,7 @@ class Qualification:
     def to_json(self) -> dict[str, Any]:
         return {"started": self.started, "duration_s": round(self.duration_s, 1), "outcome": self.outcome,
                 "counts": self.counts(), "findings": self.findings, "preflight": self.preflight,
+                "under_test": self.under_test, "setups": self.setups,
                 "items": [i.__dict__ for i in self.items]}
 
 
@@ -195,16 +199,17 @@ def _seed(r: _Report) -> None:
     r.guarded("host", SEED_ITEM, check)
 
 
-def _guest(r: _Report, specs: Sequence[ScenarioSpec], image: GuestImage, binary: str) -> None:
+def _guest(r: _Report, specs: Sequence[ScenarioSpec], image: GuestImage, binary: str, under: UnderTest) -> None:
     for spec in specs:
         outdir = r.out / "scenarios" / spec.name
 
         def check(spec: ScenarioSpec = spec, outdir: Path = outdir) -> Item:
-            profile = get_profile(spec.profile)
+            profile = under.profile_for(spec)
             unmet = unmet_requirements(profile.requirements, accel=profile.accel, binary=binary)
             if unmet:
                 return Item("guest", spec.name, "CANNOT RUN", "; ".join(unmet))
-            verdict = run_in_fresh_guest(spec, image, outdir, binary=binary).verdict
+            verdict = run_in_fresh_guest(spec, image, outdir, binary=binary, profile=profile).verdict
+            r.q.setups[spec.name] = verdict.setup
             return Item("guest", spec.name, "PASS" if verdict.passed else "FAIL",
                         f"{spec.summary} ({len(verdict.checks)} checks)",
                         [c.line() for c in verdict.checks], evidence=str(outdir))
@@ -213,12 +218,17 @@ def _guest(r: _Report, specs: Sequence[ScenarioSpec], image: GuestImage, binary:
 
 
 def qualify(out: Path, *, specs: Sequence[ScenarioSpec], image: GuestImage | None,
-            binary: str = "qemu-system-x86_64") -> Qualification:
-    """Run every check, writing qualification.json and .html after each item."""
+            binary: str = "qemu-system-x86_64", under: UnderTest | None = None) -> Qualification:
+    """Run every check, writing qualification.json and .html after each item.
+
+    `under` is what the lab chose (profile, firmware, guest image...); it is recorded in the
+    report next to each scenario's launch record (binary, QEMU version, firmware, image).
+    """
+    under = under if under is not None else UnderTest(qemu=binary)
     if specs and image is None:
         raise ValueError("guest scenarios were asked for, but no guest image was given")
     out.mkdir(parents=True, exist_ok=True)
-    q = Qualification(started=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    q = Qualification(started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), under_test=under.as_json())
     r = _Report(q, out, time.monotonic())
     try:
         q.preflight = preflight_report(binary)
@@ -230,6 +240,6 @@ def qualify(out: Path, *, specs: Sequence[ScenarioSpec], image: GuestImage | Non
     _seed(r)
     if specs:
         assert image is not None
-        _guest(r, specs, image, binary)
+        _guest(r, specs, image, binary, under)
     r.save()
     return q

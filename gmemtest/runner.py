@@ -12,7 +12,7 @@ import logging
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from gmemtest.oracle import Expectation, MappingLayout, PageLayout, expect
 from gmemtest.scenarios import KillPolicy, ScenarioSpec, Trigger
 from gmemtest.verdict import Verdict, judge
 from guests.probe_client import Mapping, ProbeClient, ProbeError, SigbusReport
+from guests.profiles import GuestProfile
 from guests.ssh import SshError
 from images.build import GuestImage
 from qmp_helpers import MachineStateError, MceInjection, mce_kind
@@ -147,9 +148,15 @@ def _wait_probe_in_user_mode(guest: GuestRun, pid: int, timeout: float = 10.0) -
 
 def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> ScenarioResult:
     """Carry out `spec` on `guest` and judge it. Raises ScenarioError when a precondition fails."""
+    if guest.profile.mce_broadcast and not spec.broadcast:
+        # The profile's CPU takes MCEs only as a broadcast; the scenario is otherwise the same,
+        # and the oracle then expects one MEMORY_FAILURE per vCPU.
+        spec = replace(spec, broadcast=True)
     ev = _Evidence(evidence_dir)
     kind = mce_kind(spec.mce_kind)
     obs = Observations()
+    setup = {"variant": f"{spec.name}/{guest.profile.name}", **guest.launch_record()}
+    ev.json("setup.json", setup)
 
     if spec.kill is KillPolicy.EARLY_SYSCTL:
         guest.guest_text("echo 1 > /proc/sys/vm/memory_failure_early_kill")
@@ -231,7 +238,7 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
     # Every SIGBUS the probe ever reported is judged, in arrival order: replies and strays alike.
     obs.sigbus = [_seen(r) for r in probe.sigbus_reports]
 
-    verdict = judge(exp, obs)
+    verdict = replace(judge(exp, obs), setup=setup)
     ev.json("observations.json", asdict(obs))
     ev.text("verdict.txt", verdict.summary() + "\n")
     ev.text("verdict.json", verdict.to_json() + "\n")
@@ -310,17 +317,19 @@ def _collect_events(guest: GuestRun, injection: MceInjection, obs: Observations,
 
 
 def run_in_fresh_guest(spec: ScenarioSpec, image: GuestImage, outdir: Path, *, attempts: int = 3,
-                       binary: str = "qemu-system-x86_64") -> ScenarioResult:
+                       binary: str = "qemu-system-x86_64",
+                       profile: GuestProfile | None = None) -> ScenarioResult:
     """Boot a guest for `spec`, run it, tear the guest down; retry only a missed user-mode SRAR.
 
-    The evidence of the final attempt is in `outdir`; a missed attempt's is kept in
-    `outdir/missed-attempt-N/` with a `why.txt`.
+    `profile` replaces the scenario's own (a lab's profile choice, its firmware). The evidence
+    of the final attempt is in `outdir`; a missed attempt's is kept in `outdir/missed-attempt-N/`
+    with a `why.txt`.
     """
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
     for attempt in range(1, attempts + 1):
         try:
-            with booted_guest(image, outdir, profile=spec.profile, binary=binary) as guest:
+            with booted_guest(image, outdir, profile=profile or spec.profile, binary=binary) as guest:
                 return run_scenario(spec, guest, outdir)
         except InjectionMissedUserMode as exc:
             if attempt == attempts:

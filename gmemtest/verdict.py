@@ -7,7 +7,7 @@ the kernel selftests': what should have been there and what was.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gmemtest.observations import Observations
@@ -30,6 +30,9 @@ class Check:
 class Verdict:
     scenario: str
     checks: tuple[Check, ...]
+    # What was under test (qemu binary and version, profile, firmware, image: the launch
+    # record), so a verdict read on its own says which host stack it judged.
+    setup: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def passed(self) -> bool:
@@ -44,8 +47,11 @@ class Verdict:
         return "\n".join([head, *("  " + c.line() for c in self.checks)])
 
     def to_json(self) -> str:
-        return json.dumps({"scenario": self.scenario, "passed": self.passed,
-                           "checks": [asdict(c) for c in self.checks]}, indent=2)
+        doc: dict[str, Any] = {"scenario": self.scenario, "passed": self.passed,
+                               "checks": [asdict(c) for c in self.checks]}
+        if self.setup:
+            doc["setup"] = self.setup
+        return json.dumps(doc, indent=2)
 
 
 def _code(code: int | None) -> str:
