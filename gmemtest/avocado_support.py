@@ -14,7 +14,7 @@ from typing import Any, NoReturn, Protocol
 
 from gmemtest.requirements import unmet_requirements
 from gmemtest.runner import ScenarioResult, run_in_fresh_guest
-from gmemtest.scenarios import SCENARIOS, ScenarioSpec, get_scenario
+from gmemtest.scenarios import SCENARIOS, ScenarioSpec, get_scenario, unsupported_under
 from gmemtest.under_test import UnderTest
 from guests.profiles import GuestProfile
 from images.build import BuildError, GuestImage
@@ -63,6 +63,9 @@ def _quiet_wire_loggers() -> None:
 def _prepare(test: AvocadoTestLike, chosen: UnderTest, spec: ScenarioSpec) -> tuple[GuestProfile, GuestImage]:
     """The profile and image `spec` runs with, or CANCEL with the probed reasons; nothing boots."""
     guest_profile = chosen.profile_for(spec)
+    meaningless = unsupported_under(spec, guest_profile)
+    if meaningless:
+        test.cancel(meaningless)
     unmet = unmet_requirements(guest_profile.requirements, accel=guest_profile.accel, binary=chosen.qemu)
     if unmet:
         test.cancel(f"profile {guest_profile.name} cannot run here: " + "; ".join(unmet))

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gmemtest.scenarios import SCENARIOS, get_scenario, scenario_names
+from gmemtest.scenarios import SCENARIOS, get_scenario, scenario_names, unsupported_under
 
 if TYPE_CHECKING:
     from gmemtest.under_test import UnderTest
@@ -105,7 +105,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     summary = []
     for spec in specs:
         profile = chosen.profile_for(spec)
-        unmet = unmet_requirements(profile.requirements, accel=profile.accel, binary=chosen.qemu)
+        meaningless = unsupported_under(spec, profile)
+        unmet = [meaningless] if meaningless else unmet_requirements(profile.requirements, accel=profile.accel,
+                                                                       binary=chosen.qemu)
         if unmet:
             print(f"{spec.name}/{profile.name}: UNMET: {'; '.join(unmet)}")
             status = status if status == EXIT_FAIL else EXIT_UNMET

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from guests.profiles import GuestProfile
+
 
 class Trigger(Enum):
     """What the probe does after the machine check is injected."""
@@ -134,3 +136,17 @@ def get_scenario(name: str) -> ScenarioSpec:
         if spec.name == name:
             return spec
     raise ValueError(f"unknown scenario {name!r}; valid: {', '.join(scenario_names())}")
+
+
+def unsupported_under(spec: ScenarioSpec, profile: GuestProfile) -> str | None:
+    """Why `spec` means nothing under `profile` (checked before booting), or None.
+
+    A broadcast scenario is about every vCPU entering the MCE handler together; a profile that
+    does not broadcast has a CPU QEMU refuses ``mce -b`` for ("Guest CPU does not support MCA
+    broadcast") or a single vCPU, so running it there would be an ERROR that says nothing.
+    """
+    if spec.broadcast and not profile.mce_broadcast:
+        return (f"scenario {spec.name} broadcasts its MCE to every vCPU (mce -b), and profile {profile.name} "
+                f"is not a broadcast profile ({profile.smp} vCPU, cpu {profile.cpu}); run it under one that is, "
+                "e.g. tcg-smp2-broadcast")
+    return None

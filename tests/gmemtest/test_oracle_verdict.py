@@ -189,3 +189,35 @@ def test_mce_rip_tells_kernel_from_user_mode() -> None:
     k, u = _MCE_RIP.search(kernel), _MCE_RIP.search(user)
     assert k is not None and (k.group(1), k.group(3)) == ("10", "rtnetlink_event+0xb/0xb0")
     assert u is not None and (u.group(1), u.group(3)) == ("33", None)
+
+
+def test_a_broadcast_srar_expects_action_required_only_on_the_target_vcpu_and_the_rendezvous_panic() -> None:
+    """Measured under tcg-smp2-broadcast: the other vCPU's MEMORY_FAILURE is not action-required,
+    and the monarch panics from mce_reign() ("Fatal machine check"), not "... on current CPU"."""
+    import dataclasses
+
+    from gmemtest.oracle import ExpectedMemoryFailureEvent, MappingLayout, PageLayout, expect
+    from gmemtest.scenarios import get_scenario
+
+    spec = dataclasses.replace(get_scenario("srar-kernel-panic"), broadcast=True)
+    layout = MappingLayout(kind="anon4k", base_va=0x7F0000000000, size=0x4000, page_size=0x1000,
+                           pages=tuple(PageLayout(0x7F0000000000 + i * 0x1000, 0x3000 + i) for i in range(4)),
+                           is_thp=False)
+    exp = expect(spec, layout, vcpus=2, mce_status=0xBD80000000000134, mce_misc=0x8C, mce_bank=9)
+    assert exp.memory_failure_events == (ExpectedMemoryFailureEvent("guest", "inject", True, False),
+                                         ExpectedMemoryFailureEvent("guest", "inject", False, False))
+    assert exp.panic_reason == "Fatal machine check"
+    lone = expect(get_scenario("srar-kernel-panic"), layout, vcpus=1, mce_status=0xBD80000000000134,
+                  mce_misc=0x8C, mce_bank=9)
+    assert lone.panic_reason == "Fatal machine check on current CPU"
+
+
+def test_a_broadcast_scenario_is_refused_under_a_profile_that_does_not_broadcast() -> None:
+    from gmemtest.scenarios import get_scenario, unsupported_under
+    from guests.profiles import get_profile
+
+    spec = get_scenario("srao-broadcast-smp2-4k")
+    assert unsupported_under(spec, get_profile("tcg-smp2-broadcast")) is None
+    reason = unsupported_under(spec, get_profile("tcg-default"))
+    assert reason is not None and "is not a broadcast profile" in reason, reason
+    assert unsupported_under(get_scenario("srao-late-touch-4k"), get_profile("tcg-default")) is None
