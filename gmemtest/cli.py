@@ -178,12 +178,27 @@ def _cmd_qualify(args: argparse.Namespace) -> int:
     image = _guest_image(chosen, "qualify") if specs else None
     if specs and image is None:
         return EXIT_USAGE
+    old: dict[str, Any] | None = None
+    if args.compare:
+        try:
+            old = json.loads(Path(args.compare).read_text())
+            if not isinstance(old, dict) or "items" not in old or "outcome" not in old:
+                raise ValueError("no 'items' or 'outcome'")
+        except (OSError, ValueError) as exc:
+            print(f"gmemtest qualify: --compare {args.compare}: not a readable qualification.json: {exc}",
+                  file=sys.stderr)
+            return EXIT_USAGE
     out = Path(args.out)
-    q = qualify(out, specs=specs, image=image, binary=chosen.qemu, under=chosen)
+    q = qualify(out, specs=specs, image=image, binary=chosen.qemu, under=chosen, compare_with=old)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(q.counts().items()))
     print(f"{q.outcome}: {counts}; findings: {len(q.findings)}")
     for finding in q.findings:
         print(f"  finding {finding['id']} ({finding['severity']})")
+    if q.comparison is not None:
+        from gmemtest.compare import compare
+
+        assert old is not None
+        print("\n".join(compare(old, q.to_json()).lines()))
     print(f"report: {out / 'qualification.html'}\njson:   {out / 'qualification.json'}")
     return {"FAILED": EXIT_FAIL, "INCOMPLETE": EXIT_UNMET}.get(q.outcome, EXIT_PASS)
 
@@ -372,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labhost", action="store_true",
                    help="qualify the kernel inside the lab host (an L1 KVM host under TCG) instead of this host")
     p.add_argument("--quiet", action="store_true", help="with --labhost: do not stream L1's output")
+    p.add_argument("--compare", metavar="OLD.json",
+                   help="an older qualification.json: report new FAILs, fixes, findings and timings that changed")
     _add_kernel_options(p)
     p.set_defaults(func=_cmd_qualify)
 
