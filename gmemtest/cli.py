@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING, Any
 from gmemtest.scenarios import SCENARIOS, get_scenario, scenario_names, unsupported_under
 
 if TYPE_CHECKING:
+    from gmemtest.guest_run import GuestRun
+    from gmemtest.scenarios import ScenarioSpec
     from gmemtest.under_test import UnderTest
+    from guests.profiles import GuestProfile
     from images.build import GuestImage
     from images.labhost import KernelSource, LabhostImage
 
@@ -100,7 +103,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     image = _guest_image(chosen, "run")
     if image is None:
         return EXIT_USAGE
+    if args.keep and len(specs) != 1:
+        print("gmemtest run --keep: name exactly one scenario (one guest is kept)", file=sys.stderr)
+        return EXIT_USAGE
     out_root = Path(args.out) if args.out else Path("gmemtest-runs") / time.strftime("%Y%m%d-%H%M%S")
+    out_root.mkdir(parents=True, exist_ok=True)
+    _step_log(out_root / "steps.log")
     status = EXIT_PASS
     summary = []
     for spec in specs:
@@ -113,6 +121,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             status = status if status == EXIT_FAIL else EXIT_UNMET
             continue
         outdir = out_root / spec.name
+        if args.keep:
+            return _run_kept(spec, image, outdir, chosen, profile)
         result = run_in_fresh_guest(spec, image, outdir, binary=chosen.qemu, profile=profile)
         print(result.verdict.summary())
         print(f"  evidence: {outdir}")
@@ -124,6 +134,126 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out_root.mkdir(parents=True, exist_ok=True)
     (out_root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return status
+
+
+def _step_log(path: Path) -> None:
+    """Every step of the run, with timestamps, into `path` (and onto a terminal as progress).
+
+    The file gets INFO from every layer whatever -v says, so a run that went wrong can be read
+    afterwards; a terminal without -v gets the same steps, short, so a 10 s boot is not silence.
+    """
+    handler = logging.FileHandler(path)
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+        for h in root.handlers:
+            if h is not handler:
+                h.setLevel(logging.WARNING)  # -v decides what the terminal's own handler shows
+        if sys.stderr.isatty():
+            progress = logging.StreamHandler(sys.stderr)
+            progress.setLevel(logging.INFO)
+            progress.addFilter(lambda r: r.name.startswith(("gmemtest", "images")))
+            progress.setFormatter(logging.Formatter("  .. %(message)s"))
+            root.addHandler(progress)
+
+
+def _run_kept(spec: ScenarioSpec, image: GuestImage, outdir: Path, chosen: UnderTest,
+              profile: GuestProfile) -> int:
+    """Run `spec`, then hold its guest up and say how to reach it until Ctrl-C (or SIGTERM)."""
+    import os
+    import signal
+    import tempfile
+
+    from gmemtest.kept import KeptGuest, remove_record, user_qmp_args, write_record
+    from gmemtest.runner import ScenarioResult, run_in_fresh_guest
+
+    # A short directory: AF_UNIX paths hold 107 bytes, evidence directories can be longer.
+    sock_dir = Path(tempfile.mkdtemp(prefix="gmemtest-kept-"))
+    user_qmp = sock_dir / "qmp.sock"
+
+    def hold(guest: GuestRun, result: ScenarioResult) -> None:
+        print(result.verdict.summary(), flush=True)
+        kept = KeptGuest(pid=os.getpid(), scenario=spec.name, profile=profile.name, ssh_port=guest.machine.ssh_port,
+                         ssh_key=str(guest.image.ssh_key), qmp_socket=str(user_qmp),
+                         console_log=str(guest.machine.console_log), evidence=str(outdir))
+        write_record(kept)
+        (outdir / "kept.json").write_text(json.dumps(kept.__dict__, indent=2) + "\n")
+        print(kept.how_to_reach(), flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        finally:
+            remove_record(kept.pid)
+
+    def stop(_signo: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    result: ScenarioResult | None = None
+
+    def keep_result(guest: GuestRun, res: ScenarioResult) -> None:
+        nonlocal result
+        result = res
+        hold(guest, res)
+
+    try:
+        run_in_fresh_guest(spec, image, outdir, binary=chosen.qemu, profile=profile,
+                           extra_qemu_args=user_qmp_args(user_qmp), after_verdict=keep_result)
+    except KeyboardInterrupt:
+        print("\nstopped: the kept guest's QEMU is gone", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        user_qmp.unlink(missing_ok=True)
+        sock_dir.rmdir()
+    if result is None:
+        return EXIT_FAIL
+    return EXIT_PASS if result.verdict.passed else EXIT_FAIL
+
+
+def _cmd_ssh(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from gmemtest.kept import find_kept
+
+    try:
+        kept = find_kept(args.pid)
+    except LookupError as exc:
+        print(f"gmemtest ssh: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    sys.stdout.flush()
+    # The engineer's terminal is inherited: an interactive shell, or COMMAND's output and status.
+    return subprocess.run(kept.ssh_argv(command), check=False).returncode
+
+
+def _cmd_qmp(args: argparse.Namespace) -> int:
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    from gmemtest.kept import find_kept
+
+    try:
+        kept = find_kept(args.pid)
+        arguments = json.loads(args.arguments) if args.arguments else {}
+        if not isinstance(arguments, dict):
+            raise ValueError(f"arguments must be a JSON object, got {args.arguments!r}")
+    except (LookupError, ValueError) as exc:
+        print(f"gmemtest qmp: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    monitor = QEMUMonitorProtocol(kept.qmp_socket)
+    try:
+        monitor.connect()
+        monitor.settimeout(10.0)
+        reply = monitor.cmd_raw(args.qmp_command, arguments)
+    except OSError as exc:
+        print(f"gmemtest qmp: {kept.qmp_socket}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    finally:
+        monitor.close()
+    print(json.dumps(reply, indent=2))
+    return EXIT_PASS if "return" in reply else EXIT_FAIL
 
 
 def _cmd_qualify_labhost(args: argparse.Namespace) -> int:
@@ -377,7 +507,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every scenario")
     p.add_argument("--out", help="evidence directory (default: ./gmemtest-runs/<timestamp>)")
     _add_under_test_options(p)
+    p.add_argument("--keep", action="store_true",
+                   help="keep the guest up after the verdict and print how to reach it, until Ctrl-C")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("ssh", help="log into the guest a 'gmemtest run --keep' holds (OpenSSH)")
+    p.add_argument("--pid", type=int, help="the keeping gmemtest's pid (default: the newest kept guest)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="[--] COMMAND to run instead of a shell")
+    p.set_defaults(func=_cmd_ssh)
+
+    p = sub.add_parser("qmp", help="send one QMP command to the guest a 'gmemtest run --keep' holds")
+    p.add_argument("--pid", type=int, help="the keeping gmemtest's pid (default: the newest kept guest)")
+    p.add_argument("qmp_command", help="e.g. query-status, human-monitor-command")
+    p.add_argument("arguments", nargs="?",
+                   help='its arguments as a JSON object, e.g. \'{"command-line": "info mtree"}\'')
+    p.set_defaults(func=_cmd_qmp)
 
     p = sub.add_parser("qualify", help="qualify this host stack: host checks, seed regression, guest scenarios")
     p.add_argument("scenario", nargs="*", help="guest scenarios to include (default: all)")

@@ -93,20 +93,28 @@ def booted_guest(
     boot_timeout_s: float = 90.0,
     binary: str = "qemu-system-x86_64",
     extra_kernel_args: Sequence[str] = (),
+    extra_qemu_args: Sequence[str] = (),
 ) -> Iterator[GuestRun]:
-    """Launch QEMU, wait for the guest's ready marker, log in; tear everything down on exit."""
+    """Launch QEMU, wait for the guest's ready marker, log in; tear everything down on exit.
+
+    `extra_qemu_args` add devices after the profile (e.g. a second QMP monitor for a kept
+    guest); they must not repeat what the profile owns (-machine, -bios, -cpu).
+    """
     prof = get_profile(profile) if isinstance(profile, str) else profile
     workdir.mkdir(parents=True, exist_ok=True)
-    args = guest_argv(image, prof, extra_kernel_args)
+    args = [*guest_argv(image, prof, extra_kernel_args), *extra_qemu_args]
     with ExitStack() as stack:
+        LOG.info("launching %s (%s)", prof.name, binary)
         t0 = time.monotonic()
         # Entering the machine's context launches QEMU and connects QMP.
         machine = stack.enter_context(
             QemuMachine(args, workdir, binary=binary, name=f"gmemtest-{prof.name}-{uuid.uuid4().hex[:8]}")
         )
         timings = BootTimings(qmp_s=time.monotonic() - t0)
+        LOG.info("QMP up in %.2fs; waiting for %s on the console", timings.qmp_s, READY_MARKER)
         machine.wait_console(READY_MARKER, timeout=boot_timeout_s)
         timings.console_ready_s = time.monotonic() - t0
+        LOG.info("console ready in %.2fs; logging in over SSH", timings.console_ready_s)
         remaining = max(5.0, boot_timeout_s - timings.console_ready_s)
         ssh = stack.enter_context(
             SshSession.connect("127.0.0.1", machine.ssh_port, image.ssh_key, deadline_s=remaining,

@@ -12,6 +12,7 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,8 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
             layout = layout_of(mapping)
         exp = expect(spec, layout, vcpus=guest.profile.smp, mce_status=kind.status, mce_misc=kind.misc,
                      mce_bank=MCE_BANK)
+        LOG.info("%s: %s page at gpa %#x (pfn %#x) is the target", spec.name, spec.page_kind, exp.poison_gpa,
+                 exp.poison_pfn)
         ev.json("layout.json", asdict(layout))
         ev.json("expectation.json", asdict(exp))
         if mapping is not None:
@@ -243,7 +246,13 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
             if spec.trigger is Trigger.TOUCH:
                 assert mapping is not None and spec.touch_offset is not None
                 injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
-                more = [machine.inject_mce(kind, gpa, broadcast=spec.broadcast) for gpa, _ in exp.more_poison]
+                more: list[MceInjection] = []
+                for n, (gpa, _) in enumerate(exp.more_poison, start=1):
+                    # One MCE at a time: a second one while the guest still handles the first
+                    # (MCG_STATUS.MCIP set) is recursive, and QEMU resets the guest (measured:
+                    # MEMORY_FAILURE action 'reset', then RESET).
+                    _wait_recovery(guest, obs.hardware_corrupted_before_kb, pages=n)
+                    more.append(machine.inject_mce(kind, gpa, broadcast=spec.broadcast))
                 if more:
                     ev.json("injection-more.json", [asdict(m) for m in more])
                 _wait_recovery(guest, obs.hardware_corrupted_before_kb, pages=1 + len(more))
@@ -267,6 +276,7 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
             else:
                 injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
             ev.json("injection.json", asdict(injection))
+            LOG.info("%s: %s injected at gpa %#x; observing", spec.name, spec.mce_kind, exp.poison_gpa)
 
             if isinstance(reply, SigbusReport):
                 obs.injection_to_sigbus_ms = (reply.host_monotonic - injection.t_mono_after) * 1000.0
@@ -384,10 +394,14 @@ def _collect_events(guest: GuestRun, injection: MceInjection, obs: Observations,
 
 def run_in_fresh_guest(spec: ScenarioSpec, image: GuestImage, outdir: Path, *, attempts: int = 3,
                        binary: str = "qemu-system-x86_64",
-                       profile: GuestProfile | None = None) -> ScenarioResult:
+                       profile: GuestProfile | None = None,
+                       extra_qemu_args: Sequence[str] = (),
+                       after_verdict: Callable[[GuestRun, ScenarioResult], None] | None = None) -> ScenarioResult:
     """Boot a guest for `spec`, run it, tear the guest down; retry only a missed user-mode SRAR.
 
-    `profile` replaces the scenario's own (a lab's profile choice, its firmware). The evidence
+    `profile` replaces the scenario's own (a lab's profile choice, its firmware);
+    `after_verdict` runs while the judged guest is still up (``gmemtest run --keep`` holds it
+    there until Ctrl-C; whatever it raises still tears the guest down). The evidence
     of the final attempt is in `outdir`; a missed attempt's is kept in `outdir/missed-attempt-N/`
     with a `why.txt`.
     """
@@ -395,8 +409,12 @@ def run_in_fresh_guest(spec: ScenarioSpec, image: GuestImage, outdir: Path, *, a
         raise ValueError(f"attempts must be >= 1, got {attempts}")
     for attempt in range(1, attempts + 1):
         try:
-            with booted_guest(image, outdir, profile=profile or spec.profile, binary=binary) as guest:
-                return run_scenario(spec, guest, outdir)
+            with booted_guest(image, outdir, profile=profile or spec.profile, binary=binary,
+                              extra_qemu_args=extra_qemu_args) as guest:
+                result = run_scenario(spec, guest, outdir)
+                if after_verdict is not None:
+                    after_verdict(guest, result)
+                return result
         except InjectionMissedUserMode as exc:
             if attempt == attempts:
                 raise
