@@ -55,6 +55,8 @@ PARAMETERS: dict[str, str] = {
     "labhost_kernel_version": "the lab host's Debian kernel version like 7.3.4+deb13",
     "labhost_kernel_suite": "the Debian suite the lab host's kernel comes from",
 }
+# The lab host's own QEMU arguments (an L1 under TCG) are a profile too, but no guest scenario's.
+_NOT_GUEST_PROFILES = ("labhost-svm",)
 _KERNEL_VERSION = re.compile(r"^[0-9]+\.[0-9]+\.[0-9]+-[0-9]+$")
 
 
@@ -102,8 +104,9 @@ class UnderTest:
         except QemuError:
             found.append(f"QEMU binary {self.qemu!r} (qemu) does not exist or is not executable"
                          + ("" if os.sep in self.qemu else " and is not on PATH"))
-        if self.profile is not None and self.profile not in PROFILES:
-            found.append(f"unknown guest profile {self.profile!r} (profile); valid: {', '.join(PROFILES)}")
+        guest_profiles = [name for name in PROFILES if name not in _NOT_GUEST_PROFILES]
+        if self.profile is not None and self.profile not in guest_profiles:
+            found.append(f"unknown guest profile {self.profile!r} (profile); valid: {', '.join(guest_profiles)}")
         for name in ("firmware", "guest_kernel", "guest_initrd", "guest_ssh_key", "guest_manifest"):
             path = getattr(self, name)
             if path is not None and not path.is_file():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import stat
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
@@ -259,3 +260,19 @@ def test_launch_record_reads_the_launched_machine(tmp_path: Path) -> None:
     assert record["qemu"] == {"binary": "/lab/qemu", "version": "9.2.1", "package": "lab build"}
     assert record["firmware"] == "/lab/OVMF.fd" and record["image"]["kernel"] == "/lab/k"
     assert record["profile"]["name"] == "tcg-default"
+
+
+def test_the_matrix_file_has_a_variant_per_guest_profile() -> None:
+    """avocado_tests/matrix.yaml: one !mux leaf per guest profile, each setting that profile."""
+    import subprocess
+    import sys
+
+    from guests.profiles import PROFILES
+
+    repo = Path(__file__).resolve().parents[2]
+    avocado = str(Path(sys.executable).with_name("avocado"))
+    out = subprocess.run([avocado, "variants", "-m", str(repo / "avocado_tests" / "matrix.yaml"), "-c"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    leaves = re.findall(r"/run/profile/([\w-]+):profile => ([\w-]+)", out)
+    guest_profiles = [name for name in PROFILES if name != "labhost-svm"]  # L1 is not a guest profile
+    assert [a for a, _ in leaves] == guest_profiles and all(a == b for a, b in leaves), out
