@@ -276,3 +276,24 @@ def test_the_matrix_file_has_a_variant_per_guest_profile() -> None:
     leaves = re.findall(r"/run/profile/([\w-]+):profile => ([\w-]+)", out)
     guest_profiles = [name for name in PROFILES if name != "labhost-svm"]  # L1 is not a guest profile
     assert [a for a, _ in leaves] == guest_profiles and all(a == b for a, b in leaves), out
+
+
+def test_the_lab_class_runs_every_scenario_under_its_profile_leaving_out_only_the_meaningless(
+        lab: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gmemtest.scenarios import SCENARIOS, unsupported_under
+    from guests.profiles import get_profile
+
+    _no_requirements(monkeypatch)
+    ran: list[tuple[str, str]] = []
+
+    def fake_run(spec: Any, image: Any, outdir: Path, **kwargs: Any) -> Any:
+        ran.append((spec.name, kwargs["profile"].name))
+        verdict = Verdict(spec.name, (Check("c", "1", "1", True),))
+        return type("R", (), {"verdict": verdict, "spec": spec})()
+
+    monkeypatch.setattr(avocado_support, "run_in_fresh_guest", fake_run)
+    test = _FakeTest(tmp_path / "data", {"guest_manifest": lab["guest_manifest"]})
+    avocado_support.run_every_scenario_under(test, "kvm-sev-snp")
+    expected = [s.name for s in SCENARIOS if unsupported_under(s, get_profile("kvm-sev-snp")) is None]
+    assert ran == [(name, "kvm-sev-snp") for name in expected] and len(expected) == len(SCENARIOS) - 1
+    assert json.loads(test.whiteboard)["left_out"][0].startswith("scenario srao-broadcast-smp2-4k broadcasts")
