@@ -10,13 +10,14 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 from gmemtest.requirements import unmet_requirements
 from gmemtest.runner import ScenarioResult, run_in_fresh_guest
-from gmemtest.scenarios import get_scenario
-from guests.profiles import get_profile
-from images.build import build_default_image
+from gmemtest.scenarios import SCENARIOS, ScenarioSpec, get_scenario, unsupported_under
+from gmemtest.under_test import UnderTest
+from guests.profiles import GuestProfile
+from images.build import BuildError, GuestImage
 
 # Avocado's per-test timeout for a guest scenario: three boot-and-run attempts (a missed
 # user-mode SRAR is retried) of about 10 s each here, with room for a loaded machine.
@@ -25,43 +26,112 @@ GUEST_TEST_TIMEOUT_S = 240
 HOST_TEST_TIMEOUT_S = 120
 
 
+class ParamsLike(Protocol):
+    def get(self, key: str, path: str | None = None, default: Any = None) -> Any: ...
+
+
 class AvocadoTestLike(Protocol):
     outputdir: str
     log: logging.Logger
     whiteboard: str
+    params: ParamsLike
 
     def cancel(self, message: str | None = None) -> NoReturn: ...
 
     def fail(self, message: str | None = None) -> NoReturn: ...
 
 
-def run_guest_scenario(test: AvocadoTestLike, name: str, *, profile: str | None = None) -> ScenarioResult:
-    """Boot the scenario's guest, run it, keep the evidence in the test's outputdir, judge it.
+def under_test(test: AvocadoTestLike) -> UnderTest:
+    """The lab's ``-p`` parameters (and a matrix variant's), or CANCEL naming every bad one.
 
-    `profile` runs the same scenario under another guest profile (e.g. a KVM lab profile);
-    a profile whose requirements this host does not meet CANCELs with the probed reasons.
+    Checked before anything boots, so a typo in a path costs a second, not a job.
     """
+    chosen = UnderTest.from_params(lambda name: test.params.get(name, default=None))
+    problems = chosen.problems()
+    if problems:
+        test.cancel("bad test parameter: " + "; ".join(problems))
+    return chosen
+
+
+def _quiet_wire_loggers() -> None:
     # Avocado records every logger at DEBUG; the QMP and SSH wire traces are already in
     # qmp.jsonl and probe.jsonl, and at DEBUG they bury the verdict under thousands of lines.
     for noisy in ("qemu.qmp", "paramiko"):
         logging.getLogger(noisy).setLevel(logging.INFO)
-    spec = get_scenario(name)
-    if profile is not None:
-        spec = dataclasses.replace(spec, profile=profile)
-    guest_profile = get_profile(spec.profile)
-    unmet = unmet_requirements(guest_profile.requirements, accel=guest_profile.accel)
+
+
+def _prepare(test: AvocadoTestLike, chosen: UnderTest, spec: ScenarioSpec) -> tuple[GuestProfile, GuestImage]:
+    """The profile and image `spec` runs with, or CANCEL with the probed reasons; nothing boots."""
+    guest_profile = chosen.profile_for(spec)
+    meaningless = unsupported_under(spec, guest_profile)
+    if meaningless:
+        test.cancel(meaningless)
+    unmet = unmet_requirements(guest_profile.requirements, accel=guest_profile.accel, binary=chosen.qemu)
     if unmet:
         test.cancel(f"profile {guest_profile.name} cannot run here: " + "; ".join(unmet))
-    image = build_default_image()
-    outdir = Path(test.outputdir)
+    try:
+        image = chosen.guest_image(_job_dir(Path(test.outputdir)))
+    except BuildError as exc:
+        if chosen.guest_manifest is None and chosen.guest_kernel_version is None:
+            raise  # the built-in image failing to build is an error of this job, not a choice
+        test.cancel(f"guest image: {exc}")
+    return guest_profile, image
+
+
+def _run(test: AvocadoTestLike, chosen: UnderTest, spec: ScenarioSpec, *, guest_profile: GuestProfile,
+         image: GuestImage, outdir: Path) -> ScenarioResult:
+    outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "image.json").write_text(json.dumps(image.as_json(), indent=2) + "\n")
-    test.log.info("scenario %s: %s", spec.name, spec.summary)
-    result = run_in_fresh_guest(spec, image, outdir)
+    (outdir / "under-test.json").write_text(json.dumps(chosen.as_json(), indent=2) + "\n")
+    test.log.info("scenario %s/%s: %s", spec.name, guest_profile.name, spec.summary)
+    return run_in_fresh_guest(spec, image, outdir, binary=chosen.qemu, profile=guest_profile)
+
+
+def run_guest_scenario(test: AvocadoTestLike, name: str) -> ScenarioResult:
+    """Boot the scenario's guest, run it, keep the evidence in the test's outputdir, judge it.
+
+    ``-p profile=`` (or a matrix variant's ``profile``) runs it under another guest profile;
+    ``-p qemu/firmware/guest_*`` choose what else is under test. A profile whose requirements
+    this host does not meet CANCELs with the probed reasons.
+    """
+    _quiet_wire_loggers()
+    chosen = under_test(test)
+    spec = get_scenario(name)
+    guest_profile, image = _prepare(test, chosen, spec)
+    result = _run(test, chosen, spec, guest_profile=guest_profile, image=image, outdir=Path(test.outputdir))
     # The whiteboard travels with the job's results (results.json, the HTML report).
     test.whiteboard = result.verdict.to_json()
     if not result.verdict.passed:
         test.fail("; ".join(c.line() for c in result.verdict.failures))
     return result
+
+
+def run_every_scenario_under(test: AvocadoTestLike, profile: str) -> list[ScenarioResult]:
+    """Every guest scenario under `profile` (a lab profile), evidence in ``<outputdir>/<scenario>/``.
+
+    One test per profile keeps the lab class to what a lab host can run; the scenarios inside it
+    run one after the other and every failing one is named. `profile` outranks ``-p profile=``.
+    """
+    _quiet_wire_loggers()
+    chosen = dataclasses.replace(under_test(test), profile=profile)
+    results: list[ScenarioResult] = []
+    not_meaningful: list[str] = []
+    for spec in SCENARIOS:
+        reason = unsupported_under(spec, chosen.profile_for(spec))
+        if reason is not None:  # e.g. the broadcast scenario under a 1-vCPU profile: left out, said so
+            test.log.info("left out: %s", reason)
+            not_meaningful.append(reason)
+            continue
+        guest_profile, image = _prepare(test, chosen, spec)
+        results.append(_run(test, chosen, spec, guest_profile=guest_profile, image=image,
+                            outdir=Path(test.outputdir) / spec.name))
+    test.whiteboard = json.dumps({"verdicts": [json.loads(r.verdict.to_json()) for r in results],
+                                  "left_out": not_meaningful}, indent=2)
+    failed = [r for r in results if not r.verdict.passed]
+    if failed:
+        test.fail(" | ".join(f"{r.spec.name}/{profile}: " + "; ".join(c.line() for c in r.verdict.failures)
+                             for r in failed))
+    return results
 
 
 # The lab-host tests share one L1 run per job: the first one waits for the L1 boot and the host
@@ -96,9 +166,18 @@ def run_labhost_item(test: AvocadoTestLike, name: str) -> None:
     """
     from gmemtest.labhost_qualify import shared_run
     from gmemtest.verdict import Check, Verdict
-    from images.labhost import build_labhost_image
+    from images.debs import PackageError
+    from images.kconfig import KernelConfigError
+    from images.labhost import DEFAULT_SUITE, DebianKernel, build_labhost_image
 
-    image = build_labhost_image()
+    chosen = under_test(test)
+    kernel = DebianKernel(chosen.labhost_kernel_suite or DEFAULT_SUITE, chosen.labhost_kernel_version)
+    try:
+        image = build_labhost_image(kernel=kernel)
+    except (BuildError, PackageError, KernelConfigError) as exc:
+        if chosen.labhost_kernel_version is None and chosen.labhost_kernel_suite is None:
+            raise
+        test.cancel(f"lab host kernel {kernel.describe()} (labhost_kernel_version/suite): {exc}")
     outdir = Path(test.outputdir)
     result = shared_run(image, _job_dir(outdir) / "labhost")
     for evidence in ("qualification.json", "qualification.html", "preflight.json", "labhost-qualification.json"):

@@ -15,9 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gmemtest.scenarios import SCENARIOS, get_scenario, scenario_names
+from gmemtest.scenarios import SCENARIOS, get_scenario, scenario_names, unsupported_under
 
 if TYPE_CHECKING:
+    from gmemtest.guest_run import GuestRun
+    from gmemtest.scenarios import ScenarioSpec
+    from gmemtest.under_test import UnderTest
+    from guests.profiles import GuestProfile
+    from images.build import GuestImage
     from images.labhost import KernelSource, LabhostImage
 
 LOG = logging.getLogger("gmemtest")
@@ -59,11 +64,32 @@ def _cmd_scenarios(args: argparse.Namespace) -> int:
     return EXIT_PASS
 
 
+def _under_test(args: argparse.Namespace, command: str) -> UnderTest | None:
+    """The lab's choices from the options, or None after printing every bad one (exit 2)."""
+    from gmemtest.under_test import UnderTest
+
+    chosen = UnderTest.from_params(lambda name: getattr(args, name, None))
+    problems = chosen.problems()
+    for problem in problems:
+        print(f"gmemtest {command}: {problem}", file=sys.stderr)
+    return None if problems else chosen
+
+
+def _guest_image(chosen: UnderTest, command: str) -> GuestImage | None:
+    from images.build import BuildError
+
+    try:
+        return chosen.guest_image()
+    except BuildError as exc:
+        if chosen.guest_manifest is None and chosen.guest_kernel_version is None:
+            raise
+        print(f"gmemtest {command}: guest image: {exc}", file=sys.stderr)
+        return None
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from gmemtest.requirements import unmet_requirements
     from gmemtest.runner import run_in_fresh_guest
-    from guests.profiles import get_profile
-    from images.build import build_default_image
 
     names = scenario_names() if args.all else args.scenario
     if not names:
@@ -71,28 +97,163 @@ def _cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     specs = [get_scenario(n) for n in names]  # validate every name before booting anything
-    image = build_default_image()
+    chosen = _under_test(args, "run")
+    if chosen is None:
+        return EXIT_USAGE
+    image = _guest_image(chosen, "run")
+    if image is None:
+        return EXIT_USAGE
+    if args.keep and len(specs) != 1:
+        print("gmemtest run --keep: name exactly one scenario (one guest is kept)", file=sys.stderr)
+        return EXIT_USAGE
     out_root = Path(args.out) if args.out else Path("gmemtest-runs") / time.strftime("%Y%m%d-%H%M%S")
+    out_root.mkdir(parents=True, exist_ok=True)
+    _step_log(out_root / "steps.log")
     status = EXIT_PASS
     summary = []
     for spec in specs:
-        profile = get_profile(spec.profile)
-        unmet = unmet_requirements(profile.requirements, accel=profile.accel, binary=args.qemu)
+        profile = chosen.profile_for(spec)
+        meaningless = unsupported_under(spec, profile)
+        unmet = [meaningless] if meaningless else unmet_requirements(profile.requirements, accel=profile.accel,
+                                                                       binary=chosen.qemu)
         if unmet:
-            print(f"{spec.name}: UNMET: {'; '.join(unmet)}")
+            print(f"{spec.name}/{profile.name}: UNMET: {'; '.join(unmet)}")
             status = status if status == EXIT_FAIL else EXIT_UNMET
             continue
         outdir = out_root / spec.name
-        result = run_in_fresh_guest(spec, image, outdir, binary=args.qemu)
+        if args.keep:
+            return _run_kept(spec, image, outdir, chosen, profile)
+        result = run_in_fresh_guest(spec, image, outdir, binary=chosen.qemu, profile=profile)
         print(result.verdict.summary())
         print(f"  evidence: {outdir}")
         summary.append({"scenario": spec.name, "passed": result.verdict.passed, "evidence": str(outdir),
-                        "injection_to_sigbus_ms": result.observations.injection_to_sigbus_ms})
+                        "injection_to_sigbus_ms": result.observations.injection_to_sigbus_ms,
+                        "setup": result.verdict.setup})
         if not result.verdict.passed:
             status = EXIT_FAIL  # a failed verdict outranks an unmet requirement elsewhere
     out_root.mkdir(parents=True, exist_ok=True)
     (out_root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return status
+
+
+def _step_log(path: Path) -> None:
+    """Every step of the run, with timestamps, into `path` (and onto a terminal as progress).
+
+    The file gets INFO from every layer whatever -v says, so a run that went wrong can be read
+    afterwards; a terminal without -v gets the same steps, short, so a 10 s boot is not silence.
+    """
+    handler = logging.FileHandler(path)
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+        for h in root.handlers:
+            if h is not handler:
+                h.setLevel(logging.WARNING)  # -v decides what the terminal's own handler shows
+        if sys.stderr.isatty():
+            progress = logging.StreamHandler(sys.stderr)
+            progress.setLevel(logging.INFO)
+            progress.addFilter(lambda r: r.name.startswith(("gmemtest", "images")))
+            progress.setFormatter(logging.Formatter("  .. %(message)s"))
+            root.addHandler(progress)
+
+
+def _run_kept(spec: ScenarioSpec, image: GuestImage, outdir: Path, chosen: UnderTest,
+              profile: GuestProfile) -> int:
+    """Run `spec`, then hold its guest up and say how to reach it until Ctrl-C (or SIGTERM)."""
+    import os
+    import signal
+    import tempfile
+
+    from gmemtest.kept import KeptGuest, remove_record, user_qmp_args, write_record
+    from gmemtest.runner import ScenarioResult, run_in_fresh_guest
+
+    # A short directory: AF_UNIX paths hold 107 bytes, evidence directories can be longer.
+    sock_dir = Path(tempfile.mkdtemp(prefix="gmemtest-kept-"))
+    user_qmp = sock_dir / "qmp.sock"
+
+    def hold(guest: GuestRun, result: ScenarioResult) -> None:
+        print(result.verdict.summary(), flush=True)
+        kept = KeptGuest(pid=os.getpid(), scenario=spec.name, profile=profile.name, ssh_port=guest.machine.ssh_port,
+                         ssh_key=str(guest.image.ssh_key), qmp_socket=str(user_qmp),
+                         console_log=str(guest.machine.console_log), evidence=str(outdir))
+        write_record(kept)
+        (outdir / "kept.json").write_text(json.dumps(kept.__dict__, indent=2) + "\n")
+        print(kept.how_to_reach(), flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        finally:
+            remove_record(kept.pid)
+
+    def stop(_signo: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    result: ScenarioResult | None = None
+
+    def keep_result(guest: GuestRun, res: ScenarioResult) -> None:
+        nonlocal result
+        result = res
+        hold(guest, res)
+
+    try:
+        run_in_fresh_guest(spec, image, outdir, binary=chosen.qemu, profile=profile,
+                           extra_qemu_args=user_qmp_args(user_qmp), after_verdict=keep_result)
+    except KeyboardInterrupt:
+        print("\nstopped: the kept guest's QEMU is gone", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        user_qmp.unlink(missing_ok=True)
+        sock_dir.rmdir()
+    if result is None:
+        return EXIT_FAIL
+    return EXIT_PASS if result.verdict.passed else EXIT_FAIL
+
+
+def _cmd_ssh(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from gmemtest.kept import find_kept
+
+    try:
+        kept = find_kept(args.pid)
+    except LookupError as exc:
+        print(f"gmemtest ssh: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    sys.stdout.flush()
+    # The engineer's terminal is inherited: an interactive shell, or COMMAND's output and status.
+    return subprocess.run(kept.ssh_argv(command), check=False).returncode
+
+
+def _cmd_qmp(args: argparse.Namespace) -> int:
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    from gmemtest.kept import find_kept
+
+    try:
+        kept = find_kept(args.pid)
+        arguments = json.loads(args.arguments) if args.arguments else {}
+        if not isinstance(arguments, dict):
+            raise ValueError(f"arguments must be a JSON object, got {args.arguments!r}")
+    except (LookupError, ValueError) as exc:
+        print(f"gmemtest qmp: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    monitor = QEMUMonitorProtocol(kept.qmp_socket)
+    try:
+        monitor.connect()
+        monitor.settimeout(10.0)
+        reply = monitor.cmd_raw(args.qmp_command, arguments)
+    except OSError as exc:
+        print(f"gmemtest qmp: {kept.qmp_socket}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    finally:
+        monitor.close()
+    print(json.dumps(reply, indent=2))
+    return EXIT_PASS if "return" in reply else EXIT_FAIL
 
 
 def _cmd_qualify_labhost(args: argparse.Namespace) -> int:
@@ -136,20 +297,38 @@ def _cmd_qualify(args: argparse.Namespace) -> int:
 
     if args.labhost:
         return _cmd_qualify_labhost(args)
-    from images.build import build_default_image
-
     if args.no_guest:
         specs = []
     else:
         names = args.scenario or list(scenario_names())
         specs = [get_scenario(n) for n in names]
-    image = build_default_image() if specs else None
+    chosen = _under_test(args, "qualify")
+    if chosen is None:
+        return EXIT_USAGE
+    image = _guest_image(chosen, "qualify") if specs else None
+    if specs and image is None:
+        return EXIT_USAGE
+    old: dict[str, Any] | None = None
+    if args.compare:
+        try:
+            old = json.loads(Path(args.compare).read_text())
+            if not isinstance(old, dict) or "items" not in old or "outcome" not in old:
+                raise ValueError("no 'items' or 'outcome'")
+        except (OSError, ValueError) as exc:
+            print(f"gmemtest qualify: --compare {args.compare}: not a readable qualification.json: {exc}",
+                  file=sys.stderr)
+            return EXIT_USAGE
     out = Path(args.out)
-    q = qualify(out, specs=specs, image=image, binary=args.qemu)
+    q = qualify(out, specs=specs, image=image, binary=chosen.qemu, under=chosen, compare_with=old)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(q.counts().items()))
     print(f"{q.outcome}: {counts}; findings: {len(q.findings)}")
     for finding in q.findings:
         print(f"  finding {finding['id']} ({finding['severity']})")
+    if q.comparison is not None:
+        from gmemtest.compare import compare
+
+        assert old is not None
+        print("\n".join(compare(old, q.to_json()).lines()))
     print(f"report: {out / 'qualification.html'}\njson:   {out / 'qualification.json'}")
     return {"FAILED": EXIT_FAIL, "INCOMPLETE": EXIT_UNMET}.get(q.outcome, EXIT_PASS)
 
@@ -273,6 +452,18 @@ def _add_kernel_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="rebuild the image even on a cache hit")
 
 
+def _add_under_test_options(p: argparse.ArgumentParser) -> None:
+    """The options of gmemtest.under_test.PARAMETERS (the Avocado -p names), same meaning."""
+    from gmemtest.under_test import DEFAULT_QEMU, PARAMETERS
+
+    for name, meaning in PARAMETERS.items():
+        if name.startswith("labhost_"):
+            continue  # the lab host's kernel has its --kernel-* options
+        metavar = {"qemu": "BINARY", "profile": "NAME", "guest_kernel_version": "VERSION"}.get(name, "PATH")
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar=metavar, help=meaning,
+                       default=DEFAULT_QEMU if name == "qemu" else None)
+
+
 def _cmd_reap(_args: argparse.Namespace) -> int:
     from qmp_helpers import reap_orphans
 
@@ -316,17 +507,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scenario", nargs="*", help="scenario names (see 'gmemtest scenarios')")
     p.add_argument("--all", action="store_true", help="every scenario")
     p.add_argument("--out", help="evidence directory (default: ./gmemtest-runs/<timestamp>)")
-    p.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary")
+    _add_under_test_options(p)
+    p.add_argument("--keep", action="store_true",
+                   help="keep the guest up after the verdict and print how to reach it, until Ctrl-C")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("ssh", help="log into the guest a 'gmemtest run --keep' holds (OpenSSH)")
+    p.add_argument("--pid", type=int, help="the keeping gmemtest's pid (default: the newest kept guest)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="[--] COMMAND to run instead of a shell")
+    p.set_defaults(func=_cmd_ssh)
+
+    p = sub.add_parser("qmp", help="send one QMP command to the guest a 'gmemtest run --keep' holds")
+    p.add_argument("--pid", type=int, help="the keeping gmemtest's pid (default: the newest kept guest)")
+    p.add_argument("qmp_command", help="e.g. query-status, human-monitor-command")
+    p.add_argument("arguments", nargs="?",
+                   help='its arguments as a JSON object, e.g. \'{"command-line": "info mtree"}\'')
+    p.set_defaults(func=_cmd_qmp)
 
     p = sub.add_parser("qualify", help="qualify this host stack: host checks, seed regression, guest scenarios")
     p.add_argument("scenario", nargs="*", help="guest scenarios to include (default: all)")
     p.add_argument("--no-guest", action="store_true", help="host-side checks only")
     p.add_argument("--out", default="gmemtest-qualification", help="report directory")
-    p.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary")
+    _add_under_test_options(p)
     p.add_argument("--labhost", action="store_true",
                    help="qualify the kernel inside the lab host (an L1 KVM host under TCG) instead of this host")
     p.add_argument("--quiet", action="store_true", help="with --labhost: do not stream L1's output")
+    p.add_argument("--compare", metavar="OLD.json",
+                   help="an older qualification.json: report new FAILs, fixes, findings and timings that changed")
     _add_kernel_options(p)
     p.set_defaults(func=_cmd_qualify)
 

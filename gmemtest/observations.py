@@ -64,6 +64,10 @@ class Observations:
     recovery_lines: list[RecoveryLine] = field(default_factory=list)
     mce_records: list[MceRecord] = field(default_factory=list)
     injection_to_sigbus_ms: float | None = None
+    # Pieces of the mapping read back after the injection (Expectation.intact_offsets), and
+    # each one that did not read its pattern ("offset 0x6080: read 0x00, pattern 0x5a").
+    intact_checked: int = 0
+    intact_mismatches: list[str] = field(default_factory=list)
 
 
 def parse_hardware_corrupted_kb(meminfo: str) -> int:

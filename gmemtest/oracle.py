@@ -85,6 +85,22 @@ class Expectation:
     # arch/x86/kernel/cpu/mce/severity.c: what the grader must say when the guest panics.
     panic_severity: str | None = None
     panic_reason: str | None = None
+    # Further injections after the first (two pages of one mapping): (gpa, recorded address),
+    # and the SIGBUS each one's touch must give, in order after `sigbus`.
+    more_poison: tuple[tuple[int, int], ...] = ()
+    more_sigbus: tuple[ExpectedSigbus, ...] = ()
+    # mm/memory-failure.c action_page_types: checked when the page's type is the point ("free buddy page").
+    recovery_page_type: str | None = None
+    # Offsets of the mapping that must still read their pattern: the other 4 KiB pieces of a THP.
+    intact_offsets: tuple[int, ...] = ()
+
+    @property
+    def poison_pfns(self) -> tuple[int, ...]:
+        return (self.poison_pfn, *(gpa >> PAGE_SHIFT for gpa, _ in self.more_poison))
+
+    @property
+    def sigbus_all(self) -> tuple[ExpectedSigbus, ...]:
+        return ((self.sigbus,) if self.sigbus is not None else ()) + self.more_sigbus
 
 
 def poison_unit_shift(layout: MappingLayout) -> int:
@@ -95,6 +111,25 @@ def poison_unit_shift(layout: MappingLayout) -> int:
     if layout.kind == "hugetlb2m":
         return HUGE_2M_SHIFT
     return PAGE_SHIFT
+
+
+def free_page_layout(pfn: int) -> MappingLayout:
+    """A free frame as a one-page 'mapping' at va 0: nothing maps it, so offsets are page offsets."""
+    return MappingLayout(kind="free", base_va=0, size=PAGE_SIZE, page_size=PAGE_SIZE,
+                         pages=(PageLayout(0, pfn),), is_thp=False)
+
+
+def _touch_sigbus(spec: ScenarioSpec, layout: MappingLayout, poison_offset: int, touch_offset: int,
+                  shift: int) -> ExpectedSigbus:
+    unit_mask = ~((1 << shift) - 1)
+    poison_va, touch_va = layout.base_va + poison_offset, layout.base_va + touch_offset
+    if touch_va & unit_mask != poison_va & unit_mask:
+        raise ValueError(
+            f"{spec.name}: touch at {touch_va:#x} is outside the poisoned unit of {1 << shift:#x} bytes at "
+            f"{poison_va & unit_mask:#x}; the touch would not fault"
+        )
+    # do_user_addr_fault reports the faulting address itself, not the page base.
+    return ExpectedSigbus(BUS_MCEERR_AR, touch_va, shift)
 
 
 def expect(
@@ -114,14 +149,7 @@ def expect(
     sigbus: ExpectedSigbus | None
     if spec.trigger is Trigger.TOUCH:
         assert spec.touch_offset is not None
-        touch_va = layout.base_va + spec.touch_offset
-        if touch_va & unit_mask != poison_va & unit_mask:
-            raise ValueError(
-                f"{spec.name}: touch at {touch_va:#x} is outside the poisoned unit of {1 << shift:#x} bytes at "
-                f"{poison_va & unit_mask:#x}; the touch would not fault"
-            )
-        # do_user_addr_fault reports the faulting address itself, not the page base.
-        sigbus = ExpectedSigbus(BUS_MCEERR_AR, touch_va, shift)
+        sigbus = _touch_sigbus(spec, layout, spec.poison_offset, spec.touch_offset, shift)
     elif spec.trigger is Trigger.WAIT:
         # kill_proc reports the page's address in the victim's VMA.
         sigbus = ExpectedSigbus(BUS_MCEERR_AO, poison_va & unit_mask, shift)
@@ -131,7 +159,29 @@ def expect(
         sigbus = None
 
     event = ExpectedMemoryFailureEvent("guest", "inject", spec.mce_kind == "SRAR", False)
+    # A broadcast (mce -b) gives the other vCPUs a bank-1 UC record without AR: their events are
+    # never action-required, whatever the kind of the MCE on the target vCPU.
+    others = ExpectedMemoryFailureEvent("guest", "inject", False, False)
     nevents = vcpus if spec.broadcast else 1
+    # With more than one vCPU in the rendezvous, the monarch panics from mce_reign() ("Fatal
+    # machine check"); a lone vCPU panics in do_machine_check() ("... on current CPU").
+    rendezvous = spec.broadcast and vcpus > 1
+
+    more_poison: tuple[tuple[int, int], ...] = ()
+    more_sigbus: tuple[ExpectedSigbus, ...] = ()
+    if spec.second_poison_offset is not None:
+        assert spec.second_touch_offset is not None
+        gpa = layout.gpa_of(layout.base_va + spec.second_poison_offset)
+        more_poison = ((gpa, mce_record_addr(gpa, mce_misc)),)
+        more_sigbus = (_touch_sigbus(spec, layout, spec.second_poison_offset, spec.second_touch_offset, shift),)
+    injections = 1 + len(more_poison)
+    intact: tuple[int, ...] = ()
+    if layout.is_thp:
+        # split_huge_page() before the poisoned piece is taken: the other 511 pieces stay mapped.
+        piece = spec.poison_offset >> PAGE_SHIFT
+        within = spec.poison_offset & (PAGE_SIZE - 1)
+        intact = tuple((i << PAGE_SHIFT) + within for i in range(min(layout.size, 1 << HUGE_2M_SHIFT) >> PAGE_SHIFT)
+                       if i != piece)
 
     recovered = not spec.expects_panic
     return Expectation(
@@ -140,19 +190,24 @@ def expect(
         poison_gpa=poison_gpa,
         poison_pfn=poison_pfn,
         sigbus=sigbus,
-        memory_failure_events=(event,) * nevents,
+        memory_failure_events=(event, *(others,) * (nevents - 1)) * injections,
         panic=spec.expects_panic,
         # The mark ends up on the raw 4 KiB frame that was hit, for hugetlb too: the free huge
         # page is dissolved after unmapping and the poison moves to its raw page.
         hwpoison_pfn=poison_pfn if recovered else None,
         # HardwareCorrupted counts raw 4 KiB pages handed to memory_failure(): one per injection.
-        hardware_corrupted_delta_kb=PAGE_SIZE // 1024 if recovered else None,
+        hardware_corrupted_delta_kb=injections * PAGE_SIZE // 1024 if recovered else None,
         recovery_pfn=poison_pfn if recovered else None,
         mce_status=mce_status,
         mce_bank=mce_bank,
         mce_record_addr=mce_record_addr(poison_gpa, mce_misc),
         panic_severity="Data load in unrecoverable area of kernel" if spec.expects_panic else None,
-        panic_reason="Fatal machine check on current CPU" if spec.expects_panic else None,
+        panic_reason=(("Fatal machine check" if rendezvous else "Fatal machine check on current CPU")
+                      if spec.expects_panic else None),
+        more_poison=more_poison,
+        more_sigbus=more_sigbus,
+        recovery_page_type="free buddy page" if spec.page_kind == "free" else None,
+        intact_offsets=intact,
     )
 
 

@@ -22,8 +22,8 @@ from typing import Any, Literal
 from gmemtest.preflight import preflight_report
 from gmemtest.requirements import unmet_requirements
 from gmemtest.runner import run_in_fresh_guest
-from gmemtest.scenarios import ScenarioSpec
-from guests.profiles import get_profile
+from gmemtest.scenarios import ScenarioSpec, unsupported_under
+from gmemtest.under_test import UnderTest
 from host_stack import vmm
 from host_stack.gmem_uapi_cases import CASES, run_case
 from host_stack.kvm import KvmSystem, probe_vm_creation
@@ -48,7 +48,9 @@ class Item:
     status: Status
     summary: str
     details: list[str] = field(default_factory=list)
+    # Relative to the report's directory, so the HTML links open wherever the report is copied.
     evidence: str | None = None
+    duration_s: float | None = None
 
 
 @dataclass
@@ -58,6 +60,11 @@ class Qualification:
     preflight: dict[str, Any] = field(default_factory=dict)
     items: list[Item] = field(default_factory=list)
     findings: list[dict[str, Any]] = field(default_factory=list)
+    # What the lab chose, and per scenario what was really launched (Verdict.setup).
+    under_test: dict[str, Any] = field(default_factory=dict)
+    setups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # gmemtest.compare.Comparison.to_json() against an older report (qualify --compare).
+    comparison: dict[str, Any] | None = None
 
     @property
     def failed(self) -> bool:
@@ -81,6 +88,7 @@ class Qualification:
     def to_json(self) -> dict[str, Any]:
         return {"started": self.started, "duration_s": round(self.duration_s, 1), "outcome": self.outcome,
                 "counts": self.counts(), "findings": self.findings, "preflight": self.preflight,
+                "under_test": self.under_test, "setups": self.setups, "comparison": self.comparison,
                 "items": [i.__dict__ for i in self.items]}
 
 
@@ -108,6 +116,7 @@ class _Report:
     def guarded(self, section: str, name: str, check: Callable[[], Item | None],
                 evidence: str | None = None) -> None:
         """Run one check; whatever it raises becomes an ERROR item with the message."""
+        started = time.monotonic()
         try:
             item = check()
         except Exception as exc:  # one broken check must not take the report with it
@@ -115,6 +124,8 @@ class _Report:
             item = Item(section, name, "ERROR", f"{type(exc).__name__}: {exc}",
                         traceback.format_exception_only(exc), evidence=evidence)
         if item is not None:
+            if item.duration_s is None:
+                item.duration_s = round(time.monotonic() - started, 2)
             self.add(item)
 
 
@@ -218,30 +229,42 @@ def _poison_matrix(r: _Report) -> None:
     r.guarded("host", MATRIX_ITEM, check)
 
 
-def _guest(r: _Report, specs: Sequence[ScenarioSpec], image: GuestImage, binary: str) -> None:
+def _guest(r: _Report, specs: Sequence[ScenarioSpec], image: GuestImage, binary: str, under: UnderTest) -> None:
     for spec in specs:
         outdir = r.out / "scenarios" / spec.name
 
-        def check(spec: ScenarioSpec = spec, outdir: Path = outdir) -> Item:
-            profile = get_profile(spec.profile)
-            unmet = unmet_requirements(profile.requirements, accel=profile.accel, binary=binary)
+        evidence = f"scenarios/{spec.name}"
+
+        def check(spec: ScenarioSpec = spec, outdir: Path = outdir, evidence: str = evidence) -> Item:
+            profile = under.profile_for(spec)
+            meaningless = unsupported_under(spec, profile)
+            unmet = [meaningless] if meaningless else unmet_requirements(
+                profile.requirements, accel=profile.accel, binary=binary)
             if unmet:
                 return Item("guest", spec.name, "CANNOT RUN", "; ".join(unmet))
-            verdict = run_in_fresh_guest(spec, image, outdir, binary=binary).verdict
+            verdict = run_in_fresh_guest(spec, image, outdir, binary=binary, profile=profile).verdict
+            r.q.setups[spec.name] = verdict.setup
             return Item("guest", spec.name, "PASS" if verdict.passed else "FAIL",
                         f"{spec.summary} ({len(verdict.checks)} checks)",
-                        [c.line() for c in verdict.checks], evidence=str(outdir))
+                        [c.line() for c in verdict.checks], evidence=evidence)
 
-        r.guarded("guest", spec.name, check, evidence=str(outdir))
+        r.guarded("guest", spec.name, check, evidence=evidence)
 
 
 def qualify(out: Path, *, specs: Sequence[ScenarioSpec], image: GuestImage | None,
-            binary: str = "qemu-system-x86_64") -> Qualification:
-    """Run every check, writing qualification.json and .html after each item."""
+            binary: str = "qemu-system-x86_64", under: UnderTest | None = None,
+            compare_with: dict[str, Any] | None = None) -> Qualification:
+    """Run every check, writing qualification.json and .html after each item.
+
+    `under` is what the lab chose (profile, firmware, guest image...); it is recorded in the
+    report next to each scenario's launch record (binary, QEMU version, firmware, image).
+    `compare_with` is an older qualification.json: what changed goes into both reports.
+    """
+    under = under if under is not None else UnderTest(qemu=binary)
     if specs and image is None:
         raise ValueError("guest scenarios were asked for, but no guest image was given")
     out.mkdir(parents=True, exist_ok=True)
-    q = Qualification(started=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    q = Qualification(started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), under_test=under.as_json())
     r = _Report(q, out, time.monotonic())
     try:
         q.preflight = preflight_report(binary)
@@ -254,6 +277,11 @@ def qualify(out: Path, *, specs: Sequence[ScenarioSpec], image: GuestImage | Non
     _poison_matrix(r)
     if specs:
         assert image is not None
-        _guest(r, specs, image, binary)
+        _guest(r, specs, image, binary, under)
+    if compare_with is not None:
+        from gmemtest.compare import compare
+
+        q.duration_s = time.monotonic() - r.t0
+        q.comparison = compare(compare_with, q.to_json()).to_json()
     r.save()
     return q

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from html import escape
+from typing import Any
+from urllib.parse import quote
 
+from gmemtest.compare import MOVED_ABS_S, MOVED_REL
 from gmemtest.qualify import Item, Qualification
 
 _CSS = """
@@ -34,10 +37,43 @@ def _items_table(items: list[Item]) -> str:
         if item.details:
             details = f"<details><summary>{len(item.details)} lines</summary><pre>" + escape(
                 "\n".join(item.details)) + "</pre></details>"
-        evidence = f"<br><small>evidence: {escape(item.evidence)}</small>" if item.evidence else ""
+        evidence = f"<br><small>evidence: {_link(item.evidence)}</small>" if item.evidence else ""
         rows.append(f"<tr><td>{escape(item.name)}</td><td>{_status(item.status)}</td>"
                     f"<td>{escape(item.summary)}{details}{evidence}</td></tr>")
     return "<table><tr><th>check</th><th>status</th><th>what</th></tr>" + "".join(rows) + "</table>"
+
+
+def _link(evidence: str) -> str:
+    """A link relative to the report's directory (the report and its evidence travel together).
+
+    A scenario's directory also gets a link to its verdict.txt, since a browser shows a local
+    directory only as a listing, and not every browser does that.
+    """
+    if evidence.startswith("/"):  # a report written before evidence paths were relative
+        return escape(evidence)
+    href = quote(evidence)
+    link = f'<a href="{href}">{escape(evidence)}</a>'
+    if "." not in evidence.rsplit("/", 1)[-1]:
+        link += f' (<a href="{href}/verdict.txt">verdict.txt</a>)'
+    return link
+
+
+def _comparison(c: dict[str, Any]) -> str:
+    def rows(changes: list[dict[str, Any]], css: str) -> str:
+        return "".join(f'<tr><td class="{css}">{escape(ch["name"])}</td><td>{escape(str(ch["old"] or "absent"))}'
+                       f' &rarr; {escape(str(ch["new"] or "absent"))}</td><td>{escape(ch.get("summary", ""))}</td></tr>'
+                       for ch in changes)
+    table = (rows(c["new_failures"], "FAIL") + rows(c["fixed"], "PASS") + rows(c["other_changes"], "NOT"))
+    findings = "".join(f"<li>appeared: <b>{escape(f)}</b></li>" for f in c["findings_appeared"]) + "".join(
+        f"<li>vanished: <b>{escape(f)}</b></li>" for f in c["findings_vanished"])
+    timings = "".join(f"<li>{escape(t['name'])}: {escape(t['change'])}</li>" for t in c["timings_moved"])
+    return (f"<h2>Compared with the qualification of {escape(c['old_started'])}</h2>"
+            f"<p>{escape(c['old_outcome'])} &rarr; {escape(c['new_outcome'])}; "
+            f"{len(c['new_failures'])} new FAIL, {len(c['fixed'])} fixed, {len(c['other_changes'])} other changes</p>"
+            + (f"<table><tr><th>check</th><th>status</th><th>now</th></tr>{table}</table>" if table else "")
+            + f"<p>Findings:</p><ul>{findings or '<li>unchanged</li>'}</ul>"
+            + f"<p>Timings that moved (by at least {MOVED_ABS_S:.0f} s and {MOVED_REL:.0%}):</p>"
+            + f"<ul>{timings or '<li>none</li>'}</ul>")
 
 
 def render(q: Qualification) -> str:
@@ -67,6 +103,7 @@ def render(q: Qualification) -> str:
 <h1>gmemtest qualification</h1>
 <div class="banner {banner[0]}">{banner[1]}: {escape(counts)} &middot; started {escape(q.started)},
 took {q.duration_s:.0f} s</div>
+{_comparison(q.comparison) if q.comparison else ""}
 <h2>Findings (divergences that do not fail the qualification)</h2>{findings}
 {sections}
 <h2>Guest profiles on this host</h2><table><tr><th>profile</th><th>status</th><th>why not</th></tr>{profiles}</table>

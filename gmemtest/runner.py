@@ -12,7 +12,8 @@ import logging
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,13 @@ from gmemtest.observations import (
     parse_panic_message,
     parse_recovery_lines,
 )
-from gmemtest.oracle import Expectation, MappingLayout, PageLayout, expect
+from gmemtest.oracle import Expectation, MappingLayout, PageLayout, expect, free_page_layout
 from gmemtest.scenarios import KillPolicy, ScenarioSpec, Trigger
 from gmemtest.verdict import Verdict, judge
 from guests.probe_client import Mapping, ProbeClient, ProbeError, SigbusReport
+from guests.profiles import GuestProfile
 from guests.ssh import SshError
+from host_stack import mm_uapi
 from images.build import GuestImage
 from qmp_helpers import MachineStateError, MceInjection, mce_kind
 
@@ -104,14 +107,59 @@ def _hardware_corrupted(guest: GuestRun) -> int:
     return parse_hardware_corrupted_kb(guest.guest_text("cat /proc/meminfo"))
 
 
-def _wait_recovery(guest: GuestRun, before_kb: int) -> None:
-    """Action-optional MCEs are handled from a work queue: wait until the guest counted the page."""
+def _wait_recovery(guest: GuestRun, before_kb: int, pages: int = 1) -> None:
+    """Action-optional MCEs are handled from a work queue: wait until the guest counted the pages."""
     deadline = time.monotonic() + RECOVERY_TIMEOUT_S
     while time.monotonic() < deadline:
-        if _hardware_corrupted(guest) > before_kb:
+        if _hardware_corrupted(guest) >= before_kb + pages * 4:
             return
         time.sleep(0.05)
-    LOG.warning("guest did not count a corrupted page within %.0fs; touching anyway", RECOVERY_TIMEOUT_S)
+    LOG.warning("guest did not count %d corrupted page(s) within %.0fs; going on", pages, RECOVERY_TIMEOUT_S)
+
+
+def _kpageflags(guest: GuestRun, pfns: list[int]) -> dict[int, int]:
+    """The guest kernel's /proc/kpageflags word of each pfn, in one short SSH command (busybox dd, od)."""
+    script = (f"for p in {' '.join(map(str, pfns))}; do "
+              "dd if=/proc/kpageflags bs=8 skip=$p count=1 2>/dev/null | od -An -tx8; done")
+    words = guest.guest_text(script).split()
+    if len(words) != len(pfns):
+        raise ScenarioError(f"reading /proc/kpageflags of {len(pfns)} pfns gave {len(words)} words: {words[:4]}")
+    return {pfn: int(word, 16) for pfn, word in zip(pfns, words, strict=True)}
+
+
+def _find_free_pfn(guest: GuestRun) -> int:
+    """A frame at the head of a free buddy block (KPF_BUDDY) high in guest RAM, nothing else set.
+
+    Heads of 2 MiB-aligned blocks high up are the least likely to be allocated in the moment
+    between this read and the injection; the runner reads the flag again right before injecting.
+    """
+    top = guest.profile.memory_mib << (20 - 12)
+    candidates = list(range(top - 512, top // 2, -512))[:32]
+    for pfn, flags in _kpageflags(guest, candidates).items():
+        if flags == 1 << mm_uapi.KPF_BUDDY:
+            return pfn
+    raise ScenarioError(f"no free buddy block head among pfns {candidates[-1]:#x}..{candidates[0]:#x} "
+                        "(/proc/kpageflags): the guest has no free 2 MiB block to poison")
+
+
+def _probe_cpu(guest: GuestRun, pid: int) -> int:
+    """The CPU the probe last ran on: field 39 ('processor') of /proc/PID/stat (proc(5))."""
+    if guest.profile.smp == 1:
+        return 0
+    stat = guest.guest_text(f"cat /proc/{pid}/stat")
+    return int(stat.rsplit(")", 1)[1].split()[36])  # fields after comm start at field 3
+
+
+def _check_intact(probe: ProbeClient, mapping: Mapping, exp: Expectation, obs: Observations) -> None:
+    """Read one byte of every piece that must have survived; record the ones that did not."""
+    for offset in exp.intact_offsets:
+        reply = probe.touch(mapping.id, offset)
+        obs.intact_checked += 1
+        if isinstance(reply, SigbusReport):
+            obs.intact_mismatches.append(f"offset {offset:#x}: SIGBUS (si_addr {reply.si_addr:#x})")
+        elif reply.value != mapping.expected_value(offset):
+            obs.intact_mismatches.append(f"offset {offset:#x}: read {reply.value:#04x}, "
+                                         f"pattern {mapping.expected_value(offset):#04x}")
 
 
 def _confirm_pattern_at_gpa(guest: GuestRun, mapping: Mapping, offset: int, gpa: int, ev: _Evidence) -> None:
@@ -147,9 +195,15 @@ def _wait_probe_in_user_mode(guest: GuestRun, pid: int, timeout: float = 10.0) -
 
 def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> ScenarioResult:
     """Carry out `spec` on `guest` and judge it. Raises ScenarioError when a precondition fails."""
+    if guest.profile.mce_broadcast and not spec.broadcast:
+        # The profile's CPU takes MCEs only as a broadcast; the scenario is otherwise the same,
+        # and the oracle then expects one MEMORY_FAILURE per vCPU.
+        spec = replace(spec, broadcast=True)
     ev = _Evidence(evidence_dir)
     kind = mce_kind(spec.mce_kind)
     obs = Observations()
+    setup = {"variant": f"{spec.name}/{guest.profile.name}", **guest.launch_record()}
+    ev.json("setup.json", setup)
 
     if spec.kill is KillPolicy.EARLY_SYSCTL:
         guest.guest_text("echo 1 > /proc/sys/vm/memory_failure_early_kill")
@@ -164,29 +218,56 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
             probe.set_kill("early")
         elif spec.kill is KillPolicy.LATE_PRCTL:
             probe.set_kill("late")
-        mapping = probe.map(spec.page_kind, spec.npages)
-        if spec.page_kind == "thp" and not mapping.thp:
-            raise ScenarioError(f"{spec.name}: the probe's region is not backed by a THP (kpageflags); "
-                                "is transparent_hugepage=madvise set and memory unfragmented?")
-        layout = layout_of(mapping)
+        mapping: Mapping | None = None
+        if spec.page_kind == "free":
+            layout = free_page_layout(_find_free_pfn(guest))
+        else:
+            mapping = probe.map(spec.page_kind, spec.npages)
+            if spec.page_kind == "thp" and not mapping.thp:
+                raise ScenarioError(f"{spec.name}: the probe's region is not backed by a THP (kpageflags); "
+                                    "is transparent_hugepage=madvise set and memory unfragmented?")
+            layout = layout_of(mapping)
         exp = expect(spec, layout, vcpus=guest.profile.smp, mce_status=kind.status, mce_misc=kind.misc,
                      mce_bank=MCE_BANK)
-        located = probe.locate(mapping.id, spec.poison_offset)
-        if located.gpa != exp.poison_gpa:
-            raise ScenarioError(f"{spec.name}: layout changed before injection: oracle gpa {exp.poison_gpa:#x}, "
-                                f"probe locate gpa {located.gpa:#x}")
+        LOG.info("%s: %s page at gpa %#x (pfn %#x) is the target", spec.name, spec.page_kind, exp.poison_gpa,
+                 exp.poison_pfn)
         ev.json("layout.json", asdict(layout))
         ev.json("expectation.json", asdict(exp))
-        _confirm_pattern_at_gpa(guest, mapping, spec.poison_offset, exp.poison_gpa, ev)
+        if mapping is not None:
+            located = probe.locate(mapping.id, spec.poison_offset)
+            if located.gpa != exp.poison_gpa:
+                raise ScenarioError(f"{spec.name}: layout changed before injection: oracle gpa {exp.poison_gpa:#x}, "
+                                    f"probe locate gpa {located.gpa:#x}")
+            _confirm_pattern_at_gpa(guest, mapping, spec.poison_offset, exp.poison_gpa, ev)
+            if spec.second_poison_offset is not None:
+                _confirm_pattern_at_gpa(guest, mapping, spec.second_poison_offset, exp.more_poison[0][0], ev)
+        else:
+            flags = _kpageflags(guest, [exp.poison_pfn])[exp.poison_pfn]
+            ev.json("free-page.json", {"pfn": exp.poison_pfn, "kpageflags": flags})
+            if flags != 1 << mm_uapi.KPF_BUDDY:
+                raise ScenarioError(f"{spec.name}: pfn {exp.poison_pfn:#x} was allocated before the injection "
+                                    f"(kpageflags {flags:#x}, expected only KPF_BUDDY); refusing to inject")
 
         machine = guest.machine
         try:
             reply: object = None
             if spec.trigger is Trigger.TOUCH:
+                assert mapping is not None and spec.touch_offset is not None
                 injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
-                _wait_recovery(guest, obs.hardware_corrupted_before_kb)
-                assert spec.touch_offset is not None
+                more: list[MceInjection] = []
+                for n, (gpa, _) in enumerate(exp.more_poison, start=1):
+                    # One MCE at a time: a second one while the guest still handles the first
+                    # (MCG_STATUS.MCIP set) is recursive, and QEMU resets the guest (measured:
+                    # MEMORY_FAILURE action 'reset', then RESET).
+                    _wait_recovery(guest, obs.hardware_corrupted_before_kb, pages=n)
+                    more.append(machine.inject_mce(kind, gpa, broadcast=spec.broadcast))
+                if more:
+                    ev.json("injection-more.json", [asdict(m) for m in more])
+                _wait_recovery(guest, obs.hardware_corrupted_before_kb, pages=1 + len(more))
                 reply = probe.touch(mapping.id, spec.touch_offset)
+                if spec.second_touch_offset is not None:
+                    probe.touch(mapping.id, spec.second_touch_offset)
+                _check_intact(probe, mapping, exp, obs)
             elif spec.trigger is Trigger.WAIT:
                 probe.begin_wait(PROBE_WINDOW_S)
                 injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
@@ -194,12 +275,19 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
             elif spec.trigger is Trigger.SPIN:
                 probe.begin_spin(PROBE_WINDOW_S)
                 _wait_probe_in_user_mode(guest, probe.pid)  # the MCE must land in the spin loop
-                injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
+                # ... on the vCPU that runs it: with 2 vCPUs an SRAR on the other one finds it idle
+                # in the kernel (measured: every attempt panicked in native_safe_halt).
+                injection = machine.inject_mce(kind, exp.poison_gpa, cpu=_probe_cpu(guest, probe.pid),
+                                               broadcast=spec.broadcast)
                 _await_reply_or_panic(guest, channel, injection, timeout=PROBE_WINDOW_S + 10)
                 reply = probe.finish_spin(PROBE_WINDOW_S + 10)
+            elif spec.trigger is Trigger.NONE:
+                injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
+                _wait_recovery(guest, obs.hardware_corrupted_before_kb)
             else:
                 injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
             ev.json("injection.json", asdict(injection))
+            LOG.info("%s: %s injected at gpa %#x; observing", spec.name, spec.mce_kind, exp.poison_gpa)
 
             if isinstance(reply, SigbusReport):
                 obs.injection_to_sigbus_ms = (reply.host_monotonic - injection.t_mono_after) * 1000.0
@@ -231,7 +319,7 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
     # Every SIGBUS the probe ever reported is judged, in arrival order: replies and strays alike.
     obs.sigbus = [_seen(r) for r in probe.sigbus_reports]
 
-    verdict = judge(exp, obs)
+    verdict = replace(judge(exp, obs), setup=setup)
     ev.json("observations.json", asdict(obs))
     ev.text("verdict.txt", verdict.summary() + "\n")
     ev.text("verdict.json", verdict.to_json() + "\n")
@@ -256,7 +344,7 @@ def _await_reply_or_panic(guest: GuestRun, channel: Channel, injection: MceInjec
         time.sleep(0.002)
 
 
-def _observe_recovery(guest: GuestRun, probe: ProbeClient, mapping: Mapping, *, exp: Expectation,
+def _observe_recovery(guest: GuestRun, probe: ProbeClient, mapping: Mapping | None, *, exp: Expectation,
                       obs: Observations, ev: _Evidence) -> None:
     meminfo = guest.guest_text("cat /proc/meminfo")
     ev.text("meminfo-after.txt", meminfo)
@@ -267,9 +355,15 @@ def _observe_recovery(guest: GuestRun, probe: ProbeClient, mapping: Mapping, *, 
     trace = guest.guest_text(f"cat {TRACE_DIR}/trace")
     ev.text("mce_record.trace", trace)
     obs.mce_records = parse_mce_records(trace)
+    if mapping is None:  # nobody maps a free page: the guest kernel's own page flags say it
+        words = _kpageflags(guest, list(exp.poison_pfns))
+        ev.json("flags.json", {f"{pfn:#x}": f"{word:#x}" for pfn, word in words.items()})
+        obs.hwpoison_flag = all(word & (1 << mm_uapi.KPF_HWPOISON) for word in words.values())
+        return
     flags = probe.flags(mapping.id)
     ev.json("flags.json", asdict(flags))
-    obs.hwpoison_flag = any(f.pfn == exp.hwpoison_pfn for f in flags.hwpoison_frames)
+    flagged = {f.pfn for f in flags.hwpoison_frames}
+    obs.hwpoison_flag = all(pfn in flagged for pfn in exp.poison_pfns)
 
 
 def _panic_sentence(guest: GuestRun) -> str | None:
@@ -310,18 +404,28 @@ def _collect_events(guest: GuestRun, injection: MceInjection, obs: Observations,
 
 
 def run_in_fresh_guest(spec: ScenarioSpec, image: GuestImage, outdir: Path, *, attempts: int = 3,
-                       binary: str = "qemu-system-x86_64") -> ScenarioResult:
+                       binary: str = "qemu-system-x86_64",
+                       profile: GuestProfile | None = None,
+                       extra_qemu_args: Sequence[str] = (),
+                       after_verdict: Callable[[GuestRun, ScenarioResult], None] | None = None) -> ScenarioResult:
     """Boot a guest for `spec`, run it, tear the guest down; retry only a missed user-mode SRAR.
 
-    The evidence of the final attempt is in `outdir`; a missed attempt's is kept in
-    `outdir/missed-attempt-N/` with a `why.txt`.
+    `profile` replaces the scenario's own (a lab's profile choice, its firmware);
+    `after_verdict` runs while the judged guest is still up (``gmemtest run --keep`` holds it
+    there until Ctrl-C; whatever it raises still tears the guest down). The evidence
+    of the final attempt is in `outdir`; a missed attempt's is kept in `outdir/missed-attempt-N/`
+    with a `why.txt`.
     """
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
     for attempt in range(1, attempts + 1):
         try:
-            with booted_guest(image, outdir, profile=spec.profile, binary=binary) as guest:
-                return run_scenario(spec, guest, outdir)
+            with booted_guest(image, outdir, profile=profile or spec.profile, binary=binary,
+                              extra_qemu_args=extra_qemu_args) as guest:
+                result = run_scenario(spec, guest, outdir)
+                if after_verdict is not None:
+                    after_verdict(guest, result)
+                return result
         except InjectionMissedUserMode as exc:
             if attempt == attempts:
                 raise

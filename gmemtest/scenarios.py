@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from guests.profiles import GuestProfile
+
 
 class Trigger(Enum):
     """What the probe does after the machine check is injected."""
@@ -18,6 +20,7 @@ class Trigger(Enum):
     WAIT = "wait"  # early kill: the kernel signals without a touch (action optional)
     SPIN = "spin"  # SRAR while the program runs in user mode on the target vCPU
     KERNEL = "kernel"  # SRAR while the vCPU is in the kernel: the guest must panic
+    NONE = "none"  # nothing maps the page: the guest kernel handles it alone, nobody is signalled
 
 
 class KillPolicy(Enum):
@@ -28,7 +31,8 @@ class KillPolicy(Enum):
     EARLY_SYSCTL = "early-sysctl"
 
 
-PAGE_KINDS = ("anon4k", "thp", "hugetlb2m")
+# "free": a frame no process maps, found free in the guest's buddy allocator (KPF_BUDDY).
+PAGE_KINDS = ("anon4k", "thp", "hugetlb2m", "free")
 MCE_KINDS = ("SRAO", "SRAR")
 
 
@@ -52,6 +56,9 @@ class ScenarioSpec:
     profile: str = "tcg-default"
     broadcast: bool = False
     tags: tuple[str, ...] = ()
+    # A second page of the same mapping poisoned after the first, and where it is touched.
+    second_poison_offset: int | None = None
+    second_touch_offset: int | None = None
 
     def __post_init__(self) -> None:
         if self.page_kind not in PAGE_KINDS:
@@ -64,6 +71,15 @@ class ScenarioSpec:
             raise ValueError(f"scenario {self.name}: a touch offset goes with trigger 'touch' and only with it")
         if self.poison_offset < 0 or (self.touch_offset is not None and self.touch_offset < 0):
             raise ValueError(f"scenario {self.name}: offsets must be >= 0")
+        if (self.page_kind == "free") != (self.trigger is Trigger.NONE):
+            raise ValueError(f"scenario {self.name}: a free page goes with trigger 'none' and only with it")
+        if (self.second_poison_offset is None) != (self.second_touch_offset is None):
+            raise ValueError(f"scenario {self.name}: a second poisoned page needs its touch offset, and only it")
+        if self.second_poison_offset is not None:
+            if self.trigger is not Trigger.TOUCH or self.page_kind != "anon4k":
+                raise ValueError(f"scenario {self.name}: a second poisoned page is for 4 KiB late-kill touches")
+            if self.second_poison_offset >> 12 == self.poison_offset >> 12:
+                raise ValueError(f"scenario {self.name}: the second poisoned page must be another page")
 
     @property
     def expects_panic(self) -> bool:
@@ -116,6 +132,19 @@ SCENARIOS: tuple[ScenarioSpec, ...] = (
         poison_offset=0x1000, tags=("srar", "kernel", "panic"),
     ),
     ScenarioSpec(
+        name="srao-free-page",
+        summary="SRAO on a free page no process maps: the guest survives, recovers a free buddy page, no SIGBUS",
+        page_kind="free", npages=1, mce_kind="SRAO", trigger=Trigger.NONE, kill=KillPolicy.LATE_PRCTL,
+        poison_offset=0x80, tags=("srao", "free"),
+    ),
+    ScenarioSpec(
+        name="srao-late-touch-two-4k",
+        summary="SRAO on two 4 KiB pages of one mapping, late kill: two SIGBUS, each at its own touched address",
+        page_kind="anon4k", npages=4, mce_kind="SRAO", trigger=Trigger.TOUCH, kill=KillPolicy.LATE_PRCTL,
+        poison_offset=0x1000 + 0x80, touch_offset=0x1000 + 0x238,
+        second_poison_offset=0x3000 + 0x40, second_touch_offset=0x3000 + 0x100, tags=("srao", "late", "4k", "two"),
+    ),
+    ScenarioSpec(
         name="srao-broadcast-smp2-4k",
         summary="SRAO broadcast to 2 vCPUs (Intel model 85): one recovery, one MEMORY_FAILURE per vCPU",
         page_kind="anon4k", npages=4, mce_kind="SRAO", trigger=Trigger.TOUCH, kill=KillPolicy.LATE_PRCTL,
@@ -134,3 +163,17 @@ def get_scenario(name: str) -> ScenarioSpec:
         if spec.name == name:
             return spec
     raise ValueError(f"unknown scenario {name!r}; valid: {', '.join(scenario_names())}")
+
+
+def unsupported_under(spec: ScenarioSpec, profile: GuestProfile) -> str | None:
+    """Why `spec` means nothing under `profile` (checked before booting), or None.
+
+    A broadcast scenario is about every vCPU entering the MCE handler together; a profile that
+    does not broadcast has a CPU QEMU refuses ``mce -b`` for ("Guest CPU does not support MCA
+    broadcast") or a single vCPU, so running it there would be an ERROR that says nothing.
+    """
+    if spec.broadcast and not profile.mce_broadcast:
+        return (f"scenario {spec.name} broadcasts its MCE to every vCPU (mce -b), and profile {profile.name} "
+                f"is not a broadcast profile ({profile.smp} vCPU, cpu {profile.cpu}); run it under one that is, "
+                "e.g. tcg-smp2-broadcast")
+    return None

@@ -7,7 +7,7 @@ the kernel selftests': what should have been there and what was.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gmemtest.observations import Observations
@@ -30,6 +30,9 @@ class Check:
 class Verdict:
     scenario: str
     checks: tuple[Check, ...]
+    # What was under test (qemu binary and version, profile, firmware, image: the launch
+    # record), so a verdict read on its own says which host stack it judged.
+    setup: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def passed(self) -> bool:
@@ -44,8 +47,11 @@ class Verdict:
         return "\n".join([head, *("  " + c.line() for c in self.checks)])
 
     def to_json(self) -> str:
-        return json.dumps({"scenario": self.scenario, "passed": self.passed,
-                           "checks": [asdict(c) for c in self.checks]}, indent=2)
+        doc: dict[str, Any] = {"scenario": self.scenario, "passed": self.passed,
+                               "checks": [asdict(c) for c in self.checks]}
+        if self.setup:
+            doc["setup"] = self.setup
+        return json.dumps(doc, indent=2)
 
 
 def _code(code: int | None) -> str:
@@ -65,15 +71,15 @@ def _check(name: str, expected: Any, actual: Any, *, fmt: Any = str) -> Check:
 def judge(exp: Expectation, obs: Observations) -> Verdict:
     checks: list[Check] = []
 
-    # 1. The program's own view: exactly one SIGBUS with the oracle's fields, or none.
-    if exp.sigbus is None:
-        checks.append(_check("sigbus count", 0, len(obs.sigbus)))
-    else:
-        checks.append(_check("sigbus count", 1, len(obs.sigbus)))
-        got = obs.sigbus[0] if obs.sigbus else None
-        checks.append(_check("si_code", exp.sigbus.si_code, got.si_code if got else None, fmt=_code))
-        checks.append(_check("si_addr", exp.sigbus.si_addr, got.si_addr if got else None, fmt=_hex))
-        checks.append(_check("si_addr_lsb", exp.sigbus.si_addr_lsb, got.si_addr_lsb if got else None))
+    # 1. The program's own view: exactly the oracle's SIGBUS (one per touched page), or none.
+    expected_sigbus = exp.sigbus_all
+    checks.append(_check("sigbus count", len(expected_sigbus), len(obs.sigbus)))
+    for i, want in enumerate(expected_sigbus):
+        got = obs.sigbus[i] if i < len(obs.sigbus) else None
+        which = "" if i == 0 else f" of SIGBUS {i + 1}"
+        checks.append(_check(f"si_code{which}", want.si_code, got.si_code if got else None, fmt=_code))
+        checks.append(_check(f"si_addr{which}", want.si_addr, got.si_addr if got else None, fmt=_hex))
+        checks.append(_check(f"si_addr_lsb{which}", want.si_addr_lsb, got.si_addr_lsb if got else None))
 
     # 2. QEMU's view: one MEMORY_FAILURE per vCPU that received the MCE, with the right flags.
     expected_events = [
@@ -87,7 +93,8 @@ def judge(exp: Expectation, obs: Observations) -> Verdict:
     # 3. The guest kernel's record of the machine check: bank status and the exact address.
     # A broadcast also raises a bank-1 record without an address on the other vCPUs: look at ours.
     records = [(r.status, r.addr) for r in obs.mce_records if r.bank == exp.mce_bank]
-    checks.append(_check(f"mce_record of bank {exp.mce_bank} (status, addr)", [(exp.mce_status, exp.mce_record_addr)],
+    expected_records = [(exp.mce_status, exp.mce_record_addr), *((exp.mce_status, a) for _, a in exp.more_poison)]
+    checks.append(_check(f"mce_record of bank {exp.mce_bank} (status, addr)", expected_records,
                          records,
                          fmt=lambda v: "[" + ", ".join(f"({s:#x}, {a:#x})" for s, a in v) + "]"))
 
@@ -101,13 +108,25 @@ def judge(exp: Expectation, obs: Observations) -> Verdict:
         checks.append(_check("MCE severity on the serial console", exp.panic_severity, obs.mce_severity, fmt=repr))
 
     # 5. The guest kernel's account of the recovery.
-    if exp.recovery_pfn is not None:
+    if exp.recovery_pfn is not None and exp.recovery_page_type is not None:
+        typed = [(hex(r.pfn), r.page_type, r.result) for r in obs.recovery_lines]
+        checks.append(_check("dmesg recovery line (pfn, page type, result)",
+                             [(hex(pfn), exp.recovery_page_type, "Recovered") for pfn in exp.poison_pfns], typed))
+    elif exp.recovery_pfn is not None:
         lines = [(hex(r.pfn), r.result) for r in obs.recovery_lines]
-        checks.append(_check("dmesg recovery line (pfn, result)", [(hex(exp.recovery_pfn), "Recovered")], lines))
+        checks.append(_check("dmesg recovery line (pfn, result)",
+                             [(hex(pfn), "Recovered") for pfn in exp.poison_pfns], lines))
     if exp.hardware_corrupted_delta_kb is not None:
         before, after = obs.hardware_corrupted_before_kb, obs.hardware_corrupted_after_kb
         delta = None if before is None or after is None else after - before
         checks.append(_check("HardwareCorrupted delta (kB)", exp.hardware_corrupted_delta_kb, delta))
     if exp.hwpoison_pfn is not None:
-        checks.append(_check(f"KPF_HWPOISON on pfn {exp.hwpoison_pfn:#x}", True, obs.hwpoison_flag))
+        pfns = ", ".join(f"{pfn:#x}" for pfn in exp.poison_pfns)
+        checks.append(_check(f"KPF_HWPOISON on pfn {pfns}", True, obs.hwpoison_flag))
+    # 6. What was not poisoned is not lost: a split THP keeps its other pieces, with their data.
+    if exp.intact_offsets:
+        bad = obs.intact_mismatches
+        checks.append(_check(f"the other {len(exp.intact_offsets)} 4 KiB pieces read their pattern",
+                             "all intact", "all intact" if not bad and obs.intact_checked == len(exp.intact_offsets)
+                             else f"{obs.intact_checked} read, {len(bad)} wrong: {'; '.join(bad[:3])}"))
     return Verdict(exp.scenario, tuple(checks))

@@ -71,6 +71,10 @@ class GuestProfile:
     description: str = ""
     # Options appended to the -machine argument (e.g. confidential-guest-support=sev0).
     machine_options: tuple[str, ...] = field(default=())
+    # Every MCE must go to all vCPUs (mce -b): an Intel model >= 14 with more than one vCPU
+    # waits in the kernel's rendezvous for the others and panics ("Not all CPUs entered
+    # broadcast exception handler") when only one vCPU gets it.
+    mce_broadcast: bool = False
 
     def __post_init__(self) -> None:
         if self.accel not in ("tcg", "kvm"):
@@ -197,7 +201,7 @@ def _builtin_profiles() -> dict[str, GuestProfile]:
         tcg_default,
         replace(
             tcg_default, name="tcg-smp2-broadcast", smp=2,
-            cpu="max,vendor=GenuineIntel,family=6,model=85",
+            cpu="max,vendor=GenuineIntel,family=6,model=85", mce_broadcast=True,
             description="TCG, 2 vCPUs, Intel model 85 (>= 14): MCEs must be broadcast (mce -b)",
         ),
         GuestProfile(

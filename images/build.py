@@ -36,6 +36,7 @@ __all__ = [
     "cached_build",
     "default_cache_root",
     "default_probe_source",
+    "image_from_manifest",
 ]
 
 _log = logging.getLogger(__name__)
@@ -235,18 +236,49 @@ def _build(work: Path, out: Path, pins: tuple[debs.PackagePin, ...], deb_dir: Pa
     }
 
 
+def image_from_manifest(manifest_path: Path, *, probe_source: Path | None = None) -> GuestImage:
+    """The built image a manifest describes, without asking apt: the per-job fast path.
+
+    Resolving package pins costs two apt-cache calls (about 1-2 s); a job resolves them once
+    and every test then loads the manifest. It is used only when it is still the image this
+    checkout would build from those pins: the key recomputed from the manifest's own pins and
+    the current builder and probe sources must equal the manifest's key, and every output must
+    hash as recorded. Anything else is a BuildError naming the mismatch, never a silent reuse.
+    """
+    path = Path(manifest_path).absolute()
+    try:
+        doc = manifest.read_manifest(path)
+        pins = tuple(debs.PackagePin(p["name"], p["version"], p["sha256"], p["filename"])
+                     for p in doc["packages"])
+        recorded_key = str(doc["key"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BuildError(f"guest image manifest {path} is unusable: {exc}") from exc
+    source = (probe_source if probe_source is not None else default_probe_source()).absolute()
+    key = manifest.cache_key(pins, manifest.builder_source_hashes(), _sha256(source))
+    if key != recorded_key:
+        raise BuildError(f"guest image manifest {path} is stale: its key is {recorded_key[:24]}, but this "
+                         f"checkout's builder and probe sources with its packages give {key[:24]}")
+    problems = manifest.verify_outputs(path.parent, doc)
+    if problems:
+        raise BuildError(f"guest image {path.parent} does not match its manifest: {'; '.join(problems)}")
+    return _image(path.parent, doc, True, pins)
+
+
 def build_default_image(cache_root: Path | None = None, *, probe_source: Path | None = None,
-                        force: bool = False) -> GuestImage:
+                        force: bool = False, kernel_package: str | None = None) -> GuestImage:
     """Return the default guest image, building it only when its inputs changed.
 
     ``force`` rebuilds even when a valid cached image exists (with a new SSH key).
+    ``kernel_package`` (e.g. ``linux-image-6.1.0-28-amd64-unsigned``) replaces the kernel the
+    metapackage points at, so a lab can pin the Debian guest kernel it qualifies.
     """
     started = time.monotonic()
     root = (cache_root if cache_root is not None else default_cache_root()).absolute()
     source = (probe_source if probe_source is not None else default_probe_source()).absolute()
     if not source.is_file():
         raise BuildError(f"probe source {source} does not exist")
-    kernel_package = debs.resolve_kernel()
+    if kernel_package is None:
+        kernel_package = debs.resolve_kernel()
     pins = debs.resolve([kernel_package, *USERLAND_PACKAGES])
     builder = manifest.builder_source_hashes()
     probe_sha = _sha256(source)

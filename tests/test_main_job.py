@@ -30,7 +30,8 @@ def test_main_job_passes_every_guest_scenario(tmp_path: Path) -> None:
     status = {t["name"].split(":", 1)[1]: (t["status"], t.get("fail_reason") or "") for t in results["tests"]}
     report = "\n".join(f"{name}: {st} {why}" for name, (st, why) in sorted(status.items()))
 
-    guest = {n: s for n, s in status.items() if n.startswith(("SraoLateKill.", "SraoEarlyKill.", "SrarAction"))}
+    guest_classes = ("SraoLateKill.", "SraoEarlyKill.", "SrarAction", "SraoFreePage.")
+    guest = {n: s for n, s in status.items() if n.startswith(guest_classes)}
     assert len(guest) >= len(SCENARIOS), f"expected a guest test per scenario ({len(SCENARIOS)}):\n{report}"
     assert all(st == "PASS" for st, _ in guest.values()), report
     for name in ("GmemUapi.test_cases", "TinyVmm.test_backing_source"):

@@ -37,6 +37,23 @@ class SraoLateKill(Test):  # type: ignore[misc]  # avocado is untyped
         """:avocado: tags=smp,broadcast"""
         run_guest_scenario(self, "srao-broadcast-smp2-4k")
 
+    def test_two_pages_4k(self) -> None:
+        """:avocado: tags=4k,two"""
+        run_guest_scenario(self, "srao-late-touch-two-4k")
+
+
+class SraoFreePage(Test):  # type: ignore[misc]
+    """
+    Action-optional MCE on a page nobody maps: the guest kernel recovers it alone.
+
+    :avocado: tags=guest,tcg,mce,srao,free
+    """
+
+    timeout = GUEST_TEST_TIMEOUT_S
+
+    def test_free_buddy_page(self) -> None:
+        run_guest_scenario(self, "srao-free-page")
+
 
 class SraoEarlyKill(Test):  # type: ignore[misc]
     """

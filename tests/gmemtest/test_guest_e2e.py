@@ -181,8 +181,8 @@ def test_an_unexpected_panic_is_a_fail_verdict_with_the_panic_text(
 
     original = runner._wait_recovery
 
-    def recover_then_crash(guest: Any, before_kb: int) -> None:
-        original(guest, before_kb)
+    def recover_then_crash(guest: Any, before_kb: int, pages: int = 1) -> None:
+        original(guest, before_kb, pages)
         guest.ssh.start("echo c > /proc/sysrq-trigger")  # never answers: the kernel is gone
 
     monkeypatch.setattr(runner, "_wait_recovery", recover_then_crash)

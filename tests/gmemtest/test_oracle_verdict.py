@@ -6,6 +6,9 @@ the observations include the wrong answers a broken host stack gives, which must
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import pytest
 
 from gmemtest.observations import (
@@ -189,3 +192,100 @@ def test_mce_rip_tells_kernel_from_user_mode() -> None:
     k, u = _MCE_RIP.search(kernel), _MCE_RIP.search(user)
     assert k is not None and (k.group(1), k.group(3)) == ("10", "rtnetlink_event+0xb/0xb0")
     assert u is not None and (u.group(1), u.group(3)) == ("33", None)
+
+
+def test_a_broadcast_srar_expects_action_required_only_on_the_target_vcpu_and_the_rendezvous_panic() -> None:
+    """Measured under tcg-smp2-broadcast: the other vCPU's MEMORY_FAILURE is not action-required,
+    and the monarch panics from mce_reign() ("Fatal machine check"), not "... on current CPU"."""
+    import dataclasses
+
+    from gmemtest.oracle import ExpectedMemoryFailureEvent, MappingLayout, PageLayout, expect
+    from gmemtest.scenarios import get_scenario
+
+    spec = dataclasses.replace(get_scenario("srar-kernel-panic"), broadcast=True)
+    layout = MappingLayout(kind="anon4k", base_va=0x7F0000000000, size=0x4000, page_size=0x1000,
+                           pages=tuple(PageLayout(0x7F0000000000 + i * 0x1000, 0x3000 + i) for i in range(4)),
+                           is_thp=False)
+    exp = expect(spec, layout, vcpus=2, mce_status=0xBD80000000000134, mce_misc=0x8C, mce_bank=9)
+    assert exp.memory_failure_events == (ExpectedMemoryFailureEvent("guest", "inject", True, False),
+                                         ExpectedMemoryFailureEvent("guest", "inject", False, False))
+    assert exp.panic_reason == "Fatal machine check"
+    lone = expect(get_scenario("srar-kernel-panic"), layout, vcpus=1, mce_status=0xBD80000000000134,
+                  mce_misc=0x8C, mce_bank=9)
+    assert lone.panic_reason == "Fatal machine check on current CPU"
+
+
+def test_a_broadcast_scenario_is_refused_under_a_profile_that_does_not_broadcast() -> None:
+    from gmemtest.scenarios import get_scenario, unsupported_under
+    from guests.profiles import get_profile
+
+    spec = get_scenario("srao-broadcast-smp2-4k")
+    assert unsupported_under(spec, get_profile("tcg-smp2-broadcast")) is None
+    reason = unsupported_under(spec, get_profile("tcg-default"))
+    assert reason is not None and "is not a broadcast profile" in reason, reason
+    assert unsupported_under(get_scenario("srao-late-touch-4k"), get_profile("tcg-default")) is None
+
+
+def _layout4k(n: int = 4) -> Any:
+    from gmemtest.oracle import MappingLayout, PageLayout
+
+    return MappingLayout(kind="anon4k", base_va=0x7F0000000000, size=n * 0x1000, page_size=0x1000,
+                         pages=tuple(PageLayout(0x7F0000000000 + i * 0x1000, 0x3000 + 7 * i) for i in range(n)),
+                         is_thp=False)
+
+
+def test_two_poisoned_pages_expect_two_sigbus_each_at_its_own_address_and_two_recoveries() -> None:
+    from gmemtest.observations import MceRecord, Observations, RecoveryLine, SigbusSeen
+    from gmemtest.oracle import expect
+    from gmemtest.scenarios import get_scenario
+    from gmemtest.verdict import judge
+
+    spec = get_scenario("srao-late-touch-two-4k")
+    exp = expect(spec, _layout4k(), vcpus=1, mce_status=0xBD000000000000C0, mce_misc=0x8C, mce_bank=9)
+    assert [s.si_addr for s in exp.sigbus_all] == [0x7F0000001238, 0x7F0000003100]
+    assert exp.poison_pfns == (0x3007, 0x3015) and exp.hardware_corrupted_delta_kb == 8
+    assert len(exp.memory_failure_events) == 2
+    events = [{"recipient": "guest", "action": "inject", "flags": {"action-required": False, "recursive": False}}] * 2
+    good = Observations(sigbus=[SigbusSeen(4, 0x7F0000001238, 12, "touch", 0), SigbusSeen(4, 0x7F0000003100, 12,
+                                                                                           "touch", 0)],
+                        memory_failure_events=list(events), hardware_corrupted_before_kb=0,
+                        hardware_corrupted_after_kb=8, hwpoison_flag=True,
+                        recovery_lines=[RecoveryLine(0x3007, "dirty LRU page", "Recovered"),
+                                        RecoveryLine(0x3015, "dirty LRU page", "Recovered")],
+                        mce_records=[MceRecord(9, 0xBD000000000000C0, 0x3007000, 0x8C),
+                                     MceRecord(9, 0xBD000000000000C0, 0x3015000, 0x8C)])
+    assert judge(exp, good).passed, judge(exp, good).summary()
+    # Both signals at the first page's address: the second check names the second SIGBUS.
+    same = dataclasses.replace(good, sigbus=[good.sigbus[0], good.sigbus[0]])
+    failures = judge(exp, same).failures
+    assert [c.name for c in failures] == ["si_addr of SIGBUS 2"], judge(exp, same).summary()
+    assert "expected 0x7f0000003100, actual 0x7f0000001238" in failures[0].line()
+
+
+def test_a_thp_verdict_reads_back_every_other_piece_and_fails_on_a_lost_neighbour() -> None:
+    from gmemtest.observations import Observations
+    from gmemtest.oracle import MappingLayout, PageLayout, expect
+    from gmemtest.scenarios import get_scenario
+    from gmemtest.verdict import judge
+
+    spec = get_scenario("srao-late-touch-thp")
+    layout = MappingLayout(kind="thp", base_va=0x7F0000000000, size=2 << 20, page_size=0x1000,
+                           pages=tuple(PageLayout(0x7F0000000000 + i * 0x1000, 0x8000 + i) for i in range(512)),
+                           is_thp=True)
+    exp = expect(spec, layout, vcpus=1, mce_status=0xBD000000000000C0, mce_misc=0x8C, mce_bank=9)
+    assert len(exp.intact_offsets) == 511 and spec.poison_offset not in exp.intact_offsets
+    assert all(o & 0xFFF == spec.poison_offset & 0xFFF for o in exp.intact_offsets)
+    lost = Observations(intact_checked=511, intact_mismatches=["offset 0x6080: read 0x00, pattern 0x5a"])
+    check = next(c for c in judge(exp, lost).checks if "pieces read their pattern" in c.name)
+    assert not check.ok and "0x6080" in check.actual, check.line()
+
+
+def test_a_free_page_expects_no_sigbus_and_a_free_buddy_recovery() -> None:
+    from gmemtest.oracle import expect, free_page_layout
+    from gmemtest.scenarios import get_scenario
+
+    exp = expect(get_scenario("srao-free-page"), free_page_layout(0x1EA00), vcpus=1,
+                 mce_status=0xBD000000000000C0, mce_misc=0x8C, mce_bank=9)
+    assert exp.sigbus is None and exp.sigbus_all == ()
+    assert exp.poison_gpa == 0x1EA00080 and exp.recovery_page_type == "free buddy page"
+    assert exp.hwpoison_pfn == 0x1EA00 and exp.hardware_corrupted_delta_kb == 4
