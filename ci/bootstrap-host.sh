@@ -63,7 +63,7 @@ SRC
 ensure_packages() {
     local need=()
     local pkg
-    for pkg in gcc libc6-dev make cpio python3-venv ca-certificates dropbear-bin zstd debian-archive-keyring; do
+    for pkg in gcc libc6-dev make cpio python3-venv ca-certificates dropbear-bin openssh-client zstd debian-archive-keyring; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need+=("$pkg")
     done
     if [ "$(qemu_major)" -lt "$qemu_min_major" ]; then

@@ -191,7 +191,11 @@ def _run_kept(spec: ScenarioSpec, image: GuestImage, outdir: Path, chosen: Under
     def stop(_signo: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
+    # SIGINT too: a process started in the background by a non-interactive shell (a CI job, a
+    # pipeline step) inherits SIGINT ignored, and Python then leaves it ignored; Ctrl-C or a
+    # pipeline's interrupt must still end the kept guest.
     previous = signal.signal(signal.SIGTERM, stop)
+    previous_int = signal.signal(signal.SIGINT, stop)
     result: ScenarioResult | None = None
 
     def keep_result(guest: GuestRun, res: ScenarioResult) -> None:
@@ -206,6 +210,7 @@ def _run_kept(spec: ScenarioSpec, image: GuestImage, outdir: Path, chosen: Under
         print("\nstopped: the kept guest's QEMU is gone", flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         user_qmp.unlink(missing_ok=True)
         sock_dir.rmdir()
     if result is None:

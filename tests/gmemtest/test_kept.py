@@ -58,8 +58,12 @@ def test_keep_holds_the_guest_for_ssh_and_qmp_and_ctrl_c_leaves_no_qemu(tmp_path
     env = dict(os.environ, GMEMTEST_CACHE=os.environ.get("GMEMTEST_CACHE", str(Path.home() / ".cache" / "gmemtest")),
                PYTHONPATH=str(REPO))
     gmemtest = [sys.executable, "-m", "gmemtest.cli"]
-    keeper = subprocess.Popen([*gmemtest, "run", "srao-late-touch-4k", "--keep", "--out", str(tmp_path)],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # SIGINT starts out ignored in the keeper, as for a job a non-interactive shell put in the
+    # background (CI): Ctrl-C must end the kept guest all the same.
+    ignoring_sigint = ["sh", "-c", 'trap "" INT; exec "$@"', "sh"]
+    keeper = subprocess.Popen([*ignoring_sigint, *gmemtest, "run", "srao-late-touch-4k", "--keep", "--out",
+                               str(tmp_path)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
     lines: list[str] = []
     try:
         assert keeper.stdout is not None
@@ -87,7 +91,12 @@ def test_keep_holds_the_guest_for_ssh_and_qmp_and_ctrl_c_leaves_no_qemu(tmp_path
         assert any(f"-{keeper.pid}-" in tag for tag in find_tagged_qemus().values()), "the kept QEMU is not running"
     finally:
         keeper.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        rest, _ = keeper.communicate(timeout=30)
+        try:
+            rest, _ = keeper.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            keeper.kill()  # never leave the keeper (and its guest) behind a failed test
+            keeper.communicate(timeout=10)
+            raise
     assert "stopped: the kept guest's QEMU is gone" in rest, rest
     assert keeper.returncode == 0, "".join(lines) + rest
     time.sleep(0.5)
