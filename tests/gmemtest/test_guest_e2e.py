@@ -187,7 +187,6 @@ def test_an_unexpected_panic_is_a_fail_verdict_with_the_panic_text(
 
     monkeypatch.setattr(runner, "_wait_recovery", recover_then_crash)
     spec = get_scenario("srao-late-touch-4k")
-    t0 = time.monotonic()
     with booted_guest(image, tmp_path, profile=spec.profile) as guest:
         result = run_scenario(spec, guest, tmp_path)
     lines = {c.name: c for c in result.verdict.checks}
@@ -196,7 +195,9 @@ def test_an_unexpected_panic_is_a_fail_verdict_with_the_panic_text(
     message = lines["panic message on the serial console"]
     assert not message.ok and "sysrq" in message.actual, message
     assert not result.verdict.passed
-    assert time.monotonic() - t0 < 25, "the panic must end the wait at once, not after a probe timeout"
+    # The panic must end the wait (abort poll, or the exec deadline), never the probe's own timeout.
+    why = (tmp_path / "unexpected-panic.txt").read_text()
+    assert why.startswith(("ProbeAbortedError", "CommandTimeoutError", "SshError")), why
 
 
 def test_a_gpa_the_guest_misreports_is_refused_before_injection(

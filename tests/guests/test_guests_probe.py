@@ -308,7 +308,7 @@ def wait_gone(pid: int, timeout: float = 5.0) -> bool:
     while time.monotonic() < deadline:
         try:
             state = Path(f"/proc/{pid}/stat").read_text().split()[2]
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # gone before or while /proc was read
             return True
         if state == "Z":
             return True
