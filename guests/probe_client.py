@@ -370,15 +370,23 @@ class ProbeClient:
         if self._closed:
             return
         self._closed = True
+        said_bye = False
         try:
             if not self._eof and self._outstanding is None:
                 self._send("quit", "quit")
                 self._finish("quit", ("bye",), timeout)
+                said_bye = True
         except ProbeError as exc:
             LOG.warning("probe did not quit cleanly: %s", exc)
         except OSError as exc:
             LOG.warning("probe channel failed while quitting: %r", exc)
         finally:
+            # After 'bye' the probe exits and the server closes the channel itself; closing from
+            # our side at that moment trips a dropbear assertion that drops the whole connection
+            # (see guests.ssh._await_server_close).
+            deadline = time.monotonic() + min(timeout, 2.0)
+            while said_bye and not getattr(self._channel, "closed", True) and time.monotonic() < deadline:
+                time.sleep(0.002)
             self._channel.close()
 
     def write_transcript(self, path: Path) -> Path:

@@ -276,6 +276,7 @@ class SshSession:
                 if not progressed:
                     time.sleep(0.005)
             status = channel.recv_exit_status()
+            _await_server_close(channel, deadline)
         finally:
             channel.close()
         result = CommandResult(
@@ -323,6 +324,18 @@ class SshSession:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _await_server_close(channel: paramiko.Channel, deadline: float) -> None:
+    """Let the server close a finished channel first (paramiko answers its CLOSE by itself).
+
+    Closing from our side while dropbear (the guest's server, 2022.83) closes the same channel
+    after its child exited makes it fail ``assert(!channel->sent_close)`` in common-channel.c and
+    drop the whole connection: seen as "Channel closed" for every later command of the session.
+    """
+    limit = min(deadline, time.monotonic() + 2.0)
+    while not channel.closed and time.monotonic() < limit:
+        time.sleep(0.002)
 
 
 def _exec_with_deadline(channel: paramiko.Channel, command: str, timeout: float) -> None:
