@@ -11,20 +11,18 @@ poisoned, a failed clean-up being a visible warning), so isolation does not need
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gmemtest.labhost import RESULTS_IN_L1, LabhostError, LabhostTimings, booted_labhost
+from images.build import build_lock
 from images.labhost import LabhostImage
 
 __all__ = ["LabhostQualification", "qualify_in_labhost", "shared_run"]
@@ -123,16 +121,6 @@ def qualify_in_labhost(image: LabhostImage, out: Path, *, timeout: float = INNER
     return result
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
 
 def shared_run(image: LabhostImage, batch_root: Path) -> LabhostQualification:
     """The L1 run of ``image`` under ``batch_root``: made by the first caller, read by the others.
@@ -143,7 +131,7 @@ def shared_run(image: LabhostImage, batch_root: Path) -> LabhostQualification:
     """
     key = Path(image.manifest).parent.name
     out = batch_root / f"labhost-{key}"
-    with _locked(batch_root / f".labhost-{key}.lock"):
+    with build_lock(batch_root / f".labhost-{key}.lock"):
         if (out / RESULT_NAME).is_file():
             LOG.info("lab-host run %s reused", out)
             return LabhostQualification.load(out)

@@ -15,21 +15,19 @@ output hashes), which never reuses a stale image silently.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gmemtest.scenarios import ScenarioSpec
 from guests.profiles import PROFILES, GuestProfile, get_profile
-from images.build import BuildError, GuestImage, build_default_image, image_from_manifest
+from images.build import BuildError, GuestImage, build_default_image, build_lock, image_from_manifest
 from images.debs import PackageError
 from qmp_helpers import QemuError, resolve_binary
 
@@ -139,7 +137,7 @@ class UnderTest:
         if job_dir is None:
             return build_default_image(kernel_package=kernel_package)
         record = job_dir / JOB_IMAGE_DIR / f"guest-{self._image_key()}.json"
-        with _locked(record.with_suffix(".lock")):
+        with build_lock(record.with_suffix(".lock")):
             if record.is_file():
                 manifest = Path(json.loads(record.read_text())["manifest"])
                 try:
@@ -172,14 +170,3 @@ class UnderTest:
     def as_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
 
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Exclusive flock: tests of one job run in parallel processes and resolve the image once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
