@@ -32,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <time.h>
 #include <unistd.h>
@@ -59,6 +60,10 @@
 #define GP_MAP_HUGE_2MB (21U << 26)
 /* include/uapi/linux/memfd.h */
 #define GP_MFD_CLOEXEC 1U
+/* include/uapi/linux/random.h: _IOW('R', 0x03, int[2]) and _IO('R', 0x07) */
+#define GP_RNDADDENTROPY 0x40085203UL
+#define GP_RNDRESEEDCRNG 0x5207UL
+#define GP_MAX_ENTROPY 64
 
 #define GP_PAGE_4K 4096UL
 #define GP_PAGE_2M (2UL * 1024 * 1024)
@@ -66,7 +71,7 @@
 #define GP_MAX_NPAGES 4096UL
 #define GP_MAX_LINE 256
 #define GP_MAX_SECONDS 3600UL
-#define GP_VALID_COMMANDS "map, touch, locate, flags, spin, wait, kill, quit"
+#define GP_VALID_COMMANDS "map, touch, locate, flags, spin, wait, kill, refresh, quit"
 #define GP_VALID_KINDS "anon4k, thp, hugetlb2m, memfd4k"
 
 /* ---------------------------------------------------------------------- */
@@ -811,6 +816,86 @@ static void cmd_kill(const char *mode, const char *input)
 	reply_end(&w);
 }
 
+static int hex_nibble(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	return -1;
+}
+
+/*
+ * After a restore from a snapshot: the guest's wall clock is as old as the snapshot and
+ * its RNG state is the snapshot's, shared by every guest restored from it.  Step
+ * CLOCK_REALTIME to the host's time and credit host entropy, then force a CRNG reseed,
+ * so that what runs next (the test's processes, their ASLR, dropbear's next accept)
+ * does not repeat another restored guest.  Every step's errno is reported: a failing
+ * step is evidence, not a silent skip.  Returns 1 on bad arguments (nothing done).
+ */
+static int cmd_refresh(const char *ns_s, const char *hex, const char *input)
+{
+	struct {
+		int entropy_count;
+		int buf_size;
+		unsigned char buf[GP_MAX_ENTROPY];
+	} pool;
+	struct timespec before, target, after;
+	uint64_t ns;
+	size_t len, i;
+	int fd, settime_errno = 0, add_errno = 0, reseed_errno = 0;
+	struct jw w;
+
+	if (parse_u64(ns_s, &ns)) {
+		emit_errorf(input, "bad realtime '", ns_s ? ns_s : "", "'; want nanoseconds since the epoch");
+		return 1;
+	}
+	len = hex ? strlen(hex) : 0;
+	if (len == 0 || len % 2 || len / 2 > GP_MAX_ENTROPY) {
+		emit_error("bad entropy: want 2..128 hex digits (1..64 bytes)", input);
+		return 1;
+	}
+	for (i = 0; i < len / 2; i++) {
+		int hi = hex_nibble(hex[2 * i]), lo = hex_nibble(hex[2 * i + 1]);
+
+		if (hi < 0 || lo < 0) {
+			emit_error("bad entropy: want lower-case hex digits", input);
+			return 1;
+		}
+		pool.buf[i] = (unsigned char)(hi << 4 | lo);
+	}
+	pool.buf_size = (int)(len / 2);
+	pool.entropy_count = pool.buf_size * 8;
+	clock_gettime(CLOCK_REALTIME, &before);
+	target.tv_sec = (time_t)(ns / 1000000000ULL);
+	target.tv_nsec = (long)(ns % 1000000000ULL);
+	if (clock_settime(CLOCK_REALTIME, &target))
+		settime_errno = errno;
+	fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+	if (fd < 0) {
+		add_errno = reseed_errno = errno;
+	} else {
+		if (ioctl(fd, GP_RNDADDENTROPY, &pool))
+			add_errno = errno;
+		if (ioctl(fd, GP_RNDRESEEDCRNG))
+			reseed_errno = errno;
+		close(fd);
+	}
+	clock_gettime(CLOCK_REALTIME, &after);
+	reply_begin(&w, "refresh");
+	jw_kv_u64(&w, "realtime_before_ns",
+		  (uint64_t)before.tv_sec * 1000000000ULL + (uint64_t)before.tv_nsec);
+	jw_kv_u64(&w, "realtime_set_ns", ns);
+	jw_kv_u64(&w, "realtime_after_ns",
+		  (uint64_t)after.tv_sec * 1000000000ULL + (uint64_t)after.tv_nsec);
+	jw_kv_i64(&w, "settime_errno", settime_errno);
+	jw_kv_u64(&w, "entropy_bytes", (uint64_t)pool.buf_size);
+	jw_kv_i64(&w, "addentropy_errno", add_errno);
+	jw_kv_i64(&w, "reseed_errno", reseed_errno);
+	reply_end(&w);
+	return 0;
+}
+
 /* ---------------------------------------------------------------------- */
 /* Command loop                                                            */
 /* ---------------------------------------------------------------------- */
@@ -899,6 +984,9 @@ static int dispatch(char *line)
 	} else if (!strcmp(verb, "kill")) {
 		g_during = "kill";
 		cmd_kill(a1, input);
+	} else if (!strcmp(verb, "refresh")) {
+		g_during = "refresh";
+		(void)cmd_refresh(a1, a2, input);
 	} else if (!strcmp(verb, "quit")) {
 		struct jw w;
 
@@ -912,12 +1000,24 @@ static int dispatch(char *line)
 	return 1;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
 	struct sigaction sa;
 	struct jw w;
 	char *line;
 	int too_long;
+
+	/*
+	 * One-shot form of "refresh", run as the first command after a restore: no shell
+	 * pipeline to feed stdin, so the least guest code runs before the clock is stepped.
+	 */
+	if (argc == 4 && !strcmp(argv[1], "refresh")) {
+		return cmd_refresh(argv[2], argv[3], "refresh (argv)");
+	}
+	if (argc != 1) {
+		emit_error("usage: gmem-probe (commands on stdin) | gmem-probe refresh <realtime_ns> <hex>", NULL);
+		return 2;
+	}
 
 	sigemptyset(&g_sigbus_set);
 	sigaddset(&g_sigbus_set, SIGBUS);

@@ -67,7 +67,7 @@ def converse(binary: Path, lines: list[str], timeout: float = 20) -> list[dict[s
 
 
 @pytest.mark.parametrize(("command", "needle"), [
-    ("frobnicate", "unknown command 'frobnicate'; valid: map, touch, locate, flags, spin, wait, kill, quit"),
+    ("frobnicate", "unknown command 'frobnicate'; valid: map, touch, locate, flags, spin, wait, kill, refresh, quit"),
     ("map", "valid KIND: anon4k, thp, hugetlb2m, memfd4k"),
     ("map huge 1", "unknown map kind 'huge'; valid: anon4k, thp, hugetlb2m, memfd4k"),
     ("map anon4k 0", "bad NPAGES '0'"),
@@ -94,7 +94,7 @@ def test_error_event_quotes_hostile_input_as_valid_json(probe_binary: Path) -> N
     events = converse(probe_binary, ['bad"cmd\\ \x01'])
     assert events[1] == {"event": "error", "input": 'bad"cmd\\ \x01',
                          "message": "unknown command 'bad\"cmd\\'; valid: map, touch, locate, "
-                                    "flags, spin, wait, kill, quit"}
+                                    "flags, spin, wait, kill, refresh, quit"}
 
 
 def test_ready_blank_lines_and_eof(probe_binary: Path) -> None:
@@ -329,3 +329,25 @@ def test_closing_the_session_ends_a_started_probe(dropbear: Dropbear, probe_bina
     client = ProbeClient(session.start(str(probe_binary)))
     session.close()
     assert wait_gone(client.pid), f"probe pid {client.pid} outlived its SSH session"
+
+
+# Only the refusals run here: a valid refresh steps CLOCK_REALTIME and reseeds the CRNG of the
+# machine it runs on, so it runs in guests only (tests/gmemtest/test_snapshot_guests.py).
+@pytest.mark.parametrize(("line", "message"), [
+    ("refresh", "bad realtime ''; want nanoseconds since the epoch"),
+    ("refresh -5 00", "bad realtime '-5'; want nanoseconds since the epoch"),
+    ("refresh 5", "bad entropy: want 2..128 hex digits (1..64 bytes)"),
+    ("refresh 5 abc", "bad entropy: want 2..128 hex digits (1..64 bytes)"),
+    ("refresh 5 " + "00" * 65, "bad entropy: want 2..128 hex digits (1..64 bytes)"),
+    ("refresh 5 0G", "bad entropy: want lower-case hex digits"),
+])
+def test_refresh_refuses_bad_arguments(probe_binary: Path, line: str, message: str) -> None:
+    events = converse(probe_binary, [line])
+    assert events[1]["event"] == "error" and events[1]["message"] == message, events
+
+
+def test_refresh_one_shot_form_exit_codes(probe_binary: Path) -> None:
+    bad = subprocess.run([str(probe_binary), "refresh", "5", "zz"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 1 and json.loads(bad.stdout)["message"] == "bad entropy: want lower-case hex digits"
+    usage = subprocess.run([str(probe_binary), "frobnicate"], capture_output=True, text=True, check=False)
+    assert usage.returncode == 2 and "usage: gmem-probe" in json.loads(usage.stdout)["message"]
