@@ -40,7 +40,10 @@ _TEXT_FILES = {
     "etc/group": "root:x:0:\n",
     "etc/shells": "/bin/sh\n",
     "etc/hostname": "gmemtest\n",
-    "etc/nsswitch.conf": "passwd: files\ngroup: files\nshadow: files\n",
+    # hosts: files only. dropbear looks up every client's name (svr_session); with glibc's
+    # default "dns files" that is a DNS query to a nameserver the guest does not have.
+    "etc/nsswitch.conf": "passwd: files\ngroup: files\nshadow: files\nhosts: files\n",
+    "etc/hosts": "127.0.0.1 localhost\n10.0.2.2 gmemtest-host\n",
 }
 
 
