@@ -12,6 +12,7 @@ from .errors import (
     GpaOutOfRange,
     HmpError,
     MachineStateError,
+    MigrationError,
     QemuBinaryNotFound,
     QemuError,
     QemuLaunchError,
@@ -23,6 +24,7 @@ from .events import QmpEvent
 from .hmp import HMP_ERROR_SHAPES, hmp_error_shape
 from .machine import QemuMachine, opt_escape, resolve_binary
 from .mce import MCE_BANKS, MCE_KINDS, MceInjection, MceKind, mce_kind
+from .migration import LoadRecord, SaveRecord, load_state, save_state
 from .process import find_tagged_qemus, reap_orphans
 from .qemu_caps import QemuCapabilities, kvm_start_refusal, probe_qemu, validate_args
 
@@ -33,8 +35,12 @@ __all__ = (  # noqa: RUF022 - curated order, most important first
     "MceKind",
     "MceInjection",
     "QemuCapabilities",
+    "SaveRecord",
+    "LoadRecord",
     # Functions and data
     "mce_kind",
+    "save_state",
+    "load_state",
     "MCE_KINDS",
     "MCE_BANKS",
     "probe_qemu",
@@ -57,6 +63,7 @@ __all__ = (  # noqa: RUF022 - curated order, most important first
     "HmpError",
     "GpaOutOfRange",
     "EventTimeout",
+    "MigrationError",
 )
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

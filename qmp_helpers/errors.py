@@ -111,3 +111,16 @@ class EventTimeout(QemuError):
 
 class MachineStateError(QemuError):
     """The machine is not in a state that allows the call (not launched, already shut down)."""
+
+
+class MigrationError(QemuError):
+    """Saving the machine's state to a file, or loading it, did not complete.
+
+    ``status`` is the last ``query-migrate`` status seen (``failed``, ``active`` at a
+    deadline, or ``exited`` when QEMU went away), ``detail`` QEMU's own ``error-desc``.
+    """
+
+    def __init__(self, message: str, *, status: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = detail

@@ -73,8 +73,11 @@ class QemuMachine:
 
     def __init__(self, args: Sequence[str], workdir: Path, *,
                  binary: str = "qemu-system-x86_64", name: str = "guest",
-                 ssh_forward_port: int | None = 22, qmp_timeout: float = 10.0) -> None:
+                 ssh_forward_port: int | None = 22, qmp_timeout: float = 10.0,
+                 incoming: bool = False) -> None:
         self._user_args = tuple(args)
+        # -incoming defer: QEMU starts paused and waits for migrate-incoming (a saved state).
+        self.incoming = incoming
         self.workdir = Path(workdir)
         self.binary = binary
         self.name = name
@@ -149,11 +152,12 @@ class QemuMachine:
         return self._process is not None and self._process.running()
 
     # ----- launch ---------------------------------------------------------------------
-    def _build_argv(self, binary_path: str, socket_path: Path) -> list[str]:
+    def _build_argv(self, binary_path: str, socket_path: Path, *, name: str | None = None,
+                    console_log: Path | None = None) -> list[str]:
         argv = [binary_path, *self._user_args,
-                "-name", f"guest={opt_escape(self.name)}.{self.tag}",
+                "-name", f"guest={opt_escape(self.name)}.{self.tag}" if name is None else name,
                 "-qmp", f"unix:{opt_escape(str(socket_path))},server=on,wait=off",
-                "-chardev", f"file,id=gmcon0,path={opt_escape(str(self.console_log))}",
+                "-chardev", f"file,id=gmcon0,path={opt_escape(str(console_log or self.console_log))}",
                 "-serial", "chardev:gmcon0"]
         if "-nographic" not in self._user_args and "-display" not in self._user_args:
             argv += ["-display", "none"]
@@ -161,6 +165,22 @@ class QemuMachine:
             argv += ["-netdev",
                      f"user,id=gmnet0,hostfwd=tcp:127.0.0.1:0-:{self.ssh_forward_port}",
                      "-device", "virtio-net-pci,netdev=gmnet0"]
+        if self.incoming:
+            argv += ["-incoming", "defer"]
+        return argv
+
+    def stable_argv(self) -> list[str]:
+        """The argv with everything that differs between two runs of one guest replaced.
+
+        The per-run parts are the tag in ``-name``, the QMP socket and console paths and
+        ``-incoming`` (the SSH forward's host port is already 0, picked by the kernel). Two
+        machines with equal stable argvs are the same guest hardware, which is what a saved
+        state may be restored into.
+        """
+        argv = self._build_argv(resolve_binary(self.binary), Path("<qmp-socket>"),
+                                name="<name>", console_log=Path("<console-log>"))
+        if self.incoming:
+            argv = argv[:-2]
         return argv
 
     def launch(self) -> QemuMachine:
