@@ -12,10 +12,12 @@ import logging
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
+from gmemtest.guest_run import booted_guest
 from gmemtest.requirements import unmet_requirements
 from gmemtest.runner import ScenarioResult, run_in_fresh_guest
 from gmemtest.scenarios import SCENARIOS, ScenarioSpec, get_scenario, unsupported_under
 from gmemtest.under_test import UnderTest
+from gmemtest.verdict import Check, Verdict
 from guests.profiles import GuestProfile
 from images.build import BuildError, GuestImage
 
@@ -84,7 +86,8 @@ def _run(test: AvocadoTestLike, chosen: UnderTest, spec: ScenarioSpec, *, guest_
     (outdir / "image.json").write_text(json.dumps(image.as_json(), indent=2) + "\n")
     (outdir / "under-test.json").write_text(json.dumps(chosen.as_json(), indent=2) + "\n")
     test.log.info("scenario %s/%s: %s", spec.name, guest_profile.name, spec.summary)
-    return run_in_fresh_guest(spec, image, outdir, binary=chosen.qemu, profile=guest_profile)
+    return run_in_fresh_guest(spec, image, outdir, binary=chosen.qemu, profile=guest_profile,
+                              snapshot=chosen.snapshot)
 
 
 def run_guest_scenario(test: AvocadoTestLike, name: str) -> ScenarioResult:
@@ -104,6 +107,57 @@ def run_guest_scenario(test: AvocadoTestLike, name: str) -> ScenarioResult:
     if not result.verdict.passed:
         test.fail("; ".join(c.line() for c in result.verdict.failures))
     return result
+
+
+def _random_bytes(text_of: Any) -> str:
+    return str(text_of("head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'"))
+
+
+def check_guest_boot(test: AvocadoTestLike, *, restore: bool) -> None:
+    """The two ways a test gets its guest, each checked on its own.
+
+    ``restore=False``: a real boot (snapshots off), so the boot path stays tested in every job.
+    ``restore=True``: two guests of one key; the second must be restored from the snapshot the
+    first saved or used, be its own QEMU process, and not repeat the first one's random bytes.
+    """
+    _quiet_wire_loggers()
+    chosen = under_test(test)
+    profile = chosen.profile_or("tcg-default")
+    unmet = unmet_requirements(profile.requirements, accel=profile.accel, binary=chosen.qemu)
+    if unmet:
+        test.cancel(f"profile {profile.name} cannot run here: " + "; ".join(unmet))
+    if restore and not chosen.snapshot:
+        test.cancel("snapshots are off (-p snapshot=off): there is no restore to check")
+    if restore and not profile.restorable:
+        test.cancel(f"profile {profile.name} is not restorable (confidential, guest_memfd RAM or the lab host)")
+    image = chosen.guest_image(_job_dir(Path(test.outputdir)))
+    out = Path(test.outputdir)
+    if not restore:
+        with booted_guest(image, out / "boot", profile=profile, binary=chosen.qemu, snapshot=False) as guest:
+            release = guest.guest_text("uname -r").strip()
+            checks: dict[str, tuple[object, object]] = {
+                      "mode": (guest.boot.mode, "boot"),
+                      "kernel release": (release, image.kernel_release),
+                      "ready marker on the console": ("GMEMTEST-READY" in guest.machine.console_text(), True)}
+            test.log.info("real boot: console ready %.2f s, first SSH command %.2f s",
+                          guest.timings.console_ready_s or 0.0, guest.timings.first_ssh_command_s)
+    else:
+        with booted_guest(image, out / "first", profile=profile, binary=chosen.qemu) as first:
+            first_mode, first_pid, first_random = first.boot.mode, first.machine.pid, _random_bytes(first.guest_text)
+        with booted_guest(image, out / "second", profile=profile, binary=chosen.qemu) as second:
+            refresh = second.boot.refresh or {}
+            checks = {"second guest's mode": (second.boot.mode, "restore"),
+                      "own QEMU process": (second.machine.pid != first_pid, True),
+                      "own random bytes": (_random_bytes(second.guest_text) != first_random, True),
+                      "clock stepped to within 1 s": (abs(float(refresh.get("skew_after_s", 99))) < 1.0, True)}
+            test.log.info("first guest: %s; second: restored, first SSH command %.2f s after launch (%s)",
+                          first_mode, second.timings.first_ssh_command_s, second.boot.fallback or "no fallback")
+    verdict = Verdict("guest-boot/" + ("restore" if restore else "real-boot"),
+                      tuple(Check(name, repr(expected), repr(actual), actual == expected)
+                            for name, (actual, expected) in checks.items()))
+    test.whiteboard = verdict.to_json()
+    if not verdict.passed:
+        test.fail("; ".join(c.line() for c in verdict.failures))
 
 
 def run_every_scenario_under(test: AvocadoTestLike, profile: str) -> list[ScenarioResult]:

@@ -19,6 +19,7 @@ from typing import Any
 from gmemtest.guest_run import booted_guest
 from gmemtest.runner import InjectionMissedUserMode, run_scenario
 from gmemtest.scenarios import get_scenario
+from gmemtest.snapshots import SnapshotCache
 from images.build import build_default_image
 
 # Scenarios whose SIGBUS follows the injection directly (no touch in between).
@@ -51,9 +52,34 @@ def _image_builds(runs: int, cold: bool) -> dict[str, Any]:
 
 
 def _guest_runs(runs: int, workdir: Path) -> dict[str, Any]:
+    """Boot and restore side by side in one run, then the injection latency in restored guests.
+
+    The snapshot cache is a scratch one, so the save is measured too and no earlier snapshot
+    (of another checkout or image) takes part.
+    """
     image = build_default_image()
-    console: list[float] = []
-    first_ssh: list[float] = []
+    cache = SnapshotCache(workdir / "snapshot-cache")
+    with booted_guest(image, workdir / "prime", cache=cache) as guest:
+        prime = {"mode": guest.boot.mode, "save_s": guest.timings.save_s,
+                 "snapshot_bytes": (guest.boot.snapshot or {}).get("size_bytes")}
+    boot_console: list[float] = []
+    boot_ssh: list[float] = []
+    restore_loaded: list[float] = []
+    restore_ssh: list[float] = []
+    behind: list[float] = []
+    skew_after: list[float] = []
+    modes: list[str] = []
+    for i in range(runs):
+        with booted_guest(image, workdir / f"boot-{i}", snapshot=False) as guest:
+            boot_console.append(guest.timings.console_ready_s or 0.0)
+            boot_ssh.append(guest.timings.first_ssh_command_s)
+        with booted_guest(image, workdir / f"restore-{i}", cache=cache) as guest:
+            modes.append(guest.boot.mode)
+            if guest.boot.mode == "restore" and guest.boot.refresh is not None:
+                restore_loaded.append(guest.timings.state_loaded_s or 0.0)
+                restore_ssh.append(guest.timings.first_ssh_command_s)
+                behind.append(-float(guest.boot.refresh["skew_before_s"]))
+                skew_after.append(float(guest.boot.refresh["skew_after_s"]))
     latency: dict[str, list[float]] = {name: [] for name in LATENCY_SCENARIOS}
     verdicts: list[dict[str, Any]] = []
     missed_user_mode = 0
@@ -62,21 +88,30 @@ def _guest_runs(runs: int, workdir: Path) -> dict[str, Any]:
             spec = get_scenario(name)
             outdir = workdir / f"{name}-{i}"
             try:
-                with booted_guest(image, outdir, profile=spec.profile) as guest:
-                    console.append(guest.timings.console_ready_s)
-                    first_ssh.append(guest.timings.first_ssh_command_s)
+                with booted_guest(image, outdir, profile=spec.profile, cache=cache) as guest:
                     result = run_scenario(spec, guest, outdir)
             except InjectionMissedUserMode:
                 # How often an SRAR meant for user mode finds the vCPU in the kernel is worth
                 # knowing: the tests retry such attempts, and this count says how much that costs.
                 missed_user_mode += 1
                 continue
-            verdicts.append({"scenario": name, "run": i, "passed": result.verdict.passed})
+            verdicts.append({"scenario": name, "run": i, "passed": result.verdict.passed,
+                             "guest": guest.boot.mode})
             if result.observations.injection_to_sigbus_ms is not None:
                 latency[name].append(result.observations.injection_to_sigbus_ms)
+    boot_median = _stats(boot_ssh).get("median")
+    restore_median = _stats(restore_ssh).get("median")
     return {
-        "launch_to_console_ready_s": _stats(console),
-        "launch_to_first_ssh_command_s": _stats(first_ssh),
+        "snapshot_prime": prime,
+        "boot": {"launch_to_console_ready_s": _stats(boot_console),
+                 "launch_to_first_ssh_command_s": _stats(boot_ssh)},
+        "restore": {"modes": modes,
+                    "launch_to_state_loaded_s": _stats(restore_loaded),
+                    "launch_to_first_ssh_command_s": _stats(restore_ssh),
+                    "clock_behind_before_step_s": _stats(behind),
+                    "clock_skew_after_step_s": _stats(skew_after)},
+        "restore_to_boot_ratio": (round(restore_median / boot_median, 3)
+                                  if boot_median and restore_median else None),
         "injection_to_sigbus_ms": {name: _stats(v) for name, v in latency.items()},
         "srar_missed_user_mode": missed_user_mode,
         "verdicts": verdicts,
@@ -84,12 +119,17 @@ def _guest_runs(runs: int, workdir: Path) -> dict[str, Any]:
 
 
 def _suite(results_dir: Path) -> dict[str, Any]:
+    """The guest tests (``-t guest``), with snapshots on (warm: primed by the runs before) and off."""
     avocado = str(Path(sys.executable).with_name("avocado"))
-    argv = [avocado, "run", "--max-parallel-tasks=2", "--job-results-dir", str(results_dir), "avocado_tests/"]
-    t0 = time.monotonic()
-    proc = subprocess.run(argv, check=False, capture_output=True, text=True)
-    return {"wall_s": round(time.monotonic() - t0, 2), "exit_status": proc.returncode,
-            "tail": proc.stdout.strip().splitlines()[-6:]}
+    result: dict[str, Any] = {}
+    for label, extra in (("snapshots_on", []), ("snapshots_off", ["-p", "snapshot=off"])):
+        argv = [avocado, "run", "--max-parallel-tasks=2", "--job-results-dir", str(results_dir / label),
+                "-t", "guest", *extra, "avocado_tests/"]
+        t0 = time.monotonic()
+        proc = subprocess.run(argv, check=False, capture_output=True, text=True)
+        result[label] = {"wall_s": round(time.monotonic() - t0, 2), "exit_status": proc.returncode,
+                         "tail": proc.stdout.strip().splitlines()[-6:]}
+    return result
 
 
 def _cpu_model() -> str:
@@ -148,14 +188,17 @@ def run_benchmark(*, runs: int, out: Path, suite: bool, cold: bool, labhost: boo
             summary.update({
                 "image_build_warm_median_s": results["image_build"]["warm_s"]["median"],
                 "image_build_cold_s": results["image_build"].get("cold_s", {}).get("median"),
-                "launch_to_first_ssh_median_s": g["launch_to_first_ssh_command_s"]["median"],
+                "boot_launch_to_first_ssh_median_s": g["boot"]["launch_to_first_ssh_command_s"]["median"],
+                "restore_launch_to_first_ssh_median_s": g["restore"]["launch_to_first_ssh_command_s"]["median"],
+                "restore_to_boot_ratio": g["restore_to_boot_ratio"],
+                "snapshot_save_s": g["snapshot_prime"]["save_s"],
                 "injection_to_sigbus_median_ms": {k: v.get("median") for k, v in g["injection_to_sigbus_ms"].items()},
                 "all_verdicts_passed": all(v["passed"] for v in g["verdicts"]),
                 "srar_missed_user_mode": g["srar_missed_user_mode"],
             })
         if suite:
             results["suite"] = _suite(Path(tmp) / "avocado")
-            summary["suite_wall_s"] = results["suite"]["wall_s"]
+            summary["guest_suite_wall_s"] = {k: v["wall_s"] for k, v in results["suite"].items()}
         if labhost:
             results["labhost"] = lab = _labhost(runs, Path(tmp) / "labhost")
             summary.update({

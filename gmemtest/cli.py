@@ -123,7 +123,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         outdir = out_root / spec.name
         if args.keep:
             return _run_kept(spec, image, outdir, chosen, profile)
-        result = run_in_fresh_guest(spec, image, outdir, binary=chosen.qemu, profile=profile)
+        result = run_in_fresh_guest(spec, image, outdir, binary=chosen.qemu, profile=profile,
+                                    snapshot=chosen.snapshot)
         print(result.verdict.summary())
         print(f"  evidence: {outdir}")
         summary.append({"scenario": spec.name, "passed": result.verdict.passed, "evidence": str(outdir),
@@ -204,8 +205,9 @@ def _run_kept(spec: ScenarioSpec, image: GuestImage, outdir: Path, chosen: Under
         hold(guest, res)
 
     try:
+        # No snapshot: the kept guest's own QMP socket is a per-run path in its argv.
         run_in_fresh_guest(spec, image, outdir, binary=chosen.qemu, profile=profile,
-                           extra_qemu_args=user_qmp_args(user_qmp), after_verdict=keep_result)
+                           extra_qemu_args=user_qmp_args(user_qmp), snapshot=False, after_verdict=keep_result)
     except KeyboardInterrupt:
         print("\nstopped: the kept guest's QEMU is gone", flush=True)
     finally:
@@ -464,9 +466,30 @@ def _add_under_test_options(p: argparse.ArgumentParser) -> None:
     for name, meaning in PARAMETERS.items():
         if name.startswith("labhost_"):
             continue  # the lab host's kernel has its --kernel-* options
+        if name == "snapshot":
+            p.add_argument("--no-snapshot", dest="snapshot", action="store_const", const="off", default=None,
+                           help="boot every guest; never restore one from a saved boot")
+            continue
         metavar = {"qemu": "BINARY", "profile": "NAME", "guest_kernel_version": "VERSION"}.get(name, "PATH")
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar=metavar, help=meaning,
                        default=DEFAULT_QEMU if name == "qemu" else None)
+
+
+def _cmd_snapshots(args: argparse.Namespace) -> int:
+    from gmemtest.snapshots import SnapshotCache
+
+    cache = SnapshotCache(args.cache)
+    if args.action == "clear":
+        print(f"dropped {cache.clear()} snapshot(s) from {cache.root}")
+        return EXIT_PASS
+    entries = cache.entries()
+    if args.json:
+        print(json.dumps([e.record() for e in entries], indent=2))
+        return EXIT_PASS
+    print(f"{len(entries)} snapshot(s) in {cache.root} (most recently used first)")
+    for e in entries:
+        print(f"  {e.key[:24]}  {e.size_bytes / 1e6:6.1f} MB  {e.age_s:8.0f} s old  saved in {e.save_s} s")
+    return EXIT_PASS
 
 
 def _cmd_reap(_args: argparse.Namespace) -> int:
@@ -564,13 +587,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
     q.set_defaults(func=_cmd_labhost_run)
 
+    p = sub.add_parser("snapshots", help="list or clear the saved guest boots that tests restore from")
+    p.add_argument("action", nargs="?", choices=("list", "clear"), default="list")
+    p.add_argument("--cache", type=Path, default=None, help="cache root (default: $GMEMTEST_CACHE, ~/.cache/gmemtest)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_snapshots)
+
     p = sub.add_parser("reap", help="kill QEMU processes left by a killed gmemtest run")
     p.set_defaults(func=_cmd_reap)
 
     p = sub.add_parser("bench", help="measure image build, boot to SSH, injection to SIGBUS, suite time")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--out", default="bench-results/benchmark.json")
-    p.add_argument("--suite", action="store_true", help="also time the default Avocado suite once")
+    p.add_argument("--suite", action="store_true", help="also time the guest Avocado tests, snapshots on and off")
     p.add_argument("--cold", action="store_true", help="also time a cold image build in a scratch cache")
     p.add_argument("--labhost", action="store_true",
                    help="also time the lab host: L1 boot to /dev/kvm ready, warm image build, the labhost tests")

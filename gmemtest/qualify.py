@@ -242,7 +242,8 @@ def _guest(r: _Report, specs: Sequence[ScenarioSpec], image: GuestImage, binary:
                 profile.requirements, accel=profile.accel, binary=binary)
             if unmet:
                 return Item("guest", spec.name, "CANNOT RUN", "; ".join(unmet))
-            verdict = run_in_fresh_guest(spec, image, outdir, binary=binary, profile=profile).verdict
+            verdict = run_in_fresh_guest(spec, image, outdir, binary=binary, profile=profile,
+                                         snapshot=under.snapshot).verdict
             r.q.setups[spec.name] = verdict.setup
             return Item("guest", spec.name, "PASS" if verdict.passed else "FAIL",
                         f"{spec.summary} ({len(verdict.checks)} checks)",

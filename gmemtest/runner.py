@@ -407,10 +407,12 @@ def run_in_fresh_guest(spec: ScenarioSpec, image: GuestImage, outdir: Path, *, a
                        binary: str = "qemu-system-x86_64",
                        profile: GuestProfile | None = None,
                        extra_qemu_args: Sequence[str] = (),
+                       snapshot: bool = True,
                        after_verdict: Callable[[GuestRun, ScenarioResult], None] | None = None) -> ScenarioResult:
     """Boot a guest for `spec`, run it, tear the guest down; retry only a missed user-mode SRAR.
 
-    `profile` replaces the scenario's own (a lab's profile choice, its firmware);
+    `profile` replaces the scenario's own (a lab's profile choice, its firmware); `snapshot`
+    is booted_guest's (False: boot, never restore);
     `after_verdict` runs while the judged guest is still up (``gmemtest run --keep`` holds it
     there until Ctrl-C; whatever it raises still tears the guest down). The evidence
     of the final attempt is in `outdir`; a missed attempt's is kept in `outdir/missed-attempt-N/`
@@ -421,7 +423,7 @@ def run_in_fresh_guest(spec: ScenarioSpec, image: GuestImage, outdir: Path, *, a
     for attempt in range(1, attempts + 1):
         try:
             with booted_guest(image, outdir, profile=profile or spec.profile, binary=binary,
-                              extra_qemu_args=extra_qemu_args) as guest:
+                              extra_qemu_args=extra_qemu_args, snapshot=snapshot) as guest:
                 result = run_scenario(spec, guest, outdir)
                 if after_verdict is not None:
                     after_verdict(guest, result)

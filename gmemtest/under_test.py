@@ -52,7 +52,9 @@ PARAMETERS: dict[str, str] = {
     "guest_manifest": f"a built guest image's manifest.json (default: ${MANIFEST_ENV})",
     "labhost_kernel_version": "the lab host's Debian kernel version like 7.3.4+deb13",
     "labhost_kernel_suite": "the Debian suite the lab host's kernel comes from",
+    "snapshot": "on (default): restore guests from a saved boot where one exists; off: boot every guest",
 }
+_SWITCH = {"on": True, "true": True, "yes": True, "1": True, "off": False, "false": False, "no": False, "0": False}
 # The lab host's own QEMU arguments (an L1 under TCG) are a profile too, but no guest scenario's.
 _NOT_GUEST_PROFILES = ("labhost-svm",)
 _KERNEL_VERSION = re.compile(r"^[0-9]+\.[0-9]+\.[0-9]+-[0-9]+$")
@@ -80,6 +82,8 @@ class UnderTest:
     guest_manifest: Path | None = None
     labhost_kernel_version: str | None = None
     labhost_kernel_suite: str | None = None
+    snapshot: bool = True
+    snapshot_value: str | None = None  # the raw parameter, kept to name it when it is bad
 
     @classmethod
     def from_params(cls, get: Callable[[str], object]) -> UnderTest:
@@ -92,6 +96,8 @@ class UnderTest:
             guest_kernel_version=_text(get("guest_kernel_version")), guest_manifest=manifest,
             labhost_kernel_version=_text(get("labhost_kernel_version")),
             labhost_kernel_suite=_text(get("labhost_kernel_suite")),
+            snapshot=_SWITCH.get(str(get("snapshot") or "on").lower(), True),
+            snapshot_value=_text(get("snapshot")),
         )
 
     def problems(self) -> list[str]:
@@ -109,6 +115,8 @@ class UnderTest:
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 found.append(f"{name.replace('_', ' ')} file {str(path)!r} ({name}) does not exist")
+        if self.snapshot_value is not None and self.snapshot_value.lower() not in _SWITCH:
+            found.append(f"snapshot {self.snapshot_value!r} (snapshot) is not a switch; valid: on, off")
         if self.guest_kernel_version is not None:
             if not _KERNEL_VERSION.match(self.guest_kernel_version):
                 found.append(f"guest kernel version {self.guest_kernel_version!r} (guest_kernel_version) is "
@@ -120,7 +128,11 @@ class UnderTest:
 
     def profile_for(self, spec: ScenarioSpec) -> GuestProfile:
         """The profile `spec` runs under here: the lab's choice or the scenario's, with its firmware."""
-        profile = get_profile(self.profile or spec.profile)
+        return self.profile_or(spec.profile)
+
+    def profile_or(self, default: str) -> GuestProfile:
+        """The lab's profile choice, else ``default``, with the lab's firmware."""
+        profile = get_profile(self.profile or default)
         if self.firmware is not None:
             profile = dataclasses.replace(profile, firmware=self.firmware.absolute())
         return profile

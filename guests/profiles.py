@@ -75,6 +75,11 @@ class GuestProfile:
     # waits in the kernel's rendezvous for the others and panics ("Not all CPUs entered
     # broadcast exception handler") when only one vCPU gets it.
     mce_broadcast: bool = False
+    # Whether a booted guest of this profile may be saved once and restored per test
+    # (gmemtest.snapshots). False where migration cannot carry the guest: confidential
+    # guests (SNP/TDX state lives in the firmware/TDX module), guest_memfd-backed RAM, and
+    # the lab host (its nested SVM state is a separate question, see the snapshot notes).
+    restorable: bool = True
 
     def __post_init__(self) -> None:
         if self.accel not in ("tcg", "kvm"):
@@ -133,7 +138,7 @@ def kvm_gmem_profile(memory_mib: int = 1024) -> GuestProfile:
             "-object", f"memory-backend-memfd,id=ram0,size={memory_mib}M,guest-memfd=on",
             *PANIC_ARGS,
         ),
-        requirements=("kvm_boots_linux", "qemu:guest-memfd"),
+        requirements=("kvm_boots_linux", "qemu:guest-memfd"), restorable=False,
         description="KVM guest with guest_memfd-backed RAM (needs the QEMU guest-memfd series)",
     )
 
@@ -157,7 +162,7 @@ def kvm_sev_snp_profile(firmware: Path = DEFAULT_OVMF, memory_mib: int = 1024,
                        f"reduced-phys-bits={reduced_phys_bits},policy={policy:#x},kernel-hashes=on",
             *PANIC_ARGS,
         ),
-        requirements=("kvm_boots_linux", "sev_snp_host", "qemu:sev-snp-guest"),
+        requirements=("kvm_boots_linux", "sev_snp_host", "qemu:sev-snp-guest"), restorable=False,
         description="AMD SEV-SNP confidential guest (lab hosts only)",
     )
 
@@ -169,7 +174,7 @@ def kvm_tdx_profile(firmware: Path = DEFAULT_OVMF, memory_mib: int = 1024) -> Gu
         kernel_args=BASE_KERNEL_ARGS, firmware=firmware,
         machine_options=("kernel-irqchip=split", "confidential-guest-support=tdx0"),
         extra_args=("-object", "tdx-guest,id=tdx0", *PANIC_ARGS),
-        requirements=("kvm_boots_linux", "tdx_host", "qemu:tdx-guest"),
+        requirements=("kvm_boots_linux", "tdx_host", "qemu:tdx-guest"), restorable=False,
         description="Intel TDX confidential guest (lab hosts only)",
     )
 
@@ -186,7 +191,7 @@ def labhost_svm_profile(memory_mib: int = 3072, smp: int = 2) -> GuestProfile:
     return GuestProfile(
         name="labhost-svm", accel="tcg", machine="q35", cpu="max", smp=smp,
         memory_mib=memory_mib, kernel_args=("console=ttyS0", "panic=-1", "loglevel=4"),
-        extra_args=("-nodefaults", "-no-reboot"),
+        extra_args=("-nodefaults", "-no-reboot"), restorable=False,
         description="TCG, AMD SVM+NPT, 2 vCPUs, 3 GiB: a nested KVM host with memory failure",
     )
 

@@ -30,9 +30,10 @@ def test_main_job_passes_every_guest_scenario(tmp_path: Path) -> None:
     status = {t["name"].split(":", 1)[1]: (t["status"], t.get("fail_reason") or "") for t in results["tests"]}
     report = "\n".join(f"{name}: {st} {why}" for name, (st, why) in sorted(status.items()))
 
-    guest_classes = ("SraoLateKill.", "SraoEarlyKill.", "SrarAction", "SraoFreePage.")
+    guest_classes = ("SraoLateKill.", "SraoEarlyKill.", "SrarAction", "SraoFreePage.", "GuestBoot.")
     guest = {n: s for n, s in status.items() if n.startswith(guest_classes)}
-    assert len(guest) >= len(SCENARIOS), f"expected a guest test per scenario ({len(SCENARIOS)}):\n{report}"
+    assert len(guest) >= len(SCENARIOS) + 2, \
+        f"expected a guest test per scenario ({len(SCENARIOS)}) and 2 boot tests:\n{report}"
     assert all(st == "PASS" for st, _ in guest.values()), report
     for name in ("GmemUapi.test_cases", "TinyVmm.test_backing_source"):
         assert status[name][0] == "PASS", report
@@ -67,3 +68,32 @@ def test_main_job_passes_every_guest_scenario(tmp_path: Path) -> None:
     assert board["item"]["summary"] == "served from guest_memfd", board
     assert not any(f["id"] == "gmem-slot-served-from-userspace-addr" for f in board["findings"]), board
     assert proc.returncode == 0, proc.stdout[-2000:]
+
+
+def _boot_modes(job: Path) -> dict[str, str]:
+    """Test directory name -> the boot.json mode of every guest it started."""
+    modes = {}
+    for record in job.glob("test-results/*/data/**/boot.json"):
+        modes[str(record.relative_to(job / "test-results"))] = json.loads(record.read_text())["mode"]
+    return modes
+
+
+def test_guest_tests_pass_with_snapshots_off(tmp_path: Path) -> None:
+    """Held to the same verdicts without snapshots: every guest boots for real, and passes."""
+    avocado = str(Path(sys.executable).with_name("avocado"))
+    proc = subprocess.run([avocado, "run", "--max-parallel-tasks=2", "--job-results-dir", str(tmp_path),
+                           "-t", "guest", "-p", "snapshot=off", "avocado_tests/"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+    job = (tmp_path / "latest").resolve()
+    results = json.loads((job / "results.json").read_text())
+    status = {t["name"].split(":", 1)[1]: (t["status"], t.get("fail_reason") or "") for t in results["tests"]}
+    report = "\n".join(f"{name}: {st} {why}" for name, (st, why) in sorted(status.items()))
+    for name, (st, why) in status.items():
+        if name == "GuestBoot.test_restore_from_snapshot":
+            assert st == "CANCEL" and "snapshots are off" in why, report
+        else:
+            assert st == "PASS", report
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    modes = _boot_modes(job)
+    assert len(modes) >= len(SCENARIOS) + 1, modes
+    assert set(modes.values()) == {"boot"}, f"snapshot=off must boot every guest: {modes}"
