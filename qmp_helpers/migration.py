@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import MachineStateError, MigrationError, QemuError
+from .errors import MachineStateError, MigrationError, QemuError, QmpCommandError
 from .machine import QemuMachine
 
 __all__ = ["LoadRecord", "SaveRecord", "load_state", "save_state"]
@@ -71,11 +71,20 @@ def _wait_completed(machine: QemuMachine, what: str, timeout: float) -> dict[str
 
 
 def save_state(machine: QemuMachine, path: Path, *, timeout: float = 60.0) -> SaveRecord:
-    """Pause the guest and write its whole state to ``path``; the guest stays paused."""
+    """Pause the guest and write its whole state to ``path``; the guest stays paused.
+
+    A QEMU that refuses (a migration blocker such as a mounted virtio-9p share) raises
+    :class:`MigrationError` with status ``refused`` and QEMU's reason; the guest is paused then
+    too, and the caller decides whether to resume it.
+    """
     uri = _file_uri(path)
     t0 = time.monotonic()
     machine.qmp("stop")
-    machine.qmp("migrate", uri=uri)
+    try:
+        machine.qmp("migrate", uri=uri)
+    except QmpCommandError as exc:  # a migration blocker (a mounted 9p share, SEV/TDX, ...)
+        raise MigrationError(f"saving {machine.name}: QEMU refused to migrate: {exc.desc}",
+                             status="refused", detail=exc.desc) from exc
     info = _wait_completed(machine, f"saving {machine.name} to {path}", timeout)
     seconds = time.monotonic() - t0
     ram = info.get("ram", {})
