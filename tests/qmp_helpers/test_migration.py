@@ -59,6 +59,6 @@ def test_bad_requests_are_named(saved: tuple[list[str], Path], tmp_path: Path) -
             load_state(plain, state)
         with pytest.raises(ValueError, match="free of commas"):
             save_state(plain, tmp_path / "a,b")
-    with QemuMachine(args, tmp_path / "dst", ssh_forward_port=None, incoming=True) as dst:
-        with pytest.raises(MigrationError, match="does not exist"):
-            load_state(dst, tmp_path / "missing")
+    with (QemuMachine(args, tmp_path / "dst", ssh_forward_port=None, incoming=True) as dst,
+          pytest.raises(MigrationError, match="does not exist")):
+        load_state(dst, tmp_path / "missing")
