@@ -157,6 +157,9 @@ def _labhost(runs: int, workdir: Path) -> dict[str, Any]:
             if run.timings.guest_uptime_at_ready_s is not None:
                 uptime.append(run.timings.guest_uptime_at_ready_s)
             first_command.append(run.run(["true"], 60).seconds)
+    from gmemtest.labhost_snapshot import labhost_snapshot_trial
+
+    snapshot = labhost_snapshot_trial(image, workdir / "snapshot", restores=runs)
     avocado = str(Path(sys.executable).with_name("avocado"))
     argv = [avocado, "run", "--max-parallel-tasks=2", "--job-results-dir", str(workdir / "avocado"),
             "-t", "labhost", "avocado_tests/"]
@@ -167,6 +170,8 @@ def _labhost(runs: int, workdir: Path) -> dict[str, Any]:
         "launch_to_ready_s": _stats(ready),
         "guest_uptime_at_ready_s": _stats(uptime),
         "first_command_s": _stats(first_command),
+        "snapshot_trial": snapshot,
+        "restore_to_ready_s": _stats([r["ready_s"] for r in snapshot["restores"]]),
         "labhost_tests": {"wall_s": round(time.monotonic() - t0, 2), "exit_status": proc.returncode,
                           "tail": proc.stdout.strip().splitlines()[-4:]},
     }
@@ -204,6 +209,8 @@ def run_benchmark(*, runs: int, out: Path, suite: bool, cold: bool, labhost: boo
             summary.update({
                 "labhost_image_build_warm_median_s": lab["image_build_warm_s"]["median"],
                 "labhost_launch_to_ready_median_s": lab["launch_to_ready_s"]["median"],
+                "labhost_restore_to_ready_median_s": lab["restore_to_ready_s"]["median"],
+                "labhost_save_s": lab["snapshot_trial"]["save_s"],
                 "labhost_tests_wall_s": lab["labhost_tests"]["wall_s"],
                 "labhost_tests_exit_status": lab["labhost_tests"]["exit_status"],
             })

@@ -67,7 +67,7 @@ EXIT_MARKER = "GMEMTEST-LABHOST-EXIT"
 # Starts the exit marker on hvc0: a byte commands hardly print, so nothing useful is held back.
 EXIT_FRAME = "\x1e"
 RESULTS_IN_L1 = "/run/gmemtest/results"
-_STATE_RE = re.compile(rf"({READY_MARKER}|{FAILED_MARKER})([^\r\n]*)\r?\n")
+STATE_RE = re.compile(rf"({READY_MARKER}|{FAILED_MARKER})([^\r\n]*)\r?\n")
 _UPTIME_RE = re.compile(r"uptime=([0-9.]+)")
 _POLL_S = 0.02
 _TAIL_CHARS = 2000
@@ -252,7 +252,7 @@ class LabhostRun:
         return True
 
 
-def _qemu_args(profile: GuestProfile, image: LabhostImage, *, share_dir: Path, ctl_dir: Path,
+def labhost_qemu_args(profile: GuestProfile, image: LabhostImage, *, share_dir: Path, ctl_dir: Path,
                output_log: Path, work_dir: Path, extra_kernel_args: Sequence[str]) -> list[str]:
     def virtfs(path: Path | str, tag: str, *extra: str) -> list[str]:
         return ["-virtfs", ",".join((f"local,path={opt_escape(str(path))}", f"mount_tag={tag}",
@@ -311,7 +311,7 @@ def booted_labhost(
     if "\n" in str(work) or not work.is_dir():
         raise LabhostError(f"cwd {str(work)!r} must be an existing directory without a newline in its path")
     (ctl_dir / "work-path").write_text(f"{work}\n")
-    args = _qemu_args(prof, image, share_dir=share, ctl_dir=ctl_dir, output_log=output_log,
+    args = labhost_qemu_args(prof, image, share_dir=share, ctl_dir=ctl_dir, output_log=output_log,
                       work_dir=work, extra_kernel_args=extra_kernel_args)
     with ExitStack() as stack:
         t0 = time.monotonic()
@@ -320,7 +320,7 @@ def booted_labhost(
             ssh_forward_port=None))
         timings = LabhostTimings(qmp_s=round(time.monotonic() - t0, 3))
         try:
-            match = machine.wait_console(_STATE_RE, timeout=boot_timeout_s)
+            match = machine.wait_console(STATE_RE, timeout=boot_timeout_s)
         except MachineStateError as exc:
             exited = not machine.running()
             cls = LabhostError if exited else LabhostTimeout

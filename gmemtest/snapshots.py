@@ -163,7 +163,10 @@ class SnapshotCache:
         if snap is None or snap.key != key.digest:
             self.drop(key, "entry incomplete or not for this key (meta.json/state size mismatch)")
             return None
-        os.utime(directory)  # least recently used goes first when pruning
+        try:
+            os.utime(directory)  # least recently used goes first when pruning
+        except OSError as exc:  # a read-only cache (shared into a lab host) is still usable
+            LOG.debug("cannot mark snapshot %s used: %s", directory.name, exc)
         return snap
 
     def save(self, key: SnapshotKey, write: Callable[[Path], float]) -> Snapshot | None:
