@@ -29,7 +29,7 @@ from guests.refresh import GuestRefresh, RefreshError, refresh_guest
 from guests.ssh import SshError, SshSession
 from images.boot_params import DEFAULT_KERNEL_ARGS
 from images.build import GuestImage
-from qmp_helpers import MigrationError, QemuError, QemuMachine, load_state, save_state
+from qmp_helpers import STUCK_RUN_STATES, MigrationError, QemuError, QemuMachine, load_state, save_state
 
 LOG = logging.getLogger(__name__)
 
@@ -288,7 +288,8 @@ def _boot(stack: ExitStack, launch: _Launch, boot_timeout_s: float, record: Boot
     machine = stack.enter_context(launch.machine())
     timings = BootTimings(qmp_s=time.monotonic() - t0)
     LOG.info("QMP up in %.2fs; waiting for %s on the console", timings.qmp_s, READY_MARKER)
-    machine.wait_console(READY_MARKER, timeout=boot_timeout_s)
+    # A guest KVM stopped (internal error) never prints READY: say so now, with QEMU's words.
+    machine.wait_console(READY_MARKER, timeout=boot_timeout_s, stuck_states=STUCK_RUN_STATES)
     timings.console_ready_s = ready = time.monotonic() - t0
     LOG.info("console ready in %.2fs; logging in over SSH", ready)
     remaining = max(5.0, boot_timeout_s - ready)

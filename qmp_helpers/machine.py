@@ -13,7 +13,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -38,6 +38,10 @@ _LOG = logging.getLogger(__name__)
 # AF_UNIX sun_path holds 108 bytes including the NUL; Avocado test directories can be
 # longer than that, in which case the socket goes to a short private temp directory.
 _SUN_PATH_MAX = 107
+# How often wait_console asks query-status when it watches for a stuck VM.
+_STATE_POLL_S = 0.5
+# Run states in which a booting guest will never print again (qapi/run-state.json).
+STUCK_RUN_STATES = ("internal-error", "shutdown", "guest-panicked", "io-error")
 _HOSTFWD_RE = re.compile(
     r"TCP\[HOST_FORWARD\]\s+\d+\s+(?P<haddr>\S+)\s+(?P<hport>\d+)\s+\S+\s+(?P<gport>\d+)")
 _MTREE_RAM_RE = re.compile(
@@ -336,14 +340,18 @@ class QemuMachine:
         self._read_console()
         return self._console_text
 
-    def wait_console(self, pattern: str | re.Pattern[str], timeout: float = 30.0
-                     ) -> re.Match[str]:
+    def wait_console(self, pattern: str | re.Pattern[str], timeout: float = 30.0, *,
+                     stuck_states: Collection[str] = ()) -> re.Match[str]:
         """Next match of ``pattern`` in the console after the previous wait_console match.
 
-        Reads the console file incrementally. Fails early when QEMU exits.
+        Reads the console file incrementally. Fails early when QEMU exits, and, every
+        ``_STATE_POLL_S``, when ``query-status`` reports one of ``stuck_states`` (a VM that
+        stopped on "KVM internal error" is ``internal-error`` and prints nothing ever again:
+        waiting out the deadline would only hide QEMU's reason, which the error then quotes).
         """
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
         deadline = time.monotonic() + timeout
+        next_state_poll = time.monotonic() + _STATE_POLL_S
         while True:
             self._read_console()
             match = regex.search(self._console_text, self._console_cursor)
@@ -351,13 +359,30 @@ class QemuMachine:
                 self._console_cursor = match.end()
                 return match
             exited = not self.running()
-            if exited or time.monotonic() > deadline:
+            stuck = None
+            if stuck_states and not exited and time.monotonic() >= next_state_poll:
+                next_state_poll = time.monotonic() + _STATE_POLL_S
+                state = self.status()
+                stuck = state if state in stuck_states else None
+            if exited or stuck or time.monotonic() > deadline:
                 tail = self._console_text[-400:]
-                why = "QEMU exited" if exited else f"not within {timeout:.1f} s"
+                if stuck:
+                    why = (f"the VM stopped in state {stuck!r} (QEMU says: "
+                           f"{self._stderr_tail()!r})")
+                else:
+                    why = "QEMU exited" if exited else f"not within {timeout:.1f} s"
                 raise MachineStateError(
                     f"expected console pattern {regex.pattern!r} in {self.console_log}; "
                     f"{why}; console tail: {tail!r}")
             time.sleep(0.02)
+
+    def _stderr_tail(self, chars: int = 300) -> str:
+        if self._stderr_file is not None:
+            self._stderr_file.flush()
+        try:
+            return self.stderr_log.read_text(errors="replace")[:chars].strip()
+        except OSError as exc:
+            return f"<{self.stderr_log} unreadable: {exc}>"
 
     # ----- memory and machine checks --------------------------------------------------------
     def ram_ranges(self) -> list[tuple[int, int, str]]:

@@ -18,6 +18,7 @@ import pytest
 from qmp_test_support import BASE_ARGS, MCE_MARKER, QEMU
 
 from qmp_helpers import (
+    STUCK_RUN_STATES,
     EventTimeout,
     GpaOutOfRange,
     HmpError,
@@ -324,3 +325,11 @@ def test_qmp_to_a_dead_qemu_raises_the_projects_error(tmp_path: Path) -> None:
             machine.qmp("query-status")
         assert type(err.value).__module__ == "qmp_helpers.errors", repr(err.value)
         assert "query-status" in str(err.value)
+
+
+def test_wait_console_ends_at_a_stuck_run_state(machine: QemuMachine) -> None:
+    """A VM that stopped (here: paused; under KVM: internal-error) is reported as such at once."""
+    machine.qmp("stop")
+    with pytest.raises(MachineStateError, match=r"the VM stopped in state 'paused' \(QEMU says: ") as caught:
+        machine.wait_console("NEVER-PRINTED", timeout=60, stuck_states=("paused", *STUCK_RUN_STATES))
+    assert "not within" not in str(caught.value)
