@@ -19,6 +19,12 @@ HUGE_2M_SHIFT = 21
 # The si_code names as the verdict prints them; the values live in host_stack.mm_uapi.
 SI_CODE_NAMES = BUS_CODE_NAMES
 
+# /proc/cpuinfo vendor_id of the guest's vCPU: the guest kernel grades and records a machine
+# check by vendor (arch/x86/kernel/cpu/mce/severity.c, core.c).
+INTEL = "GenuineIntel"
+AMD = "AuthenticAMD"
+VENDORS = (INTEL, AMD)
+
 
 @dataclass(frozen=True)
 class PageLayout:
@@ -132,10 +138,25 @@ def _touch_sigbus(spec: ScenarioSpec, layout: MappingLayout, poison_offset: int,
     return ExpectedSigbus(BUS_MCEERR_AR, touch_va, shift)
 
 
+def amd_panics(spec: ScenarioSpec) -> bool:
+    """Whether an AMD guest must panic where an Intel guest recovers.
+
+    Linux's mce_severity_amd (6.1 and later): an uncorrected error without PCC, with SUCCOR
+    (QEMU sets it for KVM guests), is action required unless it arrives in kernel context,
+    where it panics ("Uncorrected unrecoverable error in kernel context"). AMD has no
+    action-optional class for a #MC: only the rows whose program runs in user mode on the
+    target vCPU (SPIN) can recover; in every other row the vCPU idles in the kernel.
+    """
+    return spec.trigger is not Trigger.SPIN
+
+
 def expect(
-    spec: ScenarioSpec, layout: MappingLayout, *, vcpus: int, mce_status: int, mce_misc: int, mce_bank: int
+    spec: ScenarioSpec, layout: MappingLayout, *, vcpus: int, mce_status: int, mce_misc: int, mce_bank: int,
+    vendor: str = INTEL,
 ) -> Expectation:
-    """What must happen when `spec` runs against `layout` on a guest with `vcpus` vCPUs."""
+    """What must happen when `spec` runs against `layout` on a guest with `vcpus` vCPUs of `vendor`."""
+    if vendor not in VENDORS:
+        raise ValueError(f"guest vCPU vendor {vendor!r} has no machine-check oracle; known: {', '.join(VENDORS)}")
     if spec.poison_offset >= layout.size:
         raise ValueError(
             f"{spec.name}: poison offset {spec.poison_offset:#x} is beyond the mapping size {layout.size:#x}"
@@ -146,8 +167,11 @@ def expect(
     shift = poison_unit_shift(layout)
     unit_mask = ~((1 << shift) - 1)
 
+    panic = spec.expects_panic or (vendor == AMD and amd_panics(spec))
     sigbus: ExpectedSigbus | None
-    if spec.trigger is Trigger.TOUCH:
+    if panic:
+        sigbus = None
+    elif spec.trigger is Trigger.TOUCH:
         assert spec.touch_offset is not None
         sigbus = _touch_sigbus(spec, layout, spec.poison_offset, spec.touch_offset, shift)
     elif spec.trigger is Trigger.WAIT:
@@ -163,27 +187,26 @@ def expect(
     # never action-required, whatever the kind of the MCE on the target vCPU.
     others = ExpectedMemoryFailureEvent("guest", "inject", False, False)
     nevents = vcpus if spec.broadcast else 1
-    # With more than one vCPU in the rendezvous, the monarch panics from mce_reign() ("Fatal
-    # machine check"); a lone vCPU panics in do_machine_check() ("... on current CPU").
     rendezvous = spec.broadcast and vcpus > 1
 
     more_poison: tuple[tuple[int, int], ...] = ()
     more_sigbus: tuple[ExpectedSigbus, ...] = ()
-    if spec.second_poison_offset is not None:
+    # A guest that panics at the first injection gets no second one, and nothing is read back.
+    if spec.second_poison_offset is not None and not panic:
         assert spec.second_touch_offset is not None
         gpa = layout.gpa_of(layout.base_va + spec.second_poison_offset)
-        more_poison = ((gpa, mce_record_addr(gpa, mce_misc)),)
+        more_poison = ((gpa, mce_record_addr(gpa, mce_misc, vendor)),)
         more_sigbus = (_touch_sigbus(spec, layout, spec.second_poison_offset, spec.second_touch_offset, shift),)
     injections = 1 + len(more_poison)
     intact: tuple[int, ...] = ()
-    if layout.is_thp:
+    if layout.is_thp and not panic:
         # split_huge_page() before the poisoned piece is taken: the other 511 pieces stay mapped.
         piece = spec.poison_offset >> PAGE_SHIFT
         within = spec.poison_offset & (PAGE_SIZE - 1)
         intact = tuple((i << PAGE_SHIFT) + within for i in range(min(layout.size, 1 << HUGE_2M_SHIFT) >> PAGE_SHIFT)
                        if i != piece)
 
-    recovered = not spec.expects_panic
+    recovered = not panic
     return Expectation(
         scenario=spec.name,
         poison_va=poison_va,
@@ -191,7 +214,7 @@ def expect(
         poison_pfn=poison_pfn,
         sigbus=sigbus,
         memory_failure_events=(event, *(others,) * (nevents - 1)) * injections,
-        panic=spec.expects_panic,
+        panic=panic,
         # The mark ends up on the raw 4 KiB frame that was hit, for hugetlb too: the free huge
         # page is dissolved after unmapping and the poison moves to its raw page.
         hwpoison_pfn=poison_pfn if recovered else None,
@@ -200,10 +223,9 @@ def expect(
         recovery_pfn=poison_pfn if recovered else None,
         mce_status=mce_status,
         mce_bank=mce_bank,
-        mce_record_addr=mce_record_addr(poison_gpa, mce_misc),
-        panic_severity="Data load in unrecoverable area of kernel" if spec.expects_panic else None,
-        panic_reason=(("Fatal machine check" if rendezvous else "Fatal machine check on current CPU")
-                      if spec.expects_panic else None),
+        mce_record_addr=mce_record_addr(poison_gpa, mce_misc, vendor),
+        panic_severity=_panic_severity(vendor) if panic else None,
+        panic_reason=_panic_reason(vendor, rendezvous) if panic else None,
         more_poison=more_poison,
         more_sigbus=more_sigbus,
         recovery_page_type="free buddy page" if spec.page_kind == "free" else None,
@@ -211,12 +233,30 @@ def expect(
     )
 
 
-def mce_record_addr(gpa: int, misc: int) -> int:
-    """The address the guest kernel records: MCi_ADDR masked to MCi_MISC's recoverable LSB.
+def _panic_severity(vendor: str) -> str:
+    # severity.c: the Intel table's kernel-context SRAR row, and mce_severity_amd's message.
+    return "Uncorrected unrecoverable error in kernel context" if vendor == AMD \
+        else "Data load in unrecoverable area of kernel"
+
+
+def _panic_reason(vendor: str, rendezvous: bool) -> str:
+    if vendor == AMD:
+        return "Fatal local machine check"
+    # With more than one vCPU in the rendezvous, the monarch panics from mce_reign() ("Fatal
+    # machine check"); a lone vCPU panics in do_machine_check() ("... on current CPU").
+    return "Fatal machine check" if rendezvous else "Fatal machine check on current CPU"
+
+
+def mce_record_addr(gpa: int, misc: int, vendor: str = INTEL) -> int:
+    """The address the guest kernel records: on Intel, MCi_ADDR masked to MCi_MISC's recoverable LSB.
 
     arch/x86/kernel/cpu/mce/core.c (mce_read_aux) shifts the low bits out when MISC reports a
-    physical address mode, so an injection at gpa+0x80 with MISC 0x8c is recorded page-aligned.
+    physical address mode (Intel software error recovery), so an injection at gpa+0x80 with
+    MISC 0x8c is recorded page-aligned. An AMD guest records MCi_ADDR as injected (measured:
+    ADDR 2974040 for an SRAR at gpa 0x2974040, Debian 6.1 under KVM inside the lab host).
     """
+    if vendor == AMD:
+        return gpa
     lsb = misc & 0x3F  # MCi_MISC[5:0]: recoverable address LSB
     mode = (misc >> 6) & 0x7  # MCi_MISC[8:6]: address mode, 2 = physical
     if mode != 2:

@@ -289,3 +289,49 @@ def test_a_free_page_expects_no_sigbus_and_a_free_buddy_recovery() -> None:
     assert exp.sigbus is None and exp.sigbus_all == ()
     assert exp.poison_gpa == 0x1EA00080 and exp.recovery_page_type == "free buddy page"
     assert exp.hwpoison_pfn == 0x1EA00 and exp.hardware_corrupted_delta_kb == 4
+
+
+# The AMD rows: what an AuthenticAMD guest (QEMU -cpu host on the lab host) must do with the same
+# injections. Measured inside the lab host: SRAR in user mode recovered with ADDR recorded as
+# injected; SRAO with the vCPU idle panicked "Uncorrected unrecoverable error in kernel context".
+def test_amd_user_mode_srar_recovers_and_records_the_address_as_injected() -> None:
+    spec = get_scenario("srar-user-spin-4k")
+    exp = expect(spec, ANON, vcpus=1, mce_status=SRAR, mce_misc=0x8C, mce_bank=9, vendor="AuthenticAMD")
+    intel = expect(spec, ANON, vcpus=1, mce_status=SRAR, mce_misc=0x8C, mce_bank=9)
+    assert not exp.panic and exp.sigbus == intel.sigbus
+    assert exp.mce_record_addr == exp.poison_gpa and exp.poison_gpa & 0xFFF, "raw on AMD"
+    assert intel.mce_record_addr == exp.poison_gpa & ~0xFFF, "page-aligned by MISC's LSB on Intel"
+    assert exp.hardware_corrupted_delta_kb == 4 and exp.recovery_pfn == exp.poison_pfn
+
+
+@pytest.mark.parametrize("name", [s.name for s in SCENARIOS
+                                  if s.trigger.value != "spin" and s.profile == "tcg-default"])
+def test_amd_guest_panics_wherever_the_vcpu_is_in_the_kernel(name: str) -> None:
+    spec = get_scenario(name)
+    layout = ANON if spec.page_kind not in ("hugetlb2m",) else HUGE
+    if spec.page_kind == "thp":
+        layout = MappingLayout(kind="thp", base_va=0x7F0000000000, size=2 << 20, page_size=0x1000,
+                               pages=tuple(PageLayout(0x7F0000000000 + (i << 12), 0x40000 + i) for i in range(512)),
+                               is_thp=True)
+    exp = expect(spec, layout, vcpus=1, mce_status=SRAO, mce_misc=0x8C, mce_bank=9, vendor="AuthenticAMD")
+    assert exp.panic and exp.sigbus is None and exp.sigbus_all == ()
+    assert exp.panic_severity == "Uncorrected unrecoverable error in kernel context"
+    assert exp.panic_reason == "Fatal local machine check"
+    assert exp.hardware_corrupted_delta_kb is None and exp.hwpoison_pfn is None and exp.recovery_pfn is None
+    assert exp.more_poison == () and exp.intact_offsets == (), "no second injection, no read-back after a panic"
+    obs = Observations(guest_panicked_events=[{"action": "run"}], panic_message="Fatal local machine check",
+                       mce_severity="Uncorrected unrecoverable error in kernel context")
+    obs.memory_failure_events = [{"recipient": "guest", "action": "inject",
+                                  "flags": {"action-required": spec.mce_kind == "SRAR", "recursive": False}}]
+    obs.mce_records = [MceRecord(9, SRAO, exp.mce_record_addr, 0x8C)]
+    verdict = judge(exp, obs)
+    assert verdict.passed, verdict.summary()
+    intel_survivor = dataclasses.replace(obs, guest_panicked_events=[], panic_message=None, mce_severity=None)
+    assert not judge(exp, intel_survivor).passed, "an AMD guest that did not panic must fail its row"
+
+
+def test_unknown_vendor_is_named() -> None:
+    with pytest.raises(ValueError, match="vendor 'HygonGenuine' has no machine-check oracle; known: GenuineIntel, "
+                                         "AuthenticAMD"):
+        expect(get_scenario("srar-user-spin-4k"), ANON, vcpus=1, mce_status=SRAR, mce_misc=0x8C, mce_bank=9,
+               vendor="HygonGenuine")
