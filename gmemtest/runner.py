@@ -33,6 +33,7 @@ from gmemtest.observations import (
 from gmemtest.oracle import Expectation, MappingLayout, PageLayout, expect, free_page_layout
 from gmemtest.scenarios import KillPolicy, ScenarioSpec, Trigger
 from gmemtest.verdict import Verdict, judge
+from guests import uapi
 from guests.probe_client import Mapping, ProbeClient, ProbeError, SigbusReport
 from guests.profiles import GuestProfile
 from guests.ssh import SshError
@@ -193,6 +194,37 @@ def _wait_probe_in_user_mode(guest: GuestRun, pid: int, timeout: float = 10.0) -
                         f"/proc/{pid}/syscall last said {state!r}, expected 'running'")
 
 
+def _wait_probe_sleeping(guest: GuestRun, pid: int, timeout: float = 10.0) -> None:
+    """Poll until the probe sleeps in its 'wait' (clock_nanosleep in /proc/PID/syscall).
+
+    Injecting right after sending 'wait' raced the probe's read of the command: in restored
+    guests (cold code) the AO often arrived while the probe was still idle, so the wait then ran
+    its whole window (15 s) after the signal. The window must start before the injection.
+    """
+    deadline = time.monotonic() + timeout
+    state = ""
+    while time.monotonic() < deadline:
+        state = guest.guest_text(f"cat /proc/{pid}/syscall").strip()
+        if state.split(" ", 1)[0] in (str(uapi.SYS_CLOCK_NANOSLEEP), str(uapi.SYS_NANOSLEEP)):
+            return
+        time.sleep(0.02)
+    raise ScenarioError(f"the probe (pid {pid}) did not sleep in its wait within {timeout:.0f}s: "
+                        f"/proc/{pid}/syscall last said {state!r}, expected syscall "
+                        f"{uapi.SYS_CLOCK_NANOSLEEP} (clock_nanosleep) or {uapi.SYS_NANOSLEEP}")
+
+
+_VENDOR_RE = re.compile(r"^vendor_id\s*:\s*(\S+)", re.MULTILINE)
+
+
+def _cpu_vendor(guest: GuestRun) -> str:
+    """The guest vCPU's vendor as the guest kernel sees it (the oracle grades MCEs by it)."""
+    text = guest.guest_text("grep -m1 vendor_id /proc/cpuinfo")
+    match = _VENDOR_RE.search(text)
+    if match is None:
+        raise ScenarioError(f"no vendor_id line in the guest's /proc/cpuinfo: {text!r}")
+    return match.group(1)
+
+
 def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> ScenarioResult:
     """Carry out `spec` on `guest` and judge it. Raises ScenarioError when a precondition fails."""
     if guest.profile.mce_broadcast and not spec.broadcast:
@@ -210,6 +242,9 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
     guest.guest_text(f"echo > {TRACE_DIR}/trace")
     obs.hardware_corrupted_before_kb = _hardware_corrupted(guest)
 
+    vendor = _cpu_vendor(guest)
+    setup["guest_cpu_vendor"] = vendor
+    ev.json("setup.json", setup)
     channel = guest.ssh.start(PROBE_PATH)
     probe = ProbeClient(channel, abort=lambda: _panic_sentence(guest))
     injection: MceInjection | None = None
@@ -228,7 +263,7 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
                                     "is transparent_hugepage=madvise set and memory unfragmented?")
             layout = layout_of(mapping)
         exp = expect(spec, layout, vcpus=guest.profile.smp, mce_status=kind.status, mce_misc=kind.misc,
-                     mce_bank=MCE_BANK)
+                     mce_bank=MCE_BANK, vendor=vendor)
         LOG.info("%s: %s page at gpa %#x (pfn %#x) is the target", spec.name, spec.page_kind, exp.poison_gpa,
                  exp.poison_pfn)
         ev.json("layout.json", asdict(layout))
@@ -239,7 +274,8 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
                 raise ScenarioError(f"{spec.name}: layout changed before injection: oracle gpa {exp.poison_gpa:#x}, "
                                     f"probe locate gpa {located.gpa:#x}")
             _confirm_pattern_at_gpa(guest, mapping, spec.poison_offset, exp.poison_gpa, ev)
-            if spec.second_poison_offset is not None:
+            if exp.more_poison:  # none where the oracle expects a panic at the first injection
+                assert spec.second_poison_offset is not None
                 _confirm_pattern_at_gpa(guest, mapping, spec.second_poison_offset, exp.more_poison[0][0], ev)
         else:
             flags = _kpageflags(guest, [exp.poison_pfn])[exp.poison_pfn]
@@ -251,7 +287,14 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
         machine = guest.machine
         try:
             reply: object = None
-            if spec.trigger is Trigger.TOUCH:
+            if exp.panic and not spec.expects_panic:
+                # The oracle says this guest cannot recover here (an AMD vCPU idling in the
+                # kernel): inject as the row says, then only watch the panic.
+                if spec.trigger is Trigger.WAIT:
+                    probe.begin_wait(PROBE_WINDOW_S)
+                    _wait_probe_sleeping(guest, probe.pid)
+                injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
+            elif spec.trigger is Trigger.TOUCH:
                 assert mapping is not None and spec.touch_offset is not None
                 injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
                 more: list[MceInjection] = []
@@ -270,6 +313,7 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
                 _check_intact(probe, mapping, exp, obs)
             elif spec.trigger is Trigger.WAIT:
                 probe.begin_wait(PROBE_WINDOW_S)
+                _wait_probe_sleeping(guest, probe.pid)
                 injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
                 reply = probe.finish_wait(PROBE_WINDOW_S + 10)
             elif spec.trigger is Trigger.SPIN:
@@ -292,7 +336,7 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
             if isinstance(reply, SigbusReport):
                 obs.injection_to_sigbus_ms = (reply.host_monotonic - injection.t_mono_after) * 1000.0
 
-            if spec.expects_panic:
+            if exp.panic:
                 _observe_panic(guest, injection.event_mark, obs)
             else:
                 _observe_recovery(guest, probe, mapping, exp=exp, obs=obs, ev=ev)
@@ -302,7 +346,7 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
         except (ProbeError, SshError) as exc:
             # A guest that panicked where the scenario expects it to survive is a verdict on the
             # host stack (the 'guest panicked' check fails), not a broken test run.
-            if injection is None or spec.expects_panic or _panic_sentence(guest) is None:
+            if injection is None or exp.panic or _panic_sentence(guest) is None:
                 raise
             LOG.warning("%s: the guest panicked after the injection (%s); judging what was observed",
                         spec.name, exc)
@@ -336,7 +380,7 @@ def _await_reply_or_panic(guest: GuestRun, channel: Channel, injection: MceInjec
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not channel.recv_ready():
         if any(e.name == "GUEST_PANICKED" for e in guest.machine.events[injection.event_mark:]):
-            guest.machine.wait_console(r"Kernel panic - not syncing", timeout=10.0)
+            guest.machine.wait_console(r"Kernel panic - not syncing[^\n]*\n", timeout=10.0)
             rip = _MCE_RIP.search(guest.machine.console_text())
             where = f"RIP {rip.group(1)}:{rip.group(2)} {rip.group(3) or ''}".strip() if rip else "RIP not printed"
             raise InjectionMissedUserMode(f"the SRAR landed while the vCPU was in the kernel ({where}), not in "
@@ -377,9 +421,10 @@ def _observe_panic(guest: GuestRun, event_mark: int, obs: Observations) -> None:
     machine = guest.machine
     event = machine.wait_event("GUEST_PANICKED", timeout=60.0, since=event_mark)
     obs.guest_panicked_events.append(dict(event.data))
-    # The panic text follows the event on the serial line; give it a moment to arrive.
+    # The panic text follows the event on the serial line; wait for the whole line (a read in
+    # the middle of it gave 'Fatal local mach' once, inside the lab host).
     try:
-        machine.wait_console(r"Kernel panic - not syncing", timeout=10.0)
+        machine.wait_console(r"Kernel panic - not syncing[^\n]*\n", timeout=10.0)
     except MachineStateError:  # absence is recorded and judged, not raised
         LOG.warning("no panic line on the console after GUEST_PANICKED")
     console = machine.console_text()

@@ -20,6 +20,8 @@ __all__ = [
     "PR_MCE_KILL_EARLY",
     "PR_MCE_KILL_LATE",
     "SI_USER",
+    "SYS_CLOCK_NANOSLEEP",
+    "SYS_NANOSLEEP",
 ]
 
 # include/uapi/linux/kernel-page-flags.h (bit numbers in /proc/kpageflags)
@@ -40,3 +42,8 @@ BUS_MCEERR_AO: Final = 5
 # include/uapi/linux/prctl.h (PR_MCE_KILL arguments, as PR_MCE_KILL_GET returns them)
 PR_MCE_KILL_LATE: Final = 0
 PR_MCE_KILL_EARLY: Final = 1
+
+# arch/x86/entry/syscalls/syscall_64.tbl (first field of /proc/PID/syscall while blocked);
+# glibc's nanosleep() issues clock_nanosleep.
+SYS_NANOSLEEP: Final = 35
+SYS_CLOCK_NANOSLEEP: Final = 230
