@@ -39,7 +39,7 @@ from guests.profiles import GuestProfile
 from guests.ssh import SshError
 from host_stack import mm_uapi
 from images.build import GuestImage
-from qmp_helpers import MachineStateError, MceInjection, mce_kind
+from qmp_helpers import MachineStateError, MachineStuck, MceInjection, mce_kind
 
 LOG = logging.getLogger(__name__)
 
@@ -461,11 +461,13 @@ def run_in_fresh_guest(spec: ScenarioSpec, image: GuestImage, outdir: Path, *, a
     `after_verdict` runs while the judged guest is still up (``gmemtest run --keep`` holds it
     there until Ctrl-C; whatever it raises still tears the guest down). The evidence
     of the final attempt is in `outdir`; a missed attempt's is kept in `outdir/missed-attempt-N/`
-    with a `why.txt`.
+    with a `why.txt`, a stuck VM's (retried once) in `outdir/stuck-attempt-N/`.
     """
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
-    for attempt in range(1, attempts + 1):
+    attempt = stuck = 0
+    while True:
+        attempt += 1
         try:
             with booted_guest(image, outdir, profile=profile or spec.profile, binary=binary,
                               extra_qemu_args=extra_qemu_args, snapshot=snapshot) as guest:
@@ -474,13 +476,26 @@ def run_in_fresh_guest(spec: ScenarioSpec, image: GuestImage, outdir: Path, *, a
                     after_verdict(guest, result)
                 return result
         except InjectionMissedUserMode as exc:
-            if attempt == attempts:
+            if attempt - stuck >= attempts:
                 raise
             LOG.warning("%s: attempt %d of %d: %s; booting a fresh guest", spec.name, attempt, attempts, exc)
-            kept = outdir / f"missed-attempt-{attempt}"
-            kept.mkdir(parents=True)
-            for item in list(outdir.iterdir()):
-                if not item.name.startswith("missed-attempt-"):
-                    shutil.move(str(item), kept / item.name)
-            (kept / "why.txt").write_text(str(exc) + "\n")
-    raise AssertionError("unreachable: the last attempt returns or raises")
+            _keep_attempt(outdir, f"missed-attempt-{attempt}", exc)
+        except MachineStuck as exc:
+            # A nested guest's KVM stopping at boot (internal-error, seen under nested SVM in
+            # the lab host) is retried once; the stuck attempt's evidence is kept.
+            if stuck:
+                raise
+            stuck += 1
+            LOG.warning("%s: attempt %d: the guest's VM is stuck (%s); retrying once", spec.name, attempt,
+                        exc.state)
+            _keep_attempt(outdir, f"stuck-attempt-{attempt}", exc)
+
+
+def _keep_attempt(outdir: Path, name: str, exc: BaseException) -> None:
+    kept = outdir / name
+    kept.mkdir(parents=True)
+    for item in list(outdir.iterdir()):
+        if not item.name.startswith(("missed-attempt-", "stuck-attempt-")):
+            shutil.move(str(item), kept / item.name)
+    (kept / "why.txt").write_text(str(exc) + "\n")
+

@@ -113,6 +113,14 @@ class MachineStateError(QemuError):
     """The machine is not in a state that allows the call (not launched, already shut down)."""
 
 
+class MachineStuck(MachineStateError):
+    """The VM stopped in a run state it will not leave (``internal-error``): ``state`` names it."""
+
+    def __init__(self, message: str, *, state: str) -> None:
+        super().__init__(message)
+        self.state = state
+
+
 class MigrationError(QemuError):
     """Saving the machine's state to a file, or loading it, did not complete.
 

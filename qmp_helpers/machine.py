@@ -22,6 +22,7 @@ from .errors import (
     GpaOutOfRange,
     HmpError,
     MachineStateError,
+    MachineStuck,
     QemuBinaryNotFound,
     QemuLaunchError,
     QmpConnectionError,
@@ -367,8 +368,10 @@ class QemuMachine:
             if exited or stuck or time.monotonic() > deadline:
                 tail = self._console_text[-400:]
                 if stuck:
-                    why = (f"the VM stopped in state {stuck!r} (QEMU says: "
-                           f"{self._stderr_tail()!r})")
+                    raise MachineStuck(
+                        f"expected console pattern {regex.pattern!r} in {self.console_log}; the VM "
+                        f"stopped in state {stuck!r} (QEMU says: {self._stderr_tail()!r}); console "
+                        f"tail: {tail!r}", state=stuck)
                 else:
                     why = "QEMU exited" if exited else f"not within {timeout:.1f} s"
                 raise MachineStateError(
