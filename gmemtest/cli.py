@@ -504,7 +504,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from gmemtest.benchmark import run_benchmark
 
     results = run_benchmark(runs=args.runs, out=Path(args.out), suite=args.suite, cold=args.cold,
-                            labhost=args.labhost, guest=not args.no_guest)
+                            labhost=args.labhost, guest=not args.no_guest, nested=args.nested)
     print(json.dumps(results["summary"], indent=2))
     print(f"full results: {args.out}")
     return EXIT_PASS
@@ -604,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labhost", action="store_true",
                    help="also time the lab host: L1 boot to /dev/kvm ready, warm image build, the labhost tests")
     p.add_argument("--no-guest", action="store_true", help="skip the guest boots and injections")
+    p.add_argument("--nested", type=int, default=0, metavar="N",
+                   help="also N chain runs, each its own L1 with a kvm-default guest (how often one ends "
+                        "without a verdict)")
     p.set_defaults(func=_cmd_bench)
     return parser
 
