@@ -132,7 +132,8 @@ class _Launch:
     image: GuestImage
 
     def machine(self, *, incoming: bool = False) -> QemuMachine:
-        return QemuMachine(self.args, self.workdir, binary=self.binary, name=self.name, incoming=incoming)
+        return QemuMachine(self.args, self.workdir, binary=self.binary, name=self.name, incoming=incoming,
+                           nic_options=self.profile.nic_options)
 
 
 class RestoreFailed(Exception):

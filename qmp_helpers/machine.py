@@ -79,10 +79,12 @@ class QemuMachine:
     def __init__(self, args: Sequence[str], workdir: Path, *,
                  binary: str = "qemu-system-x86_64", name: str = "guest",
                  ssh_forward_port: int | None = 22, qmp_timeout: float = 10.0,
-                 incoming: bool = False) -> None:
+                 incoming: bool = False, nic_options: Sequence[str] = ()) -> None:
         self._user_args = tuple(args)
         # -incoming defer: QEMU starts paused and waits for migrate-incoming (a saved state).
         self.incoming = incoming
+        # Extra properties of the SSH forward's virtio-net-pci device (e.g. disable-modern=on).
+        self.nic_options = tuple(nic_options)
         self.workdir = Path(workdir)
         self.binary = binary
         self.name = name
@@ -169,7 +171,7 @@ class QemuMachine:
         if self.ssh_forward_port is not None:
             argv += ["-netdev",
                      f"user,id=gmnet0,hostfwd=tcp:127.0.0.1:0-:{self.ssh_forward_port}",
-                     "-device", "virtio-net-pci,netdev=gmnet0"]
+                     "-device", ",".join(("virtio-net-pci,netdev=gmnet0", *self.nic_options))]
         if self.incoming:
             argv += ["-incoming", "defer"]
         return argv

@@ -172,3 +172,12 @@ def test_prune_removes_what_a_killed_saver_left(inputs: dict[str, Path], tmp_pat
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
     cache.prune()
     assert not stale.exists() and fresh.exists(), "only a leftover older than an hour may go"
+
+
+def test_nic_options_are_guest_hardware_in_the_key(inputs: dict[str, Path], tmp_path: Path) -> None:
+    args = ["-accel", "tcg", "-kernel", str(inputs["kernel"])]
+    plain = QemuMachine(args, tmp_path / "a", binary=str(inputs["qemu"])).stable_argv()
+    legacy = QemuMachine(args, tmp_path / "b", binary=str(inputs["qemu"]), nic_options=("disable-modern=on",))
+    assert "virtio-net-pci,netdev=gmnet0,disable-modern=on" in legacy.stable_argv()
+    key = snapshot_key(legacy.stable_argv(), inputs["manifest"])
+    assert snapshot_key(plain, inputs["manifest"]).digest != key.digest

@@ -177,3 +177,11 @@ def test_kvm_tdx_matches_the_binary_tdx_support(qemu_caps: Any, tmp_path: Path) 
         assert "does not accept value 'tdx-guest'" in error, error
     else:
         assert not SYNTAX_ERRORS.search(error), f"expected a host error, got {error!r}"
+
+
+def test_kvm_guests_get_the_legacy_nic_and_tcg_guests_keep_theirs() -> None:
+    from guests.profiles import KVM_NIC_OPTIONS, PROFILES
+
+    assert KVM_NIC_OPTIONS == ("disable-modern=on",)
+    assert PROFILES["kvm-default"].nic_options == KVM_NIC_OPTIONS == PROFILES["kvm-gmem"].nic_options
+    assert PROFILES["tcg-default"].nic_options == () == PROFILES["tcg-smp2-broadcast"].nic_options
