@@ -53,16 +53,16 @@ class GuestRefresh:
         return asdict(self)
 
 
-def refresh_guest(ssh: SshSession, *, one_way_s: float = 0.0, timeout: float = 20.0) -> GuestRefresh:
+def refresh_guest(ssh: SshSession, *, timeout: float = 20.0) -> GuestRefresh:
     """Step the guest's clock to the host's and reseed its CRNG with host entropy.
 
-    ``one_way_s`` is added to the host time sent, an estimate of the time from sending the
-    command until the probe reads the clock (half the round trip of a command just run).
+    The clock is set to the host's time when the command is sent; the time the command takes to
+    reach the probe (tens of ms under TCG) stays as the residual ``skew_after_s``.
     """
     entropy = os.urandom(ENTROPY_BYTES).hex()
     sent_wall = time.time()
     sent = time.monotonic()
-    target_ns = int((sent_wall + one_way_s) * 1e9)
+    target_ns = int(sent_wall * 1e9)
     result = ssh.run(f"{PROBE_PATH} refresh {target_ns} {entropy}", timeout=timeout)
     round_trip = time.monotonic() - sent
     received_wall = sent_wall + round_trip
@@ -83,7 +83,7 @@ def refresh_guest(ssh: SshSession, *, one_way_s: float = 0.0, timeout: float = 2
         realtime_set_ns=int(reply["realtime_set_ns"]),
         realtime_after_ns=int(reply["realtime_after_ns"]),
         entropy_bytes=int(reply["entropy_bytes"]),
-        skew_before_s=round(int(reply["realtime_before_ns"]) / 1e9 - (sent_wall + one_way_s), 4),
+        skew_before_s=round(int(reply["realtime_before_ns"]) / 1e9 - sent_wall, 4),
         skew_after_s=round(int(reply["realtime_after_ns"]) / 1e9 - (received_wall - round_trip / 2), 4),
         round_trip_s=round(round_trip, 4),
     )
