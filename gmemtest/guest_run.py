@@ -172,13 +172,23 @@ def _connect(machine: QemuMachine, image: GuestImage, deadline_s: float) -> SshS
                               console_log=machine.console_log)
 
 
-def _set_aside(workdir: Path, name: str, why: str) -> None:
-    """Move the evidence of an abandoned attempt into ``workdir/name`` with a why.txt."""
+# What one QEMU run leaves in its work directory (QemuMachine's files).
+QEMU_EVIDENCE = ("console.log", "qmp.jsonl", "qemu-stderr.log")
+
+
+def set_aside(workdir: Path, name: str, why: str, *, only: Sequence[str] | None = None,
+              skip_prefixes: tuple[str, ...] = ()) -> None:
+    """Move the evidence of an abandoned attempt into ``workdir/name`` with a why.txt.
+
+    ``only`` names the entries to move (default: all); entries starting with ``skip_prefixes``
+    (earlier attempts set aside) stay where they are.
+    """
     kept = workdir / name
     kept.mkdir(parents=True, exist_ok=True)
     for item in list(workdir.iterdir()):
-        if item.name in ("console.log", "qmp.jsonl", "qemu-stderr.log"):
-            shutil.move(str(item), kept / item.name)
+        if item == kept or item.name.startswith(skip_prefixes) or (only is not None and item.name not in only):
+            continue
+        shutil.move(str(item), kept / item.name)
     (kept / "why.txt").write_text(why + "\n")
 
 
@@ -265,7 +275,7 @@ def booted_guest(
             except RestoreFailed as exc:
                 record.fallback = str(exc)
                 LOG.warning("restore of %s from %s failed, booting instead: %s", prof.name, key.short, exc)
-                _set_aside(workdir, "restore-failed", str(exc))
+                set_aside(workdir, "restore-failed", str(exc), only=QEMU_EVIDENCE)
                 cache.drop(key, f"restore failed: {exc}")
             else:
                 record.mode, record.snapshot, record.refresh = "restore", snap.record(), refresh.record()

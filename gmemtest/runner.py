@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -19,7 +18,7 @@ from typing import Any
 
 from paramiko import Channel
 
-from gmemtest.guest_run import GuestRun, booted_guest
+from gmemtest.guest_run import GuestRun, booted_guest, set_aside
 from gmemtest.observations import (
     Observations,
     SigbusSeen,
@@ -448,6 +447,9 @@ def _collect_events(guest: GuestRun, injection: MceInjection, obs: Observations,
         obs.guest_panicked_events = [dict(e.data) for e in later if e.name == "GUEST_PANICKED"]
 
 
+_ATTEMPT_PREFIXES = ("missed-attempt-", "stuck-attempt-")
+
+
 def run_in_fresh_guest(spec: ScenarioSpec, image: GuestImage, outdir: Path, *, attempts: int = 3,
                        binary: str = "qemu-system-x86_64",
                        profile: GuestProfile | None = None,
@@ -479,7 +481,7 @@ def run_in_fresh_guest(spec: ScenarioSpec, image: GuestImage, outdir: Path, *, a
             if attempt - stuck >= attempts:
                 raise
             LOG.warning("%s: attempt %d of %d: %s; booting a fresh guest", spec.name, attempt, attempts, exc)
-            _keep_attempt(outdir, f"missed-attempt-{attempt}", exc)
+            set_aside(outdir, f"missed-attempt-{attempt}", str(exc), skip_prefixes=_ATTEMPT_PREFIXES)
         except MachineStuck as exc:
             # A nested guest's KVM stopping at boot (internal-error, seen under nested SVM in
             # the lab host) is retried once; the stuck attempt's evidence is kept.
@@ -488,14 +490,5 @@ def run_in_fresh_guest(spec: ScenarioSpec, image: GuestImage, outdir: Path, *, a
             stuck += 1
             LOG.warning("%s: attempt %d: the guest's VM is stuck (%s); retrying once", spec.name, attempt,
                         exc.state)
-            _keep_attempt(outdir, f"stuck-attempt-{attempt}", exc)
-
-
-def _keep_attempt(outdir: Path, name: str, exc: BaseException) -> None:
-    kept = outdir / name
-    kept.mkdir(parents=True)
-    for item in list(outdir.iterdir()):
-        if not item.name.startswith(("missed-attempt-", "stuck-attempt-")):
-            shutil.move(str(item), kept / item.name)
-    (kept / "why.txt").write_text(str(exc) + "\n")
+            set_aside(outdir, f"stuck-attempt-{attempt}", str(exc), skip_prefixes=_ATTEMPT_PREFIXES)
 
