@@ -180,36 +180,38 @@ def _confirm_pattern_at_gpa(guest: GuestRun, mapping: Mapping, offset: int, gpa:
                             "pagemap does not name the frame behind the probe's page; refusing to inject")
 
 
-def _wait_probe_in_user_mode(guest: GuestRun, pid: int, timeout: float = 10.0) -> None:
-    """Poll until the probe runs its spin loop: /proc/PID/syscall says ``running`` in user mode."""
+def _wait_probe_syscall(guest: GuestRun, pid: int, accept: Callable[[str], bool], *, doing: str, expected: str,
+                        timeout: float = 10.0) -> None:
+    """Poll the guest's /proc/PID/syscall of the probe until ``accept`` takes what it says."""
     deadline = time.monotonic() + timeout
     state = ""
     while time.monotonic() < deadline:
         state = guest.guest_text(f"cat /proc/{pid}/syscall").strip()
-        if state == "running":
+        if accept(state):
             return
         time.sleep(0.02)
-    raise ScenarioError(f"the probe (pid {pid}) did not start spinning within {timeout:.0f}s: "
-                        f"/proc/{pid}/syscall last said {state!r}, expected 'running'")
+    raise ScenarioError(f"the probe (pid {pid}) did not {doing} within {timeout:.0f}s: "
+                        f"/proc/{pid}/syscall last said {state!r}, expected {expected}")
 
 
-def _wait_probe_sleeping(guest: GuestRun, pid: int, timeout: float = 10.0) -> None:
-    """Poll until the probe sleeps in its 'wait' (clock_nanosleep in /proc/PID/syscall).
+def _wait_probe_in_user_mode(guest: GuestRun, pid: int) -> None:
+    """Until the probe runs its spin loop: /proc/PID/syscall says ``running`` in user mode."""
+    _wait_probe_syscall(guest, pid, lambda state: state == "running", doing="start spinning", expected="'running'")
+
+
+_SLEEP_SYSCALLS = (str(uapi.SYS_CLOCK_NANOSLEEP), str(uapi.SYS_NANOSLEEP))
+
+
+def _wait_probe_sleeping(guest: GuestRun, pid: int) -> None:
+    """Until the probe sleeps in its 'wait' (clock_nanosleep in /proc/PID/syscall).
 
     Injecting right after sending 'wait' raced the probe's read of the command: in restored
     guests (cold code) the AO often arrived while the probe was still idle, so the wait then ran
     its whole window (15 s) after the signal. The window must start before the injection.
     """
-    deadline = time.monotonic() + timeout
-    state = ""
-    while time.monotonic() < deadline:
-        state = guest.guest_text(f"cat /proc/{pid}/syscall").strip()
-        if state.split(" ", 1)[0] in (str(uapi.SYS_CLOCK_NANOSLEEP), str(uapi.SYS_NANOSLEEP)):
-            return
-        time.sleep(0.02)
-    raise ScenarioError(f"the probe (pid {pid}) did not sleep in its wait within {timeout:.0f}s: "
-                        f"/proc/{pid}/syscall last said {state!r}, expected syscall "
-                        f"{uapi.SYS_CLOCK_NANOSLEEP} (clock_nanosleep) or {uapi.SYS_NANOSLEEP}")
+    _wait_probe_syscall(guest, pid, lambda state: state.split(" ", 1)[0] in _SLEEP_SYSCALLS,
+                        doing="sleep in its wait",
+                        expected=f"syscall {uapi.SYS_CLOCK_NANOSLEEP} (clock_nanosleep) or {uapi.SYS_NANOSLEEP}")
 
 
 _VENDOR_RE = re.compile(r"^vendor_id\s*:\s*(\S+)", re.MULTILINE)
