@@ -47,6 +47,7 @@ __all__ = [
     "EXIT_FRAME",
     "EXIT_MARKER",
     "READY_MARKER",
+    "STATE_RE",
     "LabhostError",
     "LabhostResult",
     "LabhostRun",
@@ -54,7 +55,9 @@ __all__ = [
     "LabhostTimings",
     "booted_labhost",
     "copy_evidence",
+    "fresh_ctl",
     "job_script",
+    "labhost_qemu_args",
     "run_in_labhost",
 ]
 
@@ -277,6 +280,23 @@ def labhost_qemu_args(profile: GuestProfile, image: LabhostImage, *, share_dir: 
     ]
 
 
+def fresh_ctl(ctl_dir: Path, output_log: Path, cwd: Path) -> Path:
+    """The host side of L1's job protocol before a boot: an empty ctl share naming ``cwd``, an empty output log.
+
+    Returns ``cwd`` as an absolute path (where L1's commands start).
+    """
+    work = cwd.absolute()
+    if "\n" in str(work) or not work.is_dir():
+        raise LabhostError(f"cwd {str(work)!r} must be an existing directory without a newline in its path")
+    ctl_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ctl_dir.iterdir():
+        if stale.is_file():
+            stale.unlink()
+    output_log.write_bytes(b"")
+    (ctl_dir / "work-path").write_text(f"{work}\n")
+    return work
+
+
 @contextmanager
 def booted_labhost(
     image: LabhostImage,
@@ -301,16 +321,9 @@ def booted_labhost(
     share = share_dir.absolute()
     ctl_dir = workdir / "ctl"
     output_log = workdir / "output.log"
-    for path in (workdir, share, ctl_dir):
+    for path in (workdir, share):
         path.mkdir(parents=True, exist_ok=True)
-    for stale in ctl_dir.iterdir():
-        if stale.is_file():
-            stale.unlink()
-    output_log.write_bytes(b"")
-    work = (cwd if cwd is not None else Path.cwd()).absolute()
-    if "\n" in str(work) or not work.is_dir():
-        raise LabhostError(f"cwd {str(work)!r} must be an existing directory without a newline in its path")
-    (ctl_dir / "work-path").write_text(f"{work}\n")
+    work = fresh_ctl(ctl_dir, output_log, cwd if cwd is not None else Path.cwd())
     args = labhost_qemu_args(prof, image, share_dir=share, ctl_dir=ctl_dir, output_log=output_log,
                       work_dir=work, extra_kernel_args=extra_kernel_args)
     with ExitStack() as stack:

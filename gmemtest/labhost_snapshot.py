@@ -16,13 +16,12 @@ the figures here say whether it is worth it.
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from gmemtest.labhost import STATE_RE, LabhostRun, LabhostTimings, labhost_qemu_args
+from gmemtest.labhost import STATE_RE, LabhostRun, LabhostTimings, fresh_ctl, labhost_qemu_args
 from guests.profiles import GuestProfile, get_profile
 from images.labhost import LabhostImage
 from qmp_helpers import QemuMachine, load_state, save_state
@@ -47,20 +46,11 @@ def labhost_snapshot_trial(image: LabhostImage, workdir: Path, *, restores: int 
     prof = get_profile(profile) if isinstance(profile, str) else profile
     workdir = workdir.absolute()
     share, ctl, output = workdir / "results", workdir / "ctl", workdir / "output.log"
-    for path in (share, ctl):
-        path.mkdir(parents=True, exist_ok=True)
-    work = (cwd or Path.cwd()).absolute()
+    share.mkdir(parents=True, exist_ok=True)
+    work = fresh_ctl(ctl, output, cwd or Path.cwd())
     args = labhost_qemu_args(prof, image, share_dir=share, ctl_dir=ctl, output_log=output, work_dir=work,
                              extra_kernel_args=(f"gmemtest.hold={hold_s}",))
     state = workdir / "l1.state"
-
-    def fresh_ctl() -> None:
-        shutil.rmtree(ctl, ignore_errors=True)
-        ctl.mkdir()
-        (ctl / "work-path").write_text(f"{work}\n")
-        output.write_bytes(b"")
-
-    fresh_ctl()
     t0 = time.monotonic()
     with QemuMachine(args, workdir / "boot", binary=binary, name="gmemtest-labhost-save",
                      ssh_forward_port=None) as source:
@@ -70,7 +60,7 @@ def labhost_snapshot_trial(image: LabhostImage, workdir: Path, *, restores: int 
     result: dict[str, Any] = {"hold_s": hold_s, "launch_to_hold_s": round(hold_at, 3), "hold_line": held.group(0),
                               "save_s": saved.seconds, "state_bytes": saved.size_bytes, "restores": []}
     for i in range(restores):
-        fresh_ctl()
+        fresh_ctl(ctl, output, work)
         t0 = time.monotonic()
         rundir = workdir / f"restore-{i}"
         with QemuMachine(args, rundir, binary=binary, name=f"gmemtest-labhost-restore-{i}",
