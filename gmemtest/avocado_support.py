@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
-from gmemtest.guest_run import booted_guest
+from gmemtest.guest_run import GuestRun, booted_guest
 from gmemtest.requirements import unmet_requirements
 from gmemtest.runner import ScenarioResult, run_in_fresh_guest
 from gmemtest.scenarios import SCENARIOS, ScenarioSpec, get_scenario, unsupported_under
@@ -112,8 +112,8 @@ def run_guest_scenario(test: AvocadoTestLike, name: str) -> ScenarioResult:
     return result
 
 
-def _random_bytes(text_of: Any) -> str:
-    return str(text_of("head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'"))
+def _random_bytes(guest: GuestRun) -> str:
+    return guest.guest_text("head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'")
 
 
 def check_guest_boot(test: AvocadoTestLike, *, restore: bool) -> None:
@@ -139,19 +139,19 @@ def check_guest_boot(test: AvocadoTestLike, *, restore: bool) -> None:
         with booted_guest(image, out / "boot", profile=profile, binary=chosen.qemu, snapshot=False) as guest:
             release = guest.guest_text("uname -r").strip()
             checks: dict[str, tuple[object, object]] = {
-                      "mode": (guest.boot.mode, "boot"),
-                      "kernel release": (release, image.kernel_release),
-                      "ready marker on the console": ("GMEMTEST-READY" in guest.machine.console_text(), True)}
+                "mode": (guest.boot.mode, "boot"),
+                "kernel release": (release, image.kernel_release),
+                "ready marker on the console": ("GMEMTEST-READY" in guest.machine.console_text(), True)}
             test.log.info("real boot: console ready %.2f s, first SSH command %.2f s",
                           guest.timings.console_ready_s or 0.0, guest.timings.first_ssh_command_s)
     else:
         with booted_guest(image, out / "first", profile=profile, binary=chosen.qemu) as first:
-            first_mode, first_pid, first_random = first.boot.mode, first.machine.pid, _random_bytes(first.guest_text)
+            first_mode, first_pid, first_random = first.boot.mode, first.machine.pid, _random_bytes(first)
         with booted_guest(image, out / "second", profile=profile, binary=chosen.qemu) as second:
             refresh = second.boot.refresh or {}
             checks = {"second guest's mode": (second.boot.mode, "restore"),
                       "own QEMU process": (second.machine.pid != first_pid, True),
-                      "own random bytes": (_random_bytes(second.guest_text) != first_random, True),
+                      "own random bytes": (_random_bytes(second) != first_random, True),
                       "clock stepped to within 1 s": (abs(float(refresh.get("skew_after_s", 99))) < 1.0, True)}
             test.log.info("first guest: %s; second: restored, first SSH command %.2f s after launch (%s)",
                           first_mode, second.timings.first_ssh_command_s, second.boot.fallback or "no fallback")

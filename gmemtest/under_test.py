@@ -82,8 +82,7 @@ class UnderTest:
     guest_manifest: Path | None = None
     labhost_kernel_version: str | None = None
     labhost_kernel_suite: str | None = None
-    snapshot: bool = True
-    snapshot_value: str | None = None  # the raw parameter, kept to name it when it is bad
+    snapshot_value: str | None = None  # the raw parameter ("on"/"off"...), named when it is bad
 
     @classmethod
     def from_params(cls, get: Callable[[str], object]) -> UnderTest:
@@ -96,9 +95,13 @@ class UnderTest:
             guest_kernel_version=_text(get("guest_kernel_version")), guest_manifest=manifest,
             labhost_kernel_version=_text(get("labhost_kernel_version")),
             labhost_kernel_suite=_text(get("labhost_kernel_suite")),
-            snapshot=_SWITCH.get(str(get("snapshot") or "on").lower(), True),
             snapshot_value=_text(get("snapshot")),
         )
+
+    @property
+    def snapshot(self) -> bool:
+        """Whether guests may be restored from a saved boot (on unless the lab switched it off)."""
+        return _SWITCH.get((self.snapshot_value or "on").lower(), True)
 
     def problems(self) -> list[str]:
         """One sentence per bad value, checked without booting anything; empty when all are usable."""
