@@ -372,7 +372,7 @@ class QemuMachine:
                 if stuck:
                     raise MachineStuck(
                         f"expected console pattern {regex.pattern!r} in {self.console_log}; the VM "
-                        f"stopped in state {stuck!r} (QEMU says: {self._stderr_tail()!r}); console "
+                        f"stopped in state {stuck!r} (QEMU says: {self._stderr_head()!r}); console "
                         f"tail: {tail!r}", state=stuck)
                 else:
                     why = "QEMU exited" if exited else f"not within {timeout:.1f} s"
@@ -381,7 +381,8 @@ class QemuMachine:
                     f"{why}; console tail: {tail!r}")
             time.sleep(0.02)
 
-    def _stderr_tail(self, chars: int = 300) -> str:
+    def _stderr_head(self, chars: int = 300) -> str:
+        """The start of QEMU's stderr: where it says why it stopped (the register dump follows)."""
         if self._stderr_file is not None:
             self._stderr_file.flush()
         try:
