@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
 from gmemtest.guest_run import GuestRun, booted_guest
-from gmemtest.requirements import unmet_requirements
+from gmemtest.requirements import scenario_unmet, unmet_requirements
 from gmemtest.runner import ScenarioResult, run_in_fresh_guest
 from gmemtest.scenarios import SCENARIOS, ScenarioSpec, get_scenario, unsupported_under
 from gmemtest.under_test import UnderTest
@@ -71,9 +71,9 @@ def _prepare(test: AvocadoTestLike, chosen: UnderTest, spec: ScenarioSpec) -> tu
     meaningless = unsupported_under(spec, guest_profile)
     if meaningless:
         test.cancel(meaningless)
-    unmet = unmet_requirements(guest_profile.requirements, accel=guest_profile.accel, binary=chosen.qemu)
+    unmet = scenario_unmet(spec, guest_profile, binary=chosen.qemu)
     if unmet:
-        test.cancel(f"profile {guest_profile.name} cannot run here: " + "; ".join(unmet))
+        test.cancel(f"{spec.name} under profile {guest_profile.name} cannot run here: " + "; ".join(unmet))
     try:
         image = chosen.guest_image(_job_dir(Path(test.outputdir)))
     except BuildError as exc:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gmemtest.scenarios import SCENARIOS, get_scenario, scenario_names, unsupported_under
+from gmemtest.scenarios import SCENARIOS, get_scenario, scenario_names
 
 if TYPE_CHECKING:
     from gmemtest.guest_run import GuestRun
@@ -88,7 +88,7 @@ def _guest_image(chosen: UnderTest, command: str) -> GuestImage | None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from gmemtest.requirements import unmet_requirements
+    from gmemtest.requirements import scenario_unmet
     from gmemtest.runner import run_in_fresh_guest
 
     names = scenario_names() if args.all else args.scenario
@@ -113,9 +113,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     summary = []
     for spec in specs:
         profile = chosen.profile_for(spec)
-        meaningless = unsupported_under(spec, profile)
-        unmet = [meaningless] if meaningless else unmet_requirements(profile.requirements, accel=profile.accel,
-                                                                       binary=chosen.qemu)
+        unmet = scenario_unmet(spec, profile, binary=chosen.qemu)
         if unmet:
             print(f"{spec.name}/{profile.name}: UNMET: {'; '.join(unmet)}")
             status = status if status == EXIT_FAIL else EXIT_UNMET

@@ -9,6 +9,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from host_stack.signal_trace import GeneratedSignal
+from host_stack.witness import SigbusRecord
+
 _MEMINFO_HWCORRUPTED = re.compile(r"^HardwareCorrupted:\s+(\d+)\s+kB$", re.MULTILINE)
 # mm/memory-failure.c: pr_fmt "Memory failure: " + "%#lx: recovery action for %s: %s"
 _RECOVERY = re.compile(r"Memory failure: (0x[0-9a-f]+): recovery action for ([^:]+): (\w+)")
@@ -109,3 +112,36 @@ def parse_mce_severity(console: str) -> str | None:
     """The severity grader's verdict, e.g. 'Data load in unrecoverable area of kernel'."""
     match = _CONSOLE_MCE_SEVERITY.search(console)
     return match.group(1) if match else None
+
+
+@dataclass
+class HostObservations:
+    """The host and QEMU layers of a host-poison row, filled in by the runner."""
+
+    # Every SIGBUS the host kernel generated for a QEMU thread (tracepoint), and every one the
+    # witness saw delivered (with its siginfo); QEMU's vCPU thread ids (QMP query-cpus-fast).
+    generated: list[GeneratedSignal] = field(default_factory=list)
+    qemu_sigbus: list[SigbusRecord] = field(default_factory=list)
+    qemu_pid: int = 0
+    vcpu_tids: list[int] = field(default_factory=list)
+    # (code, hva, gpa) of each "Guest MCE Memory Error ... injected" line of QEMU's stderr.
+    forwarded: list[tuple[str, int, int]] = field(default_factory=list)
+    hardware_corrupted_before_kb: int | None = None
+    hardware_corrupted_after_kb: int | None = None
+    hwpoison_flag: bool | None = None
+    recovery_lines: list[RecoveryLine] = field(default_factory=list)
+    kernel_log: list[str] = field(default_factory=list)
+    injection_errno: int = 0
+    cleanup: str = "none attempted"
+    cleanup_failed: bool = False
+
+    def thread_role(self, tid: int) -> str:
+        """ "main" for QEMU's main thread, "vcpu" for a vCPU thread, else "thread <tid>"."""
+        if tid == self.qemu_pid:
+            return "main"
+        return "vcpu" if tid in self.vcpu_tids else f"thread {tid}"
+
+
+def parse_recovery_text(lines: list[str]) -> list[RecoveryLine]:
+    """The recovery lines among kernel log records (one record per entry)."""
+    return parse_recovery_lines("\n".join(lines))

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gmemtest.scenarios import ScenarioSpec, Trigger
+from gmemtest.scenarios import ScenarioSpec, Source, Trigger
 from host_stack.gmem_layout import PAGE_SHIFT
 from host_stack.mm_uapi import BUS_CODE_NAMES, BUS_MCEERR_AO, BUS_MCEERR_AR
+from qmp_helpers.mce import MCI_STATUS_OVER, forwarded_mce
 
 PAGE_SIZE = 1 << PAGE_SHIFT
 HUGE_2M_SHIFT = 21
@@ -262,3 +263,115 @@ def mce_record_addr(gpa: int, misc: int, vendor: str = INTEL) -> int:
     if mode != 2:
         return gpa
     return gpa & ~((1 << lsb) - 1)
+
+
+# ----- the whole chain: the host poisons the frame behind a guest page --------------------------
+
+@dataclass(frozen=True)
+class HostFrameLayout:
+    """Where the guest page lives on the host, as resolved before the injection (gpa -> hva -> pfn)."""
+
+    gpa: int
+    hva: int
+    pfn: int
+    qemu_pid: int
+
+
+@dataclass(frozen=True)
+class ExpectedQemuSigbus:
+    """A SIGBUS the host kernel must send QEMU; ``thread`` is "main" (the early-kill thread) or "vcpu".
+
+    ``delivered``: QEMU's vCPU threads take SIGBUS in a handler, so a ptrace witness reads its
+    siginfo; the main thread blocks SIGBUS and reads it from its main loop's signalfd
+    (util/main-loop.c qemu_signal_init), where no delivery happens: only the kernel's
+    signal_generate tracepoint sees that one, and QEMU's stderr line names its hva.
+    """
+
+    si_code: int
+    si_addr: int
+    si_addr_lsb: int
+    thread: str
+
+    @property
+    def delivered(self) -> bool:
+        return self.thread == "vcpu"
+
+
+@dataclass(frozen=True)
+class HostExpectation:
+    """The host and QEMU layers of a host-poison row."""
+
+    frame: HostFrameLayout
+    qemu_sigbus: tuple[ExpectedQemuSigbus, ...]
+    # QEMU's "Guest MCE Memory Error at QEMU addr <hva> and GUEST addr <gpa> of type <code>" lines.
+    forwarded: tuple[tuple[str, int, int], ...]
+    host_hardware_corrupted_delta_kb: int
+    host_recovery: tuple[int, str]  # (pfn, result) of the host's "Memory failure: ..." line
+
+    @property
+    def guest_recovers_first(self) -> bool:
+        """The guest handles the forwarded AO on its own, before the program touches the page."""
+        return len(self.qemu_sigbus) == 1
+
+
+def expect_host(spec: ScenarioSpec, layout: MappingLayout, frame: HostFrameLayout, *, vendor: str,
+                mce_bank: int) -> tuple[Expectation, HostExpectation]:
+    """What every layer must show when the host poisons the frame behind ``spec``'s page.
+
+    Host: memory_failure() on QEMU's anonymous page unmaps it, counts it (+4 kB) and, QEMU having
+    asked for early kill, sends QEMU's early-kill thread (the main thread) BUS_MCEERR_AO at the
+    page's hva with lsb 12. QEMU forwards it as an action-optional MCE at the page's gpa.
+    Guest, by vendor (QEMU's encoding, qmp_helpers.mce.forwarded_mce):
+    - Intel: the AO raises #MC (SRAO): the guest recovers the page at once; a later touch
+      faults in the guest (BUS_MCEERR_AR at the byte touched), KVM never sees an access.
+    - AMD: the AO is a deferred error written to bank 9, no #MC. A guest that polls its banks
+      recovers it at the next poll (then as on Intel); one that does not poll still maps the
+      page, so the touch reaches the poisoned frame: KVM sends QEMU's vCPU thread BUS_MCEERR_AR
+      at the hva (lsb 12: x86 KVM always reports PAGE_SHIFT), QEMU injects an SRAR whose bank
+      overflows the deferred record (OVER), and the guest kills the program with BUS_MCEERR_AR
+      at the page (kill_me_maybe -> memory_failure with MF_ACTION_REQUIRED).
+    """
+    if spec.source is not Source.HOST:
+        raise ValueError(f"{spec.name} is not a host-poison row")
+    if vendor not in VENDORS:
+        raise ValueError(f"guest vCPU vendor {vendor!r} has no machine-check oracle; known: {', '.join(VENDORS)}")
+    amd = vendor == AMD
+    poison_va = layout.base_va + spec.poison_offset
+    gpa = layout.gpa_of(poison_va)
+    if gpa != frame.gpa:
+        raise ValueError(f"{spec.name}: the host frame was resolved for gpa {frame.gpa:#x}, the layout says {gpa:#x}")
+    page_mask = ~(PAGE_SIZE - 1)
+    hva_page, gpa_page, va_page = frame.hva & page_mask, gpa & page_mask, poison_va & page_mask
+    ao = forwarded_mce("BUS_MCEERR_AO", amd=amd)
+    guest_learns_of_ao = ao.raises_mc or bool(spec.guest_mce_poll_s)
+    qemu_sigbus = [ExpectedQemuSigbus(BUS_MCEERR_AO, hva_page, PAGE_SHIFT, "main")]
+    forwarded = [("BUS_MCEERR_AO", hva_page, gpa_page)]
+    events = [ExpectedMemoryFailureEvent("guest", "inject", ao.action_required, False)]
+    status = ao.status
+    sigbus: ExpectedSigbus
+    if spec.trigger is Trigger.WAIT:
+        if not guest_learns_of_ao:
+            raise ValueError(f"{spec.name}: an early-kill row needs a guest that learns of the AO "
+                             "(an Intel vCPU, or guest_mce_poll_s > 0)")
+        sigbus = ExpectedSigbus(BUS_MCEERR_AO, va_page, PAGE_SHIFT)
+    elif spec.trigger is Trigger.TOUCH and guest_learns_of_ao:
+        assert spec.touch_offset is not None
+        sigbus = _touch_sigbus(spec, layout, spec.poison_offset, spec.touch_offset, PAGE_SHIFT)
+    elif spec.trigger is Trigger.TOUCH:
+        ar = forwarded_mce("BUS_MCEERR_AR", amd=amd)
+        qemu_sigbus.append(ExpectedQemuSigbus(BUS_MCEERR_AR, hva_page, PAGE_SHIFT, "vcpu"))
+        forwarded.append(("BUS_MCEERR_AR", hva_page, gpa_page))
+        events.append(ExpectedMemoryFailureEvent("guest", "inject", ar.action_required, False))
+        status = ar.status | MCI_STATUS_OVER  # the deferred AO record is still valid in the bank
+        sigbus = ExpectedSigbus(BUS_MCEERR_AR, va_page, PAGE_SHIFT)
+    else:
+        raise ValueError(f"{spec.name}: host-poison rows know triggers touch and wait, got {spec.trigger.value}")
+    exp = Expectation(
+        scenario=spec.name, poison_va=poison_va, poison_gpa=gpa, poison_pfn=gpa >> PAGE_SHIFT, sigbus=sigbus,
+        memory_failure_events=tuple(events), panic=False, hwpoison_pfn=gpa >> PAGE_SHIFT,
+        hardware_corrupted_delta_kb=PAGE_SIZE // 1024, recovery_pfn=gpa >> PAGE_SHIFT, mce_status=status,
+        mce_bank=mce_bank, mce_record_addr=gpa_page,
+    )
+    host = HostExpectation(frame=frame, qemu_sigbus=tuple(qemu_sigbus), forwarded=tuple(forwarded),
+                           host_hardware_corrupted_delta_kb=PAGE_SIZE // 1024, host_recovery=(frame.pfn, "Recovered"))
+    return exp, host

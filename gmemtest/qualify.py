@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gmemtest.preflight import preflight_report
-from gmemtest.requirements import unmet_requirements
+from gmemtest.requirements import scenario_unmet
 from gmemtest.runner import run_in_fresh_guest
-from gmemtest.scenarios import ScenarioSpec, unsupported_under
+from gmemtest.scenarios import ScenarioSpec
 from gmemtest.under_test import UnderTest
 from host_stack import vmm
 from host_stack.gmem_uapi_cases import CASES, run_case
@@ -237,9 +237,7 @@ def _guest(r: _Report, specs: Sequence[ScenarioSpec], image: GuestImage, binary:
 
         def check(spec: ScenarioSpec = spec, outdir: Path = outdir, evidence: str = evidence) -> Item:
             profile = under.profile_for(spec)
-            meaningless = unsupported_under(spec, profile)
-            unmet = [meaningless] if meaningless else unmet_requirements(
-                profile.requirements, accel=profile.accel, binary=binary)
+            unmet = scenario_unmet(spec, profile, binary=binary)
             if unmet:
                 return Item("guest", spec.name, "CANNOT RUN", "; ".join(unmet))
             verdict = run_in_fresh_guest(spec, image, outdir, binary=binary, profile=profile,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 
+from gmemtest.scenarios import ScenarioSpec, unsupported_under
+from guests.profiles import GuestProfile
 from host_stack.capabilities import HostReport, probe_host
 from qmp_helpers import QemuCapabilities, QemuError, kvm_start_refusal, probe_qemu, resolve_binary
 
@@ -85,3 +87,12 @@ def unmet_requirements(names: Iterable[str], *, binary: str = "qemu-system-x86_6
         if missing is not None and missing not in unmet:
             unmet.append(missing)
     return unmet
+
+
+def scenario_unmet(spec: ScenarioSpec, profile: GuestProfile, *, binary: str = "qemu-system-x86_64") -> list[str]:
+    """Why ``spec`` cannot run under ``profile`` here: meaningless there, or the profile's or the
+    row's own requirements unmet (a host-poison row needs hwpoison-inject). Empty: it can run."""
+    meaningless = unsupported_under(spec, profile)
+    if meaningless:
+        return [meaningless]
+    return unmet_requirements((*profile.requirements, *spec.requirements), accel=profile.accel, binary=binary)

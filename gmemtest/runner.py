@@ -7,6 +7,7 @@ observers read. Every file written lands in the scenario's evidence directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -19,7 +20,9 @@ from typing import Any
 from paramiko import Channel
 
 from gmemtest.guest_run import GuestRun, booted_guest, set_aside
+from gmemtest.host_poison import HostInjection, HostPoison, resolve_host_frame
 from gmemtest.observations import (
+    HostObservations,
     Observations,
     SigbusSeen,
     parse_console_mce_records,
@@ -29,8 +32,16 @@ from gmemtest.observations import (
     parse_panic_message,
     parse_recovery_lines,
 )
-from gmemtest.oracle import Expectation, MappingLayout, PageLayout, expect, free_page_layout
-from gmemtest.scenarios import KillPolicy, ScenarioSpec, Trigger
+from gmemtest.oracle import (
+    Expectation,
+    HostExpectation,
+    MappingLayout,
+    PageLayout,
+    expect,
+    expect_host,
+    free_page_layout,
+)
+from gmemtest.scenarios import KillPolicy, ScenarioSpec, Source, Trigger
 from gmemtest.verdict import Verdict, judge
 from guests import uapi
 from guests.probe_client import Mapping, ProbeClient, ProbeError, SigbusReport
@@ -44,6 +55,10 @@ LOG = logging.getLogger(__name__)
 
 PROBE_PATH = "/usr/bin/gmem-probe"
 TRACE_DIR = "/sys/kernel/tracing"
+# The guest's MCE poll interval (arch/x86/kernel/cpu/mce/core.c, check_interval; 0 = no polling).
+MCE_POLL_PATH = "/sys/devices/system/machinecheck/machinecheck0/check_interval"
+# How long QEMU gets to forward a host poison (its SIGBUS handler, then the MEMORY_FAILURE event).
+FORWARD_TIMEOUT_S = 10.0
 MCE_BANK = 9
 # Seconds the probe is told to wait or spin; the injection happens well inside this window.
 PROBE_WINDOW_S = 15
@@ -66,14 +81,18 @@ class InjectionMissedUserMode(ScenarioError):
 _MCE_RIP = re.compile(r"mce: \[Hardware Error\]: RIP ([0-9a-f]+):<([0-9a-f]+)>(?: \{([^}]*)\})?")
 
 
+Injection = MceInjection | HostInjection
+
+
 @dataclass
 class ScenarioResult:
     spec: ScenarioSpec
     expectation: Expectation
     observations: Observations
     verdict: Verdict
-    injection: MceInjection
+    injection: Injection
     evidence_dir: Path
+    host: tuple[HostExpectation, HostObservations] | None = None
 
 
 def layout_of(mapping: Mapping) -> MappingLayout:
@@ -240,6 +259,9 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
 
     if spec.kill is KillPolicy.EARLY_SYSCTL:
         guest.guest_text("echo 1 > /proc/sys/vm/memory_failure_early_kill")
+    if spec.guest_mce_poll_s is not None:
+        guest.guest_text(f"echo {spec.guest_mce_poll_s} > {MCE_POLL_PATH}")
+        setup["guest_mce_poll_s"] = int(guest.guest_text(f"cat {MCE_POLL_PATH}").strip())
     guest.guest_text(f"echo > {TRACE_DIR}/trace")
     obs.hardware_corrupted_before_kb = _hardware_corrupted(guest)
 
@@ -248,7 +270,9 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
     ev.json("setup.json", setup)
     channel = guest.ssh.start(PROBE_PATH)
     probe = ProbeClient(channel, abort=lambda: _panic_sentence(guest))
-    injection: MceInjection | None = None
+    injection: Injection | None = None
+    host: tuple[HostExpectation, HostObservations] | None = None
+    stack = contextlib.ExitStack()
     try:
         if spec.kill is KillPolicy.EARLY_PRCTL:
             probe.set_kill("early")
@@ -286,9 +310,20 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
                                     f"(kpageflags {flags:#x}, expected only KPF_BUDDY); refusing to inject")
 
         machine = guest.machine
+        poison: HostPoison | None = None
+        if spec.source is Source.HOST:
+            assert mapping is not None, "host-poison rows map anonymous pages"
+            frame = resolve_host_frame(machine, exp.poison_gpa, _pattern(mapping, spec.poison_offset))
+            exp, hexp = expect_host(spec, layout, frame, vendor=vendor, mce_bank=MCE_BANK)
+            ev.json("host-frame.json", asdict(frame))
+            ev.json("expectation.json", {**asdict(exp), "host": asdict(hexp)})
+            poison = stack.enter_context(HostPoison(machine, frame))
         try:
             reply: object = None
-            if exp.panic and not spec.expects_panic:
+            if poison is not None:
+                assert mapping is not None
+                injection, reply = _inject_from_host(spec, guest, probe, mapping, poison=poison, hexp=hexp, obs=obs)
+            elif exp.panic and not spec.expects_panic:
                 # The oracle says this guest cannot recover here (an AMD vCPU idling in the
                 # kernel): inject as the row says, then only watch the panic.
                 if spec.trigger is Trigger.WAIT:
@@ -354,7 +389,15 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
             ev.text("unexpected-panic.txt", f"{type(exc).__name__}: {exc}\n")
             _observe_panic(guest, injection.event_mark, obs)
         _collect_events(guest, injection, obs, expected=len(exp.memory_failure_events))
+        if poison is not None:
+            hobs = poison.observe()
+            poison.cleanup()
+            ev.text("host-kernel-log.txt", "\n".join(hobs.kernel_log) + "\n")
+            ev.text("qemu-forwarded.txt", poison.forwarded_text())
+            ev.json("host-observations.json", asdict(hobs))
+            host = (hexp, hobs)
     finally:
+        stack.close()  # unpoisons and detaches the witness if the row stopped half-way
         if _panic_sentence(guest) is not None:
             channel.close()  # nobody is left to answer 'quit'
         else:
@@ -364,12 +407,42 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
     # Every SIGBUS the probe ever reported is judged, in arrival order: replies and strays alike.
     obs.sigbus = [_seen(r) for r in probe.sigbus_reports]
 
-    verdict = replace(judge(exp, obs), setup=setup)
+    verdict = replace(judge(exp, obs, host), setup=setup)
     ev.json("observations.json", asdict(obs))
     ev.text("verdict.txt", verdict.summary() + "\n")
     ev.text("verdict.json", verdict.to_json() + "\n")
     LOG.info("%s", verdict.summary())
-    return ScenarioResult(spec, exp, obs, verdict, injection, evidence_dir)
+    return ScenarioResult(spec, exp, obs, verdict, injection, evidence_dir, host)
+
+
+def _pattern(mapping: Mapping, offset: int, size: int = 64) -> bytes:
+    """The bytes the probe wrote from ``offset`` on, up to the end of that page."""
+    size = min(size, mapping.size - offset, 4096 - (offset & 0xFFF))
+    return bytes(mapping.expected_value(offset + i) for i in range(size))
+
+
+def _inject_from_host(spec: ScenarioSpec, guest: GuestRun, probe: ProbeClient, mapping: Mapping, *,
+                      poison: HostPoison, hexp: HostExpectation, obs: Observations) -> tuple[HostInjection, object]:
+    """Poison the host frame at the moment the row says, and let the probe do its part."""
+    reply: object
+    if spec.trigger is Trigger.WAIT:
+        probe.begin_wait(PROBE_WINDOW_S)
+        _wait_probe_sleeping(guest, probe.pid)
+        injection = poison.inject()
+        reply = probe.finish_wait(PROBE_WINDOW_S + 10)
+    else:
+        assert spec.touch_offset is not None
+        injection = poison.inject()
+        # The touch must come after QEMU forwarded the AO: before it, the guest's access would
+        # race QEMU's handler for the same frame.
+        poison.wait_qemu_sigbus(1, FORWARD_TIMEOUT_S)
+        with contextlib.suppress(MachineStateError, TimeoutError):
+            guest.machine.wait_event("MEMORY_FAILURE", timeout=FORWARD_TIMEOUT_S, since=injection.event_mark)
+        if hexp.guest_recovers_first:
+            _wait_recovery(guest, obs.hardware_corrupted_before_kb or 0)
+        reply = probe.touch(mapping.id, spec.touch_offset)
+    poison.wait_qemu_sigbus(len(hexp.qemu_sigbus), FORWARD_TIMEOUT_S)
+    return injection, reply
 
 
 def _await_reply_or_panic(guest: GuestRun, channel: Channel, injection: MceInjection, *, timeout: float) -> None:
@@ -434,7 +507,7 @@ def _observe_panic(guest: GuestRun, event_mark: int, obs: Observations) -> None:
     obs.mce_severity = parse_mce_severity(console)
 
 
-def _collect_events(guest: GuestRun, injection: MceInjection, obs: Observations, *, expected: int) -> None:
+def _collect_events(guest: GuestRun, injection: Injection, obs: Observations, *, expected: int) -> None:
     """All MEMORY_FAILURE and GUEST_PANICKED events since the injection, extras included."""
     machine = guest.machine
     deadline = time.monotonic() + 5.0

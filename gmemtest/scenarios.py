@@ -23,6 +23,15 @@ class Trigger(Enum):
     NONE = "none"  # nothing maps the page: the guest kernel handles it alone, nobody is signalled
 
 
+class Source(Enum):
+    """Where the poison comes from."""
+
+    QMP = "qmp"  # QEMU's `mce` command puts a machine check into the guest at the gpa
+    # The host kernel poisons the frame behind the gpa (corrupt-pfn on QEMU's page); what the
+    # guest gets is whatever QEMU makes of the SIGBUS it receives.
+    HOST = "host"
+
+
 class KillPolicy(Enum):
     """How the probe asks for early or late kill (or does not ask)."""
 
@@ -59,6 +68,11 @@ class ScenarioSpec:
     # A second page of the same mapping poisoned after the first, and where it is touched.
     second_poison_offset: int | None = None
     second_touch_offset: int | None = None
+    source: Source = Source.QMP
+    # The guest's MCE bank poll interval for the run (machinecheck check_interval, seconds): an
+    # AMD guest learns of a forwarded action-optional error only when it polls (QEMU writes a
+    # deferred error to the bank and raises nothing). 0 switches polling off; None leaves it.
+    guest_mce_poll_s: int | None = None
 
     def __post_init__(self) -> None:
         if self.page_kind not in PAGE_KINDS:
@@ -80,10 +94,28 @@ class ScenarioSpec:
                 raise ValueError(f"scenario {self.name}: a second poisoned page is for 4 KiB late-kill touches")
             if self.second_poison_offset >> 12 == self.poison_offset >> 12:
                 raise ValueError(f"scenario {self.name}: the second poisoned page must be another page")
+        if self.guest_mce_poll_s is not None and self.guest_mce_poll_s < 0:
+            raise ValueError(f"scenario {self.name}: guest_mce_poll_s must be >= 0 (0: no polling), "
+                             f"got {self.guest_mce_poll_s}")
+        if self.source is Source.HOST:
+            # corrupt-pfn is an action-optional event for the host; what reaches the guest is
+            # QEMU's translation of it. One 4 KiB frame behind ordinary guest RAM, one injection.
+            if self.mce_kind != "SRAO" or self.page_kind != "anon4k" or self.broadcast \
+                    or self.second_poison_offset is not None:
+                raise ValueError(f"scenario {self.name}: a host-poison row poisons one frame behind a 4 KiB "
+                                 "anonymous guest page (mce_kind SRAO, page kind anon4k, no broadcast, one page)")
+            if self.trigger not in (Trigger.TOUCH, Trigger.WAIT, Trigger.SPIN):
+                raise ValueError(f"scenario {self.name}: a host-poison row needs trigger touch, wait or spin, "
+                                 f"got {self.trigger.value}")
 
     @property
     def expects_panic(self) -> bool:
         return self.trigger is Trigger.KERNEL
+
+    @property
+    def requirements(self) -> tuple[str, ...]:
+        """Host capabilities the row needs besides its profile's (host_stack.capabilities names)."""
+        return ("hwpoison_inject",) if self.source is Source.HOST else ()
 
 
 _MIB = 1 << 20
@@ -151,6 +183,34 @@ SCENARIOS: tuple[ScenarioSpec, ...] = (
         poison_offset=0x80, touch_offset=0x400, profile="tcg-smp2-broadcast", broadcast=True,
         tags=("srao", "late", "4k", "smp", "broadcast"),
     ),
+    # The whole chain: the host poisons QEMU's frame behind the probe's page (needs KVM and a
+    # host with memory failure: the lab host). QEMU's early kill turns it into an MCE for the guest.
+    ScenarioSpec(
+        name="host-ao-late-touch-4k",
+        summary="host poisons the frame behind a 4 KiB guest page; QEMU forwards the AO, the guest recovers "
+                "it (late kill) and the program's touch gives AR",
+        page_kind="anon4k", npages=4, mce_kind="SRAO", trigger=Trigger.TOUCH, kill=KillPolicy.LATE_PRCTL,
+        poison_offset=0x1000 + 0x80, touch_offset=0x1000 + 0x238, profile="kvm-default", source=Source.HOST,
+        guest_mce_poll_s=1, tags=("host", "chain", "ao", "late", "4k"),
+    ),
+    ScenarioSpec(
+        name="host-ao-early-kill-4k",
+        summary="host poisons the frame behind a 4 KiB guest page; QEMU forwards the AO and the program "
+                "(PR_MCE_KILL_EARLY) gets AO without a touch",
+        page_kind="anon4k", npages=4, mce_kind="SRAO", trigger=Trigger.WAIT, kill=KillPolicy.EARLY_PRCTL,
+        poison_offset=0x2000 + 0x100, profile="kvm-default", source=Source.HOST,
+        guest_mce_poll_s=1, tags=("host", "chain", "ao", "early", "4k"),
+    ),
+    ScenarioSpec(
+        name="host-ar-touch-4k",
+        summary="host poisons the frame behind a 4 KiB guest page the guest does not know is bad; the "
+                "program's touch makes KVM signal QEMU's vCPU thread (AR), QEMU injects an SRAR, the program "
+                "gets AR and the guest survives",
+        page_kind="anon4k", npages=4, mce_kind="SRAO", trigger=Trigger.TOUCH, kill=KillPolicy.LATE_PRCTL,
+        poison_offset=0x1000 + 0x40, touch_offset=0x1000 + 0x300, profile="kvm-default", source=Source.HOST,
+        guest_mce_poll_s=0,
+        tags=("host", "chain", "ar", "4k"),
+    ),
 )
 
 
@@ -172,6 +232,10 @@ def unsupported_under(spec: ScenarioSpec, profile: GuestProfile) -> str | None:
     does not broadcast has a CPU QEMU refuses ``mce -b`` for ("Guest CPU does not support MCA
     broadcast") or a single vCPU, so running it there would be an ERROR that says nothing.
     """
+    if spec.source is Source.HOST and profile.accel != "kvm":
+        return (f"scenario {spec.name} poisons the host frame behind guest RAM and needs QEMU to forward the "
+                f"SIGBUS it gets, which only KVM does; profile {profile.name} runs under {profile.accel}: run it "
+                "under a KVM profile (kvm-default, kvm-gmem) on a host with memory failure, e.g. the lab host")
     if spec.broadcast and not profile.mce_broadcast:
         return (f"scenario {spec.name} broadcasts its MCE to every vCPU (mce -b), and profile {profile.name} "
                 f"is not a broadcast profile ({profile.smp} vCPU, cpu {profile.cpu}); run it under one that is, "

@@ -7,11 +7,11 @@ the kernel selftests': what should have been there and what was.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from gmemtest.observations import Observations
-from gmemtest.oracle import SI_CODE_NAMES, Expectation
+from gmemtest.observations import HostObservations, Observations
+from gmemtest.oracle import SI_CODE_NAMES, Expectation, HostExpectation
 
 
 @dataclass(frozen=True)
@@ -20,10 +20,13 @@ class Check:
     expected: str
     actual: str
     ok: bool
+    # Which layer saw it: "host" (the host kernel), "qemu", "guest"; "" where there is one layer.
+    layer: str = ""
 
     def line(self) -> str:
         mark = "ok  " if self.ok else "FAIL"
-        return f"{mark} {self.name}: expected {self.expected}, actual {self.actual}"
+        where = f"[{self.layer}] " if self.layer else ""
+        return f"{mark} {where}{self.name}: expected {self.expected}, actual {self.actual}"
 
 
 @dataclass(frozen=True)
@@ -64,11 +67,58 @@ def _hex(value: int | None) -> str:
     return "none" if value is None else f"{value:#x}"
 
 
-def _check(name: str, expected: Any, actual: Any, *, fmt: Any = str) -> Check:
-    return Check(name, fmt(expected), fmt(actual), expected == actual)
+def _check(name: str, expected: Any, actual: Any, *, fmt: Any = str, layer: str = "") -> Check:
+    return Check(name, fmt(expected), fmt(actual), expected == actual, layer)
 
 
-def judge(exp: Expectation, obs: Observations) -> Verdict:
+def _layered(checks: list[Check], layer: str) -> list[Check]:
+    return [replace(c, layer=layer) for c in checks]
+
+
+def judge(exp: Expectation, obs: Observations, host: tuple[HostExpectation, HostObservations] | None = None,
+          ) -> Verdict:
+    """One named check per observable. With ``host`` (a host-poison row) every check names its
+    layer, and the host and QEMU layers come first: the chain is read in the order it ran."""
+    guest = _judge_guest(exp, obs)
+    if host is None:
+        return Verdict(exp.scenario, tuple(guest))
+    qemu_events = [c for c in guest if c.name == "MEMORY_FAILURE events"]
+    rest = [c for c in guest if c.name != "MEMORY_FAILURE events"]
+    return Verdict(exp.scenario, (*judge_host(*host), *_layered(qemu_events, "qemu"), *_layered(rest, "guest")))
+
+
+def _sigbus_line(code: int, addr: int, lsb: int, thread: str) -> str:
+    return f"{_code(code)} at {addr:#x} lsb {lsb} to the {thread} thread"
+
+
+def judge_host(hexp: HostExpectation, hobs: HostObservations) -> list[Check]:
+    """The host kernel's and QEMU's part of the chain, against the layout-derived expectation."""
+    frame = hexp.frame
+    checks = [
+        _check(f"KPF_HWPOISON on host pfn {frame.pfn:#x}", True, hobs.hwpoison_flag, layer="host"),
+        _check("host HardwareCorrupted delta (kB)", hexp.host_hardware_corrupted_delta_kb,
+               None if hobs.hardware_corrupted_before_kb is None or hobs.hardware_corrupted_after_kb is None
+               else hobs.hardware_corrupted_after_kb - hobs.hardware_corrupted_before_kb, layer="host"),
+        _check("host kernel recovery line (pfn, result)", [(hex(hexp.host_recovery[0]), hexp.host_recovery[1])],
+               [(hex(r.pfn), r.result) for r in hobs.recovery_lines], layer="host"),
+        _check("SIGBUS generated for QEMU (signal_generate: code, thread)",
+               [f"{_code(s.si_code)} to the {s.thread} thread" for s in hexp.qemu_sigbus],
+               [f"{_code(g.code)} to the {hobs.thread_role(g.tid)} thread" for g in hobs.generated],
+               fmt=lambda v: "[" + "; ".join(v) + "]", layer="host"),
+        _check("SIGBUS delivered to a QEMU handler (witness siginfo)",
+               [_sigbus_line(s.si_code, s.si_addr, s.si_addr_lsb, s.thread) for s in hexp.qemu_sigbus if s.delivered],
+               [_sigbus_line(r.si_code, r.si_addr, r.si_addr_lsb, hobs.thread_role(r.tid)) for r in hobs.qemu_sigbus],
+               fmt=lambda v: "[" + "; ".join(v) + "]", layer="host"),
+        _check("QEMU forwarded (stderr: code, hva, gpa)",
+               [(c, hex(h), hex(g)) for c, h, g in hexp.forwarded],
+               [(c, hex(h), hex(g)) for c, h, g in hobs.forwarded], layer="qemu"),
+        _check("host poison cleaned up (unpoison-pfn)", "cleaned", "failed: " + hobs.cleanup
+               if hobs.cleanup_failed else "cleaned", layer="host"),
+    ]
+    return checks
+
+
+def _judge_guest(exp: Expectation, obs: Observations) -> list[Check]:
     checks: list[Check] = []
 
     # 1. The program's own view: exactly the oracle's SIGBUS (one per touched page), or none.
@@ -129,4 +179,4 @@ def judge(exp: Expectation, obs: Observations) -> Verdict:
         checks.append(_check(f"the other {len(exp.intact_offsets)} 4 KiB pieces read their pattern",
                              "all intact", "all intact" if not bad and obs.intact_checked == len(exp.intact_offsets)
                              else f"{obs.intact_checked} read, {len(bad)} wrong: {'; '.join(bad[:3])}"))
-    return Verdict(exp.scenario, tuple(checks))
+    return checks

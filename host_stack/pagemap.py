@@ -26,6 +26,7 @@ __all__ = [
     "hardware_corrupted_kib",
     "parse_maps_line",
     "read_kpageflags",
+    "read_memory",
     "read_pagemap",
 ]
 
@@ -217,6 +218,30 @@ def find_vma(va: int, pid: int | None = None) -> Vma | None:
             if vma.start <= va < vma.end:
                 return vma
     return None
+
+
+def read_memory(pid: int, va: int, size: int) -> bytes:
+    """``size`` bytes at ``va`` of ``pid`` through ``/proc/PID/mem`` (ptrace-read access needed).
+
+    The injector's interlock compares them with what the guest says lives there: a frame is
+    poisoned only when the target process itself holds the expected bytes at that address.
+    """
+    if va < 0 or size < 1:
+        raise ValueError(f"need va >= 0 and size >= 1, got va {va:#x} size {size}")
+    path = f"/proc/{pid}/mem"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise PagemapError(exc.errno, f"open {path}: {exc.strerror}") from exc
+    try:
+        data = os.pread(fd, size, va)
+    except OSError as exc:
+        raise PagemapError(exc.errno, f"pread {path} at {va:#x}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    if len(data) != size:
+        raise PagemapError(0, f"short read from {path} at {va:#x}: expected {size} bytes, got {len(data)}")
+    return data
 
 
 def read_kpageflags(pfn: int) -> PageFlags:

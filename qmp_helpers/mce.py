@@ -12,6 +12,7 @@ MCi_MISC 0x8c: address mode 2 (physical) in bits 8:6, LSB of the address = 12 (b
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 MCI_STATUS_VAL = 1 << 63
@@ -23,6 +24,9 @@ MCI_STATUS_ADDRV = 1 << 58
 MCI_STATUS_PCC = 1 << 57
 MCI_STATUS_S = 1 << 56
 MCI_STATUS_AR = 1 << 55
+# AMD's MCA_STATUS (APM vol. 2, 9.3): Deferred 44 (uncorrected, not consumed yet), Poison 43.
+MCI_STATUS_DEFERRED = 1 << 44
+MCI_STATUS_POISON = 1 << 43
 
 MCG_STATUS_RIPV = 1 << 0
 MCG_STATUS_EIPV = 1 << 1
@@ -63,6 +67,65 @@ MCE_KINDS: dict[str, MceKind] = {
                 "software recoverable, action required (data load consumed poison)"),
     )
 }
+
+
+@dataclass(frozen=True)
+class ForwardedMce:
+    """What QEMU puts into bank 9 when it forwards a host SIGBUS (``kvm_mce_inject``, QEMU >= 10.0).
+
+    ``raises_mc``: an uncorrected status raises #MC; AMD's deferred one (the action-optional
+    case) is only written to the bank, where the guest finds it when it polls the banks.
+    ``status`` is before QEMU's overflow rule: OVER is added when bank 9 still holds a valid
+    record (target/i386/helper.c ``do_inject_x86_mce``).
+    """
+
+    code: str  # "BUS_MCEERR_AO" or "BUS_MCEERR_AR"
+    status: int
+    mcg_status: int
+    misc: int
+    raises_mc: bool
+
+    @property
+    def action_required(self) -> bool:
+        """The MEMORY_FAILURE event's 'action-required' flag: QEMU reads the AR bit of the status."""
+        return bool(self.status & MCI_STATUS_AR)
+
+
+FORWARDED_CODES = ("BUS_MCEERR_AO", "BUS_MCEERR_AR")
+
+
+def forwarded_mce(code: str, *, amd: bool) -> ForwardedMce:
+    """QEMU's encoding of a forwarded SIGBUS ``code`` for an Intel (``amd=False``) or AMD guest vCPU."""
+    if code not in FORWARDED_CODES:
+        raise ValueError(f"unknown SIGBUS code {code!r} for a forwarded MCE; valid: {', '.join(FORWARDED_CODES)}")
+    base = MCI_STATUS_VAL | MCI_STATUS_EN | MCI_STATUS_MISCV | MCI_STATUS_ADDRV
+    ar = code == "BUS_MCEERR_AR"
+    mcg = MCG_STATUS_MCIP | MCG_STATUS_RIPV | (MCG_STATUS_EIPV if ar else 0)
+    if amd:
+        status = base | MCI_STATUS_POISON | (MCI_STATUS_UC if ar else MCI_STATUS_DEFERRED)
+        return ForwardedMce(code, status, mcg, MCI_MISC_PHYS_LSB12, raises_mc=ar)
+    status = base | MCI_STATUS_S | MCI_STATUS_UC | (MCI_STATUS_AR | MCA_CODE_DATA_LOAD if ar else MCA_CODE_SCRUB)
+    return ForwardedMce(code, status, mcg, MCI_MISC_PHYS_LSB12, raises_mc=True)
+
+
+# target/i386/kvm/kvm.c kvm_arch_on_sigbus_vcpu: error_report (AR) / warn_report (AO).
+_FORWARDED_LINE = re.compile(r"Guest MCE Memory Error at QEMU addr (0x[0-9a-fA-F]+|\(nil\)) and GUEST addr "
+                             r"(0x[0-9a-fA-F]+) of type (BUS_MCEERR_A[OR]) injected")
+
+
+@dataclass(frozen=True)
+class ForwardedLine:
+    """One "Guest MCE Memory Error at QEMU addr ... injected" line of QEMU's stderr."""
+
+    code: str
+    hva: int
+    gpa: int
+
+
+def parse_forwarded_lines(stderr: str) -> list[ForwardedLine]:
+    """Pure: every forwarded-MCE line in QEMU's stderr, in order."""
+    return [ForwardedLine(m.group(3), 0 if m.group(1) == "(nil)" else int(m.group(1), 16), int(m.group(2), 16))
+            for m in _FORWARDED_LINE.finditer(stderr)]
 
 
 def mce_kind(name: str) -> MceKind:

@@ -1,0 +1,175 @@
+"""Poison the host frame behind a guest page, and watch what the host and QEMU make of it.
+
+This is the host half of a host-poison row (gmemtest.scenarios.Source.HOST): the guest page's
+gpa is turned into QEMU's hva (HMP ``gpa2hva``), the hva into a pfn (QEMU's own pagemap), and
+the frame is poisoned with hwpoison-inject's ``corrupt-pfn`` only after the interlock proved
+it: QEMU's memory at that hva holds exactly the bytes the guest program wrote (read through
+``/proc/PID/mem``), and the frame's flags say it is an ordinary user page
+(host_stack.injectors.prove_frame). While it runs, a ptrace witness records every SIGBUS QEMU
+gets, a /dev/kmsg cursor the host kernel's lines, and meminfo the HardwareCorrupted count.
+On exit the frame is unpoisoned and the witness detached, also when the row failed.
+
+It runs on the host that runs QEMU: a real lab host, or the lab host in a box (L1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+from gmemtest.observations import HostObservations, parse_recovery_text
+from gmemtest.oracle import HostFrameLayout
+from host_stack.injectors import CorruptPfnInjector, InjectionRecord, prove_frame
+from host_stack.kernelfs import DEBUGFS, mounted
+from host_stack.kmsg import KmsgCursor
+from host_stack.mm_uapi import SIGBUS
+from host_stack.pagemap import hardware_corrupted_kib, read_kpageflags, read_memory
+from host_stack.signal_trace import GeneratedSignal, SignalTrace
+from host_stack.witness import SigbusWitness
+from qmp_helpers import QemuMachine
+from qmp_helpers.mce import parse_forwarded_lines
+
+__all__ = ["HostInjection", "HostPoison", "HostPoisonError", "resolve_host_frame"]
+
+LOG = logging.getLogger(__name__)
+
+
+class HostPoisonError(RuntimeError):
+    """The host frame behind a guest page could not be found or proven; nothing was poisoned."""
+
+
+def resolve_host_frame(machine: QemuMachine, gpa: int, expected: bytes) -> HostFrameLayout:
+    """gpa -> hva (QEMU) -> pfn (QEMU's pagemap), proven by QEMU's memory holding ``expected`` at the hva."""
+    hva = machine.gpa2hva(gpa)
+    actual = read_memory(machine.pid, hva, len(expected))
+    if actual != expected:
+        raise HostPoisonError(
+            f"QEMU (pid {machine.pid}) holds {actual[:16].hex()}... at hva {hva:#x} (gpa {gpa:#x}), but the guest "
+            f"program wrote {expected[:16].hex()}... there: gpa2hva does not name the guest page; refusing to poison")
+    frame = prove_frame(machine.pid, hva)
+    return HostFrameLayout(gpa=gpa, hva=hva, pfn=frame.pfn, qemu_pid=machine.pid)
+
+
+@dataclass(frozen=True)
+class HostInjection:
+    """One host-side poison: the injector's record and the marks the observers need."""
+
+    frame: HostFrameLayout
+    record: InjectionRecord
+    event_mark: int  # QMP event-log mark before the write, for MEMORY_FAILURE without a race
+    t_mono_before: float
+    t_mono_after: float
+
+
+class HostPoison:
+    """A context for one host-poison row: observers on before the injection, clean-up after."""
+
+    def __init__(self, machine: QemuMachine, frame: HostFrameLayout) -> None:
+        self.machine = machine
+        self.frame = frame
+        self.obs = HostObservations()
+        self._stack = contextlib.ExitStack()
+        self._injector: CorruptPfnInjector | None = None
+        self._witness: SigbusWitness | None = None
+        self._kmsg: KmsgCursor | None = None
+        self._signals: SignalTrace | None = None
+        self._stderr_offset = 0
+
+    def __enter__(self) -> Self:
+        try:
+            debugfs = self._stack.enter_context(mounted(DEBUGFS))
+            self._injector = CorruptPfnInjector(debugfs)
+            self._injector.require()
+            self._kmsg = self._stack.enter_context(KmsgCursor())
+            self._signals = self._stack.enter_context(SignalTrace(SIGBUS))
+            self._witness = self._stack.enter_context(SigbusWitness(self.machine.pid))
+        except BaseException:
+            self._stack.close()
+            raise
+        self._stderr_offset = self._stderr_size()
+        return self
+
+    def _stderr_size(self) -> int:
+        try:
+            return self.machine.stderr_log.stat().st_size
+        except OSError:
+            return 0
+
+    def inject(self) -> HostInjection:
+        assert self._injector is not None, "inject() inside the context"
+        self.obs.hardware_corrupted_before_kb = hardware_corrupted_kib()
+        mark = self.machine.event_mark()
+        t0 = time.monotonic()
+        record = self._injector.inject(self.frame.qemu_pid, self.frame.hva, self.frame.pfn)
+        t1 = time.monotonic()
+        self.obs.injection_errno = record.call_errno
+        LOG.info("host poison: pfn %#x behind hva %#x (gpa %#x) of QEMU %d: %s", self.frame.pfn, self.frame.hva,
+                 self.frame.gpa, self.frame.qemu_pid, record.detail)
+        return HostInjection(self.frame, record, mark, t0, t1)
+
+    def _generated(self) -> list[GeneratedSignal]:
+        assert self._signals is not None
+        tids = self._qemu_tids()
+        return [g for g in self._signals.records() if g.tid in tids]
+
+    def _qemu_tids(self) -> set[int]:
+        try:
+            return {int(t) for t in os.listdir(f"/proc/{self.frame.qemu_pid}/task")} | {self.frame.qemu_pid}
+        except OSError:
+            return {self.frame.qemu_pid}
+
+    def wait_qemu_sigbus(self, count: int, timeout: float) -> None:
+        """Until the host generated ``count`` SIGBUS for QEMU (a shortfall is judged, not raised)."""
+        deadline = time.monotonic() + timeout
+        while len(self._generated()) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def forwarded_text(self) -> str:
+        """What QEMU wrote to its stderr since the context began."""
+        try:
+            with self.machine.stderr_log.open("rb") as fh:
+                fh.seek(self._stderr_offset)
+                return fh.read().decode(errors="replace")
+        except OSError as exc:
+            return f"<{self.machine.stderr_log} unreadable: {exc}>"
+
+    def observe(self) -> HostObservations:
+        """Read every host-side observer once the guest side is done."""
+        assert self._witness is not None and self._kmsg is not None
+        obs = self.obs
+        obs.qemu_pid = self.frame.qemu_pid
+        obs.vcpu_tids = sorted(int(cpu["thread-id"]) for cpu in self.machine.qmp("query-cpus-fast"))
+        obs.generated = self._generated()
+        obs.qemu_sigbus = self._witness.records
+        obs.forwarded = [(f.code, f.hva, f.gpa) for f in parse_forwarded_lines(self.forwarded_text())]
+        obs.hardware_corrupted_after_kb = hardware_corrupted_kib()
+        obs.hwpoison_flag = read_kpageflags(self.frame.pfn).hwpoison
+        obs.kernel_log.extend(r.text for r in self._kmsg.read_new())
+        obs.recovery_lines = [r for r in parse_recovery_text(obs.kernel_log) if r.pfn == self.frame.pfn]
+        return obs
+
+    def cleanup(self) -> None:
+        """Unpoison the frame and prove it: KPF_HWPOISON must be clear afterwards."""
+        if self._injector is None or not self._injector.records:
+            return
+        records = self._injector.cleanup()
+        self._injector.records = []
+        still = [pfn for r in records for pfn in r.poisoned_pfns if read_kpageflags(pfn).hwpoison]
+        self.obs.cleanup = "; ".join(r.cleanup for r in records)
+        self.obs.cleanup_failed = any(r.cleanup_failed for r in records) or bool(still)
+        if still:
+            self.obs.cleanup += f"; still KPF_HWPOISON: {', '.join(hex(p) for p in still)}"
+        if self._kmsg is not None:
+            self.obs.kernel_log.extend(r.text for r in self._kmsg.read_new())
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            self.cleanup()
+        finally:
+            self._stack.close()

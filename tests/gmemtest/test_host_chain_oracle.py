@@ -1,0 +1,142 @@
+"""The host-poison rows' oracle and verdict, on a layout and observations recorded in the lab host.
+
+The layout, frame and observations are those of a real ``host-ar-touch-4k`` run (Debian 7.3.4
+L1, QEMU 10.0.2, Debian 6.1 AMD guest); the wrong answers are what a broken stack would give.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from gmemtest.observations import HostObservations, MceRecord, Observations, RecoveryLine, SigbusSeen
+from gmemtest.oracle import AMD, INTEL, HostFrameLayout, MappingLayout, PageLayout, expect_host
+from gmemtest.scenarios import ScenarioSpec, Source, Trigger, get_scenario, unsupported_under
+from gmemtest.verdict import judge
+from guests.profiles import get_profile
+from host_stack.mm_uapi import BUS_MCEERR_AO, BUS_MCEERR_AR, SIGBUS
+from host_stack.signal_trace import GeneratedSignal
+from host_stack.witness import SigbusRecord
+
+LAYOUT = MappingLayout(kind="anon4k", base_va=0x7F161DFF5000, size=0x4000, page_size=0x1000,
+                       pages=(PageLayout(0x7F161DFF5000, 0x2974), PageLayout(0x7F161DFF6000, 0x2961),
+                              PageLayout(0x7F161DFF7000, 0x299C), PageLayout(0x7F161DFF8000, 0x296A)))
+FRAME = HostFrameLayout(gpa=0x2961040, hva=0x7F8692761040, pfn=0x117961, qemu_pid=207)
+VCPU_TID = 214
+
+
+def test_ar_row_on_amd_expects_both_sigbus_and_an_overflowed_srar() -> None:
+    exp, host = expect_host(get_scenario("host-ar-touch-4k"), LAYOUT, FRAME, vendor=AMD, mce_bank=9)
+    assert [(s.si_code, s.si_addr, s.si_addr_lsb, s.thread) for s in host.qemu_sigbus] == [
+        (BUS_MCEERR_AO, 0x7F8692761000, 12, "main"), (BUS_MCEERR_AR, 0x7F8692761000, 12, "vcpu")]
+    assert host.forwarded == (("BUS_MCEERR_AO", 0x7F8692761000, 0x2961000),
+                              ("BUS_MCEERR_AR", 0x7F8692761000, 0x2961000))
+    assert not host.guest_recovers_first
+    # VAL|OVER|UC|EN|MISCV|ADDRV|POISON: the AR overflows the deferred AO record in bank 9.
+    assert (exp.mce_status, exp.mce_record_addr) == (0xFC00080000000000, 0x2961000)
+    assert exp.sigbus is not None and (exp.sigbus.si_code, exp.sigbus.si_addr) == (BUS_MCEERR_AR, 0x7F161DFF6000)
+    assert [e.action_required for e in exp.memory_failure_events] == [False, False]  # AMD: no AR bit
+
+
+def test_ao_rows_on_amd_need_the_guest_poll_and_give_guest_level_signals() -> None:
+    late, host = expect_host(get_scenario("host-ao-late-touch-4k"), LAYOUT,
+                             dataclasses.replace(FRAME, gpa=0x2961080, hva=0x7F8692761080), vendor=AMD, mce_bank=9)
+    assert host.guest_recovers_first and len(host.qemu_sigbus) == 1
+    assert late.mce_status == 0x9C00180000000000  # VAL|EN|MISCV|ADDRV|DEFERRED|POISON: no #MC
+    assert late.sigbus is not None and late.sigbus.si_addr == LAYOUT.base_va + 0x1238  # the byte touched
+    early_spec = get_scenario("host-ao-early-kill-4k")
+    frame = HostFrameLayout(gpa=(0x299C << 12) + 0x100, hva=0x7F0000000100, pfn=0x1000, qemu_pid=207)
+    early, _ = expect_host(early_spec, LAYOUT, frame, vendor=AMD, mce_bank=9)
+    assert early.sigbus is not None and (early.sigbus.si_code, early.sigbus.si_addr) == (BUS_MCEERR_AO,
+                                                                                         0x7F161DFF7000)
+    with pytest.raises(ValueError, match="needs a guest that learns of the AO"):
+        expect_host(dataclasses.replace(early_spec, guest_mce_poll_s=0), LAYOUT, frame, vendor=AMD, mce_bank=9)
+
+
+def test_ar_row_on_intel_degenerates_to_a_guest_recovery() -> None:
+    """An Intel vCPU gets the AO as an SRAO #MC at once: the touch faults in the guest, KVM never sees it."""
+    exp, host = expect_host(get_scenario("host-ar-touch-4k"), LAYOUT, FRAME, vendor=INTEL, mce_bank=9)
+    assert len(host.qemu_sigbus) == 1 and exp.mce_status == 0xBD000000000000C0
+    assert exp.sigbus is not None and exp.sigbus.si_addr == LAYOUT.base_va + 0x1300
+
+
+def test_oracle_refuses_a_frame_for_another_gpa_and_unknown_vendors() -> None:
+    spec = get_scenario("host-ar-touch-4k")
+    with pytest.raises(ValueError, match="resolved for gpa 0x1000"):
+        expect_host(spec, LAYOUT, dataclasses.replace(FRAME, gpa=0x1000), vendor=AMD, mce_bank=9)
+    with pytest.raises(ValueError, match="'HygonGenuine' has no machine-check oracle"):
+        expect_host(spec, LAYOUT, FRAME, vendor="HygonGenuine", mce_bank=9)
+    with pytest.raises(ValueError, match="is not a host-poison row"):
+        expect_host(get_scenario("srao-late-touch-4k"), LAYOUT, FRAME, vendor=AMD, mce_bank=9)
+
+
+def _observed() -> tuple[Observations, HostObservations]:
+    """The observations of the recorded AMD run, all correct."""
+    obs = Observations(
+        sigbus=[SigbusSeen(BUS_MCEERR_AR, 0x7F161DFF6000, 12, "touch")],
+        memory_failure_events=[{"recipient": "guest", "action": "inject",
+                                "flags": {"action-required": False, "recursive": False}}] * 2,
+        hardware_corrupted_before_kb=0, hardware_corrupted_after_kb=4, hwpoison_flag=True,
+        recovery_lines=[RecoveryLine(0x2961, "dirty LRU page", "Recovered")],
+        mce_records=[MceRecord(9, 0xFC00080000000000, 0x2961000, 0x8C)])
+    hobs = HostObservations(
+        generated=[GeneratedSignal(SIGBUS, BUS_MCEERR_AO, 207, "qemu-system-x86", False, "delivered"),
+                   GeneratedSignal(SIGBUS, BUS_MCEERR_AR, VCPU_TID, "qemu-system-x86", False, "delivered")],
+        qemu_sigbus=[SigbusRecord(207, VCPU_TID, SIGBUS, BUS_MCEERR_AR, 0, 0x7F8692761000, 12, 1, 1)],
+        qemu_pid=207, vcpu_tids=[VCPU_TID],
+        forwarded=[("BUS_MCEERR_AO", 0x7F8692761000, 0x2961000), ("BUS_MCEERR_AR", 0x7F8692761000, 0x2961000)],
+        hardware_corrupted_before_kb=0, hardware_corrupted_after_kb=4, hwpoison_flag=True,
+        recovery_lines=[RecoveryLine(0x117961, "dirty LRU page", "Recovered")], cleanup="unpoisoned pfn 0x117961")
+    return obs, hobs
+
+
+def test_verdict_names_every_layer_and_passes_the_recorded_run() -> None:
+    exp, host = expect_host(get_scenario("host-ar-touch-4k"), LAYOUT, FRAME, vendor=AMD, mce_bank=9)
+    obs, hobs = _observed()
+    verdict = judge(exp, obs, (host, hobs))
+    assert verdict.passed, verdict.summary()
+    assert {c.layer for c in verdict.checks} == {"host", "qemu", "guest"}
+    assert verdict.checks[0].layer == "host" and verdict.checks[-1].layer == "guest"
+    assert "[host] SIGBUS delivered to a QEMU handler" in verdict.summary()
+
+
+@pytest.mark.parametrize(("broken", "failing"), [
+    # The seed's bug class one level up: the AR reported at a page-index-derived address.
+    (lambda o, h: h.qemu_sigbus.__setitem__(0, dataclasses.replace(h.qemu_sigbus[0], si_addr=0x7F8692760000)),
+     "SIGBUS delivered to a QEMU handler (witness siginfo)"),
+    (lambda o, h: h.qemu_sigbus.__setitem__(0, dataclasses.replace(h.qemu_sigbus[0], si_addr_lsb=21)),
+     "SIGBUS delivered to a QEMU handler (witness siginfo)"),
+    (lambda o, h: h.generated.pop(0), "SIGBUS generated for QEMU (signal_generate: code, thread)"),
+    (lambda o, h: setattr(h, "vcpu_tids", []), "SIGBUS generated for QEMU (signal_generate: code, thread)"
+                                                 "|SIGBUS delivered to a QEMU handler (witness siginfo)"),
+    (lambda o, h: h.forwarded.pop(), "QEMU forwarded (stderr: code, hva, gpa)"),
+    (lambda o, h: setattr(h, "hwpoison_flag", False), "KPF_HWPOISON on host pfn 0x117961"),
+    (lambda o, h: setattr(h, "recovery_lines", []), "host kernel recovery line (pfn, result)"),
+    (lambda o, h: setattr(h, "cleanup_failed", True), "host poison cleaned up (unpoison-pfn)"),
+    (lambda o, h: setattr(o, "mce_records", [MceRecord(9, 0xBC00080000000000, 0x2961000, 0x8C)]),
+     "mce_record of bank 9 (status, addr)"),
+])
+def test_verdict_fails_each_broken_observable(broken: object, failing: str) -> None:
+    exp, host = expect_host(get_scenario("host-ar-touch-4k"), LAYOUT, FRAME, vendor=AMD, mce_bank=9)
+    obs, hobs = _observed()
+    broken(obs, hobs)  # type: ignore[operator]
+    verdict = judge(exp, obs, (host, hobs))
+    assert [c.name for c in verdict.failures] == failing.split("|"), verdict.summary()
+
+
+def test_host_rows_are_validated_and_need_kvm_and_hwpoison_inject() -> None:
+    spec = get_scenario("host-ao-late-touch-4k")
+    assert spec.source is Source.HOST and spec.requirements == ("hwpoison_inject",)
+    assert get_scenario("srao-late-touch-4k").requirements == ()
+    reason = unsupported_under(spec, get_profile("tcg-default"))
+    assert reason is not None and "only KVM does" in reason and "tcg-default runs under tcg" in reason
+    assert unsupported_under(spec, get_profile("kvm-default")) is None
+    base = dict(name="x", summary="", page_kind="anon4k", npages=1, mce_kind="SRAO", kill=spec.kill,
+                poison_offset=0, source=Source.HOST)
+    with pytest.raises(ValueError, match="needs trigger touch, wait or spin"):
+        ScenarioSpec(trigger=Trigger.KERNEL, **base)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="one frame behind a 4 KiB anonymous guest page"):
+        ScenarioSpec(trigger=Trigger.WAIT, **{**base, "mce_kind": "SRAR"})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="guest_mce_poll_s must be >= 0"):
+        ScenarioSpec(trigger=Trigger.WAIT, guest_mce_poll_s=-1, **base)  # type: ignore[arg-type]
