@@ -9,17 +9,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
-from typing import Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from gmemtest.guest_run import GuestRun, booted_guest
-from gmemtest.requirements import scenario_unmet, unmet_requirements
+from gmemtest.requirements import host_report, scenario_unmet, unmet_requirements
 from gmemtest.runner import ScenarioResult, run_in_fresh_guest
 from gmemtest.scenarios import SCENARIOS, ScenarioSpec, get_scenario, unsupported_under
 from gmemtest.under_test import UnderTest
 from gmemtest.verdict import Check, Verdict
 from guests.profiles import GuestProfile
 from images.build import BuildError, GuestImage
+
+if TYPE_CHECKING:
+    from gmemtest.labhost_qualify import LabhostQualification
 
 # Avocado's per-test timeout for a guest scenario: three boot-and-run attempts (a missed
 # user-mode SRAR is retried) of about 10 s each here, with room for a loaded machine.
@@ -175,6 +179,9 @@ def run_every_scenario_under(test: AvocadoTestLike, profile: str) -> list[Scenar
     not_meaningful: list[str] = []
     for spec in SCENARIOS:
         reason = unsupported_under(spec, chosen.profile_for(spec))
+        own = [missing for name in spec.requirements if (missing := host_report().missing(name)) is not None]
+        if reason is None and own:  # a host-poison row on a host without hwpoison-inject
+            reason = f"{spec.name} needs what this host lacks: " + "; ".join(own)
         if reason is not None:  # e.g. the broadcast scenario under a 1-vCPU profile: left out, said so
             test.log.info("left out: %s", reason)
             not_meaningful.append(reason)
@@ -213,16 +220,13 @@ def _job_dir(outputdir: Path) -> Path:
     return outputdir.parent
 
 
-def run_labhost_item(test: AvocadoTestLike, name: str) -> None:
-    """Judge one check of the lab host's qualification as this Avocado test.
+def _labhost_run(test: AvocadoTestLike) -> LabhostQualification:
+    """The job's shared L1 run (built and run by the first lab-host test), its evidence in outputdir.
 
-    The checks run inside L1 (one shared run per job, see gmemtest.labhost_qualify); this test
-    takes its own item, keeps it and the shared evidence in its outputdir, and maps the status:
-    PASS passes, FAIL and ERROR fail with the details, CANNOT RUN and NOT MEANINGFUL cancel with
-    their reason. Findings (documented divergences) are logged and listed on the whiteboard.
+    The L1 run also carries the chain (host-poison rows under each KVM profile, L2 guests from
+    the job's guest image), whichever lab-host test happens to start it.
     """
     from gmemtest.labhost_qualify import shared_run
-    from gmemtest.verdict import Check, Verdict
     from images.debs import PackageError
     from images.kconfig import KernelConfigError
     from images.labhost import DEFAULT_SUITE, DebianKernel, build_labhost_image
@@ -236,13 +240,27 @@ def run_labhost_item(test: AvocadoTestLike, name: str) -> None:
             raise
         test.cancel(f"lab host kernel {kernel.describe()} (labhost_kernel_version/suite): {exc}")
     outdir = Path(test.outputdir)
-    result = shared_run(image, _job_dir(outdir) / "labhost")
+    guest = chosen.guest_image(_job_dir(outdir))
+    result = shared_run(image, _job_dir(outdir) / "labhost", guest_manifest=Path(guest.manifest))
     for evidence in ("qualification.json", "qualification.html", "preflight.json", "labhost-qualification.json"):
         src = result.out / evidence
         if src.is_file():
             (outdir / evidence).write_bytes(src.read_bytes())
     (outdir / "labhost-evidence.txt").write_text(f"L1 run (console, output, dmesg): {result.out / 'labhost'}\n")
     test.log.info("lab host kernel %s, L1 ready in %s s", result.kernel_release, result.timings.get("ready_s"))
+    return result
+
+
+def run_labhost_item(test: AvocadoTestLike, name: str) -> None:
+    """Judge one check of the lab host's qualification as this Avocado test.
+
+    The checks run inside L1 (one shared run per job, see gmemtest.labhost_qualify); this test
+    takes its own item, keeps it and the shared evidence in its outputdir, and maps the status:
+    PASS passes, FAIL and ERROR fail with the details, CANNOT RUN and NOT MEANINGFUL cancel with
+    their reason. Findings (documented divergences) are logged and listed on the whiteboard.
+    """
+    result = _labhost_run(test)
+    outdir = Path(test.outputdir)
     if name == LABHOST_PREFLIGHT:
         host = result.preflight.get("host", {})
         checks = tuple(Check(label, str(want), str(host.get(key)), host.get(key) == want)
@@ -253,7 +271,30 @@ def run_labhost_item(test: AvocadoTestLike, name: str) -> None:
         if not verdict.passed:
             test.fail("; ".join(c.line() for c in verdict.failures))
         return
-    item = result.items.get(name)
+    _judge_item(test, result.items.get(name), name, result)
+
+
+def run_chain_item(test: AvocadoTestLike, scenario: str, profile: str) -> None:
+    """One host-poison row under ``profile``, as it ran inside the job's shared L1 run.
+
+    Its evidence (host, QEMU and guest layers) is copied into the test's outputdir; a profile
+    the lab host cannot run (e.g. kvm-gmem without a QEMU that has guest-memfd) CANCELs with the
+    reason probed inside L1.
+    """
+    from gmemtest.labhost_qualify import CHAIN_DIR
+
+    result = _labhost_run(test)
+    item = result.items.get(f"{scenario}/{profile}")
+    evidence = result.out / CHAIN_DIR / profile / scenario
+    if evidence.is_dir():
+        shutil.copytree(evidence, Path(test.outputdir) / scenario, dirs_exist_ok=True)
+    if item is not None and item.get("status") == "PASS":
+        test.log.info("%s/%s: %s", scenario, profile, "; ".join(item.get("details", [])[:3]))
+    _judge_item(test, item, f"{scenario}/{profile}", result)
+
+
+def _judge_item(test: AvocadoTestLike, item: dict[str, Any] | None, name: str, result: LabhostQualification) -> None:
+    outdir = Path(test.outputdir)
     if item is None:
         test.fail(f"the lab host's qualification has no item {name!r}; it has: {', '.join(result.items)}")
     findings = result.qualification.get("findings", [])

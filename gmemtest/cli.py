@@ -87,9 +87,23 @@ def _guest_image(chosen: UnderTest, command: str) -> GuestImage | None:
         return None
 
 
+def _scenario_errors() -> tuple[type[BaseException], ...]:
+    """What stops one scenario without saying anything about the others (they still run)."""
+    from gmemtest.host_poison import HostPoisonError
+    from gmemtest.runner import ScenarioError
+    from guests.probe_client import ProbeError
+    from guests.ssh import SshError
+    from host_stack.injectors import InjectionRefused
+    from qmp_helpers import QemuError
+
+    return (ScenarioError, HostPoisonError, InjectionRefused, ProbeError, SshError, QemuError, OSError)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from gmemtest.requirements import scenario_unmet
     from gmemtest.runner import run_in_fresh_guest
+
+    scenario_errors = _scenario_errors()
 
     names = scenario_names() if args.all else args.scenario
     if not names:
@@ -110,22 +124,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out_root.mkdir(parents=True, exist_ok=True)
     _step_log(out_root / "steps.log")
     status = EXIT_PASS
-    summary = []
+    summary: list[dict[str, Any]] = []
     for spec in specs:
         profile = chosen.profile_for(spec)
         unmet = scenario_unmet(spec, profile, binary=chosen.qemu)
         if unmet:
             print(f"{spec.name}/{profile.name}: UNMET: {'; '.join(unmet)}")
+            summary.append({"scenario": spec.name, "profile": profile.name, "unmet": unmet})
             status = status if status == EXIT_FAIL else EXIT_UNMET
             continue
         outdir = out_root / spec.name
         if args.keep:
             return _run_kept(spec, image, outdir, chosen, profile)
-        result = run_in_fresh_guest(spec, image, outdir, binary=chosen.qemu, profile=profile,
-                                    snapshot=chosen.snapshot)
+        try:
+            result = run_in_fresh_guest(spec, image, outdir, binary=chosen.qemu, profile=profile,
+                                        snapshot=chosen.snapshot)
+        except scenario_errors as exc:  # one scenario's error must not hide the others' verdicts
+            logging.getLogger("gmemtest.cli").exception("%s/%s: error", spec.name, profile.name)
+            print(f"{spec.name}/{profile.name}: ERROR: {type(exc).__name__}: {exc}")
+            summary.append({"scenario": spec.name, "profile": profile.name, "evidence": str(outdir),
+                            "error": f"{type(exc).__name__}: {exc}"})
+            status = EXIT_FAIL
+            continue
         print(result.verdict.summary())
         print(f"  evidence: {outdir}")
-        summary.append({"scenario": spec.name, "passed": result.verdict.passed, "evidence": str(outdir),
+        summary.append({"scenario": spec.name, "profile": profile.name, "passed": result.verdict.passed,
+                        "evidence": str(outdir),
                         "injection_to_sigbus_ms": result.observations.injection_to_sigbus_ms,
                         "setup": result.verdict.setup})
         if not result.verdict.passed:

@@ -1,8 +1,10 @@
 """Qualify the kernel inside the lab host: the host-side checks, run for real in L1.
 
-One L1 boot runs two commands of this very checkout inside L1 (the same code a real lab host
-runs): ``gmemtest preflight --json`` and ``gmemtest qualify --no-guest``. Their files come back
-through L1's results share; the qualification of the L1 kernel is then read here like any other.
+One L1 boot runs commands of this very checkout inside L1 (the same code a real lab host
+runs): ``gmemtest preflight --json``, ``gmemtest qualify --no-guest`` and, given a guest image,
+the whole chain (``gmemtest run`` of every host-poison row under each KVM profile, each L2
+guest a QEMU inside L1). Their files come back through L1's results share; the qualification
+of the L1 kernel is then read here like any other, the chain per profile from ``chain/<profile>/``.
 
 The Avocado lab-host tests share one such run per job and per L1 image (:func:`shared_run`):
 L1 costs a boot of about 7 s and every check inside it cleans up after itself (unpoisoning what it
@@ -22,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from gmemtest.labhost import RESULTS_IN_L1, LabhostError, LabhostTimings, booted_labhost
+from gmemtest.qualify import Item, Qualification
+from gmemtest.scenarios import SCENARIOS, Source
 from images.build import build_lock
 from images.labhost import LabhostImage
 
-__all__ = ["LabhostQualification", "qualify_in_labhost", "shared_run"]
+__all__ = ["CHAIN_PROFILES", "CHAIN_SCENARIOS", "LabhostQualification", "qualify_in_labhost", "shared_run"]
 
 LOG = logging.getLogger(__name__)
 
@@ -35,6 +39,10 @@ QUAL_DIR = "qual"
 RESULT_NAME = "labhost-qualification.json"
 # Inside L1 (TCG, 2 vCPUs) the host checks and the seed regression take well under a minute.
 INNER_TIMEOUT_S = 600.0
+CHAIN_DIR = "chain"
+# The whole chain runs under every KVM profile a plain (non-confidential) lab host can have.
+CHAIN_PROFILES = ("kvm-default", "kvm-gmem")
+CHAIN_SCENARIOS = tuple(s.name for s in SCENARIOS if s.source is Source.HOST)
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,14 @@ class LabhostQualification:
     preflight_rc: int
     qualify_rc: int
     timings: dict[str, Any]
+    chain_rc: dict[str, int] | None = None
+
+    def chain(self, profile: str) -> dict[str, dict[str, Any]]:
+        """The chain rows of ``profile`` by scenario (``gmemtest run``'s summary); empty if none ran."""
+        path = self.out / CHAIN_DIR / profile / "summary.json"
+        if not path.is_file():
+            return {}
+        return {str(row["scenario"]): row for row in json.loads(path.read_text())}
 
     @property
     def items(self) -> dict[str, dict[str, Any]]:
@@ -57,7 +73,7 @@ class LabhostQualification:
     def to_json(self) -> dict[str, Any]:
         return {"kernel_release": self.kernel_release, "image_manifest": self.image_manifest,
                 "preflight_rc": self.preflight_rc, "qualify_rc": self.qualify_rc,
-                "timings": self.timings, "out": str(self.out),
+                "timings": self.timings, "out": str(self.out), "chain_rc": self.chain_rc,
                 "outcome": self.qualification.get("outcome")}
 
     @classmethod
@@ -66,7 +82,8 @@ class LabhostQualification:
         return cls(out=out, kernel_release=doc["kernel_release"], image_manifest=doc["image_manifest"],
                    preflight=json.loads((out / PREFLIGHT_NAME).read_text()),
                    qualification=json.loads((out / "qualification.json").read_text()),
-                   preflight_rc=doc["preflight_rc"], qualify_rc=doc["qualify_rc"], timings=doc["timings"])
+                   preflight_rc=doc["preflight_rc"], qualify_rc=doc["qualify_rc"], timings=doc["timings"],
+                   chain_rc=doc.get("chain_rc"))
 
 
 def _read_json(path: Path, what: str, output: str) -> dict[str, Any]:
@@ -80,12 +97,28 @@ def _read_json(path: Path, what: str, output: str) -> dict[str, Any]:
     return data
 
 
+def _chain_command(profile: str, guest_manifest: Path) -> list[str]:
+    """``gmemtest run`` of the chain rows under ``profile`` inside L1, its evidence copied to the share.
+
+    QEMU's logs stay on L1's tmpfs while it runs (a file appended to on the 9p share reads back
+    ENODATA) and are copied out afterwards, whatever the exit status.
+    """
+    inner = f"/tmp/{CHAIN_DIR}-{profile}"  # noqa: S108 - the tmpfs of L1 itself, private to this run
+    dest = f"{RESULTS_IN_L1}/{CHAIN_DIR}/{profile}"
+    script = (f'"$@" --out {inner}; rc=$?; mkdir -p {RESULTS_IN_L1}/{CHAIN_DIR}; rm -rf {dest}; '
+              f'cp -r {inner} {dest}; exit $rc')
+    return ["sh", "-c", script, "sh", sys.executable, "-m", "gmemtest.cli", "run", "--profile", profile,
+            "--guest-manifest", str(guest_manifest), *CHAIN_SCENARIOS]
+
+
 def qualify_in_labhost(image: LabhostImage, out: Path, *, timeout: float = INNER_TIMEOUT_S,
-                       on_output: Callable[[str], None] | None = None) -> LabhostQualification:
+                       on_output: Callable[[str], None] | None = None,
+                       guest_manifest: Path | None = None) -> LabhostQualification:
     """Boot L1 from ``image``, run preflight and the host qualification in it, keep everything in ``out``.
 
     ``out`` gets ``qualification.json``/``.html`` (the L1 kernel's qualification), ``preflight.json``,
-    ``labhost/`` (L1 console, command output, dmesg) and ``labhost-qualification.json``.
+    ``labhost/`` (L1 console, command output, dmesg) and ``labhost-qualification.json``; with a
+    ``guest_manifest`` (the L2 guest image) also ``chain/<profile>/`` for every chain profile.
     """
     out = out.absolute()
     share = out / "l1-results"
@@ -99,12 +132,20 @@ def qualify_in_labhost(image: LabhostImage, out: Path, *, timeout: float = INNER
         pre = run.run(["sh", "-c", f'exec "$@" > {RESULTS_IN_L1}/{PREFLIGHT_NAME}', "sh",
                        *python, "preflight", "--json"], timeout, on_output=on_output)
         qual = run.run([*python, "qualify", "--no-guest", "--out", inner_qual], timeout, on_output=on_output)
+        chain_rc: dict[str, int] | None = None
+        if guest_manifest is not None:
+            chain_rc = {}
+            for profile in CHAIN_PROFILES:
+                chain = run.run(_chain_command(profile, guest_manifest.absolute()), timeout, on_output=on_output)
+                chain_rc[profile] = chain.returncode
         timings = run.timings
     preflight = _read_json(share / PREFLIGHT_NAME, "gmemtest preflight", pre.output)
     qualification = _read_json(share / QUAL_DIR / "qualification.json", "gmemtest qualify", qual.output)
     for name in ("qualification.json", "qualification.html"):
         shutil.copyfile(share / QUAL_DIR / name, out / name)
     shutil.copyfile(share / PREFLIGHT_NAME, out / PREFLIGHT_NAME)
+    if (share / CHAIN_DIR).is_dir():
+        shutil.copytree(share / CHAIN_DIR, out / CHAIN_DIR, dirs_exist_ok=True)
     for extra in (share / QUAL_DIR).iterdir():  # evidence the checks wrote next to the report
         if extra.name not in ("qualification.json", "qualification.html"):
             dest = out / extra.name
@@ -112,17 +153,53 @@ def qualify_in_labhost(image: LabhostImage, out: Path, *, timeout: float = INNER
                 shutil.copytree(extra, dest, dirs_exist_ok=True)
             else:
                 shutil.copyfile(extra, dest)
+    if chain_rc is not None:
+        qualification = _add_chain_items(qualification, out)
     result = LabhostQualification(
         out=out, kernel_release=image.kernel_release, image_manifest=str(image.manifest),
         preflight=preflight, qualification=qualification, preflight_rc=pre.returncode,
-        qualify_rc=qual.returncode,
+        qualify_rc=qual.returncode, chain_rc=chain_rc,
         timings={**timings.as_json(), "preflight_s": round(pre.seconds, 2), "qualify_s": round(qual.seconds, 2)})
     (out / RESULT_NAME).write_text(json.dumps(result.to_json(), indent=2) + "\n")
     return result
 
 
 
-def shared_run(image: LabhostImage, batch_root: Path) -> LabhostQualification:
+def chain_item(row: dict[str, Any], profile: str, out: Path) -> Item:
+    """One chain row of ``gmemtest run``'s summary as a qualification item (section "chain")."""
+    name = f"{row['scenario']}/{profile}"
+    evidence = f"{CHAIN_DIR}/{profile}/{row['scenario']}"
+    if "unmet" in row:
+        return Item("chain", name, "CANNOT RUN", "; ".join(row["unmet"]))
+    if "error" in row:
+        return Item("chain", name, "ERROR", str(row["error"]), evidence=evidence)
+    verdict_path = out / evidence / "verdict.json"
+    checks = json.loads(verdict_path.read_text()).get("checks", []) if verdict_path.is_file() else []
+    lines = [("ok   " if c["ok"] else "FAIL ") + (f"[{c['layer']}] " if c.get("layer") else "")
+             + f"{c['name']}: expected {c['expected']}, actual {c['actual']}" for c in checks]
+    passed = bool(row.get("passed")) and bool(checks)
+    return Item("chain", name, "PASS" if passed else "FAIL", f"{len(checks)} checks at the host, QEMU and guest",
+                lines, evidence=evidence)
+
+
+def _add_chain_items(qualification: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The L1 kernel's qualification with one item per chain row and profile, report re-rendered."""
+    from gmemtest.report_html import render
+
+    q = Qualification.from_json(qualification)
+    for profile in CHAIN_PROFILES:
+        path = out / CHAIN_DIR / profile / "summary.json"
+        if not path.is_file():
+            q.items.append(Item("chain", f"chain/{profile}", "ERROR", f"gmemtest run inside L1 left no {path.name}"))
+            continue
+        q.items.extend(chain_item(row, profile, out) for row in json.loads(path.read_text()))
+    doc = q.to_json()
+    (out / "qualification.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / "qualification.html").write_text(render(q))
+    return doc
+
+
+def shared_run(image: LabhostImage, batch_root: Path, guest_manifest: Path | None = None) -> LabhostQualification:
     """The L1 run of ``image`` under ``batch_root``: made by the first caller, read by the others.
 
     Callers are the lab-host tests of one Avocado job (separate processes): a lock serialises
@@ -136,6 +213,6 @@ def shared_run(image: LabhostImage, batch_root: Path) -> LabhostQualification:
             LOG.info("lab-host run %s reused", out)
             return LabhostQualification.load(out)
         t0 = time.monotonic()
-        result = qualify_in_labhost(image, out)
+        result = qualify_in_labhost(image, out, guest_manifest=guest_manifest)
         LOG.info("lab-host run %s took %.1f s", out, time.monotonic() - t0)
         return result

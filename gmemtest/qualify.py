@@ -66,6 +66,13 @@ class Qualification:
     # gmemtest.compare.Comparison.to_json() against an older report (qualify --compare).
     comparison: dict[str, Any] | None = None
 
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Qualification:
+        return cls(started=str(doc.get("started", "")), duration_s=float(doc.get("duration_s", 0.0)),
+                   preflight=doc.get("preflight", {}), items=[Item(**i) for i in doc.get("items", [])],
+                   findings=doc.get("findings", []), under_test=doc.get("under_test", {}),
+                   setups=doc.get("setups", {}), comparison=doc.get("comparison"))
+
     @property
     def failed(self) -> bool:
         return any(i.status in ("FAIL", "ERROR") for i in self.items)

@@ -91,7 +91,8 @@ def render(q: Qualification) -> str:
         f'<div class="finding"><b>{escape(f["id"])}</b> ({escape(f["severity"])})<br>{escape(f["text"])}</div>'
         for f in q.findings) or "<p>none</p>"
     sections = ""
-    for section, title in (("host", "Host kernel and KVM"), ("guest", "Guest scenarios (QEMU, MCE injection)")):
+    for section, title in (("host", "Host kernel and KVM"), ("guest", "Guest scenarios (QEMU, MCE injection)"),
+                           ("chain", "The whole chain: host poison, QEMU, guest (per profile, inside the lab host)")):
         items = [i for i in q.items if i.section == section]
         if items:
             sections += f"<h2>{title}</h2>" + _items_table(items)

@@ -71,3 +71,53 @@ def test_job_dir_is_found_from_a_tests_outputdir(tmp_path: Path) -> None:
 def test_qualify_labhost_refuses_guest_scenarios(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["qualify", "--labhost", "srao-late-touch-4k"]) == 2
     assert "do not run inside the lab host" in capsys.readouterr().err
+
+
+def _chain_tree(out: Path) -> None:
+    """What `gmemtest run` of the chain left in out/chain/<profile>/ (shapes of a real L1 run)."""
+    default = out / lq.CHAIN_DIR / "kvm-default"
+    (default / "host-ar-touch-4k").mkdir(parents=True)
+    (default / "host-ar-touch-4k" / "verdict.json").write_text(json.dumps({"scenario": "host-ar-touch-4k",
+        "passed": True, "checks": [
+            {"name": "KPF_HWPOISON on host pfn 0x117961", "expected": "True", "actual": "True", "ok": True,
+             "layer": "host"},
+            {"name": "si_code", "expected": "4 (BUS_MCEERR_AR)", "actual": "4 (BUS_MCEERR_AR)", "ok": True,
+             "layer": "guest"}]}))
+    (default / "summary.json").write_text(json.dumps([
+        {"scenario": "host-ar-touch-4k", "profile": "kvm-default", "passed": True},
+        {"scenario": "host-ao-late-touch-4k", "profile": "kvm-default", "error": "HostPoisonError: refusing"}]))
+    gmem = out / lq.CHAIN_DIR / "kvm-gmem"
+    gmem.mkdir(parents=True)
+    (gmem / "summary.json").write_text(json.dumps([
+        {"scenario": "host-ar-touch-4k", "profile": "kvm-gmem",
+         "unmet": ["/usr/bin/qemu-system-x86_64 (QEMU 10.0.2) has no 'guest-memfd' property"]}]))
+
+
+def test_chain_rows_become_report_items_per_profile(tmp_path: Path) -> None:
+    _chain_tree(tmp_path)
+    qual = {"started": "now", "items": [{"section": "host", "name": "x", "status": "PASS", "summary": "",
+                                         "details": []}], "preflight": {}}
+    doc = lq._add_chain_items(qual, tmp_path)
+    items = {i["name"]: i for i in doc["items"] if i["section"] == "chain"}
+    assert items["host-ar-touch-4k/kvm-default"]["status"] == "PASS"
+    assert items["host-ar-touch-4k/kvm-default"]["details"][0].startswith("ok   [host] KPF_HWPOISON")
+    assert items["host-ao-late-touch-4k/kvm-default"]["status"] == "ERROR"
+    assert items["host-ar-touch-4k/kvm-gmem"]["status"] == "CANNOT RUN"
+    assert "guest-memfd" in items["host-ar-touch-4k/kvm-gmem"]["summary"]
+    assert doc["outcome"] == "FAILED"  # the ERROR row outranks the others
+    html = (tmp_path / "qualification.html").read_text()
+    assert "The whole chain" in html and "host-ar-touch-4k/kvm-gmem" in html
+
+
+def test_a_passed_row_without_checks_is_not_a_pass(tmp_path: Path) -> None:
+    (tmp_path / lq.CHAIN_DIR / "kvm-default" / "host-ar-touch-4k").mkdir(parents=True)
+    item = lq.chain_item({"scenario": "host-ar-touch-4k", "passed": True}, "kvm-default", tmp_path)
+    assert item.status == "FAIL"
+
+
+def test_chain_command_keeps_qemu_logs_on_l1_tmpfs() -> None:
+    argv = lq._chain_command("kvm-default", Path("/g/manifest.json"))
+    assert argv[:2] == ["sh", "-c"] and "--out /tmp/chain-kvm-default" in argv[2]
+    assert f"cp -r /tmp/chain-kvm-default {lq.RESULTS_IN_L1}/chain/kvm-default" in argv[2]
+    assert argv[-len(lq.CHAIN_SCENARIOS):] == list(lq.CHAIN_SCENARIOS)
+    assert set(lq.CHAIN_SCENARIOS) == {"host-ao-late-touch-4k", "host-ao-early-kill-4k", "host-ar-touch-4k"}
