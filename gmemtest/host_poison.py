@@ -78,7 +78,7 @@ class HostPoison:
         self._witness: SigbusWitness | None = None
         self._kmsg: KmsgCursor | None = None
         self._signals: SignalTrace | None = None
-        self._stderr_offset = 0
+        self._stderr_mark = 0
 
     def __enter__(self) -> Self:
         try:
@@ -91,14 +91,8 @@ class HostPoison:
         except BaseException:
             self._stack.close()
             raise
-        self._stderr_offset = self._stderr_size()
+        self._stderr_mark = self.machine.stderr_mark()
         return self
-
-    def _stderr_size(self) -> int:
-        try:
-            return self.machine.stderr_log.stat().st_size
-        except OSError:
-            return 0
 
     def inject(self) -> HostInjection:
         assert self._injector is not None, "inject() inside the context"
@@ -131,12 +125,7 @@ class HostPoison:
 
     def forwarded_text(self) -> str:
         """What QEMU wrote to its stderr since the context began."""
-        try:
-            with self.machine.stderr_log.open("rb") as fh:
-                fh.seek(self._stderr_offset)
-                return fh.read().decode(errors="replace")
-        except OSError as exc:
-            return f"<{self.machine.stderr_log} unreadable: {exc}>"
+        return self.machine.stderr_since(self._stderr_mark)
 
     def observe(self) -> HostObservations:
         """Read every host-side observer once the guest side is done."""

@@ -71,6 +71,12 @@ class Observations:
     # each one that did not read its pattern ("offset 0x6080: read 0x00, pattern 0x5a").
     intact_checked: int = 0
     intact_mismatches: list[str] = field(default_factory=list)
+    # QEMU's KVM trace events over the injection window (KVM profiles only; None: not traced):
+    # the kvm_convert_memory lines (private/shared conversions), kvm_memory_fault lines, and how
+    # many kvm_run_exit lines there were.
+    conversions: list[str] | None = None
+    memory_faults: list[str] | None = None
+    run_exits: int | None = None
 
 
 def parse_hardware_corrupted_kb(meminfo: str) -> int:
@@ -140,6 +146,22 @@ class HostObservations:
         if tid == self.qemu_pid:
             return "main"
         return "vcpu" if tid in self.vcpu_tids else f"thread {tid}"
+
+
+_TRACE_LINE = re.compile(r"^(?:\d+@[\d.]+:)?(kvm_convert_memory|kvm_memory_fault|kvm_run_exit)\b", re.MULTILINE)
+
+
+def parse_kvm_trace(text: str) -> tuple[list[str], list[str], int]:
+    """Pure: (kvm_convert_memory lines, kvm_memory_fault lines, kvm_run_exit count) of QEMU's trace output.
+
+    QEMU's log trace backend prints ``name args`` (``pid@secs.usecs:name args`` with timestamps on).
+    """
+    found: dict[str, list[str]] = {"kvm_convert_memory": [], "kvm_memory_fault": [], "kvm_run_exit": []}
+    for line in text.splitlines():
+        match = _TRACE_LINE.match(line)
+        if match:
+            found[match.group(1)].append(line)
+    return found["kvm_convert_memory"], found["kvm_memory_fault"], len(found["kvm_run_exit"])
 
 
 def parse_recovery_text(lines: list[str]) -> list[RecoveryLine]:

@@ -100,6 +100,9 @@ class Expectation:
     recovery_page_type: str | None = None
     # Offsets of the mapping that must still read their pattern: the other 4 KiB pieces of a THP.
     intact_offsets: tuple[int, ...] = ()
+    # The private/shared conversions QEMU must trace (kvm_convert_memory) over the injection:
+    # none for a guest that is not confidential; None where the oracle cannot say (SNP, TDX).
+    conversions: tuple[str, ...] | None = ()
 
     @property
     def poison_pfns(self) -> tuple[int, ...]:

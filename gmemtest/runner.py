@@ -27,6 +27,7 @@ from gmemtest.observations import (
     SigbusSeen,
     parse_console_mce_records,
     parse_hardware_corrupted_kb,
+    parse_kvm_trace,
     parse_mce_records,
     parse_mce_severity,
     parse_panic_message,
@@ -57,6 +58,9 @@ PROBE_PATH = "/usr/bin/gmem-probe"
 TRACE_DIR = "/sys/kernel/tracing"
 # The guest's MCE poll interval (arch/x86/kernel/cpu/mce/core.c, check_interval; 0 = no polling).
 MCE_POLL_PATH = "/sys/devices/system/machinecheck/machinecheck0/check_interval"
+# QEMU's KVM trace events (accel/kvm/trace-events) switched on over the injection window of a
+# KVM guest: which private/shared conversions and memory-fault exits happened, and how many exits.
+KVM_TRACE_EVENTS = ("kvm_convert_memory", "kvm_memory_fault", "kvm_run_exit")
 # How long QEMU gets to forward a host poison (its SIGBUS handler, then the MEMORY_FAILURE event).
 FORWARD_TIMEOUT_S = 10.0
 MCE_BANK = 9
@@ -318,6 +322,9 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
             ev.json("host-frame.json", asdict(frame))
             ev.json("expectation.json", {**asdict(exp), "host": asdict(hexp)})
             poison = stack.enter_context(HostPoison(machine, frame))
+        if guest.profile.confidential:
+            exp = replace(exp, conversions=None)  # the guest converts as it likes: recorded, not judged
+        trace_mark = _kvm_trace(guest, on=True)
         try:
             reply: object = None
             if poison is not None:
@@ -389,6 +396,11 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
             ev.text("unexpected-panic.txt", f"{type(exc).__name__}: {exc}\n")
             _observe_panic(guest, injection.event_mark, obs)
         _collect_events(guest, injection, obs, expected=len(exp.memory_failure_events))
+        if trace_mark is not None and _panic_sentence(guest) is None:
+            _kvm_trace(guest, on=False)
+            text = guest.machine.stderr_since(trace_mark)
+            ev.text("qemu-kvm-trace.txt", text)
+            obs.conversions, obs.memory_faults, obs.run_exits = parse_kvm_trace(text)
         if poison is not None:
             hobs = poison.observe()
             poison.cleanup()
@@ -413,6 +425,16 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
     ev.text("verdict.json", verdict.to_json() + "\n")
     LOG.info("%s", verdict.summary())
     return ScenarioResult(spec, exp, obs, verdict, injection, evidence_dir, host)
+
+
+def _kvm_trace(guest: GuestRun, *, on: bool) -> int | None:
+    """Switch QEMU's KVM trace events on (returns the stderr mark they start at) or off; None under TCG."""
+    if guest.profile.accel != "kvm":
+        return None
+    mark = guest.machine.stderr_mark()
+    for name in KVM_TRACE_EVENTS:
+        guest.machine.trace_event_set_state(name, on)
+    return mark
 
 
 def _pattern(mapping: Mapping, offset: int, size: int = 64) -> bytes:

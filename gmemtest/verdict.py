@@ -173,6 +173,10 @@ def _judge_guest(exp: Expectation, obs: Observations) -> list[Check]:
     if exp.hwpoison_pfn is not None:
         pfns = ", ".join(f"{pfn:#x}" for pfn in exp.poison_pfns)
         checks.append(_check(f"KPF_HWPOISON on pfn {pfns}", True, obs.hwpoison_flag))
+    # QEMU's KVM trace over the injection window (KVM guests): conversions are a fact to record.
+    if obs.conversions is not None and exp.conversions is not None:
+        checks.append(_check("private/shared conversions (kvm_convert_memory)", list(exp.conversions) or "none",
+                             obs.conversions or "none", fmt=str, layer="qemu"))
     # 6. What was not poisoned is not lost: a split THP keeps its other pieces, with their data.
     if exp.intact_offsets:
         bad = obs.intact_mismatches

@@ -85,6 +85,11 @@ class GuestProfile:
     # guests (SNP/TDX state lives in the firmware/TDX module), guest_memfd-backed RAM, and
     # the lab host (its nested SVM state is a separate question, see the snapshot notes).
     restorable: bool = True
+
+    @property
+    def confidential(self) -> bool:
+        """A confidential VM (SEV-SNP, TDX): the guest converts memory between private and shared."""
+        return any(o.startswith("confidential-guest-support=") for o in self.machine_options)
     # Properties of the guest's NIC (the SSH forward's virtio-net-pci, added by the QEMU owner).
     nic_options: tuple[str, ...] = ()
 

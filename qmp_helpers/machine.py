@@ -381,6 +381,24 @@ class QemuMachine:
                     f"{why}; console tail: {tail!r}")
             time.sleep(0.02)
 
+    def stderr_mark(self) -> int:
+        """The current end of QEMU's stderr log, for :meth:`stderr_since`."""
+        if self._stderr_file is not None:
+            self._stderr_file.flush()
+        try:
+            return self.stderr_log.stat().st_size
+        except OSError:
+            return 0
+
+    def stderr_since(self, mark: int) -> str:
+        """What QEMU wrote to stderr after ``mark`` (its trace lines, its MCE forwarding lines)."""
+        try:
+            with self.stderr_log.open("rb") as fh:
+                fh.seek(mark)
+                return fh.read().decode(errors="replace")
+        except OSError as exc:
+            return f"<{self.stderr_log} unreadable: {exc}>"
+
     def _stderr_head(self, chars: int = 300) -> str:
         """The start of QEMU's stderr: where it says why it stopped (the register dump follows)."""
         if self._stderr_file is not None:
