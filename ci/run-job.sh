@@ -23,6 +23,7 @@ job_timeout=${GMEMTEST_JOB_TIMEOUT:-1500}
 manifest=$(python -m images build --json | python -c 'import json, sys; print(json.load(sys.stdin)["manifest"])')
 export GMEMTEST_GUEST_MANIFEST=${GMEMTEST_GUEST_MANIFEST:-$manifest}
 gmemtest labhost image --json >/dev/null  # the L1 of the labhost tests
+python -m images qemu --json >/dev/null   # Debian's newest QEMU in its own root (the chain runs under it)
 status=0
 avocado run --max-parallel-tasks="$parallel" --job-timeout "$job_timeout" --job-results-dir "$results" \
     avocado_tests/ "$@" || status=$?

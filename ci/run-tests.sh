@@ -12,6 +12,7 @@ export PATH="$venv/bin:$PATH"
 echo "== images (guest, lab host)"
 python -m images build --json >/dev/null
 gmemtest labhost image --json >/dev/null
+python -m images qemu --json >/dev/null  # Debian's newest QEMU in its own root (the chain runs under it)
 echo "== ruff"
 ruff check .
 echo "== mypy --strict (library packages)"

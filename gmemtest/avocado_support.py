@@ -226,10 +226,11 @@ def _labhost_run(test: AvocadoTestLike) -> LabhostQualification:
     The L1 run also carries the chain (host-poison rows under each KVM profile, L2 guests from
     the job's guest image), whichever lab-host test happens to start it.
     """
-    from gmemtest.labhost_qualify import shared_run
+    from gmemtest.labhost_qualify import chain_variants, shared_run
     from images.debs import PackageError
     from images.kconfig import KernelConfigError
     from images.labhost import DEFAULT_SUITE, DebianKernel, build_labhost_image
+    from images.qemu_root import build_qemu_root
 
     chosen = under_test(test)
     kernel = DebianKernel(chosen.labhost_kernel_suite or DEFAULT_SUITE, chosen.labhost_kernel_version)
@@ -241,7 +242,9 @@ def _labhost_run(test: AvocadoTestLike) -> LabhostQualification:
         test.cancel(f"lab host kernel {kernel.describe()} (labhost_kernel_version/suite): {exc}")
     outdir = Path(test.outputdir)
     guest = chosen.guest_image(_job_dir(outdir))
-    result = shared_run(image, _job_dir(outdir) / "labhost", guest_manifest=Path(guest.manifest))
+    newer = build_qemu_root()  # Debian's newest QEMU, in its own root: the chain also runs under it
+    result = shared_run(image, _job_dir(outdir) / "labhost", guest_manifest=Path(guest.manifest),
+                        variants=chain_variants(newer.binary))
     for evidence in ("qualification.json", "qualification.html", "preflight.json", "labhost-qualification.json"):
         src = result.out / evidence
         if src.is_file():
@@ -274,8 +277,9 @@ def run_labhost_item(test: AvocadoTestLike, name: str) -> None:
     _judge_item(test, result.items.get(name), name, result)
 
 
-def run_chain_item(test: AvocadoTestLike, scenario: str, profile: str) -> None:
-    """One host-poison row under ``profile``, as it ran inside the job's shared L1 run.
+def run_chain_item(test: AvocadoTestLike, scenario: str, variant: str) -> None:
+    """One host-poison row of a chain ``variant`` (a profile under a QEMU), as it ran inside the
+    job's shared L1 run.
 
     Its evidence (host, QEMU and guest layers) is copied into the test's outputdir; a profile
     the lab host cannot run (e.g. kvm-gmem without a QEMU that has guest-memfd) CANCELs with the
@@ -284,13 +288,13 @@ def run_chain_item(test: AvocadoTestLike, scenario: str, profile: str) -> None:
     from gmemtest.labhost_qualify import CHAIN_DIR
 
     result = _labhost_run(test)
-    item = result.items.get(f"{scenario}/{profile}")
-    evidence = result.out / CHAIN_DIR / profile / scenario
+    item = result.items.get(f"{scenario}/{variant}")
+    evidence = result.out / CHAIN_DIR / variant / scenario
     if evidence.is_dir():
         shutil.copytree(evidence, Path(test.outputdir) / scenario, dirs_exist_ok=True)
     if item is not None and item.get("status") == "PASS":
-        test.log.info("%s/%s: %s", scenario, profile, "; ".join(item.get("details", [])[:3]))
-    _judge_item(test, item, f"{scenario}/{profile}", result)
+        test.log.info("%s/%s: %s", scenario, variant, item.get("summary"))
+    _judge_item(test, item, f"{scenario}/{variant}", result)
 
 
 def _judge_item(test: AvocadoTestLike, item: dict[str, Any] | None, name: str, result: LabhostQualification) -> None:

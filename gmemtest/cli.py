@@ -287,20 +287,29 @@ def _cmd_qmp(args: argparse.Namespace) -> int:
 
 def _cmd_qualify_labhost(args: argparse.Namespace) -> int:
     from gmemtest.labhost import LabhostError
-    from gmemtest.labhost_qualify import qualify_in_labhost
+    from gmemtest.labhost_qualify import chain_variants, qualify_in_labhost
+    from images.qemu_root import build_qemu_root
 
     if args.scenario:
-        print("gmemtest qualify --labhost: guest scenarios do not run inside the lab host yet; "
+        print("gmemtest qualify --labhost: the lab host runs the chain rows (host poison) itself; "
               f"drop {' '.join(args.scenario)}", file=sys.stderr)
+        return EXIT_USAGE
+    chosen = _under_test(args, "qualify")
+    if chosen is None:
+        return EXIT_USAGE
+    guest = _guest_image(chosen, "qualify")
+    if guest is None:
         return EXIT_USAGE
     try:
         image = _labhost_image(args)
+        newer = build_qemu_root()
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"gmemtest qualify --labhost: image: {exc}", file=sys.stderr)
         return EXIT_LABHOST_ERROR
     out = Path(args.out)
     try:
-        result = qualify_in_labhost(image, out, on_output=None if args.quiet else _stream)
+        result = qualify_in_labhost(image, out, on_output=None if args.quiet else _stream,
+                                    guest_manifest=Path(guest.manifest), variants=chain_variants(newer.binary))
     except LabhostError as exc:
         print(f"gmemtest qualify --labhost: {exc}", file=sys.stderr)
         return EXIT_LABHOST_ERROR

@@ -18,7 +18,7 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,8 @@ from gmemtest.scenarios import SCENARIOS, Source
 from images.build import build_lock
 from images.labhost import LabhostImage
 
-__all__ = ["CHAIN_PROFILES", "CHAIN_SCENARIOS", "LabhostQualification", "qualify_in_labhost", "shared_run"]
+__all__ = ["CHAIN_SCENARIOS", "ChainVariant", "LabhostQualification", "chain_variants", "qualify_in_labhost",
+           "shared_run"]
 
 LOG = logging.getLogger(__name__)
 
@@ -40,9 +41,31 @@ RESULT_NAME = "labhost-qualification.json"
 # Inside L1 (TCG, 2 vCPUs) the host checks and the seed regression take well under a minute.
 INNER_TIMEOUT_S = 600.0
 CHAIN_DIR = "chain"
-# The whole chain runs under every KVM profile a plain (non-confidential) lab host can have.
-CHAIN_PROFILES = ("kvm-default", "kvm-gmem")
 CHAIN_SCENARIOS = tuple(s.name for s in SCENARIOS if s.source is Source.HOST)
+NEWER_QEMU = "newer-qemu"
+
+
+@dataclass(frozen=True)
+class ChainVariant:
+    """One run of the chain rows inside L1: a KVM profile under one QEMU.
+
+    ``label`` names the evidence directory (``chain/<label>/``) and the report items
+    (``<scenario>/<label>``); ``qemu`` None is L1's own ``qemu-system-x86_64`` (the host's).
+    """
+
+    label: str
+    profile: str
+    qemu: Path | None = None
+
+
+def chain_variants(newer_qemu: Path | None) -> tuple[ChainVariant, ...]:
+    """Every KVM profile a plain lab host can have; with a newer QEMU (images.qemu_root) also
+    kvm-default under it, and kvm-gmem only under it (the newest QEMU is its only chance)."""
+    variants = [ChainVariant("kvm-default", "kvm-default")]
+    if newer_qemu is not None:
+        variants.append(ChainVariant(f"kvm-default+{NEWER_QEMU}", "kvm-default", newer_qemu))
+    variants.append(ChainVariant("kvm-gmem", "kvm-gmem", newer_qemu))
+    return tuple(variants)
 
 
 @dataclass(frozen=True)
@@ -58,13 +81,6 @@ class LabhostQualification:
     qualify_rc: int
     timings: dict[str, Any]
     chain_rc: dict[str, int] | None = None
-
-    def chain(self, profile: str) -> dict[str, dict[str, Any]]:
-        """The chain rows of ``profile`` by scenario (``gmemtest run``'s summary); empty if none ran."""
-        path = self.out / CHAIN_DIR / profile / "summary.json"
-        if not path.is_file():
-            return {}
-        return {str(row["scenario"]): row for row in json.loads(path.read_text())}
 
     @property
     def items(self) -> dict[str, dict[str, Any]]:
@@ -97,28 +113,30 @@ def _read_json(path: Path, what: str, output: str) -> dict[str, Any]:
     return data
 
 
-def _chain_command(profile: str, guest_manifest: Path) -> list[str]:
-    """``gmemtest run`` of the chain rows under ``profile`` inside L1, its evidence copied to the share.
+def _chain_command(variant: ChainVariant, guest_manifest: Path) -> list[str]:
+    """``gmemtest run`` of the chain rows of ``variant`` inside L1, its evidence copied to the share.
 
     QEMU's logs stay on L1's tmpfs while it runs (a file appended to on the 9p share reads back
     ENODATA) and are copied out afterwards, whatever the exit status.
     """
-    inner = f"/tmp/{CHAIN_DIR}-{profile}"  # noqa: S108 - the tmpfs of L1 itself, private to this run
-    dest = f"{RESULTS_IN_L1}/{CHAIN_DIR}/{profile}"
+    inner = f"/tmp/{CHAIN_DIR}-{variant.label}"  # noqa: S108 - the tmpfs of L1 itself, private to this run
+    dest = f"{RESULTS_IN_L1}/{CHAIN_DIR}/{variant.label}"
     script = (f'"$@" --out {inner}; rc=$?; mkdir -p {RESULTS_IN_L1}/{CHAIN_DIR}; rm -rf {dest}; '
               f'cp -r {inner} {dest}; exit $rc')
-    return ["sh", "-c", script, "sh", sys.executable, "-m", "gmemtest.cli", "run", "--profile", profile,
-            "--guest-manifest", str(guest_manifest), *CHAIN_SCENARIOS]
+    qemu = ["--qemu", str(variant.qemu)] if variant.qemu is not None else []
+    return ["sh", "-c", script, "sh", sys.executable, "-m", "gmemtest.cli", "run", "--profile", variant.profile,
+            *qemu, "--guest-manifest", str(guest_manifest), *CHAIN_SCENARIOS]
 
 
 def qualify_in_labhost(image: LabhostImage, out: Path, *, timeout: float = INNER_TIMEOUT_S,
                        on_output: Callable[[str], None] | None = None,
-                       guest_manifest: Path | None = None) -> LabhostQualification:
+                       guest_manifest: Path | None = None,
+                       variants: Sequence[ChainVariant] = ()) -> LabhostQualification:
     """Boot L1 from ``image``, run preflight and the host qualification in it, keep everything in ``out``.
 
     ``out`` gets ``qualification.json``/``.html`` (the L1 kernel's qualification), ``preflight.json``,
     ``labhost/`` (L1 console, command output, dmesg) and ``labhost-qualification.json``; with a
-    ``guest_manifest`` (the L2 guest image) also ``chain/<profile>/`` for every chain profile.
+    ``guest_manifest`` (the L2 guest image) also ``chain/<label>/`` for every chain variant.
     """
     out = out.absolute()
     share = out / "l1-results"
@@ -135,9 +153,9 @@ def qualify_in_labhost(image: LabhostImage, out: Path, *, timeout: float = INNER
         chain_rc: dict[str, int] | None = None
         if guest_manifest is not None:
             chain_rc = {}
-            for profile in CHAIN_PROFILES:
-                chain = run.run(_chain_command(profile, guest_manifest.absolute()), timeout, on_output=on_output)
-                chain_rc[profile] = chain.returncode
+            for variant in variants:
+                chain = run.run(_chain_command(variant, guest_manifest.absolute()), timeout, on_output=on_output)
+                chain_rc[variant.label] = chain.returncode
         timings = run.timings
     preflight = _read_json(share / PREFLIGHT_NAME, "gmemtest preflight", pre.output)
     qualification = _read_json(share / QUAL_DIR / "qualification.json", "gmemtest qualify", qual.output)
@@ -154,7 +172,7 @@ def qualify_in_labhost(image: LabhostImage, out: Path, *, timeout: float = INNER
             else:
                 shutil.copyfile(extra, dest)
     if chain_rc is not None:
-        qualification = _add_chain_items(qualification, out)
+        qualification = _add_chain_items(qualification, out, variants)
     result = LabhostQualification(
         out=out, kernel_release=image.kernel_release, image_manifest=str(image.manifest),
         preflight=preflight, qualification=qualification, preflight_rc=pre.returncode,
@@ -165,10 +183,10 @@ def qualify_in_labhost(image: LabhostImage, out: Path, *, timeout: float = INNER
 
 
 
-def chain_item(row: dict[str, Any], profile: str, out: Path) -> Item:
+def chain_item(row: dict[str, Any], label: str, out: Path) -> Item:
     """One chain row of ``gmemtest run``'s summary as a qualification item (section "chain")."""
-    name = f"{row['scenario']}/{profile}"
-    evidence = f"{CHAIN_DIR}/{profile}/{row['scenario']}"
+    name = f"{row['scenario']}/{label}"
+    evidence = f"{CHAIN_DIR}/{label}/{row['scenario']}"
     if "unmet" in row:
         return Item("chain", name, "CANNOT RUN", "; ".join(row["unmet"]))
     if "error" in row:
@@ -178,28 +196,32 @@ def chain_item(row: dict[str, Any], profile: str, out: Path) -> Item:
     lines = [("ok   " if c["ok"] else "FAIL ") + (f"[{c['layer']}] " if c.get("layer") else "")
              + f"{c['name']}: expected {c['expected']}, actual {c['actual']}" for c in checks]
     passed = bool(row.get("passed")) and bool(checks)
-    return Item("chain", name, "PASS" if passed else "FAIL", f"{len(checks)} checks at the host, QEMU and guest",
-                lines, evidence=evidence)
+    qemu = row.get("setup", {}).get("qemu", {})
+    under = f" (QEMU {qemu.get('version')}, {qemu.get('package')})" if qemu else ""
+    return Item("chain", name, "PASS" if passed else "FAIL",
+                f"{len(checks)} checks at the host, QEMU and guest{under}", lines, evidence=evidence)
 
 
-def _add_chain_items(qualification: dict[str, Any], out: Path) -> dict[str, Any]:
-    """The L1 kernel's qualification with one item per chain row and profile, report re-rendered."""
+def _add_chain_items(qualification: dict[str, Any], out: Path, variants: Sequence[ChainVariant]) -> dict[str, Any]:
+    """The L1 kernel's qualification with one item per chain row and variant, report re-rendered."""
     from gmemtest.report_html import render
 
     q = Qualification.from_json(qualification)
-    for profile in CHAIN_PROFILES:
-        path = out / CHAIN_DIR / profile / "summary.json"
+    for variant in variants:
+        path = out / CHAIN_DIR / variant.label / "summary.json"
         if not path.is_file():
-            q.items.append(Item("chain", f"chain/{profile}", "ERROR", f"gmemtest run inside L1 left no {path.name}"))
+            q.items.append(Item("chain", f"chain/{variant.label}", "ERROR",
+                                f"gmemtest run inside L1 left no {path.name}"))
             continue
-        q.items.extend(chain_item(row, profile, out) for row in json.loads(path.read_text()))
+        q.items.extend(chain_item(row, variant.label, out) for row in json.loads(path.read_text()))
     doc = q.to_json()
     (out / "qualification.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out / "qualification.html").write_text(render(q))
     return doc
 
 
-def shared_run(image: LabhostImage, batch_root: Path, guest_manifest: Path | None = None) -> LabhostQualification:
+def shared_run(image: LabhostImage, batch_root: Path, guest_manifest: Path | None = None,
+               variants: Sequence[ChainVariant] = ()) -> LabhostQualification:
     """The L1 run of ``image`` under ``batch_root``: made by the first caller, read by the others.
 
     Callers are the lab-host tests of one Avocado job (separate processes): a lock serialises
@@ -213,6 +235,6 @@ def shared_run(image: LabhostImage, batch_root: Path, guest_manifest: Path | Non
             LOG.info("lab-host run %s reused", out)
             return LabhostQualification.load(out)
         t0 = time.monotonic()
-        result = qualify_in_labhost(image, out, guest_manifest=guest_manifest)
+        result = qualify_in_labhost(image, out, guest_manifest=guest_manifest, variants=variants)
         LOG.info("lab-host run %s took %.1f s", out, time.monotonic() - t0)
         return result

@@ -22,9 +22,17 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--force", action="store_true", help="rebuild even on a cache hit")
     build.add_argument("--json", action="store_true", help="print the GuestImage as JSON")
     build.add_argument("-v", "--verbose", action="store_true")
+    qemu = sub.add_parser("qemu", help="unpack the newer QEMU of a Debian suite into its own root (cached)")
+    qemu.add_argument("--cache", type=Path, default=None, help=f"cache root (default: {default_cache_root()})")
+    qemu.add_argument("--suite", default=None, help="Debian suite of the QEMU (default: trixie-backports)")
+    qemu.add_argument("--force", action="store_true", help="rebuild even on a cache hit")
+    qemu.add_argument("--json", action="store_true", help="print the QemuRoot as JSON")
+    qemu.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.command == "qemu":
+        return _qemu(args)
     try:
         image = build_default_image(args.cache, force=args.force)
     except (BuildError, PackageError, KernelConfigError) as exc:
@@ -35,6 +43,22 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"kernel  {image.kernel}\ninitrd  {image.initrd}\nssh key {image.ssh_key}\n"
               f"release {image.kernel_release}\ncache   {'hit' if image.cache_hit else 'built'}")
+    return 0
+
+
+def _qemu(args: argparse.Namespace) -> int:
+    from images.qemu_root import QEMU_SUITE, build_qemu_root
+
+    try:
+        root = build_qemu_root(args.cache, suite=args.suite or QEMU_SUITE, force=args.force)
+    except (BuildError, PackageError) as exc:
+        print(f"QEMU root build failed: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(root.as_json(), indent=2))
+    else:
+        print(f"qemu    {root.binary}\nversion {root.version} ({root.suite})")
+        print(f"cache   {'hit' if root.cache_hit else 'built'}")
     return 0
 
 

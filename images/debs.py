@@ -168,24 +168,32 @@ def debian_uri(etc_apt: Path = Path("/etc/apt"), suite: str = "bookworm") -> str
 
 
 def private_apt(root: Path, suite: str, *, uri: str | None = None,
-                components: Sequence[str] = ("main",), keyring: str = _DEBIAN_KEYRING) -> AptConfig:
-    """An apt configuration under ``root`` that lists only ``suite`` of ``uri``.
+                components: Sequence[str] = ("main",), keyring: str = _DEBIAN_KEYRING,
+                base: Sequence[str] = ()) -> AptConfig:
+    """An apt configuration under ``root`` that lists only ``suite`` of ``uri`` (and ``base``).
 
     Sources, lists, cache, preferences and the dpkg status all live under ``root``,
-    so the candidate depends on that suite alone (not on what the host has installed
-    or pinned) and ``/etc/apt`` is never written.
+    so the candidate depends on those suites alone (not on what the host has installed
+    or pinned) and ``/etc/apt`` is never written. ``base`` suites (e.g. trixie under
+    trixie-backports) supply dependencies; ``suite`` is pinned above them, so its
+    version is the candidate wherever it has one.
     """
-    if not _SUITE_RE.match(suite):
-        raise PackageError(f"suite {suite!r} is not a Debian suite name "
-                           "(lower-case letters, digits, '.', '-'; e.g. trixie-backports)")
+    for name in (suite, *base):
+        if not _SUITE_RE.match(name):
+            raise PackageError(f"suite {name!r} is not a Debian suite name "
+                               "(lower-case letters, digits, '.', '-'; e.g. trixie-backports)")
     uri = uri if uri is not None else debian_uri()
     root = root.absolute()
     for sub in ("etc/sources.list.d", "etc/preferences.d", "lists/partial", "cache/archives/partial"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     sources = root / "etc" / "sources.list"
-    line = f"deb [signed-by={keyring}] {uri} {suite} {' '.join(components)}\n"
+    line = "".join(f"deb [signed-by={keyring}] {uri} {name} {' '.join(components)}\n" for name in (suite, *base))
     if not sources.is_file() or sources.read_text() != line:
         sources.write_text(line)
+    preferences = root / "etc" / "preferences"
+    pin = f"Package: *\nPin: release n={suite}\nPin-Priority: 990\n" if base else ""  # n: the codename
+    if not preferences.is_file() or preferences.read_text() != pin:
+        preferences.write_text(pin)
     status = root / "status"
     if not status.exists():
         status.write_text("")
@@ -228,6 +236,37 @@ def resolve(names: Iterable[str], apt: AptConfig = SYSTEM_APT) -> tuple[PackageP
         raise PackageError(f"{apt.label} has no candidate for {', '.join(absent)}; "
                            "run 'apt-get update' or check the configured suites")
     return tuple(found[n] for n in wanted)
+
+
+_INST_RE = re.compile(r"^Inst (\S+) \((\S+) ", re.MULTILINE)
+
+
+def install_closure(names: Iterable[str], apt: AptConfig) -> tuple[PackagePin, ...]:
+    """Pins of every package an install of ``names`` into an empty system needs (no recommends).
+
+    apt itself resolves the dependencies (``apt-get -s install`` against the private, empty
+    dpkg status), so the set is what a real install would unpack: a root that runs a program
+    built for another release (QEMU of trixie-backports on a bookworm host) with its own libc.
+    """
+    if apt == SYSTEM_APT:
+        raise PackageError("a closure is resolved against a private apt configuration (empty dpkg status)")
+    wanted = list(dict.fromkeys(names))
+    text = _run(["apt-get", *apt.args(), "-o", "Debug::NoLocking=1", "-s", "-q", "--no-install-recommends",
+                 "install", *wanted])
+    chosen = dict(_INST_RE.findall(text))
+    absent = [n for n in wanted if n not in chosen]
+    if absent:
+        raise PackageError(f"{apt.label}: an install of {', '.join(wanted)} would not install {', '.join(absent)}")
+    records = _records(_run(["apt-cache", *apt.args(), "show", *(f"{n}={v}" for n, v in chosen.items())]))
+    pins: dict[str, PackagePin] = {}
+    for rec in records:
+        name = rec.get("Package", "")
+        if chosen.get(name) == rec.get("Version") and name not in pins:
+            pins[name] = PackagePin(name, rec["Version"], rec["SHA256"], rec["Filename"].rsplit("/", 1)[-1])
+    missing = sorted(set(chosen) - set(pins))
+    if missing:
+        raise PackageError(f"{apt.label}: no index record for {', '.join(missing)}")
+    return tuple(pins[n] for n in sorted(pins))
 
 
 def package_names(prefix: str, apt: AptConfig = SYSTEM_APT) -> tuple[str, ...]:

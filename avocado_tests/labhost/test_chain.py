@@ -7,6 +7,9 @@ HardwareCorrupted, its recovery line, which QEMU thread it signalled with which 
 (the SIGBUS siginfo its vCPU thread got, its "Guest MCE Memory Error" line, MEMORY_FAILURE) and
 the guest (MCE record, recovery, the program's siginfo). One shared L1 run per job serves these
 tests and the other lab-host tests. A profile L1 cannot run CANCELs with the reason it probed.
+
+Variants: kvm-default under L1's QEMU (the host's) and under Debian's newest QEMU (unpacked into
+its own root by images.qemu_root); kvm-gmem under the newest one.
 """
 
 from __future__ import annotations
@@ -40,6 +43,18 @@ class HostPoisonChain(Test):  # type: ignore[misc]  # avocado is untyped
         :avocado: tags=ar,kvm-default
         """
         run_chain_item(self, "host-ar-touch-4k", "kvm-default")
+
+    def test_ao_late_touch_kvm_default_newer_qemu(self) -> None:
+        """:avocado: tags=ao,kvm-default,newer-qemu"""
+        run_chain_item(self, "host-ao-late-touch-4k", "kvm-default+newer-qemu")
+
+    def test_ao_early_kill_kvm_default_newer_qemu(self) -> None:
+        """:avocado: tags=ao,early,kvm-default,newer-qemu"""
+        run_chain_item(self, "host-ao-early-kill-4k", "kvm-default+newer-qemu")
+
+    def test_ar_touch_kvm_default_newer_qemu(self) -> None:
+        """:avocado: tags=ar,kvm-default,newer-qemu"""
+        run_chain_item(self, "host-ar-touch-4k", "kvm-default+newer-qemu")
 
     def test_ao_late_touch_kvm_gmem(self) -> None:
         """:avocado: tags=ao,kvm-gmem,gmem"""

@@ -70,7 +70,7 @@ def test_job_dir_is_found_from_a_tests_outputdir(tmp_path: Path) -> None:
 
 def test_qualify_labhost_refuses_guest_scenarios(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["qualify", "--labhost", "srao-late-touch-4k"]) == 2
-    assert "do not run inside the lab host" in capsys.readouterr().err
+    assert "the lab host runs the chain rows (host poison) itself; drop srao-late-touch-4k" in capsys.readouterr().err
 
 
 def _chain_tree(out: Path) -> None:
@@ -97,7 +97,7 @@ def test_chain_rows_become_report_items_per_profile(tmp_path: Path) -> None:
     _chain_tree(tmp_path)
     qual = {"started": "now", "items": [{"section": "host", "name": "x", "status": "PASS", "summary": "",
                                          "details": []}], "preflight": {}}
-    doc = lq._add_chain_items(qual, tmp_path)
+    doc = lq._add_chain_items(qual, tmp_path, lq.chain_variants(None))
     items = {i["name"]: i for i in doc["items"] if i["section"] == "chain"}
     assert items["host-ar-touch-4k/kvm-default"]["status"] == "PASS"
     assert items["host-ar-touch-4k/kvm-default"]["details"][0].startswith("ok   [host] KPF_HWPOISON")
@@ -116,8 +116,19 @@ def test_a_passed_row_without_checks_is_not_a_pass(tmp_path: Path) -> None:
 
 
 def test_chain_command_keeps_qemu_logs_on_l1_tmpfs() -> None:
-    argv = lq._chain_command("kvm-default", Path("/g/manifest.json"))
+    argv = lq._chain_command(lq.ChainVariant("kvm-default", "kvm-default"), Path("/g/manifest.json"))
     assert argv[:2] == ["sh", "-c"] and "--out /tmp/chain-kvm-default" in argv[2]
     assert f"cp -r /tmp/chain-kvm-default {lq.RESULTS_IN_L1}/chain/kvm-default" in argv[2]
+    assert "--qemu" not in argv
     assert argv[-len(lq.CHAIN_SCENARIOS):] == list(lq.CHAIN_SCENARIOS)
     assert set(lq.CHAIN_SCENARIOS) == {"host-ao-late-touch-4k", "host-ao-early-kill-4k", "host-ar-touch-4k"}
+
+
+def test_chain_variants_run_gmem_under_the_newer_qemu_only() -> None:
+    newer = Path("/cache/images/q/bin/qemu-system-x86_64")
+    assert [(v.label, v.profile, v.qemu) for v in lq.chain_variants(newer)] == [
+        ("kvm-default", "kvm-default", None), ("kvm-default+newer-qemu", "kvm-default", newer),
+        ("kvm-gmem", "kvm-gmem", newer)]
+    assert [v.label for v in lq.chain_variants(None)] == ["kvm-default", "kvm-gmem"]
+    argv = lq._chain_command(lq.chain_variants(newer)[1], Path("/g/manifest.json"))
+    assert argv[argv.index("--qemu") + 1] == str(newer) and argv[argv.index("--profile") + 1] == "kvm-default"
