@@ -535,7 +535,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from gmemtest.benchmark import run_benchmark
 
     results = run_benchmark(runs=args.runs, out=Path(args.out), suite=args.suite, cold=args.cold,
-                            labhost=args.labhost, guest=not args.no_guest, nested=args.nested)
+                            labhost=args.labhost, guest=not args.no_guest, nested=args.nested,
+                            nested_scenario=args.nested_scenario)
     print(json.dumps(results["summary"], indent=2))
     print(f"full results: {args.out}")
     return EXIT_PASS
@@ -638,6 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nested", type=int, default=0, metavar="N",
                    help="also N chain runs, each its own L1 with a kvm-default guest (how often one ends "
                         "without a verdict)")
+    p.add_argument("--nested-scenario", default="host-ar-touch-4k", metavar="NAME",
+                   help="the scenario each nested chain run judges (default: host-ar-touch-4k, the host-poison chain)")
     p.set_defaults(func=_cmd_bench)
     return parser
 
