@@ -83,6 +83,20 @@ class GuestRun:
     def guest_text(self, command: str, timeout: float = 20.0) -> str:
         return self.ssh.run_checked(command, timeout=timeout).stdout
 
+    def reboot(self, timeout: float = 90.0) -> float:
+        """QMP ``system_reset``, then wait for the ready marker again and log in anew.
+
+        Returns the seconds from the reset to the first SSH command. The old session is closed
+        first (its TCP connection dies with the guest's kernel); the new one replaces it.
+        """
+        t0 = time.monotonic()
+        self.ssh.close()
+        self.machine.qmp("system_reset")
+        self.machine.wait_console(READY_MARKER, timeout=timeout, stuck_states=STUCK_RUN_STATES)
+        self.ssh = _connect(self.machine, self.image, max(5.0, timeout - (time.monotonic() - t0)))
+        self.ssh.run_checked("true", timeout=timeout)
+        return time.monotonic() - t0
+
     def launch_record(self) -> dict[str, Any]:
         """What was really under test, read from the launched machine, not from the request.
 
@@ -286,7 +300,10 @@ def booted_guest(
         if run is None:
             run = _boot(stack, launch, boot_timeout_s, record, cache=cache, key=key)
         (workdir / "boot.json").write_text(json.dumps(run.boot.as_json(run.timings), indent=2) + "\n")
-        yield run
+        try:
+            yield run
+        finally:
+            run.ssh.close()  # the session of a reboot() is not the one the stack closes
 
 
 def _boot(stack: ExitStack, launch: _Launch, boot_timeout_s: float, record: BootRecord, *,

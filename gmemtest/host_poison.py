@@ -28,7 +28,7 @@ from host_stack.injectors import CorruptPfnInjector, InjectionRecord, prove_fram
 from host_stack.kernelfs import DEBUGFS, mounted
 from host_stack.kmsg import KmsgCursor
 from host_stack.mm_uapi import SIGBUS
-from host_stack.pagemap import hardware_corrupted_kib, read_kpageflags, read_memory
+from host_stack.pagemap import hardware_corrupted_kib, read_kpageflags, read_memory, read_pagemap
 from host_stack.signal_trace import GeneratedSignal, SignalTrace
 from host_stack.witness import SigbusWitness
 from qmp_helpers import QemuMachine
@@ -141,6 +141,13 @@ class HostPoison:
         obs.kernel_log.extend(r.text for r in self._kmsg.read_new())
         obs.recovery_lines = [r for r in parse_recovery_text(obs.kernel_log) if r.pfn == self.frame.pfn]
         return obs
+
+    def frame_now(self) -> tuple[int | None, bool | None]:
+        """The frame behind the hva now, and whether it is poisoned (None: not present)."""
+        entry = read_pagemap(self.frame.hva, self.frame.qemu_pid)
+        if entry.pfn is None:
+            return None, None
+        return entry.pfn, read_kpageflags(entry.pfn).hwpoison
 
     def cleanup(self) -> None:
         """Unpoison the frame and prove it: KPF_HWPOISON must be clear afterwards."""

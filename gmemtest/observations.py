@@ -138,6 +138,12 @@ class HostObservations:
     recovery_lines: list[RecoveryLine] = field(default_factory=list)
     kernel_log: list[str] = field(default_factory=list)
     injection_errno: int = 0
+    # After a system_reset (reset rows): the frame now behind the hva and whether it is poisoned,
+    # what the rebooted guest's kernel read at the gpa, and the seconds from reset to SSH.
+    pfn_after_reset: int | None = None
+    hwpoison_after_reset: bool | None = None
+    guest_read_after_reset: str | None = None
+    reset_to_ssh_s: float | None = None
     cleanup: str = "none attempted"
     cleanup_failed: bool = False
 

@@ -310,6 +310,10 @@ class HostExpectation:
     forwarded: tuple[tuple[str, int, int], ...]
     host_hardware_corrupted_delta_kb: int
     host_recovery: tuple[int, str]  # (pfn, result) of the host's "Memory failure: ..." line
+    # system_reset with the frame still poisoned: QEMU remaps every page it recorded as poisoned
+    # (kvm_unpoison_all -> qemu_ram_remap), so the hva is backed by another, healthy frame and
+    # the rebooted guest's kernel reads the gpa without a machine check.
+    reset: bool = False
 
     @property
     def guest_recovers_first(self) -> bool:
@@ -376,5 +380,6 @@ def expect_host(spec: ScenarioSpec, layout: MappingLayout, frame: HostFrameLayou
         mce_bank=mce_bank, mce_record_addr=gpa_page,
     )
     host = HostExpectation(frame=frame, qemu_sigbus=tuple(qemu_sigbus), forwarded=tuple(forwarded),
-                           host_hardware_corrupted_delta_kb=PAGE_SIZE // 1024, host_recovery=(frame.pfn, "Recovered"))
+                           host_hardware_corrupted_delta_kb=PAGE_SIZE // 1024, host_recovery=(frame.pfn, "Recovered"),
+                           reset=spec.reset_after)
     return exp, host

@@ -386,6 +386,8 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
                 # 'quit' is answered only after every line the probe wrote before it: a late SIGBUS
                 # (one the probe reported after its last reply) is read here, not lost.
                 probe.close()
+                if poison is not None and spec.reset_after:
+                    _reset_and_reread(guest, poison, ev)
         except (ProbeError, SshError) as exc:
             # A guest that panicked where the scenario expects it to survive is a verdict on the
             # host stack (the 'guest panicked' check fails), not a broken test run.
@@ -425,6 +427,30 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
     ev.text("verdict.json", verdict.to_json() + "\n")
     LOG.info("%s", verdict.summary())
     return ScenarioResult(spec, exp, obs, verdict, injection, evidence_dir, host)
+
+
+def _reset_and_reread(guest: GuestRun, poison: HostPoison, ev: _Evidence) -> None:
+    """system_reset with the host frame still poisoned; then the rebooted kernel loads the gpa."""
+    hobs = poison.obs
+    gpa = poison.frame.gpa
+    ev.text("console-before-reset.log", guest.machine.console_text())
+    hobs.reset_to_ssh_s = round(guest.reboot(), 2)
+    channel = guest.ssh.start(PROBE_PATH)
+    probe = ProbeClient(channel, abort=lambda: _panic_sentence(guest))
+    try:
+        got = probe.readphys(gpa)
+        hobs.guest_read_after_reset = ("read" if not isinstance(got, SigbusReport)
+                                       else f"SIGBUS si_code {got.si_code} at {got.si_addr:#x}")
+    except (ProbeError, SshError) as exc:
+        hobs.guest_read_after_reset = f"{type(exc).__name__}: {exc}" + (
+            f" ({_panic_sentence(guest)})" if _panic_sentence(guest) else "")
+    finally:
+        probe.close()
+        probe.write_transcript(ev.dir / "probe-after-reset.jsonl")
+    hobs.pfn_after_reset, hobs.hwpoison_after_reset = poison.frame_now()
+    LOG.info("after system_reset: gpa %#x read by the guest: %s; hva %#x now pfn %s", gpa,
+             hobs.guest_read_after_reset, poison.frame.hva,
+             "none" if hobs.pfn_after_reset is None else hex(hobs.pfn_after_reset))
 
 
 def _kvm_trace(guest: GuestRun, *, on: bool) -> int | None:

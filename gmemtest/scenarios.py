@@ -73,6 +73,9 @@ class ScenarioSpec:
     # AMD guest learns of a forwarded action-optional error only when it polls (QEMU writes a
     # deferred error to the bank and raises nothing). 0 switches polling off; None leaves it.
     guest_mce_poll_s: int | None = None
+    # After the verdict's guest part: system_reset with the host frame still poisoned, then the
+    # rebooted guest's kernel loads that gpa (QEMU must have replaced the page on reset).
+    reset_after: bool = False
 
     def __post_init__(self) -> None:
         if self.page_kind not in PAGE_KINDS:
@@ -97,6 +100,8 @@ class ScenarioSpec:
         if self.guest_mce_poll_s is not None and self.guest_mce_poll_s < 0:
             raise ValueError(f"scenario {self.name}: guest_mce_poll_s must be >= 0 (0: no polling), "
                              f"got {self.guest_mce_poll_s}")
+        if self.reset_after and (self.source is not Source.HOST or self.trigger is not Trigger.TOUCH):
+            raise ValueError(f"scenario {self.name}: a reset after the injection is for host-poison touch rows")
         if self.source is Source.HOST:
             # corrupt-pfn is an action-optional event for the host; what reaches the guest is
             # QEMU's translation of it. One 4 KiB frame behind ordinary guest RAM, one injection.
@@ -200,6 +205,15 @@ SCENARIOS: tuple[ScenarioSpec, ...] = (
         page_kind="anon4k", npages=4, mce_kind="SRAO", trigger=Trigger.WAIT, kill=KillPolicy.EARLY_PRCTL,
         poison_offset=0x2000 + 0x100, profile="kvm-default", source=Source.HOST,
         guest_mce_poll_s=1, tags=("host", "chain", "ao", "early", "4k"),
+    ),
+    ScenarioSpec(
+        name="host-ao-reset-4k",
+        summary="host poisons the frame behind a 4 KiB guest page, the guest recovers it, then system_reset: "
+                "QEMU replaces the poisoned page and the rebooted guest's kernel reads that gpa without a "
+                "machine check",
+        page_kind="anon4k", npages=4, mce_kind="SRAO", trigger=Trigger.TOUCH, kill=KillPolicy.LATE_PRCTL,
+        poison_offset=0x2000 + 0x80, touch_offset=0x2000 + 0x10, profile="kvm-default", source=Source.HOST,
+        guest_mce_poll_s=1, reset_after=True, tags=("host", "chain", "ao", "reset", "4k"),
     ),
     ScenarioSpec(
         name="host-ar-touch-4k",

@@ -115,6 +115,15 @@ def judge_host(hexp: HostExpectation, hobs: HostObservations) -> list[Check]:
         _check("host poison cleaned up (unpoison-pfn)", "cleaned", "failed: " + hobs.cleanup
                if hobs.cleanup_failed else "cleaned", layer="host"),
     ]
+    if hexp.reset:
+        now = hobs.pfn_after_reset
+        replaced = now is not None and now != frame.pfn and hobs.hwpoison_after_reset is False
+        checks.append(Check("frame behind the hva after system_reset", f"a healthy frame other than {frame.pfn:#x}",
+                            "a healthy frame other than " + hex(frame.pfn) if replaced else
+                            f"pfn {'none' if now is None else hex(now)}"
+                            f"{' KPF_HWPOISON' if hobs.hwpoison_after_reset else ''}", replaced, "qemu"))
+        checks.append(_check(f"rebooted guest's kernel reads gpa {frame.gpa:#x} (/proc/kcore)", "read",
+                             hobs.guest_read_after_reset, layer="guest"))
     return checks
 
 

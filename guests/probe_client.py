@@ -163,6 +163,15 @@ class TouchResult:
 
 
 @dataclass(frozen=True)
+class PhysRead:
+    """One byte the guest kernel loaded at a guest-physical address (``readphys``, via /proc/kcore)."""
+
+    gpa: int
+    va: int  # the direct-map address the kernel read it at
+    value: int
+
+
+@dataclass(frozen=True)
 class LocateResult:
     """Where one byte of a mapping lives now (pagemap re-read at the time of the command)."""
 
@@ -288,6 +297,13 @@ class ProbeClient:
         return LocateResult(id=_int(obj, "id"), offset=_int(obj, "offset"), va=_int(obj, "va"),
                             present=bool(obj.get("present")), pfn=_int(obj, "pfn"),
                             gpa=_int(obj, "gpa"), flags=_opt_int(obj, "flags"))
+
+    def readphys(self, gpa: int) -> PhysRead | SigbusReport:
+        """Have the guest kernel load the byte at ``gpa`` (through /proc/kcore's direct map)."""
+        obj = self._command(f"readphys {int(gpa):#x}", ("physread",), sigbus_ok=True)
+        if isinstance(obj, SigbusReport):
+            return obj
+        return PhysRead(gpa=_int(obj, "gpa"), va=_int(obj, "va"), value=_int(obj, "value"))
 
     def flags(self, mapping_id: int) -> FlagsReport:
         obj = self._command(f"flags {int(mapping_id)}", ("flags",))

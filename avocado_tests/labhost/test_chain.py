@@ -37,6 +37,13 @@ class HostPoisonChain(Test):  # type: ignore[misc]  # avocado is untyped
         """:avocado: tags=ao,early,kvm-default"""
         run_chain_item(self, "host-ao-early-kill-4k", "kvm-default")
 
+    def test_ao_reset_kvm_default(self) -> None:
+        """The poisoned page across system_reset: QEMU replaces it, the rebooted guest reads it.
+
+        :avocado: tags=ao,reset,kvm-default
+        """
+        run_chain_item(self, "host-ao-reset-4k", "kvm-default")
+
     def test_ar_touch_kvm_default(self) -> None:
         """The touch makes KVM signal QEMU's vCPU thread (AR), QEMU injects an SRAR.
 
@@ -52,6 +59,13 @@ class HostPoisonChain(Test):  # type: ignore[misc]  # avocado is untyped
         """:avocado: tags=ao,early,kvm-default,newer-qemu"""
         run_chain_item(self, "host-ao-early-kill-4k", "kvm-default+newer-qemu")
 
+    def test_ao_reset_kvm_default_newer_qemu(self) -> None:
+        """The poisoned page across system_reset: QEMU replaces it, the rebooted guest reads it.
+
+        :avocado: tags=ao,reset,kvm-default,newer-qemu
+        """
+        run_chain_item(self, "host-ao-reset-4k", "kvm-default+newer-qemu")
+
     def test_ar_touch_kvm_default_newer_qemu(self) -> None:
         """:avocado: tags=ar,kvm-default,newer-qemu"""
         run_chain_item(self, "host-ar-touch-4k", "kvm-default+newer-qemu")
@@ -63,6 +77,13 @@ class HostPoisonChain(Test):  # type: ignore[misc]  # avocado is untyped
     def test_ao_early_kill_kvm_gmem(self) -> None:
         """:avocado: tags=ao,early,kvm-gmem,gmem"""
         run_chain_item(self, "host-ao-early-kill-4k", "kvm-gmem")
+
+    def test_ao_reset_kvm_gmem(self) -> None:
+        """The poisoned page across system_reset: QEMU replaces it, the rebooted guest reads it.
+
+        :avocado: tags=ao,reset,kvm-gmem,gmem
+        """
+        run_chain_item(self, "host-ao-reset-4k", "kvm-gmem")
 
     def test_ar_touch_kvm_gmem(self) -> None:
         """:avocado: tags=ar,kvm-gmem,gmem"""

@@ -24,6 +24,7 @@
  * Build: gcc -static -O2 -Wall -Wextra -Werror -o gmem-probe gmem_probe.c
  */
 #define _GNU_SOURCE
+#include <elf.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <setjmp.h>
@@ -71,7 +72,7 @@
 #define GP_MAX_NPAGES 4096UL
 #define GP_MAX_LINE 256
 #define GP_MAX_SECONDS 3600UL
-#define GP_VALID_COMMANDS "map, touch, locate, flags, spin, wait, kill, refresh, quit"
+#define GP_VALID_COMMANDS "map, touch, locate, flags, spin, wait, kill, refresh, readphys, quit"
 #define GP_VALID_KINDS "anon4k, thp, hugetlb2m, memfd4k"
 
 /* ---------------------------------------------------------------------- */
@@ -661,6 +662,58 @@ static void cmd_touch(const char *id_s, const char *off_s, const char *input)
 	reply_end(&w);
 }
 
+/*
+ * readphys GPA: the guest kernel itself loads the byte at guest-physical GPA, through the
+ * direct map as /proc/kcore exposes it (the PT_LOAD whose p_paddr range holds GPA).  After a
+ * system_reset this is the access that proves the host replaced a page it had poisoned: a
+ * frame that stayed poisoned would make KVM signal QEMU and the kernel's load would take #MC.
+ */
+static void cmd_readphys(const char *gpa_s, const char *input)
+{
+	uint64_t gpa;
+	Elf64_Ehdr eh;
+	Elf64_Phdr ph;
+	uint8_t value;
+	struct jw w;
+	int fd;
+
+	if (parse_u64(gpa_s, &gpa)) {
+		emit_errorf(input, "bad GPA '", gpa_s ? gpa_s : "", "'; valid: a guest-physical address");
+		return;
+	}
+	fd = open("/proc/kcore", O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		emit_errorf(input, "open /proc/kcore failed: ", strerror(errno), NULL);
+		return;
+	}
+	if (pread(fd, &eh, sizeof(eh), 0) != (ssize_t)sizeof(eh) || memcmp(eh.e_ident, ELFMAG, SELFMAG)) {
+		emit_errorf(input, "/proc/kcore has no ELF header", NULL, NULL);
+		close(fd);
+		return;
+	}
+	for (unsigned i = 0; i < eh.e_phnum; i++) {
+		if (pread(fd, &ph, sizeof(ph), (off_t)(eh.e_phoff + (uint64_t)i * eh.e_phentsize)) != (ssize_t)sizeof(ph))
+			break;
+		if (ph.p_type != PT_LOAD || ph.p_paddr == (Elf64_Addr)-1 || gpa < ph.p_paddr ||
+		    gpa - ph.p_paddr >= ph.p_memsz)
+			continue;
+		if (pread(fd, &value, 1, (off_t)(ph.p_offset + (gpa - ph.p_paddr))) != 1) {
+			emit_errorf(input, "read of /proc/kcore failed: ", strerror(errno), NULL);
+			close(fd);
+			return;
+		}
+		close(fd);
+		reply_begin(&w, "physread");
+		jw_kv_u64(&w, "gpa", gpa);
+		jw_kv_u64(&w, "va", ph.p_vaddr + (gpa - ph.p_paddr));
+		jw_kv_u64(&w, "value", value);
+		reply_end(&w);
+		return;
+	}
+	close(fd);
+	emit_errorf(input, "no /proc/kcore segment maps gpa '", gpa_s, "'");
+}
+
 /* Where one byte of a mapping lives right now (the pagemap is re-read). */
 static void cmd_locate(const char *id_s, const char *off_s, const char *input)
 {
@@ -981,6 +1034,9 @@ static int dispatch(char *line)
 	} else if (!strcmp(verb, "wait")) {
 		g_during = "wait";
 		cmd_wait(a1, input);
+	} else if (!strcmp(verb, "readphys")) {
+		g_during = "readphys";
+		cmd_readphys(a1, input);
 	} else if (!strcmp(verb, "kill")) {
 		g_during = "kill";
 		cmd_kill(a1, input);

@@ -140,3 +140,24 @@ def test_host_rows_are_validated_and_need_kvm_and_hwpoison_inject() -> None:
         ScenarioSpec(trigger=Trigger.WAIT, **{**base, "mce_kind": "SRAR"})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="guest_mce_poll_s must be >= 0"):
         ScenarioSpec(trigger=Trigger.WAIT, guest_mce_poll_s=-1, **base)  # type: ignore[arg-type]
+
+
+def test_reset_row_checks_the_replaced_frame_and_the_guest_read() -> None:
+    spec = get_scenario("host-ao-reset-4k")
+    frame = HostFrameLayout(gpa=(0x299C << 12) + 0x80, hva=0x7F0000000080, pfn=0x1000, qemu_pid=207)
+    _, host = expect_host(spec, LAYOUT, frame, vendor=AMD, mce_bank=9)
+    assert host.reset and host.guest_recovers_first
+    hobs = HostObservations(pfn_after_reset=0x2000, hwpoison_after_reset=False, guest_read_after_reset="read")
+    from gmemtest.verdict import judge_host
+
+    checks = {c.name: c for c in judge_host(host, hobs)}
+    assert checks["frame behind the hva after system_reset"].ok
+    assert checks[f"rebooted guest's kernel reads gpa {frame.gpa:#x} (/proc/kcore)"].ok
+    for broken in (dict(pfn_after_reset=0x1000), dict(hwpoison_after_reset=True), dict(pfn_after_reset=None)):
+        bad = {c.name: c for c in judge_host(host, dataclasses.replace(hobs, **broken))}  # type: ignore[arg-type]
+        assert not bad["frame behind the hva after system_reset"].ok, broken
+    panicked = dataclasses.replace(hobs, guest_read_after_reset="ProbeError: ... (the guest panicked)")
+    assert not {c.name: c for c in judge_host(host, panicked)}[
+        f"rebooted guest's kernel reads gpa {frame.gpa:#x} (/proc/kcore)"].ok
+    with pytest.raises(ValueError, match="a reset after the injection is for host-poison touch rows"):
+        dataclasses.replace(get_scenario("srao-late-touch-4k"), reset_after=True)

@@ -121,7 +121,8 @@ def test_chain_command_keeps_qemu_logs_on_l1_tmpfs() -> None:
     assert f"cp -r /tmp/chain-kvm-default {lq.RESULTS_IN_L1}/chain/kvm-default" in argv[2]
     assert "--qemu" not in argv
     assert argv[-len(lq.CHAIN_SCENARIOS):] == list(lq.CHAIN_SCENARIOS)
-    assert set(lq.CHAIN_SCENARIOS) == {"host-ao-late-touch-4k", "host-ao-early-kill-4k", "host-ar-touch-4k"}
+    assert set(lq.CHAIN_SCENARIOS) == {"host-ao-late-touch-4k", "host-ao-early-kill-4k", "host-ao-reset-4k",
+                                       "host-ar-touch-4k"}
 
 
 def test_chain_variants_run_gmem_under_the_newer_qemu_only() -> None:

@@ -67,7 +67,8 @@ def converse(binary: Path, lines: list[str], timeout: float = 20) -> list[dict[s
 
 
 @pytest.mark.parametrize(("command", "needle"), [
-    ("frobnicate", "unknown command 'frobnicate'; valid: map, touch, locate, flags, spin, wait, kill, refresh, quit"),
+    ("frobnicate", "unknown command 'frobnicate'; valid: map, touch, locate, flags, spin, wait, kill, refresh, "
+                   "readphys, quit"),
     ("map", "valid KIND: anon4k, thp, hugetlb2m, memfd4k"),
     ("map huge 1", "unknown map kind 'huge'; valid: anon4k, thp, hugetlb2m, memfd4k"),
     ("map anon4k 0", "bad NPAGES '0'"),
@@ -81,6 +82,7 @@ def converse(binary: Path, lines: list[str], timeout: float = 20) -> list[dict[s
     ("spin 3601", "bad SECONDS '3601'; valid: an integer from 0 to 3600"),
     ("wait soon", "bad SECONDS 'soon'"),
     ("kill maybe", "bad kill mode 'maybe'; valid: early, late"),
+    ("readphys zz", "bad GPA 'zz'; valid: a guest-physical address"),
     ("x" * 300, "line too long"),
 ])
 def test_bad_input_gives_error_event(probe_binary: Path, command: str, needle: str) -> None:
@@ -94,7 +96,7 @@ def test_error_event_quotes_hostile_input_as_valid_json(probe_binary: Path) -> N
     events = converse(probe_binary, ['bad"cmd\\ \x01'])
     assert events[1] == {"event": "error", "input": 'bad"cmd\\ \x01',
                          "message": "unknown command 'bad\"cmd\\'; valid: map, touch, locate, "
-                                    "flags, spin, wait, kill, refresh, quit"}
+                                    "flags, spin, wait, kill, refresh, readphys, quit"}
 
 
 def test_ready_blank_lines_and_eof(probe_binary: Path) -> None:

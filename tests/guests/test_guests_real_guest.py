@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from guests_testlib import wait_until_sleeping
 
-from guests.probe_client import ProbeClient, SigbusReport
+from guests.probe_client import ProbeClient, ProbeCommandError, SigbusReport
 from guests.profiles import get_profile
 from guests.ssh import SshSession
 from guests.uapi import BUS_MCEERR_AO, BUS_MCEERR_AR, PR_MCE_KILL_EARLY
@@ -103,6 +103,17 @@ def test_probe_gpas_hold_the_pattern(guest: Guest, probe: ProbeClient) -> None:
             f"{m.expected_value(offset):#x} at va {where.va:#x}")
         if kind == "hugetlb2m":
             assert where.pfn == m.pages[0].pfn + offset // 4096
+
+
+def test_readphys_loads_the_byte_the_probe_wrote_at_its_gpa(guest: Guest, probe: ProbeClient) -> None:
+    """The guest kernel's own load at a gpa (/proc/kcore) sees the probe's pattern: the reset row's witness."""
+    m = probe.map("anon4k", 1)
+    where = probe.locate(m.id, 0x123)
+    got = probe.readphys(where.gpa)
+    assert not isinstance(got, SigbusReport) and got.gpa == where.gpa
+    assert got.value == m.expected_value(0x123), f"kcore read {got.value:#x} at gpa {where.gpa:#x}"
+    with pytest.raises(ProbeCommandError, match="no /proc/kcore segment maps gpa"):
+        probe.readphys(1 << 46)
 
 
 @pytest.mark.parametrize("kind", ["anon4k", "thp"])

@@ -18,7 +18,8 @@ def test_private_apt_with_a_base_suite_pins_the_suite_above_it(tmp_path: Path) -
     lines = (tmp_path / "apt" / "etc" / "sources.list").read_text().splitlines()
     assert [line.split()[3] for line in lines] == ["trixie-backports", "trixie"]
     # Backports' Release says Suite: stable-backports; the pin must use the codename (n=).
-    assert "Pin: release n=trixie-backports\nPin-Priority: 990" in (tmp_path / "apt" / "etc" / "preferences").read_text()
+    preferences = (tmp_path / "apt" / "etc" / "preferences").read_text()
+    assert "Pin: release n=trixie-backports\nPin-Priority: 990" in preferences
     assert f"Dir::Etc::Preferences={tmp_path / 'apt' / 'etc' / 'preferences'}" in apt.options
     with pytest.raises(debs.PackageError, match="suite 'trixie;x' is not a Debian suite"):
         debs.private_apt(tmp_path / "bad", "trixie-backports", base=("trixie;x",))
