@@ -15,6 +15,7 @@ It runs on the host that runs QEMU: a real lab host, or the lab host in a box (L
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -23,7 +24,8 @@ from types import TracebackType
 from typing import Self
 
 from gmemtest.observations import HostObservations, parse_recovery_text
-from gmemtest.oracle import HostFrameLayout
+from gmemtest.oracle import HUGE_2M_SHIFT, HostFrameLayout
+from host_stack.gmem_layout import PAGE_SHIFT
 from host_stack.injectors import CorruptPfnInjector, InjectionRecord, prove_frame
 from host_stack.kernelfs import DEBUGFS, mounted
 from host_stack.kmsg import KmsgCursor
@@ -52,7 +54,8 @@ def resolve_host_frame(machine: QemuMachine, gpa: int, expected: bytes) -> HostF
             f"QEMU (pid {machine.pid}) holds {actual[:16].hex()}... at hva {hva:#x} (gpa {gpa:#x}), but the guest "
             f"program wrote {expected[:16].hex()}... there: gpa2hva does not name the guest page; refusing to poison")
     frame = prove_frame(machine.pid, hva)
-    return HostFrameLayout(gpa=gpa, hva=hva, pfn=frame.pfn, qemu_pid=machine.pid)
+    return HostFrameLayout(gpa=gpa, hva=hva, pfn=frame.pfn, qemu_pid=machine.pid,
+                           host_page_shift=HUGE_2M_SHIFT if frame.flags.huge else PAGE_SHIFT)
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class HostPoison:
         self._kmsg: KmsgCursor | None = None
         self._signals: SignalTrace | None = None
         self._stderr_mark = 0
+        self.injection: HostInjection | None = None  # set once the frame is poisoned
 
     def __enter__(self) -> Self:
         try:
@@ -104,7 +108,8 @@ class HostPoison:
         self.obs.injection_errno = record.call_errno
         LOG.info("host poison: pfn %#x behind hva %#x (gpa %#x) of QEMU %d: %s", self.frame.pfn, self.frame.hva,
                  self.frame.gpa, self.frame.qemu_pid, record.detail)
-        return HostInjection(self.frame, record, mark, t0, t1)
+        self.injection = HostInjection(self.frame, record, mark, t0, t1)
+        return self.injection
 
     def _generated(self) -> list[GeneratedSignal]:
         assert self._signals is not None
@@ -150,12 +155,24 @@ class HostPoison:
         return entry.pfn, read_kpageflags(entry.pfn).hwpoison
 
     def cleanup(self) -> None:
-        """Unpoison the frame and prove it: KPF_HWPOISON must be clear afterwards."""
+        """Unpoison the frame and prove it: KPF_HWPOISON must be clear afterwards.
+
+        A hugetlb page is poisoned as a whole (the flag is on its head) and stays busy while
+        QEMU maps it: QEMU is stopped first (the row's guest part is over by then) and the head
+        pfn is unpoisoned, which also gives the huge page back to the pool (measured on 7.3.4:
+        unpoisoning the raw pfn says "page was already unpoisoned" and fails with EBUSY).
+        """
         if self._injector is None or not self._injector.records:
             return
+        huge = self.frame.host_page_shift > PAGE_SHIFT
+        if huge:
+            self.machine.shutdown()
+            head = self.frame.pfn & ~((1 << (self.frame.host_page_shift - PAGE_SHIFT)) - 1)
+            self._injector.records = [dataclasses.replace(r, pfn=head, pfns=(head,)) for r in self._injector.records]
         records = self._injector.cleanup()
         self._injector.records = []
-        still = [pfn for r in records for pfn in r.poisoned_pfns if read_kpageflags(pfn).hwpoison]
+        pfns = [pfn for r in records for pfn in r.poisoned_pfns] + ([self.frame.pfn] if huge else [])
+        still = [pfn for pfn in pfns if read_kpageflags(pfn).hwpoison]
         self.obs.cleanup = "; ".join(r.cleanup for r in records)
         self.obs.cleanup_failed = any(r.cleanup_failed for r in records) or bool(still)
         if still:

@@ -49,6 +49,7 @@ __all__ = [
     "READY_MARKER",
     "STATE_RE",
     "LabhostError",
+    "LabhostFrozen",
     "LabhostResult",
     "LabhostRun",
     "LabhostTimeout",
@@ -73,6 +74,10 @@ RESULTS_IN_L1 = "/run/gmemtest/results"
 STATE_RE = re.compile(rf"({READY_MARKER}|{FAILED_MARKER})([^\r\n]*)\r?\n")
 _UPTIME_RE = re.compile(r"uptime=([0-9.]+)")
 _POLL_S = 0.02
+# L1 writes its heartbeat once a second; this long without one while QEMU runs is a freeze (a
+# busy L1 under TCG still beats: its two vCPUs are never both starved for seconds).
+FREEZE_AFTER_S = 20.0
+HEARTBEAT = "heartbeat"
 _TAIL_CHARS = 2000
 
 
@@ -82,6 +87,15 @@ class LabhostError(RuntimeError):
 
 class LabhostTimeout(LabhostError, TimeoutError):
     """A step of L1 (boot to READY, a command, power-off) missed its deadline."""
+
+
+class LabhostFrozen(LabhostError):
+    """L1's heartbeat stopped while its QEMU runs: L1 froze. ``evidence`` names the file with
+    QEMU's view of every vCPU (``info registers -a``, ``query-cpus-fast``, run state)."""
+
+    def __init__(self, message: str, evidence: Path) -> None:
+        super().__init__(message)
+        self.evidence = evidence
 
 
 @dataclass
@@ -166,8 +180,9 @@ class LabhostRun:
 
     def __init__(self, machine: QemuMachine, image: LabhostImage, *, workdir: Path, share_dir: Path,
                  ctl_dir: Path, output_log: Path, profile: GuestProfile, cwd: Path,
-                 timings: LabhostTimings, ready_line: str) -> None:
+                 timings: LabhostTimings, ready_line: str, freeze_after_s: float = FREEZE_AFTER_S) -> None:
         self.machine = machine
+        self.freeze_after_s = freeze_after_s
         self.image = image
         self.workdir = workdir
         self.share_dir = share_dir
@@ -217,6 +232,7 @@ class LabhostRun:
         scanner = _ExitScanner(nonce)
         parts: list[str] = []
         started = time.monotonic()
+        beat, beat_seen = self._heartbeat(), started
         os.replace(tmp, self.ctl_dir / name)  # init sees the job whole or not at all
         LOG.info("labhost job %d: %s", self._jobs, shlex.join(argv))
         while True:
@@ -233,11 +249,43 @@ class LabhostRun:
                 self._broken = "QEMU exited during a command"
                 raise self._failure(LabhostError, f"L1 exited while running {shlex.join(argv)!r} "
                                     f"(see {self.machine.stderr_log})", "".join(parts))
+            now = self._heartbeat()
+            if now != beat:
+                beat, beat_seen = now, time.monotonic()
+            elif time.monotonic() - beat_seen > self.freeze_after_s:
+                self._broken = f"L1 froze (no heartbeat for {self.freeze_after_s:.0f} s)"
+                evidence = self._freeze_evidence()
+                raise LabhostFrozen(str(self._failure(
+                    LabhostError, f"L1 froze while running {shlex.join(argv)!r}: its heartbeat stopped at "
+                    f"uptime {beat or '?'} s, {time.monotonic() - beat_seen:.0f} s ago; QEMU's view of "
+                    f"every vCPU is in {evidence}", "".join(parts))), evidence)
             if time.monotonic() - started > timeout:
                 self._broken = f"command timed out after {timeout:.1f} s"
                 raise self._failure(LabhostTimeout, f"command {shlex.join(argv)!r} did not exit "
                                     f"within {timeout:.1f} s in L1", "".join(parts))
             time.sleep(_POLL_S)
+
+    def _heartbeat(self) -> str | None:
+        try:
+            return (self.ctl_dir / HEARTBEAT).read_text().strip()
+        except OSError:
+            return None
+
+    def _freeze_evidence(self) -> Path:
+        """What QEMU says of a frozen L1: run state, every vCPU's registers (HLT, RIP, RFLAGS.IF)."""
+        path = self.workdir / "frozen.txt"
+        parts = []
+        asks: tuple[tuple[str, Callable[[], str]], ...] = (
+            ("query-status", lambda: str(self.machine.qmp("query-status"))),
+            ("query-cpus-fast", lambda: str(self.machine.qmp("query-cpus-fast"))),
+            ("info registers -a", lambda: self.machine.hmp("info registers -a")))
+        for label, ask in asks:
+            try:
+                parts.append(f"== {label}\n{ask()}\n")
+            except Exception as exc:  # evidence of a broken VM is gathered best-effort
+                parts.append(f"== {label}\n<failed: {type(exc).__name__}: {exc}>\n")
+        path.write_text("".join(parts))
+        return path
 
     def power_off(self, timeout: float = 30.0) -> bool:
         """Ask init to power off and wait for QEMU to exit; False if it did not in time."""
@@ -309,6 +357,7 @@ def booted_labhost(
     cwd: Path | None = None,
     binary: str = "qemu-system-x86_64",
     extra_kernel_args: Sequence[str] = (),
+    freeze_after_s: float = FREEZE_AFTER_S,
 ) -> Iterator[LabhostRun]:
     """Boot L1 and wait until /dev/kvm is usable; power it off (or kill it) on exit.
 
@@ -352,7 +401,7 @@ def booted_labhost(
         run = LabhostRun(machine, image, workdir=workdir, share_dir=share, ctl_dir=ctl_dir,
                          output_log=output_log, profile=prof,
                          cwd=work, timings=timings,
-                         ready_line=match.group(0).strip())
+                         ready_line=match.group(0).strip(), freeze_after_s=freeze_after_s)
         # On an exception (a timeout, ^C) there is no clean power-off to wait for:
         # leaving the stack kills QEMU. Otherwise init writes dmesg and powers off.
         yield run

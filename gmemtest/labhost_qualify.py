@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gmemtest.labhost import RESULTS_IN_L1, LabhostError, LabhostTimings, booted_labhost
+from gmemtest.labhost import RESULTS_IN_L1, LabhostError, LabhostFrozen, LabhostTimings, booted_labhost
 from gmemtest.qualify import Item, Qualification
-from gmemtest.scenarios import SCENARIOS, Source
+from gmemtest.scenarios import SCENARIOS, Source, unsupported_under
+from guests.profiles import get_profile
 from images.build import build_lock
 from images.labhost import LabhostImage
 
-__all__ = ["CHAIN_SCENARIOS", "ChainVariant", "LabhostQualification", "chain_variants", "qualify_in_labhost",
+__all__ = ["ChainVariant", "LabhostQualification", "chain_variants", "qualify_in_labhost",
            "shared_run"]
 
 LOG = logging.getLogger(__name__)
@@ -41,7 +42,6 @@ RESULT_NAME = "labhost-qualification.json"
 # Inside L1 (TCG, 2 vCPUs) the host checks and the seed regression take well under a minute.
 INNER_TIMEOUT_S = 600.0
 CHAIN_DIR = "chain"
-CHAIN_SCENARIOS = tuple(s.name for s in SCENARIOS if s.source is Source.HOST)
 NEWER_QEMU = "newer-qemu"
 
 
@@ -57,13 +57,21 @@ class ChainVariant:
     profile: str
     qemu: Path | None = None
 
+    @property
+    def scenarios(self) -> tuple[str, ...]:
+        """The chain rows that mean something under this profile (gmemtest.scenarios.unsupported_under)."""
+        profile = get_profile(self.profile)
+        return tuple(s.name for s in SCENARIOS if s.source is Source.HOST and unsupported_under(s, profile) is None)
+
 
 def chain_variants(newer_qemu: Path | None) -> tuple[ChainVariant, ...]:
-    """Every KVM profile a plain lab host can have; with a newer QEMU (images.qemu_root) also
-    kvm-default under it, and kvm-gmem only under it (the newest QEMU is its only chance)."""
+    """Every KVM profile a plain lab host can have (plain RAM, RAM on the host's 2 MiB hugetlb
+    pages, guest_memfd RAM); with a newer QEMU (images.qemu_root) also kvm-default under it, and
+    kvm-gmem only under it (the newest QEMU is its only chance)."""
     variants = [ChainVariant("kvm-default", "kvm-default")]
     if newer_qemu is not None:
         variants.append(ChainVariant(f"kvm-default+{NEWER_QEMU}", "kvm-default", newer_qemu))
+    variants.append(ChainVariant("kvm-hugetlb", "kvm-hugetlb"))
     variants.append(ChainVariant("kvm-gmem", "kvm-gmem", newer_qemu))
     return tuple(variants)
 
@@ -125,13 +133,34 @@ def _chain_command(variant: ChainVariant, guest_manifest: Path) -> list[str]:
               f'cp -r {inner} {dest}; exit $rc')
     qemu = ["--qemu", str(variant.qemu)] if variant.qemu is not None else []
     return ["sh", "-c", script, "sh", sys.executable, "-m", "gmemtest.cli", "run", "--profile", variant.profile,
-            *qemu, "--guest-manifest", str(guest_manifest), *CHAIN_SCENARIOS]
+            *qemu, "--guest-manifest", str(guest_manifest), *variant.scenarios]
 
 
 def qualify_in_labhost(image: LabhostImage, out: Path, *, timeout: float = INNER_TIMEOUT_S,
                        on_output: Callable[[str], None] | None = None,
                        guest_manifest: Path | None = None,
                        variants: Sequence[ChainVariant] = ()) -> LabhostQualification:
+    """:func:`qualify_once`, retried once in a fresh L1 if the first one froze.
+
+    The frozen attempt's evidence (L1 console, output, QEMU's view of the vCPUs in
+    ``labhost/frozen.txt``) is kept in ``out/frozen-attempt-1/`` with a why.txt.
+    """
+    from gmemtest.guest_run import set_aside
+
+    try:
+        return qualify_once(image, out, timeout=timeout, on_output=on_output, guest_manifest=guest_manifest,
+                            variants=variants)
+    except LabhostFrozen as exc:
+        LOG.warning("L1 froze (%s); retrying once in a fresh L1", exc.evidence)
+        set_aside(out.absolute(), "frozen-attempt-1", str(exc), only=["labhost", "l1-results"])
+        return qualify_once(image, out, timeout=timeout, on_output=on_output, guest_manifest=guest_manifest,
+                            variants=variants)
+
+
+def qualify_once(image: LabhostImage, out: Path, *, timeout: float = INNER_TIMEOUT_S,
+                 on_output: Callable[[str], None] | None = None,
+                 guest_manifest: Path | None = None,
+                 variants: Sequence[ChainVariant] = ()) -> LabhostQualification:
     """Boot L1 from ``image``, run preflight and the host qualification in it, keep everything in ``out``.
 
     ``out`` gets ``qualification.json``/``.html`` (the L1 kernel's qualification), ``preflight.json``,
@@ -220,21 +249,38 @@ def _add_chain_items(qualification: dict[str, Any], out: Path, variants: Sequenc
     return doc
 
 
+# A shared run that failed is tried again by the next caller (a transient failure should not fail
+# every lab-host test of the job); after this many failures the rest fail at once with the reason.
+SHARED_RUN_ATTEMPTS = 2
+
+
 def shared_run(image: LabhostImage, batch_root: Path, guest_manifest: Path | None = None,
                variants: Sequence[ChainVariant] = ()) -> LabhostQualification:
     """The L1 run of ``image`` under ``batch_root``: made by the first caller, read by the others.
 
     Callers are the lab-host tests of one Avocado job (separate processes): a lock serialises
-    them, the first boots L1, the rest read its files. A run that failed is not cached: the next
-    caller tries again, and each test reports the failure it met.
+    them, the first boots L1, the rest read its files. A run that failed keeps its evidence in
+    ``failed-attempt-N/`` (with why.txt) and is tried again by the next caller, up to
+    ``SHARED_RUN_ATTEMPTS`` times; each test reports the failure it met.
     """
+    from gmemtest.guest_run import set_aside
+
     key = Path(image.manifest).parent.name
     out = batch_root / f"labhost-{key}"
     with build_lock(batch_root / f".labhost-{key}.lock"):
         if (out / RESULT_NAME).is_file():
             LOG.info("lab-host run %s reused", out)
             return LabhostQualification.load(out)
+        failed = sorted(out.glob("failed-attempt-*/why.txt")) if out.is_dir() else []
+        if len(failed) >= SHARED_RUN_ATTEMPTS:
+            raise LabhostError(f"the job's shared L1 run failed {len(failed)} times; the last time: "
+                               f"{failed[-1].read_text()[:1500]} (evidence in {failed[-1].parent})")
         t0 = time.monotonic()
-        result = qualify_in_labhost(image, out, guest_manifest=guest_manifest, variants=variants)
+        try:
+            result = qualify_in_labhost(image, out, guest_manifest=guest_manifest, variants=variants)
+        except LabhostError as exc:
+            set_aside(out, f"failed-attempt-{len(failed) + 1}", f"{type(exc).__name__}: {exc}",
+                      only=["labhost", "l1-results"])
+            raise
         LOG.info("lab-host run %s took %.1f s", out, time.monotonic() - t0)
         return result

@@ -103,6 +103,15 @@ class Expectation:
     # The private/shared conversions QEMU must trace (kvm_convert_memory) over the injection:
     # none for a guest that is not confidential; None where the oracle cannot say (SNP, TDX).
     conversions: tuple[str, ...] | None = ()
+    # Every (status, addr) the guest must record in the bank, when the injections differ in kind
+    # (a forwarded AO, then an AR); None: every injection records ``mce_status``.
+    mce_records: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def expected_records(self) -> tuple[tuple[int, int], ...]:
+        if self.mce_records is not None:
+            return self.mce_records
+        return ((self.mce_status, self.mce_record_addr), *((self.mce_status, a) for _, a in self.more_poison))
 
     @property
     def poison_pfns(self) -> tuple[int, ...]:
@@ -278,6 +287,9 @@ class HostFrameLayout:
     hva: int
     pfn: int
     qemu_pid: int
+    # log2 of the host page the frame belongs to: 21 when guest RAM is on 2 MiB hugetlb pages
+    # (KPF_HUGE), 12 otherwise (a THP is split before it is poisoned: 4 KiB is lost).
+    host_page_shift: int = PAGE_SHIFT
 
 
 @dataclass(frozen=True)
@@ -310,15 +322,13 @@ class HostExpectation:
     forwarded: tuple[tuple[str, int, int], ...]
     host_hardware_corrupted_delta_kb: int
     host_recovery: tuple[int, str]  # (pfn, result) of the host's "Memory failure: ..." line
+    # The guest handles the forwarded AO on its own, before the program touches the page (the
+    # runner waits for that recovery before the touch).
+    guest_recovers_first: bool = True
     # system_reset with the frame still poisoned: QEMU remaps every page it recorded as poisoned
     # (kvm_unpoison_all -> qemu_ram_remap), so the hva is backed by another, healthy frame and
     # the rebooted guest's kernel reads the gpa without a machine check.
     reset: bool = False
-
-    @property
-    def guest_recovers_first(self) -> bool:
-        """The guest handles the forwarded AO on its own, before the program touches the page."""
-        return len(self.qemu_sigbus) == 1
 
 
 def expect_host(spec: ScenarioSpec, layout: MappingLayout, frame: HostFrameLayout, *, vendor: str,
@@ -347,6 +357,8 @@ def expect_host(spec: ScenarioSpec, layout: MappingLayout, frame: HostFrameLayou
     gpa = layout.gpa_of(poison_va)
     if gpa != frame.gpa:
         raise ValueError(f"{spec.name}: the host frame was resolved for gpa {frame.gpa:#x}, the layout says {gpa:#x}")
+    if frame.host_page_shift > PAGE_SHIFT:
+        return _expect_host_huge(spec, layout, frame, amd=amd, mce_bank=mce_bank)
     page_mask = ~(PAGE_SIZE - 1)
     hva_page, gpa_page, va_page = frame.hva & page_mask, gpa & page_mask, poison_va & page_mask
     ao = forwarded_mce("BUS_MCEERR_AO", amd=amd)
@@ -381,5 +393,56 @@ def expect_host(spec: ScenarioSpec, layout: MappingLayout, frame: HostFrameLayou
     )
     host = HostExpectation(frame=frame, qemu_sigbus=tuple(qemu_sigbus), forwarded=tuple(forwarded),
                            host_hardware_corrupted_delta_kb=PAGE_SIZE // 1024, host_recovery=(frame.pfn, "Recovered"),
+                           guest_recovers_first=guest_learns_of_ao and spec.trigger is Trigger.TOUCH,
                            reset=spec.reset_after)
+    return exp, host
+
+
+def _expect_host_huge(spec: ScenarioSpec, layout: MappingLayout, frame: HostFrameLayout, *, amd: bool,
+                      mce_bank: int) -> tuple[Expectation, HostExpectation]:
+    """The frame lies in a 2 MiB hugetlb page of the host, under a guest THP on exactly that page.
+
+    memory_failure() takes the whole huge page (HardwareCorrupted still counts the raw 4 KiB
+    page) and tells QEMU's early-kill thread with BUS_MCEERR_AO at the raw page, lsb 21. QEMU
+    forwards the address alone: one 4 KiB action-optional MCE at that gpa (it never reads the
+    lsb), which the guest (polling, or an Intel vCPU at once) recovers. The rest of the 2 MiB is
+    gone on the host but not in the guest: the program's touch of another piece q reaches the
+    host page, KVM signals the vCPU thread BUS_MCEERR_AR at q's hva with lsb 12 (x86 KVM reports
+    PAGE_SHIFT even for hugetlb), QEMU injects an SRAR at q's gpa (a bank the poll emptied: no
+    OVER), and the program gets BUS_MCEERR_AR at q's page.
+    """
+    huge = 1 << frame.host_page_shift
+    if spec.page_kind != "thp" or not layout.is_thp:
+        raise ValueError(f"{spec.name}: guest RAM on host huge pages is judged through a guest THP over one of them")
+    if (frame.hva - frame.gpa) % huge:
+        raise ValueError(f"{spec.name}: hva {frame.hva:#x} and gpa {frame.gpa:#x} are not congruent modulo {huge:#x}: "
+                         "the guest THP does not lie on one host huge page")
+    if spec.trigger is not Trigger.TOUCH or spec.touch_offset is None:
+        raise ValueError(f"{spec.name}: the huge-page row touches another piece of the THP")
+    ao, ar = forwarded_mce("BUS_MCEERR_AO", amd=amd), forwarded_mce("BUS_MCEERR_AR", amd=amd)
+    if not (ao.raises_mc or spec.guest_mce_poll_s):
+        raise ValueError(f"{spec.name}: the guest must learn of the forwarded AO first (poll, or an Intel vCPU)")
+    page_mask = ~(PAGE_SIZE - 1)
+    touch_va = layout.base_va + spec.touch_offset
+    gpa_p, gpa_q = frame.gpa & page_mask, layout.gpa_of(touch_va) & page_mask
+    if gpa_q == gpa_p or gpa_q // huge != gpa_p // huge:
+        raise ValueError(f"{spec.name}: the touch must hit another 4 KiB piece of the same huge page")
+    hva_p = frame.hva & page_mask
+    hva_q = hva_p + (gpa_q - gpa_p)  # one host huge page is contiguous in QEMU's address space
+    exp = Expectation(
+        scenario=spec.name, poison_va=layout.base_va + spec.poison_offset, poison_gpa=frame.gpa,
+        poison_pfn=gpa_p >> PAGE_SHIFT, sigbus=ExpectedSigbus(BUS_MCEERR_AR, touch_va & page_mask, PAGE_SHIFT),
+        memory_failure_events=(ExpectedMemoryFailureEvent("guest", "inject", ao.action_required, False),
+                               ExpectedMemoryFailureEvent("guest", "inject", ar.action_required, False)),
+        panic=False, hwpoison_pfn=gpa_p >> PAGE_SHIFT, hardware_corrupted_delta_kb=2 * PAGE_SIZE // 1024,
+        recovery_pfn=gpa_p >> PAGE_SHIFT, mce_status=ao.status, mce_bank=mce_bank, mce_record_addr=gpa_p,
+        more_poison=((gpa_q, gpa_q),), mce_records=((ao.status, gpa_p), (ar.status, gpa_q)),
+    )
+    host = HostExpectation(
+        frame=frame,
+        qemu_sigbus=(ExpectedQemuSigbus(BUS_MCEERR_AO, hva_p, frame.host_page_shift, "main"),
+                     ExpectedQemuSigbus(BUS_MCEERR_AR, hva_q, PAGE_SHIFT, "vcpu")),
+        forwarded=(("BUS_MCEERR_AO", hva_p, gpa_p), ("BUS_MCEERR_AR", hva_q, gpa_q)),
+        host_hardware_corrupted_delta_kb=PAGE_SIZE // 1024, host_recovery=(frame.pfn, "Recovered"),
+        guest_recovers_first=True, reset=spec.reset_after)
     return exp, host

@@ -1,6 +1,7 @@
 """Turn a profile's requirement names into sentences about what this host lacks.
 
-Names without a prefix are host capabilities (host_stack.capabilities); `qemu:NAME` asks the
+Names without a prefix are host capabilities (host_stack.capabilities); `hugepages_2m:N` asks
+for N free 2 MiB huge pages on the host (read when asked: they come and go); `qemu:NAME` asks the
 QEMU binary itself (an object type such as `qemu:sev-snp-guest`, `qemu:guest-memfd` for the
 memory-backend property, `qemu:accel-tcg`, `qemu:kvm-start`: a real, paused KVM start). Every
 KVM profile needs `qemu:kvm-start`. Each report is probed once per process.
@@ -77,7 +78,9 @@ def unmet_requirements(names: Iterable[str], *, binary: str = "qemu-system-x86_6
     caps = qemu_report(binary)
     wanted = [f"qemu:accel-{accel}", *(["qemu:kvm-start"] if accel == "kvm" else []), *names]
     for name in wanted:
-        if name.startswith("qemu:"):
+        if name.startswith("hugepages_2m:"):
+            missing = _hugepages_missing(name)
+        elif name.startswith("qemu:"):
             if isinstance(caps, str):
                 unmet.append(caps)
                 continue
@@ -87,6 +90,21 @@ def unmet_requirements(names: Iterable[str], *, binary: str = "qemu-system-x86_6
         if missing is not None and missing not in unmet:
             unmet.append(missing)
     return unmet
+
+
+def _hugepages_missing(name: str) -> str | None:
+    from host_stack.pagemap import free_hugepages
+
+    count = name.removeprefix("hugepages_2m:")
+    if not count.isdigit():
+        raise ValueError(f"bad requirement {name!r}: hugepages_2m:N needs a page count N")
+    free = free_hugepages(2048)
+    if free is None:
+        return "host kernel has no 2 MiB huge pages (/sys/kernel/mm/hugepages/hugepages-2048kB)"
+    if free < int(count):
+        return (f"host has {free} free 2 MiB huge pages, the guest's RAM needs {count}: reserve them first "
+                f"(echo {count} > /proc/sys/vm/nr_hugepages, or hugepages={count} on the kernel command line)")
+    return None
 
 
 def scenario_unmet(spec: ScenarioSpec, profile: GuestProfile, *, binary: str = "qemu-system-x86_64") -> list[str]:

@@ -391,6 +391,8 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
         except (ProbeError, SshError) as exc:
             # A guest that panicked where the scenario expects it to survive is a verdict on the
             # host stack (the 'guest panicked' check fails), not a broken test run.
+            if injection is None and poison is not None:
+                injection = poison.injection  # poisoned, then the guest died before the row went on
             if injection is None or exp.panic or _panic_sentence(guest) is None:
                 raise
             LOG.warning("%s: the guest panicked after the injection (%s); judging what was observed",

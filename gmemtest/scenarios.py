@@ -105,10 +105,11 @@ class ScenarioSpec:
         if self.source is Source.HOST:
             # corrupt-pfn is an action-optional event for the host; what reaches the guest is
             # QEMU's translation of it. One 4 KiB frame behind ordinary guest RAM, one injection.
-            if self.mce_kind != "SRAO" or self.page_kind != "anon4k" or self.broadcast \
+            if self.mce_kind != "SRAO" or self.page_kind not in ("anon4k", "thp") or self.broadcast \
                     or self.second_poison_offset is not None:
                 raise ValueError(f"scenario {self.name}: a host-poison row poisons one frame behind a 4 KiB "
-                                 "anonymous guest page (mce_kind SRAO, page kind anon4k, no broadcast, one page)")
+                                 "piece of an anonymous guest page (mce_kind SRAO, page kind anon4k or thp, "
+                                 "no broadcast, one page)")
             if self.trigger not in (Trigger.TOUCH, Trigger.WAIT, Trigger.SPIN):
                 raise ValueError(f"scenario {self.name}: a host-poison row needs trigger touch, wait or spin, "
                                  f"got {self.trigger.value}")
@@ -215,6 +216,17 @@ SCENARIOS: tuple[ScenarioSpec, ...] = (
         poison_offset=0x2000 + 0x80, touch_offset=0x2000 + 0x10, profile="kvm-default", source=Source.HOST,
         guest_mce_poll_s=1, reset_after=True, tags=("host", "chain", "ao", "reset", "4k"),
     ),
+    # Guest RAM on the host's 2 MiB hugetlb pages: a guest THP (2 MiB-aligned in guest-physical
+    # memory) then lies on exactly one host huge page, so nobody but the probe uses the 2 MiB lost.
+    ScenarioSpec(
+        name="host-ao-hugetlb-thp",
+        summary="guest RAM on the host's 2 MiB hugetlb pages: the host poisons a 4 KiB piece of the huge page "
+                "behind a guest THP and loses all 2 MiB; QEMU forwards 4 KiB, so the program's touch of another "
+                "piece reaches the guest as a second machine check (AR)",
+        page_kind="thp", npages=1, mce_kind="SRAO", trigger=Trigger.TOUCH, kill=KillPolicy.LATE_PRCTL,
+        poison_offset=0x5000 + 0x80, touch_offset=0x9000 + 0x10, profile="kvm-hugetlb", source=Source.HOST,
+        guest_mce_poll_s=1, tags=("host", "chain", "ao", "hugetlb", "thp"),
+    ),
     ScenarioSpec(
         name="host-ar-touch-4k",
         summary="host poisons the frame behind a 4 KiB guest page the guest does not know is bad; the "
@@ -250,6 +262,14 @@ def unsupported_under(spec: ScenarioSpec, profile: GuestProfile) -> str | None:
         return (f"scenario {spec.name} poisons the host frame behind guest RAM and needs QEMU to forward the "
                 f"SIGBUS it gets, which only KVM does; profile {profile.name} runs under {profile.accel}: run it "
                 "under a KVM profile (kvm-default, kvm-gmem) on a host with memory failure, e.g. the lab host")
+    if spec.source is Source.HOST and spec.page_kind == "thp" and not profile.ram_on_host_hugepages:
+        return (f"scenario {spec.name} needs guest RAM on the host's 2 MiB hugetlb pages (a guest THP over one "
+                f"host huge page); profile {profile.name} has ordinary RAM: run it under kvm-hugetlb")
+    if spec.source is Source.HOST and spec.page_kind != "thp" and profile.ram_on_host_hugepages:
+        return (f"scenario {spec.name} poisons a 4 KiB guest page, and profile {profile.name} backs guest RAM with "
+                "2 MiB host pages: the other 511 pieces lost with it belong to whatever the guest put there, "
+                "often its kernel, so the outcome is not set by the layout (measured: the guest panicked at its "
+                "next kernel access to one of them); host-ao-hugetlb-thp is the row for this profile")
     if spec.broadcast and not profile.mce_broadcast:
         return (f"scenario {spec.name} broadcasts its MCE to every vCPU (mce -b), and profile {profile.name} "
                 f"is not a broadcast profile ({profile.smp} vCPU, cpu {profile.cpu}); run it under one that is, "

@@ -152,7 +152,7 @@ def _judge_guest(exp: Expectation, obs: Observations) -> list[Check]:
     # 3. The guest kernel's record of the machine check: bank status and the exact address.
     # A broadcast also raises a bank-1 record without an address on the other vCPUs: look at ours.
     records = [(r.status, r.addr) for r in obs.mce_records if r.bank == exp.mce_bank]
-    expected_records = [(exp.mce_status, exp.mce_record_addr), *((exp.mce_status, a) for _, a in exp.more_poison)]
+    expected_records = list(exp.expected_records)
     checks.append(_check(f"mce_record of bank {exp.mce_bank} (status, addr)", expected_records,
                          records,
                          fmt=lambda v: "[" + ", ".join(f"({s:#x}, {a:#x})" for s, a in v) + "]"))

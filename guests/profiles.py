@@ -85,6 +85,8 @@ class GuestProfile:
     # guests (SNP/TDX state lives in the firmware/TDX module), guest_memfd-backed RAM, and
     # the lab host (its nested SVM state is a separate question, see the snapshot notes).
     restorable: bool = True
+    # Guest RAM is backed by the host's 2 MiB hugetlb pages: one host poison takes 2 MiB of it.
+    ram_on_host_hugepages: bool = False
 
     @property
     def confidential(self) -> bool:
@@ -155,6 +157,27 @@ def kvm_gmem_profile(memory_mib: int = 1024) -> GuestProfile:
     )
 
 
+def kvm_hugetlb_profile(memory_mib: int = 512) -> GuestProfile:
+    """KVM guest whose RAM is 2 MiB hugetlb pages of the host (a hugetlb memfd, share=on, preallocated).
+
+    The host's huge pages must be reserved beforehand (``vm.nr_hugepages``); the requirement
+    ``hugepages_2m:N`` says how many must be free. A host poison then takes a whole 2 MiB page
+    of guest RAM at once, and QEMU's SIGBUS says so (lsb 21) on the action-optional path.
+    """
+    return GuestProfile(
+        name="kvm-hugetlb", accel="kvm", machine="q35", cpu="host", smp=1, memory_mib=memory_mib,
+        kernel_args=BASE_KERNEL_ARGS, firmware=QBOOT_FIRMWARE,
+        machine_options=("memory-backend=ram0",),
+        extra_args=(
+            "-object", f"memory-backend-memfd,id=ram0,size={memory_mib}M,hugetlb=on,hugetlbsize=2M,share=on,"
+                       "prealloc=on",
+            *PANIC_ARGS,
+        ),
+        requirements=("kvm_boots_linux", f"hugepages_2m:{memory_mib // 2}"), nic_options=KVM_NIC_OPTIONS,
+        ram_on_host_hugepages=True, description="KVM guest with its RAM on the host's 2 MiB hugetlb pages",
+    )
+
+
 def kvm_sev_snp_profile(firmware: Path = DEFAULT_OVMF, memory_mib: int = 1024,
                         policy: int = 0x30000, cbitpos: int = 51,
                         reduced_phys_bits: int = 1) -> GuestProfile:
@@ -191,6 +214,10 @@ def kvm_tdx_profile(firmware: Path = DEFAULT_OVMF, memory_mib: int = 1024) -> Gu
     )
 
 
+# The lab host reserves, at boot, the 2 MiB pages one kvm-hugetlb guest (512 MiB) needs.
+LABHOST_HUGEPAGES_2M: Final = 256
+
+
 def labhost_svm_profile(memory_mib: int = 3072, smp: int = 2) -> GuestProfile:
     """The lab host in a box (FACTS section 5): an L1 KVM host under TCG.
 
@@ -202,9 +229,11 @@ def labhost_svm_profile(memory_mib: int = 3072, smp: int = 2) -> GuestProfile:
     """
     return GuestProfile(
         name="labhost-svm", accel="tcg", machine="q35", cpu="max", smp=smp,
-        memory_mib=memory_mib, kernel_args=("console=ttyS0", "panic=-1", "loglevel=4"),
+        memory_mib=memory_mib, kernel_args=("console=ttyS0", "panic=-1", "loglevel=4",
+                                            f"hugepages={LABHOST_HUGEPAGES_2M}"),
         extra_args=("-nodefaults", "-no-reboot"), restorable=False,
-        description="TCG, AMD SVM+NPT, 2 vCPUs, 3 GiB: a nested KVM host with memory failure",
+        description="TCG, AMD SVM+NPT, 2 vCPUs, 3 GiB (512 MiB of it 2 MiB huge pages for one kvm-hugetlb "
+                    "guest): a nested KVM host with memory failure",
     )
 
 
@@ -228,6 +257,7 @@ def _builtin_profiles() -> dict[str, GuestProfile]:
             description="KVM with the host CPU model",
         ),
         kvm_gmem_profile(),
+        kvm_hugetlb_profile(),
         kvm_sev_snp_profile(),
         kvm_tdx_profile(),
         labhost_svm_profile(),

@@ -23,6 +23,7 @@ __all__ = [
     "PagemapError",
     "Vma",
     "find_vma",
+    "free_hugepages",
     "hardware_corrupted_kib",
     "parse_maps_line",
     "read_kpageflags",
@@ -262,3 +263,12 @@ def hardware_corrupted_kib(path: str = MEMINFO_PATH) -> int | None:
             if key == m.MEMINFO_HARDWARE_CORRUPTED:
                 return int(rest.split()[0])
     return None
+
+
+def free_hugepages(size_kib: int = 2048, sysfs: str = "/sys/kernel/mm/hugepages") -> int | None:
+    """Free huge pages of ``size_kib`` on this host; None when the kernel has no such size."""
+    try:
+        with open(f"{sysfs}/hugepages-{size_kib}kB/free_hugepages", encoding="ascii") as f:
+            return int(f.read())
+    except FileNotFoundError:
+        return None

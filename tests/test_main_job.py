@@ -26,10 +26,13 @@ GUEST_CLASSES = ("SraoLateKill.", "SraoEarlyKill.", "SrarAction", "SraoFreePage.
 QMP_SCENARIOS = [s for s in SCENARIOS if s.source is Source.QMP]
 
 
+# The main job runs the lab host's shared L1 run (host checks and the chain under four variants)
+# beside the TCG guest tests: about 7 minutes here.
+@pytest.mark.timeout(1500)
 def test_main_job_passes_every_guest_scenario(tmp_path: Path) -> None:
     avocado = str(Path(sys.executable).with_name("avocado"))
     proc = subprocess.run([avocado, "run", "--max-parallel-tasks=2", "--job-results-dir", str(tmp_path),
-                           "avocado_tests/"], cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+                           "avocado_tests/"], cwd=REPO, capture_output=True, text=True, timeout=1400, check=False)
     results = json.loads((tmp_path / "latest" / "results.json").read_text())
     status = {t["name"].split(":", 1)[1]: (t["status"], t.get("fail_reason") or "") for t in results["tests"]}
     report = "\n".join(f"{name}: {st} {why}" for name, (st, why) in sorted(status.items()))
@@ -74,9 +77,9 @@ def test_main_job_passes_every_guest_scenario(tmp_path: Path) -> None:
     # The whole chain inside the lab host: every host-poison row PASSes at all three layers under
     # kvm-default; under kvm-gmem it PASSes or CANCELs because L1's QEMU has no guest-memfd.
     chain = {n: s for n, s in status.items() if n.startswith("HostPoisonChain.")}
-    assert len(chain) == 12, f"expected 12 chain tests:\n{report}"
+    assert len(chain) == 13, f"expected 13 chain tests:\n{report}"
     for name, (st, why) in chain.items():
-        if "_kvm_default" in name:  # under L1's QEMU and under Debian's newest
+        if "_kvm_default" in name or name.endswith("_kvm_hugetlb"):  # L1's QEMU, Debian's newest; 2 MiB RAM
             assert st == "PASS", report
         else:
             assert st == "PASS" or (st == "CANCEL" and "guest-memfd" in why), report

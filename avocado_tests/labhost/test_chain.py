@@ -9,7 +9,8 @@ the guest (MCE record, recovery, the program's siginfo). One shared L1 run per j
 tests and the other lab-host tests. A profile L1 cannot run CANCELs with the reason it probed.
 
 Variants: kvm-default under L1's QEMU (the host's) and under Debian's newest QEMU (unpacked into
-its own root by images.qemu_root); kvm-gmem under the newest one.
+its own root by images.qemu_root); kvm-hugetlb (guest RAM on L1's 2 MiB hugetlb pages, its own
+row); kvm-gmem under the newest QEMU.
 """
 
 from __future__ import annotations
@@ -69,6 +70,13 @@ class HostPoisonChain(Test):  # type: ignore[misc]  # avocado is untyped
     def test_ar_touch_kvm_default_newer_qemu(self) -> None:
         """:avocado: tags=ar,kvm-default,newer-qemu"""
         run_chain_item(self, "host-ar-touch-4k", "kvm-default+newer-qemu")
+
+    def test_ao_hugetlb_thp_kvm_hugetlb(self) -> None:
+        """Guest RAM on 2 MiB host pages: 2 MiB lost on the host, 4 KiB forwarded, the next touch is an AR.
+
+        :avocado: tags=ao,ar,hugetlb,kvm-hugetlb
+        """
+        run_chain_item(self, "host-ao-hugetlb-thp", "kvm-hugetlb")
 
     def test_ao_late_touch_kvm_gmem(self) -> None:
         """:avocado: tags=ao,kvm-gmem,gmem"""

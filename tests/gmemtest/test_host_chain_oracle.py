@@ -136,7 +136,7 @@ def test_host_rows_are_validated_and_need_kvm_and_hwpoison_inject() -> None:
                 poison_offset=0, source=Source.HOST)
     with pytest.raises(ValueError, match="needs trigger touch, wait or spin"):
         ScenarioSpec(trigger=Trigger.KERNEL, **base)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="one frame behind a 4 KiB anonymous guest page"):
+    with pytest.raises(ValueError, match="one frame behind a 4 KiB piece of an anonymous guest page"):
         ScenarioSpec(trigger=Trigger.WAIT, **{**base, "mce_kind": "SRAR"})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="guest_mce_poll_s must be >= 0"):
         ScenarioSpec(trigger=Trigger.WAIT, guest_mce_poll_s=-1, **base)  # type: ignore[arg-type]
@@ -161,3 +161,34 @@ def test_reset_row_checks_the_replaced_frame_and_the_guest_read() -> None:
         f"rebooted guest's kernel reads gpa {frame.gpa:#x} (/proc/kcore)"].ok
     with pytest.raises(ValueError, match="a reset after the injection is for host-poison touch rows"):
         dataclasses.replace(get_scenario("srao-late-touch-4k"), reset_after=True)
+
+
+THP = MappingLayout(kind="thp", base_va=0x7F0000200000, size=0x200000, page_size=0x1000, is_thp=True,
+                    pages=tuple(PageLayout(0x7F0000200000 + i * 0x1000, 0x2A00 + i) for i in range(512)))
+
+
+def test_hugetlb_row_expects_2m_lost_on_the_host_and_4k_forwarded() -> None:
+    spec = get_scenario("host-ao-hugetlb-thp")
+    frame = HostFrameLayout(gpa=(0x2A05 << 12) + 0x80, hva=0x7F1C00005080, pfn=0x103C05, qemu_pid=9,
+                            host_page_shift=21)
+    exp, host = expect_host(spec, THP, frame, vendor=AMD, mce_bank=9)
+    assert [(s.si_code, s.si_addr, s.si_addr_lsb, s.thread) for s in host.qemu_sigbus] == [
+        (BUS_MCEERR_AO, 0x7F1C00005000, 21, "main"), (BUS_MCEERR_AR, 0x7F1C00009000, 12, "vcpu")]
+    assert host.forwarded == (("BUS_MCEERR_AO", 0x7F1C00005000, 0x2A05000),
+                              ("BUS_MCEERR_AR", 0x7F1C00009000, 0x2A09000))
+    assert host.guest_recovers_first and host.host_hardware_corrupted_delta_kb == 4
+    assert exp.expected_records == ((0x9C00180000000000, 0x2A05000), (0xBC00080000000000, 0x2A09000))
+    assert exp.poison_pfns == (0x2A05, 0x2A09) and exp.hardware_corrupted_delta_kb == 8
+    assert exp.sigbus is not None and (exp.sigbus.si_code, exp.sigbus.si_addr) == (BUS_MCEERR_AR, 0x7F0000209000)
+    with pytest.raises(ValueError, match="not congruent modulo 0x200000"):
+        expect_host(spec, THP, dataclasses.replace(frame, hva=0x7F1C00105080), vendor=AMD, mce_bank=9)
+    with pytest.raises(ValueError, match="through a guest THP"):
+        expect_host(get_scenario("host-ar-touch-4k"), LAYOUT, dataclasses.replace(FRAME, host_page_shift=21),
+                    vendor=AMD, mce_bank=9)
+
+
+def test_rows_and_profiles_of_huge_guest_ram_pair_up() -> None:
+    hugetlb, plain = get_profile("kvm-hugetlb"), get_profile("kvm-default")
+    assert unsupported_under(get_scenario("host-ao-hugetlb-thp"), hugetlb) is None
+    assert "run it under kvm-hugetlb" in (unsupported_under(get_scenario("host-ao-hugetlb-thp"), plain) or "")
+    assert "not set by the layout" in (unsupported_under(get_scenario("host-ar-touch-4k"), hugetlb) or "")

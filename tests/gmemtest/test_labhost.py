@@ -18,6 +18,7 @@ import pytest
 from gmemtest.labhost import (
     EXIT_FRAME,
     EXIT_MARKER,
+    LabhostFrozen,
     LabhostTimeout,
     _ExitScanner,
     booted_labhost,
@@ -174,6 +175,28 @@ def test_never_ready_l1_times_out_with_console_tail_and_no_qemu_left(tmp_path: P
     text = str(info.value)
     assert "not ready within 15.0 s" in text
     assert "L1 console tail" in text and "console.log" in text
+    assert not _our_qemus(tmp_path)
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_stopped_heartbeat_is_reported_as_a_freeze_with_evidence(tmp_path: Path,
+                                                                   labhost_image: LabhostImage) -> None:
+    """The command stops L1's heartbeat (SIGSTOP): the runner says "froze" within seconds, keeps QEMU's
+    view of the vCPUs, and kills L1, long before the command's own timeout."""
+    import time
+
+    with pytest.raises(LabhostFrozen) as info, booted_labhost(
+            labhost_image, tmp_path / "w", share_dir=tmp_path / "share", boot_timeout_s=90,
+            freeze_after_s=4) as run:
+        pid = (run.ctl_dir / "heartbeat-pid").read_text().strip()
+        t0 = time.monotonic()
+        run.run(["sh", "-c", f"kill -STOP {pid}; echo heartbeat stopped; sleep 600"], timeout=100)
+    assert time.monotonic() - t0 < 30, "a freeze must be reported long before the command's timeout"
+    assert "L1 froze while running" in str(info.value) and "heartbeat stopped" in str(info.value)
+    evidence = info.value.evidence.read_text()
+    assert "== info registers -a" in evidence and "RIP=" in evidence and "== query-status" in evidence
     assert not _our_qemus(tmp_path)
 
 

@@ -60,6 +60,30 @@ def test_a_failed_l1_run_is_not_cached(tmp_path: Path, monkeypatch: pytest.Monke
         lq.shared_run(image, tmp_path / "job")
     assert lq.shared_run(image, tmp_path / "job").kernel_release == "7.3.4+deb13-amd64"
     assert len(calls) == 2
+    why = tmp_path / "job" / "labhost-abc123" / "failed-attempt-1" / "why.txt"
+    assert "not ready" in why.read_text(), "the failed attempt keeps its evidence, not overwritten by the retry"
+
+
+def test_a_shared_run_that_keeps_failing_stops_being_retried(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Path] = []
+
+    def failing(image: Any, out: Path, **_: Any) -> lq.LabhostQualification:
+        calls.append(out)
+        (out / "labhost").mkdir(parents=True, exist_ok=True)
+        (out / "labhost" / "console.log").write_text(f"attempt {len(calls)}\n")
+        raise lq.LabhostError(f"L1 exited (attempt {len(calls)})")
+
+    monkeypatch.setattr(lq, "qualify_in_labhost", failing)
+    image: Any = _Image(tmp_path)
+    for _ in range(lq.SHARED_RUN_ATTEMPTS):
+        with pytest.raises(lq.LabhostError, match="L1 exited"):
+            lq.shared_run(image, tmp_path / "job")
+    with pytest.raises(lq.LabhostError, match=r"failed 2 times; the last time: LabhostError: L1 exited \(attempt 2\)"):
+        lq.shared_run(image, tmp_path / "job")
+    assert len(calls) == lq.SHARED_RUN_ATTEMPTS
+    kept = tmp_path / "job" / "labhost-abc123"
+    assert (kept / "failed-attempt-1" / "labhost" / "console.log").read_text() == "attempt 1\n"
 
 
 def test_job_dir_is_found_from_a_tests_outputdir(tmp_path: Path) -> None:
@@ -120,16 +144,48 @@ def test_chain_command_keeps_qemu_logs_on_l1_tmpfs() -> None:
     assert argv[:2] == ["sh", "-c"] and "--out /tmp/chain-kvm-default" in argv[2]
     assert f"cp -r /tmp/chain-kvm-default {lq.RESULTS_IN_L1}/chain/kvm-default" in argv[2]
     assert "--qemu" not in argv
-    assert argv[-len(lq.CHAIN_SCENARIOS):] == list(lq.CHAIN_SCENARIOS)
-    assert set(lq.CHAIN_SCENARIOS) == {"host-ao-late-touch-4k", "host-ao-early-kill-4k", "host-ao-reset-4k",
-                                       "host-ar-touch-4k"}
+    rows = ("host-ao-late-touch-4k", "host-ao-early-kill-4k", "host-ao-reset-4k", "host-ar-touch-4k")
+    assert tuple(argv[-len(rows):]) == rows
+    assert lq.ChainVariant("kvm-hugetlb", "kvm-hugetlb").scenarios == ("host-ao-hugetlb-thp",)
 
 
 def test_chain_variants_run_gmem_under_the_newer_qemu_only() -> None:
     newer = Path("/cache/images/q/bin/qemu-system-x86_64")
     assert [(v.label, v.profile, v.qemu) for v in lq.chain_variants(newer)] == [
         ("kvm-default", "kvm-default", None), ("kvm-default+newer-qemu", "kvm-default", newer),
-        ("kvm-gmem", "kvm-gmem", newer)]
-    assert [v.label for v in lq.chain_variants(None)] == ["kvm-default", "kvm-gmem"]
+        ("kvm-hugetlb", "kvm-hugetlb", None), ("kvm-gmem", "kvm-gmem", newer)]
+    assert [v.label for v in lq.chain_variants(None)] == ["kvm-default", "kvm-hugetlb", "kvm-gmem"]
     argv = lq._chain_command(lq.chain_variants(newer)[1], Path("/g/manifest.json"))
     assert argv[argv.index("--qemu") + 1] == str(newer) and argv[argv.index("--profile") + 1] == "kvm-default"
+
+
+def test_a_frozen_l1_is_retried_once_keeping_its_evidence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gmemtest.labhost import LabhostFrozen
+
+    calls: list[Path] = []
+    good = _fake_run([])
+
+    def once(image: Any, out: Path, **kwargs: Any) -> lq.LabhostQualification:
+        calls.append(out)
+        if len(calls) == 1:
+            (out / "labhost").mkdir(parents=True)
+            (out / "labhost" / "frozen.txt").write_text("== info registers -a\nRIP=ffffffff81000000\n")
+            raise LabhostFrozen("L1 froze while running 'x'", out / "labhost" / "frozen.txt")
+        return good(image, out, **kwargs)
+
+    monkeypatch.setattr(lq, "qualify_once", once)
+    result = lq.qualify_in_labhost(_Image(tmp_path), tmp_path / "run")
+    assert len(calls) == 2 and result.kernel_release == "7.3.4+deb13-amd64"
+    kept = tmp_path / "run" / "frozen-attempt-1"
+    assert "RIP=" in (kept / "labhost" / "frozen.txt").read_text()
+    assert "L1 froze" in (kept / "why.txt").read_text()
+    calls.clear()
+
+    def always(image: Any, out: Path, **kwargs: Any) -> lq.LabhostQualification:
+        calls.append(out)
+        raise LabhostFrozen("L1 froze again", out / "frozen.txt")
+
+    monkeypatch.setattr(lq, "qualify_once", always)
+    with pytest.raises(LabhostFrozen, match="froze again"):
+        lq.qualify_in_labhost(_Image(tmp_path), tmp_path / "run2")
+    assert len(calls) == 2, "at most one retry"

@@ -55,7 +55,7 @@ def test_unknown_profile_names_the_valid_ones() -> None:
     assert "'tcg-fast'" in text
     for name in ("tcg-default", "tcg-smp2-broadcast", "kvm-default", "kvm-gmem", "kvm-sev-snp", "kvm-tdx"):
         assert name in text
-    assert set(PROFILES) == {"tcg-default", "tcg-smp2-broadcast", "kvm-default", "kvm-gmem",
+    assert set(PROFILES) == {"tcg-default", "tcg-smp2-broadcast", "kvm-default", "kvm-gmem", "kvm-hugetlb",
                              "kvm-sev-snp", "kvm-tdx", "labhost-svm"}
 
 
@@ -65,7 +65,8 @@ def test_labhost_profile_is_an_amd_tcg_host_with_two_vcpus() -> None:
     assert (opt(args, "-accel"), opt(args, "-cpu"), opt(args, "-smp"), opt(args, "-m")) == (
         ["tcg"], ["max"], ["2"], ["3072"])
     assert "-nodefaults" in args and "-no-reboot" in args
-    assert opt(args, "-append") == ["console=ttyS0 panic=-1 loglevel=4"]
+    # hugepages=256: the 2 MiB pages of one kvm-hugetlb guest (512 MiB), reserved at boot
+    assert opt(args, "-append") == ["console=ttyS0 panic=-1 loglevel=4 hugepages=256"]
 
 
 def test_bad_profile_values_are_refused() -> None:
