@@ -121,6 +121,14 @@ class MachineStuck(MachineStateError):
         self.state = state
 
 
+class QemuDied(MachineStateError):
+    """QEMU exited while a QMP command ran (an abort, a crash): ``returncode`` and its stderr say why."""
+
+    def __init__(self, message: str, *, returncode: int | None) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+
+
 class MigrationError(QemuError):
     """Saving the machine's state to a file, or loading it, did not complete.
 

@@ -24,6 +24,7 @@ from .errors import (
     MachineStateError,
     MachineStuck,
     QemuBinaryNotFound,
+    QemuDied,
     QemuLaunchError,
     QmpConnectionError,
 )
@@ -290,7 +291,17 @@ class QemuMachine:
         ``qmp_timeout`` overrides the machine's per-call deadline (named so that it cannot
         collide with a QMP argument called ``timeout``).
         """
-        return self._require_qmp().execute(cmd, arguments, qmp_timeout)
+        try:
+            return self._require_qmp().execute(cmd, arguments, qmp_timeout)
+        except QmpConnectionError as exc:
+            process = self._process
+            if process is None or not process.wait(2.0):
+                raise
+            # The connection broke because QEMU is gone: say that, with its own last words
+            # (an assertion, "KVM internal error", ...), not the socket's.
+            raise QemuDied(f"QEMU (machine {self.name}, pid {process.pid}) exited with status {process.returncode} "
+                           f"during QMP {cmd!r}; its stderr ends: {self._stderr_tail()!r}",
+                           returncode=process.returncode) from exc
 
     def hmp(self, command_line: str, qmp_timeout: float | None = None) -> str:
         """Run an HMP command; raises :class:`HmpError` when the reply text is an error."""
@@ -396,6 +407,14 @@ class QemuMachine:
             with self.stderr_log.open("rb") as fh:
                 fh.seek(mark)
                 return fh.read().decode(errors="replace")
+        except OSError as exc:
+            return f"<{self.stderr_log} unreadable: {exc}>"
+
+    def _stderr_tail(self, chars: int = 600) -> str:
+        if self._stderr_file is not None:
+            self._stderr_file.flush()
+        try:
+            return self.stderr_log.read_text(errors="replace")[-chars:].strip()
         except OSError as exc:
             return f"<{self.stderr_log} unreadable: {exc}>"
 

@@ -24,6 +24,7 @@ from qmp_helpers import (
     HmpError,
     MachineStateError,
     QemuBinaryNotFound,
+    QemuDied,
     QemuError,
     QemuLaunchError,
     QemuMachine,
@@ -130,6 +131,17 @@ def test_hmp_errors_raise(machine: QemuMachine) -> None:
     with pytest.raises(QmpCommandError) as qerr:
         machine.qmp("no-such-qmp-command")
     assert qerr.value.error_class == "CommandNotFound"
+
+
+def test_qemu_dying_during_a_command_is_named_as_such(machine: QemuMachine) -> None:
+    """A QEMU that aborts under a QMP command (seen: an assertion on an mce into a nested KVM
+    guest) is reported as its death with status and stderr, not as a broken socket."""
+    os.kill(machine.pid, signal.SIGKILL)
+    with pytest.raises(QemuDied, match=r"exited with status -9 during QMP 'query-status'") as info:
+        for _ in range(50):  # the socket may answer once more before the kernel closes it
+            machine.qmp("query-status")
+            time.sleep(0.05)
+    assert info.value.returncode == -9
 
 
 def test_trace_event_set_state(machine: QemuMachine) -> None:
