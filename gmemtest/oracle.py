@@ -59,9 +59,24 @@ class MappingLayout:
 
 @dataclass(frozen=True)
 class ExpectedSigbus:
+    """A SIGBUS a process must get. ``thread`` (host rows, QEMU's signals): "main" for QEMU's
+    early-kill thread, "vcpu" for a vCPU thread; None for a single-threaded guest program."""
+
     si_code: int
     si_addr: int
     si_addr_lsb: int
+    thread: str | None = None
+
+    @property
+    def delivered(self) -> bool:
+        """Whether a ptrace witness can see it delivered.
+
+        QEMU's vCPU threads take SIGBUS in a handler; its main thread blocks SIGBUS and reads it
+        from the main loop's signalfd (util/main-loop.c qemu_signal_init), where no delivery
+        happens: only the kernel's signal_generate tracepoint sees that one, and QEMU's stderr
+        line names its hva.
+        """
+        return self.thread != "main"
 
 
 @dataclass(frozen=True)
@@ -293,31 +308,11 @@ class HostFrameLayout:
 
 
 @dataclass(frozen=True)
-class ExpectedQemuSigbus:
-    """A SIGBUS the host kernel must send QEMU; ``thread`` is "main" (the early-kill thread) or "vcpu".
-
-    ``delivered``: QEMU's vCPU threads take SIGBUS in a handler, so a ptrace witness reads its
-    siginfo; the main thread blocks SIGBUS and reads it from its main loop's signalfd
-    (util/main-loop.c qemu_signal_init), where no delivery happens: only the kernel's
-    signal_generate tracepoint sees that one, and QEMU's stderr line names its hva.
-    """
-
-    si_code: int
-    si_addr: int
-    si_addr_lsb: int
-    thread: str
-
-    @property
-    def delivered(self) -> bool:
-        return self.thread == "vcpu"
-
-
-@dataclass(frozen=True)
 class HostExpectation:
     """The host and QEMU layers of a host-poison row."""
 
     frame: HostFrameLayout
-    qemu_sigbus: tuple[ExpectedQemuSigbus, ...]
+    qemu_sigbus: tuple[ExpectedSigbus, ...]
     # QEMU's "Guest MCE Memory Error at QEMU addr <hva> and GUEST addr <gpa> of type <code>" lines.
     forwarded: tuple[tuple[str, int, int], ...]
     host_hardware_corrupted_delta_kb: int
@@ -363,7 +358,7 @@ def expect_host(spec: ScenarioSpec, layout: MappingLayout, frame: HostFrameLayou
     hva_page, gpa_page, va_page = frame.hva & page_mask, gpa & page_mask, poison_va & page_mask
     ao = forwarded_mce("BUS_MCEERR_AO", amd=amd)
     guest_learns_of_ao = ao.raises_mc or bool(spec.guest_mce_poll_s)
-    qemu_sigbus = [ExpectedQemuSigbus(BUS_MCEERR_AO, hva_page, PAGE_SHIFT, "main")]
+    qemu_sigbus = [ExpectedSigbus(BUS_MCEERR_AO, hva_page, PAGE_SHIFT, "main")]
     forwarded = [("BUS_MCEERR_AO", hva_page, gpa_page)]
     events = [ExpectedMemoryFailureEvent("guest", "inject", ao.action_required, False)]
     status = ao.status
@@ -378,7 +373,7 @@ def expect_host(spec: ScenarioSpec, layout: MappingLayout, frame: HostFrameLayou
         sigbus = _touch_sigbus(spec, layout, spec.poison_offset, spec.touch_offset, PAGE_SHIFT)
     elif spec.trigger is Trigger.TOUCH:
         ar = forwarded_mce("BUS_MCEERR_AR", amd=amd)
-        qemu_sigbus.append(ExpectedQemuSigbus(BUS_MCEERR_AR, hva_page, PAGE_SHIFT, "vcpu"))
+        qemu_sigbus.append(ExpectedSigbus(BUS_MCEERR_AR, hva_page, PAGE_SHIFT, "vcpu"))
         forwarded.append(("BUS_MCEERR_AR", hva_page, gpa_page))
         events.append(ExpectedMemoryFailureEvent("guest", "inject", ar.action_required, False))
         status = ar.status | MCI_STATUS_OVER  # the deferred AO record is still valid in the bank
@@ -440,8 +435,8 @@ def _expect_host_huge(spec: ScenarioSpec, layout: MappingLayout, frame: HostFram
     )
     host = HostExpectation(
         frame=frame,
-        qemu_sigbus=(ExpectedQemuSigbus(BUS_MCEERR_AO, hva_p, frame.host_page_shift, "main"),
-                     ExpectedQemuSigbus(BUS_MCEERR_AR, hva_q, PAGE_SHIFT, "vcpu")),
+        qemu_sigbus=(ExpectedSigbus(BUS_MCEERR_AO, hva_p, frame.host_page_shift, "main"),
+                     ExpectedSigbus(BUS_MCEERR_AR, hva_q, PAGE_SHIFT, "vcpu")),
         forwarded=(("BUS_MCEERR_AO", hva_p, gpa_p), ("BUS_MCEERR_AR", hva_q, gpa_q)),
         host_hardware_corrupted_delta_kb=PAGE_SIZE // 1024, host_recovery=(frame.pfn, "Recovered"),
         guest_recovers_first=True, reset=spec.reset_after)

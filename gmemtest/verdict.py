@@ -87,7 +87,7 @@ def judge(exp: Expectation, obs: Observations, host: tuple[HostExpectation, Host
     return Verdict(exp.scenario, (*judge_host(*host), *_layered(qemu_events, "qemu"), *_layered(rest, "guest")))
 
 
-def _sigbus_line(code: int, addr: int, lsb: int, thread: str) -> str:
+def _sigbus_line(code: int, addr: int, lsb: int, thread: str | None) -> str:
     return f"{_code(code)} at {addr:#x} lsb {lsb} to the {thread} thread"
 
 
