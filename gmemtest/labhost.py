@@ -271,14 +271,20 @@ class LabhostRun:
         except OSError:
             return None
 
+    def _registers_later(self, delay_s: float = 2.0) -> str:
+        time.sleep(delay_s)
+        return self.machine.hmp("info registers -a")
+
     def _freeze_evidence(self) -> Path:
-        """What QEMU says of a frozen L1: run state, every vCPU's registers (HLT, RIP, RFLAGS.IF)."""
+        """What QEMU says of a frozen L1: run state, every vCPU's registers (HLT, RIP, RFLAGS.IF),
+        twice, 2 s apart: a vCPU whose RIP moved is running (a livelock), one that did not is stuck."""
         path = self.workdir / "frozen.txt"
         parts = []
         asks: tuple[tuple[str, Callable[[], str]], ...] = (
             ("query-status", lambda: str(self.machine.qmp("query-status"))),
             ("query-cpus-fast", lambda: str(self.machine.qmp("query-cpus-fast"))),
-            ("info registers -a", lambda: self.machine.hmp("info registers -a")))
+            ("info registers -a", lambda: self.machine.hmp("info registers -a")),
+            ("info registers -a, 2 s later", self._registers_later))
         for label, ask in asks:
             try:
                 parts.append(f"== {label}\n{ask()}\n")
