@@ -1,4 +1,5 @@
-"""Every guest scenario under each KVM lab profile (plain KVM, guest_memfd-backed RAM, SEV-SNP, TDX).
+"""Every guest scenario under each KVM lab profile (plain KVM, guest_memfd-backed RAM, RAM on the host's
+2 MiB hugetlb pages, SEV-SNP, TDX).
 
 On a host that cannot run them these CANCEL with the probed sentences (`gmemtest preflight`
 prints the same ones); on a lab host each test runs every scenario of the TCG suite under its
@@ -27,6 +28,10 @@ class KvmLabProfiles(Test):  # type: ignore[misc]  # avocado is untyped
     def test_kvm_gmem(self) -> None:
         """:avocado: tags=kvm-gmem,gmem"""
         run_every_scenario_under(self, "kvm-gmem")
+
+    def test_kvm_hugetlb(self) -> None:
+        """:avocado: tags=kvm-hugetlb,hugetlb"""
+        run_every_scenario_under(self, "kvm-hugetlb")
 
     def test_kvm_sev_snp(self) -> None:
         """:avocado: tags=kvm-sev-snp,snp,confidential"""
