@@ -74,7 +74,7 @@ RESULTS_IN_L1 = "/run/gmemtest/results"
 STATE_RE = re.compile(rf"({READY_MARKER}|{FAILED_MARKER})([^\r\n]*)\r?\n")
 _UPTIME_RE = re.compile(r"uptime=([0-9.]+)")
 _POLL_S = 0.02
-# L1 writes its heartbeat once a second; this long without one while QEMU runs is a freeze (a
+# L1 writes its heartbeat every 2 s; this long without one while QEMU runs is a freeze (a
 # busy L1 under TCG still beats: its two vCPUs are never both starved for seconds).
 FREEZE_AFTER_S = 20.0
 HEARTBEAT = "heartbeat"
