@@ -187,7 +187,7 @@ def _nested(runs: int, workdir: Path, scenario: str = NESTED_SCENARIO) -> dict[s
     What counts is how often a run ends any other way than with a verdict: a VM stuck at boot
     (retried once by the runner, kept as stuck-attempt-N), or L1 itself failing or timing out.
     """
-    from gmemtest.labhost import LabhostError, LabhostFrozen, run_in_labhost
+    from gmemtest.labhost import LabhostDied, LabhostError, LabhostFrozen, run_in_labhost
     from images.labhost import build_labhost_image
 
     l1_image = build_labhost_image()
@@ -198,18 +198,18 @@ def _nested(runs: int, workdir: Path, scenario: str = NESTED_SCENARIO) -> dict[s
     for i in range(runs):
         rundir = workdir / f"nested-{i}"
         t0 = time.monotonic()
-        record: dict[str, Any] = {"run": i, "frozen_attempts": []}
-        for attempt in (1, 2):  # a frozen L1 is retried once, as the shared lab-host run does
+        record: dict[str, Any] = {"run": i, "l1_retried_attempts": []}
+        for attempt in (1, 2):  # a frozen or dead L1 is retried once, as the shared lab-host run does
             try:
                 result, timings = run_in_labhost(l1_image, ["sh", "-c", inner], rundir, timeout=400,
                                                  cwd=Path.cwd())
                 record.update(rc=result.returncode, l1_ready_s=timings.ready_s)
-            except LabhostFrozen as exc:
-                record["frozen_attempts"].append(str(exc).splitlines()[0])
+            except (LabhostFrozen, LabhostDied) as exc:
+                record["l1_retried_attempts"].append(str(exc).splitlines()[0])
                 if attempt == 1:
                     from gmemtest.guest_run import set_aside
 
-                    set_aside(rundir, "frozen-attempt-1", str(exc))
+                    set_aside(rundir, f"{'frozen' if isinstance(exc, LabhostFrozen) else 'died'}-attempt-1", str(exc))
                     continue
                 record.update(rc=None, l1_error=f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
             except LabhostError as exc:  # LabhostTimeout included: L1 failed
@@ -234,7 +234,7 @@ def _nested(runs: int, workdir: Path, scenario: str = NESTED_SCENARIO) -> dict[s
             "failed_verdicts": sum(1 for r in records if r["passed"] is False),
             "no_verdict": sum(1 for r in records if r["passed"] is None),
             "stuck_retried": sum(len(r["stuck_attempts"]) for r in records),
-            "frozen_retried": sum(len(r["frozen_attempts"]) for r in records),
+            "l1_retried": sum(len(r["l1_retried_attempts"]) for r in records),
             "ended_at_timeout": sum(1 for r in records if "LabhostTimeout" in str(r.get("l1_error", ""))),
             "wall_s": _stats(walls),
             "l2_first_ssh_s": _stats([r["l2_first_ssh_s"] for r in records if "l2_first_ssh_s" in r]),
@@ -288,7 +288,7 @@ def run_benchmark(*, runs: int, out: Path, suite: bool, cold: bool, labhost: boo
             results["nested"] = chain = _nested(nested, Path(tmp) / "nested", nested_scenario)
             summary.update({"nested_scenario": nested_scenario, "nested_runs": nested, "nested_passed": chain["passed"],
                             "nested_no_verdict": chain["no_verdict"], "nested_stuck_retried": chain["stuck_retried"],
-                            "nested_frozen_retried": chain["frozen_retried"],
+                            "nested_l1_retried": chain["l1_retried"],
                             "nested_ended_at_timeout": chain["ended_at_timeout"],
                             "nested_wall_median_s": chain["wall_s"].get("median"),
                             "nested_l2_first_ssh_median_s": chain["l2_first_ssh_s"].get("median")})

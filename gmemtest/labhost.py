@@ -48,6 +48,7 @@ __all__ = [
     "EXIT_MARKER",
     "READY_MARKER",
     "STATE_RE",
+    "LabhostDied",
     "LabhostError",
     "LabhostFrozen",
     "LabhostResult",
@@ -87,6 +88,11 @@ class LabhostError(RuntimeError):
 
 class LabhostTimeout(LabhostError, TimeoutError):
     """A step of L1 (boot to READY, a command, power-off) missed its deadline."""
+
+
+class LabhostDied(LabhostError):
+    """L1's QEMU exited while a command ran: with ``-no-reboot`` and ``panic=-1`` that is an L1
+    kernel panic (its oops is at the end of the console tail in the message)."""
 
 
 class LabhostFrozen(LabhostError):
@@ -247,7 +253,7 @@ class LabhostRun:
                 return LabhostResult(tuple(argv), rc, "".join(parts), seconds)
             if not self.machine.running():
                 self._broken = "QEMU exited during a command"
-                raise self._failure(LabhostError, f"L1 exited while running {shlex.join(argv)!r} "
+                raise self._failure(LabhostDied, f"L1 exited while running {shlex.join(argv)!r} "
                                     f"(see {self.machine.stderr_log})", "".join(parts))
             now = self._heartbeat()
             if now != beat:

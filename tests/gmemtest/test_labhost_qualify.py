@@ -189,3 +189,25 @@ def test_a_frozen_l1_is_retried_once_keeping_its_evidence(tmp_path: Path, monkey
     with pytest.raises(LabhostFrozen, match="froze again"):
         lq.qualify_in_labhost(_Image(tmp_path), tmp_path / "run2")
     assert len(calls) == 2, "at most one retry"
+
+
+
+def test_an_l1_that_died_is_retried_once_keeping_its_oops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gmemtest.labhost import LabhostDied
+
+    calls: list[Path] = []
+    good = _fake_run([])
+
+    def once(image: Any, out: Path, **kwargs: Any) -> lq.LabhostQualification:
+        calls.append(out)
+        if len(calls) == 1:
+            (out / "labhost").mkdir(parents=True)
+            (out / "labhost" / "console.log").write_text("BUG: TASK stack guard page was hit\n")
+            raise LabhostDied("L1 exited while running 'x'\n--- L1 console tail ---\nKernel panic")
+        return good(image, out, **kwargs)
+
+    monkeypatch.setattr(lq, "qualify_once", once)
+    assert lq.qualify_in_labhost(_Image(tmp_path), tmp_path / "run").kernel_release == "7.3.4+deb13-amd64"
+    kept = tmp_path / "run" / "died-attempt-1"
+    assert "stack guard page" in (kept / "labhost" / "console.log").read_text()
+    assert len(calls) == 2
