@@ -34,6 +34,10 @@ from qmp_helpers import STUCK_RUN_STATES, MigrationError, QemuError, QemuMachine
 LOG = logging.getLogger(__name__)
 
 READY_MARKER = "GMEMTEST-READY"
+# A booting guest prints its first console line within seconds (about 5 s for a KVM guest in the
+# lab host, 25 s under full load); one that has printed nothing for this long runs but does not
+# progress (seen once in the lab host, its next boot fine): MachineStuck, retried once.
+SILENT_BOOT_S = 45.0
 
 
 @dataclass
@@ -316,7 +320,8 @@ def _boot(stack: ExitStack, launch: _Launch, boot_timeout_s: float, record: Boot
     timings = BootTimings(qmp_s=time.monotonic() - t0)
     LOG.info("QMP up in %.2fs; waiting for %s on the console", timings.qmp_s, READY_MARKER)
     # A guest KVM stopped (internal error) never prints READY: say so now, with QEMU's words.
-    machine.wait_console(READY_MARKER, timeout=boot_timeout_s, stuck_states=STUCK_RUN_STATES)
+    machine.wait_console(READY_MARKER, timeout=boot_timeout_s, stuck_states=STUCK_RUN_STATES,
+                         silent_after_s=SILENT_BOOT_S)
     timings.console_ready_s = ready = time.monotonic() - t0
     LOG.info("console ready in %.2fs; logging in over SSH", ready)
     remaining = max(5.0, boot_timeout_s - ready)

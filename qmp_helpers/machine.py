@@ -25,6 +25,7 @@ from .errors import (
     MachineStuck,
     QemuBinaryNotFound,
     QemuDied,
+    QemuError,
     QemuLaunchError,
     QmpConnectionError,
 )
@@ -355,16 +356,20 @@ class QemuMachine:
         return self._console_text
 
     def wait_console(self, pattern: str | re.Pattern[str], timeout: float = 30.0, *,
-                     stuck_states: Collection[str] = ()) -> re.Match[str]:
+                     stuck_states: Collection[str] = (), silent_after_s: float | None = None) -> re.Match[str]:
         """Next match of ``pattern`` in the console after the previous wait_console match.
 
         Reads the console file incrementally. Fails early when QEMU exits, and, every
         ``_STATE_POLL_S``, when ``query-status`` reports one of ``stuck_states`` (a VM that
         stopped on "KVM internal error" is ``internal-error`` and prints nothing ever again:
         waiting out the deadline would only hide QEMU's reason, which the error then quotes).
+        ``silent_after_s``: a console still empty that long after the call is a VM that runs but
+        does not progress (seen: a nested guest under the lab host): :class:`MachineStuck` with
+        state "silent", every vCPU's registers kept in ``silent-registers.txt``.
         """
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         next_state_poll = time.monotonic() + _STATE_POLL_S
         while True:
             self._read_console()
@@ -378,6 +383,17 @@ class QemuMachine:
                 next_state_poll = time.monotonic() + _STATE_POLL_S
                 state = self.status()
                 stuck = state if state in stuck_states else None
+            if (silent_after_s is not None and not exited and not self._console_text
+                    and time.monotonic() - started > silent_after_s):
+                evidence = self.workdir / "silent-registers.txt"
+                try:
+                    evidence.write_text(self.hmp("info registers -a"))
+                except QemuError as exc:
+                    evidence.write_text(f"<info registers failed: {exc}>\n")
+                raise MachineStuck(
+                    f"expected console pattern {regex.pattern!r} in {self.console_log}; the VM runs but its "
+                    f"console stayed empty for {silent_after_s:.0f} s (every vCPU's registers: {evidence})",
+                    state="silent")
             if exited or stuck or time.monotonic() > deadline:
                 tail = self._console_text[-400:]
                 if stuck:

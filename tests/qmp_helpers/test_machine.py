@@ -23,6 +23,7 @@ from qmp_helpers import (
     GpaOutOfRange,
     HmpError,
     MachineStateError,
+    MachineStuck,
     QemuBinaryNotFound,
     QemuDied,
     QemuError,
@@ -131,6 +132,16 @@ def test_hmp_errors_raise(machine: QemuMachine) -> None:
     with pytest.raises(QmpCommandError) as qerr:
         machine.qmp("no-such-qmp-command")
     assert qerr.value.error_class == "CommandNotFound"
+
+
+def test_a_running_vm_with_a_silent_console_is_stuck_with_its_registers(tmp_path: Path) -> None:
+    """No firmware output at all (-S: the vCPU never starts): 'silent', not the deadline."""
+    with QemuMachine([*BASE_ARGS, "-S"], tmp_path / "m") as m:
+        t0 = time.monotonic()
+        with pytest.raises(MachineStuck, match="console stayed empty for 1 s") as info:
+            m.wait_console("never printed", timeout=30, silent_after_s=1.0)
+        assert time.monotonic() - t0 < 10 and info.value.state == "silent"
+        assert "CPU#0" in (tmp_path / "m" / "silent-registers.txt").read_text()  # real mode: EIP=, not RIP=
 
 
 def test_qemu_dying_during_a_command_is_named_as_such(machine: QemuMachine) -> None:
