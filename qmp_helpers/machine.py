@@ -419,29 +419,26 @@ class QemuMachine:
 
     def stderr_since(self, mark: int) -> str:
         """What QEMU wrote to stderr after ``mark`` (its trace lines, its MCE forwarding lines)."""
+        return self._read_stderr(mark)
+
+    def _read_stderr(self, start: int = 0) -> str:
+        """QEMU's stderr log from byte ``start`` on (flushed first), or a sentence saying why not."""
+        if self._stderr_file is not None:
+            self._stderr_file.flush()
         try:
             with self.stderr_log.open("rb") as fh:
-                fh.seek(mark)
+                fh.seek(start)
                 return fh.read().decode(errors="replace")
         except OSError as exc:
             return f"<{self.stderr_log} unreadable: {exc}>"
 
     def _stderr_tail(self, chars: int = 600) -> str:
-        if self._stderr_file is not None:
-            self._stderr_file.flush()
-        try:
-            return self.stderr_log.read_text(errors="replace")[-chars:].strip()
-        except OSError as exc:
-            return f"<{self.stderr_log} unreadable: {exc}>"
+        """The end of QEMU's stderr: its last words before it died."""
+        return self._read_stderr()[-chars:].strip()
 
     def _stderr_head(self, chars: int = 300) -> str:
         """The start of QEMU's stderr: where it says why it stopped (the register dump follows)."""
-        if self._stderr_file is not None:
-            self._stderr_file.flush()
-        try:
-            return self.stderr_log.read_text(errors="replace")[:chars].strip()
-        except OSError as exc:
-            return f"<{self.stderr_log} unreadable: {exc}>"
+        return self._read_stderr()[:chars].strip()
 
     # ----- memory and machine checks --------------------------------------------------------
     def ram_ranges(self) -> list[tuple[int, int, str]]:
