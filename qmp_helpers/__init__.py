@@ -11,6 +11,7 @@ from .errors import (
     EventTimeout,
     GpaOutOfRange,
     HmpError,
+    LandingNotReached,
     MachineStateError,
     MachineStuck,
     MigrationError,
@@ -29,6 +30,7 @@ from .mce import MCE_BANKS, MCE_KINDS, MceInjection, MceKind, mce_kind
 from .migration import LoadRecord, SaveRecord, load_state, save_state
 from .process import find_tagged_qemus, reap_orphans
 from .qemu_caps import QemuCapabilities, kvm_start_refusal, probe_qemu, validate_args
+from .vcpu_state import VcpuState, parse_info_registers
 
 __all__ = (  # noqa: RUF022 - curated order, most important first
     # Classes, most to least important
@@ -36,6 +38,7 @@ __all__ = (  # noqa: RUF022 - curated order, most important first
     "QmpEvent",
     "MceKind",
     "MceInjection",
+    "VcpuState",
     "QemuCapabilities",
     "SaveRecord",
     "LoadRecord",
@@ -53,6 +56,7 @@ __all__ = (  # noqa: RUF022 - curated order, most important first
     "find_tagged_qemus",
     "resolve_binary",
     "opt_escape",
+    "parse_info_registers",
     "hmp_error_shape",
     "HMP_ERROR_SHAPES",
     # Exceptions, most generic to most explicit
@@ -67,6 +71,7 @@ __all__ = (  # noqa: RUF022 - curated order, most important first
     "QmpCommandError",
     "HmpError",
     "GpaOutOfRange",
+    "LandingNotReached",
     "EventTimeout",
     "MigrationError",
 )

@@ -140,3 +140,14 @@ class MigrationError(QemuError):
         super().__init__(message)
         self.status = status
         self.detail = detail
+
+
+class LandingNotReached(QemuError):
+    """No stop of the VM found a vCPU where an injection must land (``QemuMachine.inject_mce_at``)."""
+
+    def __init__(self, what: str, tries: int, seen: Sequence[str]) -> None:
+        self.what = what
+        self.tries = tries
+        self.seen = tuple(seen)
+        shown = "; ".join(self.seen[-5:]) or "nothing"
+        super().__init__(f"in {tries} stops of the VM no vCPU was {what}; the last stops found: {shown}")

@@ -13,7 +13,8 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -21,6 +22,7 @@ from typing import IO, Any
 from .errors import (
     GpaOutOfRange,
     HmpError,
+    LandingNotReached,
     MachineStateError,
     MachineStuck,
     QemuBinaryNotFound,
@@ -35,6 +37,7 @@ from .mce import MCE_BANKS, MceInjection, MceKind, mce_command_line, mce_kind
 from .process import QemuProcess, new_tag
 from .qmp_sync import SyncQmp
 from .transcript import Transcript
+from .vcpu_state import VcpuState, parse_info_registers
 
 _LOG = logging.getLogger(__name__)
 
@@ -500,19 +503,64 @@ class QemuMachine:
         Validation happens before anything is sent: the kind, the bank (QEMU's x86 CPUs
         have ``MCE_BANKS`` = 10 banks), the cpu index (QEMU silently ignores unknown ones)
         and the gpa (must be in a RAM region and resolvable by ``gpa2hva``).
+        The #MC lands wherever the vCPU happens to be; :meth:`inject_mce_at` checks first.
         Note: the MEMORY_FAILURE event that follows is not evidence of guest recovery.
         """
+        mce = self._validated_mce(kind, gpa, bank, cpus=[cpu])
+        return self._send_mce(mce, gpa, cpu, bank, broadcast)
+
+    def vcpu_states(self) -> list[VcpuState]:
+        """Every vCPU's RIP, CS, CPL and halt state (``info registers -a``); exact while stopped."""
+        return parse_info_registers(self.hmp("info registers -a"))
+
+    def inject_mce_at(self, kind: str | MceKind, gpa: int, pick: Callable[[VcpuState], bool], *, what: str,
+                      bank: int = 9, broadcast: bool = False, tries: int = 200,
+                      gap_s: float = 0.01) -> MceInjection:
+        """Inject a machine check only where ``pick`` accepts a vCPU's state, on that vCPU.
+
+        The VM is stopped, every vCPU's registers read; if one is accepted the ``mce`` is
+        sent while the VM is still stopped, so the #MC interrupts exactly the state that was
+        checked when the VM continues (measured under TCG: the guest's MCE record names the
+        RIP read here). Otherwise the VM continues for ``gap_s`` and is stopped again, at
+        most ``tries`` times; then :class:`LandingNotReached` names ``what`` and the positions
+        seen. The VM runs again on return, also on error.
+        """
+        if tries < 1:
+            raise ValueError(f"tries must be >= 1, got {tries}")
+        if self.status() != "running":
+            raise MachineStateError(f"machine {self.name} is {self.status()!r}; inject_mce_at needs a running VM")
+        mce = self._validated_mce(kind, gpa, bank, cpus=self.cpu_indexes())
+        seen: list[str] = []
+        for attempt in range(1, tries + 1):
+            self.qmp("stop")
+            try:
+                states = self.vcpu_states()
+                chosen = next((state for state in states if pick(state)), None)
+                if chosen is not None:
+                    injection = self._send_mce(mce, gpa, chosen.cpu, bank, broadcast)
+                    return replace(injection, landing=chosen, landing_tries=attempt)
+                seen.append(", ".join(state.where() for state in states))
+            finally:
+                self.qmp("cont")
+            time.sleep(gap_s)
+        raise LandingNotReached(what, tries, seen)
+
+    def _validated_mce(self, kind: str | MceKind, gpa: int, bank: int, *, cpus: Sequence[int]) -> MceKind:
         mce = kind if isinstance(kind, MceKind) else mce_kind(kind)
         if not 0 <= bank < MCE_BANKS:
             raise ValueError(f"MCE bank {bank} is invalid; the guest has {MCE_BANKS} banks "
                              f"(valid: 0..{MCE_BANKS - 1})")
-        cpus = self.cpu_indexes()
-        if cpu not in cpus:
-            raise ValueError(f"cpu index {cpu} does not exist; vCPU indexes: {cpus}")
+        existing = self.cpu_indexes()
+        for cpu in cpus:
+            if cpu not in existing:
+                raise ValueError(f"cpu index {cpu} does not exist; vCPU indexes: {existing}")
         ranges = self.ram_ranges()
         if not any(start <= gpa <= end for start, end, _ in ranges):
             raise GpaOutOfRange(gpa, ranges)
         self.gpa2hva(gpa)
+        return mce
+
+    def _send_mce(self, mce: MceKind, gpa: int, cpu: int, bank: int, broadcast: bool) -> MceInjection:
         command_line = mce_command_line(mce, gpa, cpu, bank, broadcast)
         mark = self.event_mark()
         t_before = time.monotonic()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .vcpu_state import VcpuState
+
 MCI_STATUS_VAL = 1 << 63
 MCI_STATUS_OVER = 1 << 62
 MCI_STATUS_UC = 1 << 61
@@ -151,6 +153,9 @@ class MceInjection:
     ``event_mark`` is the event-log mark taken before it, to wait for MEMORY_FAILURE
     without a race. ``guest_reset`` is True when QEMU answered that it raised a triple
     fault instead of delivering #MC (guest CR4.MCE clear or an MCE already in progress).
+    ``landing`` is the vCPU state the #MC interrupted when the injection was made into a
+    stopped VM at a checked position (``QemuMachine.inject_mce_at``), found at stop number
+    ``landing_tries``; None for an injection into a running VM (it lands wherever the vCPU is).
     """
 
     kind: MceKind
@@ -163,6 +168,8 @@ class MceInjection:
     t_mono_before: float
     t_mono_after: float
     event_mark: int
+    landing: VcpuState | None = None
+    landing_tries: int = 0
 
     @property
     def guest_reset(self) -> bool:

@@ -185,13 +185,19 @@ def test_panic_console_parsed_and_judged() -> None:
     assert [f.name for f in judge(exp, obs).failures] == ["MCE severity on the serial console"]
 
 
-def test_mce_rip_tells_kernel_from_user_mode() -> None:
-    from gmemtest.runner import _MCE_RIP
-    kernel = "[    2.49] mce: [Hardware Error]: RIP 10:<ffffffff817f90fb> {rtnetlink_event+0xb/0xb0}"
-    user = "[    2.49] mce: [Hardware Error]: RIP 33:<00007f12a4c01234>"
-    k, u = _MCE_RIP.search(kernel), _MCE_RIP.search(user)
-    assert k is not None and (k.group(1), k.group(3)) == ("10", "rtnetlink_event+0xb/0xb0")
-    assert u is not None and (u.group(1), u.group(3)) == ("33", None)
+def test_the_probes_code_is_its_executable_mappings() -> None:
+    """Where the user-mode SRAR may land: the probe's r-xp lines (text, vDSO), nothing else."""
+    from gmemtest.runner import ScenarioError, parse_probe_code
+    maps = ("00400000-00401000 r--p 00000000 00:02 313 /usr/bin/gmem-probe\n"
+            "00401000-00482000 r-xp 00001000 00:02 313 /usr/bin/gmem-probe\n"
+            "2f78f000-2f7b1000 rw-p 00000000 00:00 0 [heap]\n"
+            "7ffd85364000-7ffd85366000 r-xp 00000000 00:00 0 [vdso]\n")
+    code = parse_probe_code(maps)
+    assert code.holds(0x4031C8) and code.holds(0x7FFD85364010)
+    assert not code.holds(0x400800) and not code.holds(0x482000) and not code.holds(0x2F790000)
+    assert str(code) == "/usr/bin/gmem-probe 0x401000-0x482000, [vdso] 0x7ffd85364000-0x7ffd85366000"
+    with pytest.raises(ScenarioError, match="no executable mapping"):
+        parse_probe_code("2f78f000-2f7b1000 rw-p 00000000 00:00 0 [heap]\n")
 
 
 def test_a_broadcast_srar_expects_action_required_only_on_the_target_vcpu_and_the_rendezvous_panic() -> None:
