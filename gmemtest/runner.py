@@ -392,7 +392,10 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
                 injection = machine.inject_mce_at(kind, exp.poison_gpa, lambda state: state.cpl == 0,
                                                   what="in the kernel (CPL 0)", broadcast=spec.broadcast)
             ev.json("injection.json", asdict(injection))
-            LOG.info("%s: %s injected at gpa %#x; observing", spec.name, spec.mce_kind, exp.poison_gpa)
+            landed = ""
+            if isinstance(injection, MceInjection) and injection.landing is not None:
+                landed = f" into {injection.landing.where()} (stop {injection.landing_tries})"
+            LOG.info("%s: %s injected at gpa %#x%s; observing", spec.name, spec.mce_kind, exp.poison_gpa, landed)
 
             if isinstance(reply, SigbusReport):
                 obs.injection_to_sigbus_ms = (reply.host_monotonic - injection.t_mono_after) * 1000.0

@@ -538,7 +538,7 @@ class QemuMachine:
                 chosen = next((state for state in states if pick(state)), None)
                 if chosen is not None:
                     injection = self._send_mce(mce, gpa, chosen.cpu, bank, broadcast)
-                    return replace(injection, landing=chosen, landing_tries=attempt)
+                    return replace(injection, landing=chosen, landing_tries=attempt, landing_skipped=tuple(seen))
                 seen.append(", ".join(state.where() for state in states))
             finally:
                 self.qmp("cont")

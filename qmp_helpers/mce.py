@@ -155,7 +155,8 @@ class MceInjection:
     fault instead of delivering #MC (guest CR4.MCE clear or an MCE already in progress).
     ``landing`` is the vCPU state the #MC interrupted when the injection was made into a
     stopped VM at a checked position (``QemuMachine.inject_mce_at``), found at stop number
-    ``landing_tries``; None for an injection into a running VM (it lands wherever the vCPU is).
+    ``landing_tries``, after the stops that found no vCPU there (``landing_skipped``: where the
+    vCPUs were); None for an injection into a running VM (it lands wherever the vCPU is).
     """
 
     kind: MceKind
@@ -170,6 +171,7 @@ class MceInjection:
     event_mark: int
     landing: VcpuState | None = None
     landing_tries: int = 0
+    landing_skipped: tuple[str, ...] = ()
 
     @property
     def guest_reset(self) -> bool:

@@ -52,6 +52,7 @@ def test_inject_at_a_checked_position_lands_there(machine: QemuMachine) -> None:
     injection = machine.inject_mce_at("SRAO", 0x200000, lambda s: s.halted and s.cpl == 0,
                                       what="halted at CPL 0")
     assert injection.landing is not None and injection.landing_tries == 1, injection
+    assert injection.landing_skipped == (), injection
     assert (injection.landing.cs, injection.landing.halted) == (0xF000, True), injection.landing
     assert machine.status() == "running", "inject_mce_at must leave the VM running"
     machine.wait_event("MEMORY_FAILURE", since=injection.event_mark, timeout=5)
