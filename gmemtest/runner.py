@@ -44,7 +44,6 @@ from gmemtest.oracle import (
 )
 from gmemtest.scenarios import KillPolicy, ScenarioSpec, Source, Trigger
 from gmemtest.verdict import Verdict, judge
-from guests import uapi
 from guests.probe_client import Mapping, ProbeClient, ProbeError, SigbusReport
 from guests.profiles import GuestProfile
 from guests.ssh import SshError
@@ -233,7 +232,7 @@ def _wait_probe_in_user_mode(guest: GuestRun, pid: int) -> None:
     _wait_probe_syscall(guest, pid, lambda state: state == "running", doing="start spinning", expected="'running'")
 
 
-_SLEEP_SYSCALLS = (str(uapi.SYS_CLOCK_NANOSLEEP), str(uapi.SYS_NANOSLEEP))
+_SLEEP_SYSCALLS = (str(mm_uapi.SYS_CLOCK_NANOSLEEP), str(mm_uapi.SYS_NANOSLEEP))
 
 
 def _wait_probe_sleeping(guest: GuestRun, pid: int) -> None:
@@ -245,7 +244,7 @@ def _wait_probe_sleeping(guest: GuestRun, pid: int) -> None:
     """
     _wait_probe_syscall(guest, pid, lambda state: state.split(" ", 1)[0] in _SLEEP_SYSCALLS,
                         doing="sleep in its wait",
-                        expected=f"syscall {uapi.SYS_CLOCK_NANOSLEEP} (clock_nanosleep) or {uapi.SYS_NANOSLEEP}")
+                        expected=f"syscall {mm_uapi.SYS_CLOCK_NANOSLEEP} (clock_nanosleep) or {mm_uapi.SYS_NANOSLEEP}")
 
 
 _VENDOR_RE = re.compile(r"^vendor_id\s*:\s*(\S+)", re.MULTILINE)

@@ -1,9 +1,11 @@
-"""Memory-management, signal and ptrace uAPI numbers used by the host-side mm tools.
+"""Memory-management, signal, ptrace and syscall uAPI numbers, host side and guest side.
 
-One place for every kernel number the pagemap reader, the injectors and the SIGBUS witness
-use, each block naming the header (or documented file format) it is copied from, so a lab
-engineer can check it against the kernel under test. Python's ``mmap``/``signal``/``os``
-modules lack most of these (``MADV_HWPOISON``, ``BUS_MCEERR_AR``, ptrace, ``__WALL``).
+One place for every kernel number the pagemap reader, the injectors, the SIGBUS witness and
+the scenario runner (reading the guest's /proc) use, each block naming the header (or
+documented file format) it is copied from, so a lab engineer can check it against the kernel
+under test; the in-guest probe (C, static) carries its own copies of the few it needs.
+Python's ``mmap``/``signal``/``os`` modules lack most of these (``MADV_HWPOISON``,
+``BUS_MCEERR_AR``, ptrace, ``__WALL``).
 
 All values are for x86_64 Linux.
 """
@@ -127,6 +129,12 @@ WNOWAIT: Final = 0x01000000
 WNOTHREAD: Final = 0x20000000  # __WNOTHREAD
 WALL: Final = 0x40000000  # __WALL: wait for every child/tracee, threads included
 P_PID: Final = 1
+
+# --- arch/x86/entry/syscalls/syscall_64.tbl ----------------------------------------------------
+# The first field of /proc/PID/syscall while a task is blocked in a syscall; glibc's nanosleep()
+# issues clock_nanosleep.
+SYS_NANOSLEEP: Final = 35
+SYS_CLOCK_NANOSLEEP: Final = 230
 
 # --- include/uapi/linux/capability.h ------------------------------------------------------------
 CAP_SYS_ADMIN: Final = 21

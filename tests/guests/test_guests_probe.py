@@ -28,13 +28,13 @@ from guests.probe_client import (
     pattern_byte,
 )
 from guests.ssh import SshSession
-from guests.uapi import (
+from host_stack.mm_uapi import (
     BUS_ADRERR,
     KPF_HUGE,
     KPF_HWPOISON,
     KPF_THP,
-    PAGEMAP_PFN_MASK,
-    PAGEMAP_PRESENT,
+    PM_PFN_MASK,
+    PM_PRESENT,
     PR_MCE_KILL_EARLY,
     PR_MCE_KILL_LATE,
     SI_USER,
@@ -47,8 +47,8 @@ def pagemap_pfn(pid: int, va: int) -> int:
     with open(f"/proc/{pid}/pagemap", "rb") as fh:
         fh.seek(va // 4096 * 8)
         entry = int.from_bytes(fh.read(8), "little")
-    assert entry & PAGEMAP_PRESENT, f"expected va {va:#x} of pid {pid} present, entry {entry:#x}"
-    return entry & PAGEMAP_PFN_MASK
+    assert entry & PM_PRESENT, f"expected va {va:#x} of pid {pid} present, entry {entry:#x}"
+    return entry & PM_PFN_MASK
 
 
 def kpageflags(pfn: int) -> int:

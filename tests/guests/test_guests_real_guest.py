@@ -20,7 +20,7 @@ from guests_testlib import wait_until_sleeping
 from guests.probe_client import ProbeClient, ProbeCommandError, SigbusReport
 from guests.profiles import get_profile
 from guests.ssh import SshSession
-from guests.uapi import BUS_MCEERR_AO, BUS_MCEERR_AR, PR_MCE_KILL_EARLY
+from host_stack.mm_uapi import BUS_MCEERR_AO, BUS_MCEERR_AR, PR_MCE_KILL_EARLY
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
