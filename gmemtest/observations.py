@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from guests.probe_client import SigbusReport
 from host_stack.signal_trace import GeneratedSignal
 from host_stack.witness import SigbusRecord
 
@@ -26,15 +27,6 @@ _CONSOLE_MCE_BANK = re.compile(
 )
 _CONSOLE_MCE_ADDR = re.compile(r"mce: \[Hardware Error\]: .*?ADDR ([0-9a-f]+) (?:MISC ([0-9a-f]+))?")
 _CONSOLE_MCE_SEVERITY = re.compile(r"mce: \[Hardware Error\]: Machine check: (.*?)\s*$", re.MULTILINE)
-
-
-@dataclass(frozen=True)
-class SigbusSeen:
-    si_code: int
-    si_addr: int
-    si_addr_lsb: int
-    during: str
-    t_mono_ns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -56,7 +48,7 @@ class MceRecord:
 class Observations:
     """Filled in by the scenario runner as the run goes; compared by the verdict."""
 
-    sigbus: list[SigbusSeen] = field(default_factory=list)
+    sigbus: list[SigbusReport] = field(default_factory=list)  # the probe's, in the order it reported them
     memory_failure_events: list[dict[str, object]] = field(default_factory=list)
     guest_panicked_events: list[dict[str, object]] = field(default_factory=list)
     panic_message: str | None = None

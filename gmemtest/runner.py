@@ -24,7 +24,6 @@ from gmemtest.host_poison import HostInjection, HostPoison, resolve_host_frame
 from gmemtest.observations import (
     HostObservations,
     Observations,
-    SigbusSeen,
     parse_console_mce_records,
     parse_hardware_corrupted_kb,
     parse_kvm_trace,
@@ -92,10 +91,6 @@ def layout_of(mapping: Mapping) -> MappingLayout:
         kind=mapping.kind, base_va=mapping.va, size=mapping.size, page_size=mapping.page_size,
         pages=tuple(PageLayout(p.va, p.pfn) for p in mapping.pages), is_thp=mapping.thp,
     )
-
-
-def _seen(report: SigbusReport) -> SigbusSeen:
-    return SigbusSeen(report.si_code, report.si_addr, report.si_addr_lsb, report.during, report.t_mono_ns)
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -441,7 +436,7 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
         probe.write_transcript(evidence_dir / "probe.jsonl")
     assert injection is not None, "every path that reaches the verdict has injected"
     # Every SIGBUS the probe ever reported is judged, in arrival order: replies and strays alike.
-    obs.sigbus = [_seen(r) for r in probe.sigbus_reports]
+    obs.sigbus = list(probe.sigbus_reports)
 
     verdict = replace(judge(exp, obs, host), setup=setup)
     ev.json("observations.json", asdict(obs))

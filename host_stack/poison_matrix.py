@@ -69,7 +69,6 @@ from host_stack.seed_regression import (
     MemoryFaultSeen,
     SeedCancelled,
     SeedExpectation,
-    SigbusSeen,
     judge_guest_access,
     unpoison_injected,
 )
@@ -202,16 +201,16 @@ class RowObservation:
 
     hva: int | None  # the VM-owning process's mapping of the page (None: unmapped row)
     pfn: int
-    injection_signals: tuple[SigbusSeen, ...]  # before the vCPU touch
+    injection_signals: tuple[SigbusRecord, ...]  # before the vCPU touch
     poisoned: bool | None  # KPF_HWPOISON of the pfn after the injection call
     hardware_corrupted_kib: tuple[int | None, int | None]
     call_errno: int
     guest: GuestAccessObservation
-    user_signals: tuple[SigbusSeen, ...]  # after the userspace load started (mapped rows)
+    user_signals: tuple[SigbusRecord, ...]  # after the userspace load started (mapped rows)
     flags_before: tuple[str, ...] = ()
 
 
-def _sig_text(s: SigbusSeen) -> str:
+def _sig_text(s: SigbusRecord) -> str:
     return f"{m.BUS_CODE_NAMES.get(s.si_code, s.si_code)}@{s.si_addr:#x}/lsb{s.si_addr_lsb}"
 
 
@@ -219,7 +218,7 @@ def _code(code: int | None) -> str:
     return "none" if code is None else m.BUS_CODE_NAMES.get(code, str(code))
 
 
-def _signal_problems(what: str, seen: Sequence[SigbusSeen], code: int | None, hva: int | None) -> list[str]:
+def _signal_problems(what: str, seen: Sequence[SigbusRecord], code: int | None, hva: int | None) -> list[str]:
     if code is None:
         if not seen:
             return []
@@ -603,12 +602,8 @@ def _wait_gone(pid: int | None, timeout: float = 10.0) -> None:
         os.kill(pid, 9)
 
 
-def _signals(records: Sequence[SigbusRecord], start: int | None, end: int | None) -> tuple[SigbusSeen, ...]:
-    return tuple(
-        SigbusSeen(r.si_code, r.si_addr, r.si_addr_lsb, r.tid)
-        for r in records
-        if (start is None or r.t_mono_ns >= start) and (end is None or r.t_mono_ns < end)
-    )
+def _signals(records: Sequence[SigbusRecord], start: int | None, end: int | None) -> tuple[SigbusRecord, ...]:
+    return tuple(r for r in records if (start is None or r.t_mono_ns >= start) and (end is None or r.t_mono_ns < end))
 
 
 def run_row(

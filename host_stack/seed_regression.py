@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
     from host_stack.injectors import InjectionRecord
     from host_stack.vmm import TinyVm
+    from host_stack.witness import SigbusRecord
 
 __all__ = [
     "BUS_MCEERR_AR",
@@ -59,7 +60,6 @@ __all__ = [
     "SeedChildError",
     "SeedExpectation",
     "SeedRegressionResult",
-    "SigbusSeen",
     "Verdict",
     "judge_guest_access",
     "judge_user_touch",
@@ -120,16 +120,6 @@ class SeedExpectation:
 
 
 @dataclass(frozen=True)
-class SigbusSeen:
-    """One SIGBUS as recorded (by the witness) on the thread ``tid``."""
-
-    si_code: int
-    si_addr: int
-    si_addr_lsb: int
-    tid: int | None = None
-
-
-@dataclass(frozen=True)
 class MemoryFaultSeen:
     """``kvm_run.memory_fault`` as read after KVM_RUN."""
 
@@ -145,7 +135,7 @@ class GuestAccessObservation:
     run_errno: int | None  # errno of KVM_RUN, None if it returned 0 or never returned
     exit_reason: int | None
     memory_fault: MemoryFaultSeen | None
-    sigbus: tuple[SigbusSeen, ...] = ()
+    sigbus: tuple[SigbusRecord, ...] = ()  # as the witness recorded them
     vcpu_tid: int | None = None
 
 
@@ -169,7 +159,8 @@ def _addr_matches(si_addr: int, expected: int, lsb: int) -> bool:
     return si_addr in (expected, expected & ~((1 << lsb) - 1))
 
 
-def _judge_signals(what: str, signals: Sequence[SigbusSeen], hva: int, lsb: int, tid: int | None) -> list[str]:
+def _judge_signals(what: str, signals: Sequence[SigbusRecord], hva: int, lsb: int, tid: int | None) -> list[str]:
+    """``tid`` None: the receiving thread does not matter (a userspace touch); else it must be ``tid``."""
     problems: list[str] = []
     if len(signals) != 1:
         lsbs = sorted({s.si_addr_lsb for s in signals})
@@ -184,7 +175,7 @@ def _judge_signals(what: str, signals: Sequence[SigbusSeen], hva: int, lsb: int,
             problems.append(f"{what}: expected si_addr {hva:#x}, got {sig.si_addr:#x}")
         if sig.si_addr_lsb != lsb:
             problems.append(f"{what}: expected si_addr_lsb {lsb}, got {sig.si_addr_lsb}")
-        if tid is not None and sig.tid is not None and sig.tid != tid:
+        if tid is not None and sig.tid != tid:
             problems.append(f"{what}: expected delivery to vCPU thread {tid}, got {sig.tid}")
     return problems
 
@@ -246,7 +237,7 @@ def judge_guest_access(exp: SeedExpectation, obs: GuestAccessObservation) -> Ver
     )
 
 
-def judge_user_touch(exp: SeedExpectation, signals: Sequence[SigbusSeen]) -> Verdict:
+def judge_user_touch(exp: SeedExpectation, signals: Sequence[SigbusRecord]) -> Verdict:
     """Judge a userspace load of the poisoned page through the guest_memfd mmap (pure)."""
     problems = _judge_signals("userspace touch", signals, exp.user_hva, exp.lsb, None)
     return Verdict(not problems, "sigbus", tuple(problems) or (
@@ -268,7 +259,7 @@ class SeedRegressionResult:
     expectation: SeedExpectation
     guest: GuestAccessObservation
     guest_verdict: Verdict
-    user_signals: tuple[SigbusSeen, ...]
+    user_signals: tuple[SigbusRecord, ...]
     user_verdict: Verdict
     evidence: dict[str, Any] = field(default_factory=dict)
     # A poisoned frame the clean-up could not unpoison: not a verdict on the host stack, but a
@@ -506,8 +497,8 @@ def _child_env() -> dict[str, str]:
 class _ChildRun:
     ready: dict[str, Any]
     events: list[dict[str, Any]]
-    touch_signals: list[SigbusSeen]  # delivered at or after touch_start
-    injection_signals: list[SigbusSeen]  # delivered before (e.g. by memory_failure itself)
+    touch_signals: list[SigbusRecord]  # delivered at or after touch_start
+    injection_signals: list[SigbusRecord]  # delivered before (e.g. by memory_failure itself)
     exit_status: int | None
     cleanup: list[str] = field(default_factory=list)
     cleanup_warnings: list[str] = field(default_factory=list)
@@ -546,11 +537,10 @@ def _observe(mode: Literal["guest", "user"], debugfs: Path | None = None) -> _Ch
                 raise child.error("closed its output but did not exit") from exc
             records = witness.records
         touch_t = next((e["t_mono_ns"] for e in events if e["event"] == "touch_start"), None)
-        touch: list[SigbusSeen] = []
-        early: list[SigbusSeen] = []
+        touch: list[SigbusRecord] = []
+        early: list[SigbusRecord] = []
         for r in records:
-            seen = SigbusSeen(r.si_code, r.si_addr, r.si_addr_lsb, r.tid)
-            (touch if touch_t is not None and r.t_mono_ns >= touch_t else early).append(seen)
+            (touch if touch_t is not None and r.t_mono_ns >= touch_t else early).append(r)
         run = _ChildRun(ready, events, touch, early, status)
     finally:
         child.stop()

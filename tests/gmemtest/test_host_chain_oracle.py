@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from gmemtest_test_support import probe_sigbus
 
-from gmemtest.observations import HostObservations, MceRecord, Observations, RecoveryLine, SigbusSeen
+from gmemtest.observations import HostObservations, MceRecord, Observations, RecoveryLine
 from gmemtest.oracle import AMD, INTEL, HostFrameLayout, MappingLayout, PageLayout, expect_host
 from gmemtest.scenarios import ScenarioSpec, Source, Trigger, get_scenario, unsupported_under
 from gmemtest.verdict import judge
@@ -74,7 +75,7 @@ def test_oracle_refuses_a_frame_for_another_gpa_and_unknown_vendors() -> None:
 def _observed() -> tuple[Observations, HostObservations]:
     """The observations of the recorded AMD run, all correct."""
     obs = Observations(
-        sigbus=[SigbusSeen(BUS_MCEERR_AR, 0x7F161DFF6000, 12, "touch")],
+        sigbus=[probe_sigbus(BUS_MCEERR_AR, 0x7F161DFF6000, 12, "touch")],
         memory_failure_events=[{"recipient": "guest", "action": "inject",
                                 "flags": {"action-required": False, "recursive": False}}] * 2,
         hardware_corrupted_before_kb=0, hardware_corrupted_after_kb=4, hwpoison_flag=True,

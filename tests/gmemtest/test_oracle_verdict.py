@@ -10,12 +10,12 @@ import dataclasses
 from typing import Any
 
 import pytest
+from gmemtest_test_support import probe_sigbus
 
 from gmemtest.observations import (
     MceRecord,
     Observations,
     RecoveryLine,
-    SigbusSeen,
     parse_hardware_corrupted_kb,
     parse_mce_records,
     parse_panic_message,
@@ -24,6 +24,7 @@ from gmemtest.observations import (
 from gmemtest.oracle import MappingLayout, PageLayout, expect
 from gmemtest.scenarios import SCENARIOS, get_scenario
 from gmemtest.verdict import judge
+from guests.probe_client import SigbusReport
 from host_stack.mm_uapi import BUS_MCEERR_AO, BUS_MCEERR_AR
 
 SRAO = 0xBD000000000000C0
@@ -39,7 +40,8 @@ HUGE = MappingLayout(kind="hugetlb2m", base_va=0x7F0000200000, size=0x200000, pa
                      pages=(PageLayout(0x7F0000200000, 0x12600),))
 
 
-def good_observations(exp_gpa: int, status: int, sig: SigbusSeen | None, *, ar: bool, events: int = 1) -> Observations:
+def good_observations(exp_gpa: int, status: int, sig: SigbusReport | None, *, ar: bool,
+                      events: int = 1) -> Observations:
     obs = Observations()
     if sig is not None:
         obs.sigbus.append(sig)
@@ -60,7 +62,7 @@ def test_touch_4k_expects_touched_address_and_page_of_poison() -> None:
     assert exp.sigbus is not None
     assert (exp.sigbus.si_code, exp.sigbus.si_addr, exp.sigbus.si_addr_lsb) == (
         BUS_MCEERR_AR, ANON.base_va + 0x1238, 12)
-    sig = SigbusSeen(BUS_MCEERR_AR, ANON.base_va + 0x1238, 12, "touch")
+    sig = probe_sigbus(BUS_MCEERR_AR, ANON.base_va + 0x1238, 12, "touch")
     obs = good_observations(exp.poison_gpa, SRAO, sig, ar=False)
     verdict = judge(exp, obs)
     assert verdict.passed, verdict.summary()
@@ -79,7 +81,8 @@ def test_hugetlb_lsb_21_and_seed_style_per_page_signal_fails() -> None:
     assert exp.poison_gpa == (0x12600 << 12) + 0x3080
     assert exp.hwpoison_pfn == 0x12603  # the raw frame that was hit, not the head
     # The seed's bug class: a per-4KiB signal (lsb 12) where the whole 2 MiB page is gone.
-    bad = good_observations(exp.poison_gpa, SRAO, SigbusSeen(BUS_MCEERR_AR, exp.sigbus.si_addr, 12, "touch"), ar=False)
+    bad = good_observations(exp.poison_gpa, SRAO, probe_sigbus(BUS_MCEERR_AR, exp.sigbus.si_addr, 12, "touch"),
+                            ar=False)
     verdict = judge(exp, bad)
     assert not verdict.passed
     (failure,) = verdict.failures
@@ -89,7 +92,8 @@ def test_hugetlb_lsb_21_and_seed_style_per_page_signal_fails() -> None:
 def test_wrong_gpa_in_guest_record_fails_with_both_addresses() -> None:
     exp = expect(get_scenario("srao-late-touch-4k"), ANON, vcpus=1, mce_status=SRAO, mce_misc=0x8C, mce_bank=9)
     assert exp.sigbus is not None
-    obs = good_observations(exp.poison_gpa, SRAO, SigbusSeen(BUS_MCEERR_AR, exp.sigbus.si_addr, 12, "touch"), ar=False)
+    obs = good_observations(exp.poison_gpa, SRAO, probe_sigbus(BUS_MCEERR_AR, exp.sigbus.si_addr, 12, "touch"),
+                            ar=False)
     obs.mce_records = [MceRecord(9, SRAO, 0x1234000, 0x8C)]
     failures = judge(exp, obs).failures
     assert [f.name for f in failures] == ["mce_record of bank 9 (status, addr)"]
@@ -108,7 +112,7 @@ def test_missing_signal_and_extra_signal_fail() -> None:
     obs = good_observations(exp.poison_gpa, SRAR, None, ar=True)
     assert {f.name for f in judge(exp, obs).failures} >= {"sigbus count", "si_code", "si_addr"}
     panic = expect(get_scenario("srar-kernel-panic"), ANON, vcpus=1, mce_status=SRAR, mce_misc=0x8C, mce_bank=9)
-    extra = good_observations(panic.poison_gpa, SRAR, SigbusSeen(BUS_MCEERR_AR, 0x1000, 12, "wait"), ar=True)
+    extra = good_observations(panic.poison_gpa, SRAR, probe_sigbus(BUS_MCEERR_AR, 0x1000, 12, "wait"), ar=True)
     names = {f.name for f in judge(panic, extra).failures}
     assert {"sigbus count", "guest panicked (GUEST_PANICKED)", "panic message on the serial console",
             "MCE severity on the serial console"} <= names
@@ -117,7 +121,7 @@ def test_missing_signal_and_extra_signal_fail() -> None:
 def test_broadcast_expects_one_event_per_vcpu() -> None:
     exp = expect(get_scenario("srao-broadcast-smp2-4k"), ANON, vcpus=2, mce_status=SRAO, mce_misc=0x8C, mce_bank=9)
     assert exp.sigbus is not None
-    sig = SigbusSeen(BUS_MCEERR_AR, exp.sigbus.si_addr, 12, "touch")
+    sig = probe_sigbus(BUS_MCEERR_AR, exp.sigbus.si_addr, 12, "touch")
     assert judge(exp, good_observations(exp.poison_gpa, SRAO, sig, ar=False, events=2)).passed
     assert not judge(exp, good_observations(exp.poison_gpa, SRAO, sig, ar=False, events=1)).passed
 
@@ -241,7 +245,7 @@ def _layout4k(n: int = 4) -> Any:
 
 
 def test_two_poisoned_pages_expect_two_sigbus_each_at_its_own_address_and_two_recoveries() -> None:
-    from gmemtest.observations import MceRecord, Observations, RecoveryLine, SigbusSeen
+    from gmemtest.observations import MceRecord, Observations, RecoveryLine
     from gmemtest.oracle import expect
     from gmemtest.scenarios import get_scenario
     from gmemtest.verdict import judge
@@ -252,8 +256,8 @@ def test_two_poisoned_pages_expect_two_sigbus_each_at_its_own_address_and_two_re
     assert exp.poison_pfns == (0x3007, 0x3015) and exp.hardware_corrupted_delta_kb == 8
     assert len(exp.memory_failure_events) == 2
     events = [{"recipient": "guest", "action": "inject", "flags": {"action-required": False, "recursive": False}}] * 2
-    good = Observations(sigbus=[SigbusSeen(4, 0x7F0000001238, 12, "touch", 0), SigbusSeen(4, 0x7F0000003100, 12,
-                                                                                           "touch", 0)],
+    good = Observations(sigbus=[probe_sigbus(4, 0x7F0000001238, 12, "touch"),
+                                probe_sigbus(4, 0x7F0000003100, 12, "touch")],
                         memory_failure_events=list(events), hardware_corrupted_before_kb=0,
                         hardware_corrupted_after_kb=8, hwpoison_flag=True,
                         recovery_lines=[RecoveryLine(0x3007, "dirty LRU page", "Recovered"),

@@ -18,16 +18,23 @@ from host_stack import poison_matrix as pm
 from host_stack import seed_regression as sr
 from host_stack.capabilities import first_missing, probe_host
 from host_stack.vmm import DEFAULT_LAYOUT
+from host_stack.witness import SigbusRecord
 
 SLOT_HVA = {1: 0x7F0000000000, 2: 0x7F0000100000, 3: 0x7F0000200000}
 GMEM_MAP = 0x7F1000000000
 HVA = GMEM_MAP + 9 * 0x1000
 EXP = sr.SeedExpectation.from_layout(DEFAULT_LAYOUT, 9, SLOT_HVA, GMEM_MAP)
 AR, AO = m.BUS_MCEERR_AR, m.BUS_MCEERR_AO
-FAULT = sr.GuestAccessObservation(u.EHWPOISON, u.KVM_EXIT_MEMORY_FAULT, sr.MemoryFaultSeen(0x41000, 4096, 0), (), 7)
+TID = 7  # the vCPU thread of the recorded rows
+FAULT = sr.GuestAccessObservation(u.EHWPOISON, u.KVM_EXIT_MEMORY_FAULT, sr.MemoryFaultSeen(0x41000, 4096, 0), (), TID)
 
 
-def _obs(row: pm.MatrixRow, injection: tuple[sr.SigbusSeen, ...] = (), **kw: object) -> pm.RowObservation:
+def _sig(code: int, addr: int, lsb: int, tid: int = TID) -> SigbusRecord:
+    """A SIGBUS as the witness records it (pid, errno and times fixed: the judges ignore them)."""
+    return SigbusRecord(5, tid, m.SIGBUS, code, 0, addr, lsb, 1_000_000, 1_700_000_000_000_000_000)
+
+
+def _obs(row: pm.MatrixRow, injection: tuple[SigbusRecord, ...] = (), **kw: object) -> pm.RowObservation:
     base = pm.RowObservation(
         hva=HVA if row.mapped else None,
         pfn=0x1234,
@@ -36,7 +43,7 @@ def _obs(row: pm.MatrixRow, injection: tuple[sr.SigbusSeen, ...] = (), **kw: obj
         hardware_corrupted_kib=(0, 4),
         call_errno=errno.EBUSY,
         guest=FAULT,
-        user_signals=(sr.SigbusSeen(AR, HVA, 12),) if row.mapped else (),
+        user_signals=(_sig(AR, HVA, 12),) if row.mapped else (),
     )
     return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
 
@@ -72,7 +79,7 @@ def test_predictions_per_contract(row_id: str, kill_mappers: int | None, delayed
 
 def test_an_ar_at_injection_is_kill_mappers_only() -> None:
     row = pm.row_by_id("madvise.late.mapped.dirty")
-    matches, problems = pm.judge_row(row, EXP, _obs(row, (sr.SigbusSeen(AR, HVA, 12),)))
+    matches, problems = pm.judge_row(row, EXP, _obs(row, (_sig(AR, HVA, 12),)))
     assert (matches, problems) == (("kill_mappers",), [])
 
 
@@ -90,12 +97,12 @@ def test_a_clean_row_does_not_tell_the_contracts_apart() -> None:
 @pytest.mark.parametrize(
     ("sig", "needle"),
     [
-        (sr.SigbusSeen(AR, HVA, 12), "expected si_code BUS_MCEERR_AO, got BUS_MCEERR_AR"),
-        (sr.SigbusSeen(AO, HVA + 0x1000, 12), f"expected si_addr {HVA:#x}, got {HVA + 0x1000:#x}"),
-        (sr.SigbusSeen(AO, HVA, 21), "expected si_addr_lsb 12, got 21"),
+        (_sig(AR, HVA, 12), "expected si_code BUS_MCEERR_AO, got BUS_MCEERR_AR"),
+        (_sig(AO, HVA + 0x1000, 12), f"expected si_addr {HVA:#x}, got {HVA + 0x1000:#x}"),
+        (_sig(AO, HVA, 21), "expected si_addr_lsb 12, got 21"),
     ],
 )
-def test_a_wrong_signal_matches_no_contract_and_says_why(sig: sr.SigbusSeen, needle: str) -> None:
+def test_a_wrong_signal_matches_no_contract_and_says_why(sig: SigbusRecord, needle: str) -> None:
     row = pm.row_by_id("corrupt-pfn.early.mapped.dirty")
     matches, problems = pm.judge_row(row, EXP, _obs(row, (sig,)))
     assert matches == () and len(problems) == 1
@@ -112,7 +119,7 @@ def test_a_wrong_gpa_fails_every_contract_with_the_oracle() -> None:
 
 def test_a_vcpu_sigbus_instead_of_the_memory_fault_exit_fails() -> None:
     row = pm.row_by_id("madvise.early.mapped.clean")
-    guest = sr.GuestAccessObservation(None, None, None, (sr.SigbusSeen(AR, EXP.hva, 12, 7),), 7)
+    guest = sr.GuestAccessObservation(None, None, None, (_sig(AR, EXP.hva, 12, TID),), TID)
     _matches, problems = pm.judge_row(row, EXP, _obs(row, guest=guest))
     assert any("expected KVM_RUN -1/EHWPOISON with KVM_EXIT_MEMORY_FAULT at gpa 0x41000" in p for p in problems)
 

@@ -22,6 +22,7 @@ from host_stack import mm_uapi as m
 from host_stack import seed_regression as sr
 from host_stack.capabilities import HostReport
 from host_stack.vmm import DEFAULT_LAYOUT
+from host_stack.witness import SigbusRecord
 
 SLOT_HVA = {1: 0x7F0000000000, 2: 0x7F0000100000, 3: 0x7F0000200000}
 GMEM_MAP = 0x7F1000000000
@@ -29,6 +30,12 @@ EXP = sr.SeedExpectation.from_layout(DEFAULT_LAYOUT, 9, SLOT_HVA, GMEM_MAP)
 EXP_2M = sr.SeedExpectation.from_layout(DEFAULT_LAYOUT, 9, SLOT_HVA, GMEM_MAP, order=9)
 AR = sr.BUS_MCEERR_AR
 TID = 4242
+PID = 4240
+
+
+def _sig(code: int, addr: int, lsb: int, tid: int = TID) -> SigbusRecord:
+    """A SIGBUS as the witness records it (pid, errno and times fixed: the judges ignore them)."""
+    return SigbusRecord(PID, tid, m.SIGBUS, code, 0, addr, lsb, 1_000_000, 1_700_000_000_000_000_000)
 
 
 def test_expectation_follows_the_layout() -> None:
@@ -44,7 +51,7 @@ def _fault(
     return sr.GuestAccessObservation(err, u.KVM_EXIT_MEMORY_FAULT, sr.MemoryFaultSeen(gpa, size, flags), (), TID)
 
 
-def _signals(*sigs: sr.SigbusSeen) -> sr.GuestAccessObservation:
+def _signals(*sigs: SigbusRecord) -> sr.GuestAccessObservation:
     return sr.GuestAccessObservation(None, None, None, sigs, TID)
 
 
@@ -56,7 +63,7 @@ def test_memory_fault_exit_with_exact_gpa_passes(flags: int) -> None:
 
 
 def test_sigbus_with_hva_and_lsb_passes() -> None:
-    verdict = sr.judge_guest_access(EXP, _signals(sr.SigbusSeen(AR, EXP.hva, 12, TID)))
+    verdict = sr.judge_guest_access(EXP, _signals(_sig(AR, EXP.hva, 12, TID)))
     assert verdict.ok, verdict.messages
     assert verdict.contract == "sigbus"
 
@@ -64,7 +71,7 @@ def test_sigbus_with_hva_and_lsb_passes() -> None:
 def test_one_signal_for_a_2m_folio_passes_at_page_or_folio_start() -> None:
     folio_start = EXP_2M.hva & ~((1 << 21) - 1)
     for addr in (EXP_2M.hva, folio_start):
-        verdict = sr.judge_guest_access(EXP_2M, _signals(sr.SigbusSeen(AR, addr, 21, TID)))
+        verdict = sr.judge_guest_access(EXP_2M, _signals(_sig(AR, addr, 21, TID)))
         assert verdict.ok, verdict.messages
 
 
@@ -77,7 +84,7 @@ def test_seed_wrong_gfn_in_memory_fault_fails_naming_expected_and_actual() -> No
 
 def test_seed_wrong_gfn_in_sigbus_fails() -> None:
     wrong_hva = EXP.hva - ((EXP.gfn - EXP.buggy_gfn) << 12)
-    verdict = sr.judge_guest_access(EXP, _signals(sr.SigbusSeen(AR, wrong_hva, 12, TID)))
+    verdict = sr.judge_guest_access(EXP, _signals(_sig(AR, wrong_hva, 12, TID)))
     assert not verdict.ok
     text = " ".join(verdict.messages)
     assert f"expected si_addr {EXP.hva:#x}" in text and f"got {wrong_hva:#x}" in text
@@ -85,12 +92,18 @@ def test_seed_wrong_gfn_in_sigbus_fails() -> None:
 
 def test_seed_per_page_signals_for_a_2m_folio_fail() -> None:
     base = EXP_2M.hva & ~((1 << 21) - 1)
-    sigs = [sr.SigbusSeen(AR, base + i * 4096, 12, TID) for i in range(512)]
+    sigs = [_sig(AR, base + i * 4096, 12, TID) for i in range(512)]
     verdict = sr.judge_guest_access(EXP_2M, _signals(*sigs))
     assert not verdict.ok
     text = " ".join(verdict.messages)
     assert "expected 1 SIGBUS" in text and "lsb 21" in text and "got 512" in text
     assert "expected si_addr_lsb 21, got 12" in text
+
+
+def test_a_vcpu_signal_without_a_known_vcpu_thread_is_not_judged_on_its_thread() -> None:
+    obs = sr.GuestAccessObservation(None, None, None, (_sig(AR, EXP.hva, 12, TID + 1),), None)
+    verdict = sr.judge_guest_access(EXP, obs)
+    assert verdict.ok, verdict.messages
 
 
 @pytest.mark.parametrize(
@@ -100,8 +113,8 @@ def test_seed_per_page_signals_for_a_2m_folio_fail() -> None:
         (_fault(0x41000, size=2 << 20), "expected size 4096"),
         (_fault(0x41000, flags=0x10), "expected flags 0 or PRIVATE"),
         (sr.GuestAccessObservation(None, u.KVM_EXIT_HLT, None), "got KVM_RUN errno 0, exit HLT"),
-        (_signals(sr.SigbusSeen(sr.BUS_MCEERR_AO, EXP.hva, 12, TID)), "BUS_MCEERR_AR"),
-        (_signals(sr.SigbusSeen(AR, EXP.hva, 12, TID + 1)), "vCPU thread 4242"),
+        (_signals(_sig(sr.BUS_MCEERR_AO, EXP.hva, 12, TID)), "BUS_MCEERR_AR"),
+        (_signals(_sig(AR, EXP.hva, 12, TID + 1)), "vCPU thread 4242"),
     ],
 )
 def test_other_wrong_answers_fail(obs: sr.GuestAccessObservation, needle: str) -> None:
@@ -111,9 +124,11 @@ def test_other_wrong_answers_fail(obs: sr.GuestAccessObservation, needle: str) -
 
 
 def test_user_touch_verdicts() -> None:
-    good = sr.judge_user_touch(EXP, [sr.SigbusSeen(AR, EXP.user_hva, 12)])
+    good = sr.judge_user_touch(EXP, [_sig(AR, EXP.user_hva, 12)])
     assert good.ok, good.messages
-    bad = sr.judge_user_touch(EXP, [sr.SigbusSeen(AR, EXP.user_hva, 21)])
+    any_thread = sr.judge_user_touch(EXP, [_sig(AR, EXP.user_hva, 12, TID + 1)])
+    assert any_thread.ok, any_thread.messages  # the toucher's thread is not judged
+    bad = sr.judge_user_touch(EXP, [_sig(AR, EXP.user_hva, 21)])
     assert not bad.ok and "expected si_addr_lsb 12, got 21" in " ".join(bad.messages)
     none = sr.judge_user_touch(EXP, [])
     assert not none.ok and "got 0" in " ".join(none.messages)
