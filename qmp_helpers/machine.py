@@ -34,6 +34,7 @@ from .errors import (
 from .events import EventPredicate, EventRecorder, QmpEvent
 from .hmp import hmp_error_shape
 from .mce import MCE_BANKS, MceInjection, MceKind, mce_command_line, mce_kind
+from .memslots import MemslotRegistration, live_memslots, parse_memslot_registrations
 from .process import QemuProcess, new_tag
 from .qmp_sync import SyncQmp
 from .transcript import Transcript
@@ -53,6 +54,9 @@ _HOSTFWD_RE = re.compile(
 _MTREE_RAM_RE = re.compile(
     r"^\s*(?P<start>[0-9a-f]+)-(?P<end>[0-9a-f]+) \(prio -?\d+, ram\): (?P<name>\S+)",
     re.MULTILINE)
+# A trace line of QEMU's log backend: ``name args`` (``pid@secs.usecs:name args`` with timestamps),
+# every trace event's name holding an underscore; QEMU's own messages do not start like that.
+_TRACE_LINE = re.compile(r"^(?:\d+@[\d.]+:)?[a-z][a-z0-9]*_[a-z0-9_]+ ")
 _GPA2HVA_RE = re.compile(r"Host virtual address for (0x[0-9a-f]+) \((.*)\) is (0x[0-9a-f]+)")
 
 
@@ -435,13 +439,26 @@ class QemuMachine:
         except OSError as exc:
             return f"<{self.stderr_log} unreadable: {exc}>"
 
+    def _stderr_messages(self) -> str:
+        """QEMU's stderr without its trace lines (``name args``: the memslot registrations of a
+        KVM guest come first and would crowd out what QEMU says)."""
+        return "".join(line for line in self._read_stderr().splitlines(keepends=True)
+                       if not _TRACE_LINE.match(line))
+
     def _stderr_tail(self, chars: int = 600) -> str:
-        """The end of QEMU's stderr: its last words before it died."""
-        return self._read_stderr()[-chars:].strip()
+        """The end of QEMU's stderr messages: its last words before it died."""
+        return self._stderr_messages()[-chars:].strip()
 
     def _stderr_head(self, chars: int = 300) -> str:
-        """The start of QEMU's stderr: where it says why it stopped (the register dump follows)."""
-        return self._read_stderr()[:chars].strip()
+        """The start of QEMU's stderr messages: where it says why it stopped (the register dump follows)."""
+        return self._stderr_messages()[:chars].strip()
+
+    def memslots(self) -> tuple[MemslotRegistration, ...]:
+        """The memslots in force, from the ``kvm_set_user_memory`` lines of QEMU's stderr.
+
+        Empty unless QEMU was started with ``memslots.MEMSLOT_TRACE_ARGS`` under KVM.
+        """
+        return live_memslots(parse_memslot_registrations(self._read_stderr()))
 
     # ----- memory and machine checks --------------------------------------------------------
     def ram_ranges(self) -> list[tuple[int, int, str]]:
