@@ -30,6 +30,7 @@ from guests.ssh import SshError, SshSession
 from images.boot_params import DEFAULT_KERNEL_ARGS
 from images.build import GuestImage
 from qmp_helpers import STUCK_RUN_STATES, MigrationError, QemuError, QemuMachine, load_state, save_state
+from qmp_helpers.memslots import MEMSLOT_TRACE_ARGS
 
 LOG = logging.getLogger(__name__)
 
@@ -133,9 +134,12 @@ def guest_argv(image: GuestImage, profile: GuestProfile, extra_kernel_args: Sequ
 
     The profile owns machine, CPU and firmware; the image adds only its kernel arguments. Nothing
     is appended after the profile, because QEMU keeps the last ``-bios``/``-machine`` it is given.
+    A KVM guest traces its memslot registrations from the start (``QemuMachine.memslots``): they
+    happen before QMP exists.
     """
-    return profile.qemu_args(image.kernel, image.initrd,
-                             extra_kernel_args=[*DEFAULT_KERNEL_ARGS, *extra_kernel_args])
+    trace = list(MEMSLOT_TRACE_ARGS) if profile.accel == "kvm" else []
+    return [*trace, *profile.qemu_args(image.kernel, image.initrd,
+                                       extra_kernel_args=[*DEFAULT_KERNEL_ARGS, *extra_kernel_args])]
 
 
 @dataclass(frozen=True)

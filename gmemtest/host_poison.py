@@ -1,11 +1,13 @@
 """Poison the host frame behind a guest page, and watch what the host and QEMU make of it.
 
 This is the host half of a host-poison row (gmemtest.scenarios.Source.HOST): the guest page's
-gpa is turned into QEMU's hva (HMP ``gpa2hva``), the hva into a pfn (QEMU's own pagemap), and
-the frame is poisoned with hwpoison-inject's ``corrupt-pfn`` only after the interlock proved
-it: QEMU's memory at that hva holds exactly the bytes the guest program wrote (read through
-``/proc/PID/mem``), and the frame's flags say it is an ordinary user page
-(host_stack.injectors.prove_frame). While it runs, a ptrace witness records every SIGBUS QEMU
+gpa is turned into an hva through the memslot QEMU registered with KVM for it (its
+``kvm_set_user_memory`` trace, qmp_helpers.memslots), the hva into a pfn (QEMU's own pagemap),
+and the frame is poisoned with hwpoison-inject's ``corrupt-pfn`` only after the interlock proved
+it: QEMU's own ``gpa2hva`` names the same hva, QEMU's memory at that hva holds exactly the bytes
+the guest program wrote (read through ``/proc/PID/mem``), and the frame's flags say it is an
+ordinary user page (host_stack.injectors.prove_frame). QEMU's fd table and maps then say whether
+KVM serves the page from a guest_memfd (``read_ram_backing``). While it runs, a ptrace witness records every SIGBUS QEMU
 gets, a /dev/kmsg cursor the host kernel's lines, and meminfo the HardwareCorrupted count.
 On exit the frame is unpoisoned and the witness detached, also when the row failed.
 
@@ -20,23 +22,26 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from gmemtest.observations import HostObservations, parse_recovery_text
-from gmemtest.oracle import HUGE_2M_SHIFT, HostFrameLayout
+from gmemtest.observations import HostObservations, RamBacking, parse_recovery_text
+from gmemtest.oracle import HUGE_2M_SHIFT, HostFrameLayout, memslot_hva
 from host_stack.gmem_layout import PAGE_SHIFT
 from host_stack.injectors import CorruptPfnInjector, InjectionRecord, prove_frame
 from host_stack.kernelfs import DEBUGFS, mounted
 from host_stack.kmsg import KmsgCursor
+from host_stack.kvm_uapi import GMEM_PROC_NAMES
 from host_stack.mm_uapi import SIGBUS
-from host_stack.pagemap import hardware_corrupted_kib, read_kpageflags, read_memory, read_pagemap
+from host_stack.pagemap import find_vma, hardware_corrupted_kib, read_kpageflags, read_memory, read_pagemap
 from host_stack.signal_trace import GeneratedSignal, SignalTrace
 from host_stack.witness import SigbusWitness
 from qmp_helpers import QemuMachine
 from qmp_helpers.mce import parse_forwarded_lines
+from qmp_helpers.memslots import MEMSLOT_TRACE_ARGS, memslot_for_gpa
 
-__all__ = ["HostInjection", "HostPoison", "HostPoisonError", "resolve_host_frame"]
+__all__ = ["HostInjection", "HostPoison", "HostPoisonError", "read_ram_backing", "resolve_host_frame"]
 
 LOG = logging.getLogger(__name__)
 
@@ -46,16 +51,47 @@ class HostPoisonError(RuntimeError):
 
 
 def resolve_host_frame(machine: QemuMachine, gpa: int, expected: bytes) -> HostFrameLayout:
-    """gpa -> hva (QEMU) -> pfn (QEMU's pagemap), proven by QEMU's memory holding ``expected`` at the hva."""
-    hva = machine.gpa2hva(gpa)
+    """gpa -> memslot (what QEMU told KVM) -> hva -> pfn (QEMU's pagemap), proven twice: QEMU's own
+    ``gpa2hva`` names the same hva, and QEMU's memory holds ``expected`` there."""
+    slots = machine.memslots()
+    try:
+        memslot = memslot_for_gpa(slots, gpa)
+    except ValueError as exc:
+        raise HostPoisonError(f"{exc}; refusing to poison") from exc
+    if memslot is None:
+        raise HostPoisonError(
+            f"no memslot QEMU registered with KVM covers gpa {gpa:#x} ({len(slots)} in force, from the "
+            f"kvm_set_user_memory lines of {machine.stderr_log}; QEMU traces them only when started with "
+            f"{' '.join(MEMSLOT_TRACE_ARGS)}); refusing to poison")
+    hva = memslot_hva(memslot, gpa)
+    qemu_hva = machine.gpa2hva(gpa)
+    if qemu_hva != hva:
+        raise HostPoisonError(f"QEMU's gpa2hva says hva {qemu_hva:#x} for gpa {gpa:#x}, but the memslot it "
+                              f"registered ({memslot.describe()}) maps it at {hva:#x}; refusing to poison")
     actual = read_memory(machine.pid, hva, len(expected))
     if actual != expected:
         raise HostPoisonError(
             f"QEMU (pid {machine.pid}) holds {actual[:16].hex()}... at hva {hva:#x} (gpa {gpa:#x}), but the guest "
-            f"program wrote {expected[:16].hex()}... there: gpa2hva does not name the guest page; refusing to poison")
+            f"program wrote {expected[:16].hex()}... there: the memslot does not lead to the guest page; refusing "
+            "to poison")
     frame = prove_frame(machine.pid, hva)
-    return HostFrameLayout(gpa=gpa, hva=hva, pfn=frame.pfn, qemu_pid=machine.pid,
+    return HostFrameLayout(gpa=gpa, hva=hva, pfn=frame.pfn, qemu_pid=machine.pid, memslot=memslot,
                            host_page_shift=HUGE_2M_SHIFT if frame.flags.huge else PAGE_SHIFT)
+
+
+def read_ram_backing(frame: HostFrameLayout) -> RamBacking:
+    """QEMU's fd table and maps for the frame's memslot: is the page served from a guest_memfd?"""
+    fd_dir = Path(f"/proc/{frame.qemu_pid}/fd")
+    links: dict[int, str] = {}
+    for entry in fd_dir.iterdir():
+        with contextlib.suppress(OSError):  # an fd closed while the table is read
+            links[int(entry.name)] = os.readlink(entry)
+    slot_fd = frame.memslot.guest_memfd
+    vma = find_vma(frame.hva, frame.qemu_pid)
+    return RamBacking(memslot=frame.memslot.describe(), slot_guest_memfd=slot_fd,
+                      slot_fd_target=links.get(slot_fd, "<not open>") if slot_fd >= 0 else None,
+                      qemu_guest_memfds=tuple(sorted(fd for fd, target in links.items() if target in GMEM_PROC_NAMES)),
+                      hva_mapping="<unmapped>" if vma is None else vma.path)
 
 
 @dataclass(frozen=True)
@@ -96,6 +132,7 @@ class HostPoison:
             self._stack.close()
             raise
         self._stderr_mark = self.machine.stderr_mark()
+        self.obs.ram_backing = read_ram_backing(self.frame)
         return self
 
     def inject(self) -> HostInjection:

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 from guests.probe_client import SigbusReport
+from host_stack.kvm_uapi import GMEM_PROC_NAMES
 from host_stack.signal_trace import GeneratedSignal
 from host_stack.witness import SigbusRecord
 
@@ -112,6 +113,30 @@ def parse_mce_severity(console: str) -> str | None:
     return match.group(1) if match else None
 
 
+@dataclass(frozen=True)
+class RamBacking:
+    """What KVM serves the guest page from, read on the host before the injection: the memslot
+    QEMU registered for its gpa and QEMU's own fd table and maps."""
+
+    memslot: str  # MemslotRegistration.describe() of the slot covering the gpa
+    slot_guest_memfd: int  # the slot's guest_memfd (QEMU's fd number), -1 without one
+    slot_fd_target: str | None  # /proc/<qemu>/fd/<slot_guest_memfd>, None without one
+    qemu_guest_memfds: tuple[int, ...]  # every fd of QEMU that /proc names a guest_memfd
+    hva_mapping: str  # path of QEMU's VMA holding the hva ("" for anonymous memory)
+
+    def kind(self) -> str:
+        """"guest_memfd", "userspace memory", or why the slot's fd is neither."""
+        if self.slot_guest_memfd < 0:
+            return "userspace memory"
+        if self.slot_fd_target in GMEM_PROC_NAMES:
+            return "guest_memfd"
+        return f"fd {self.slot_guest_memfd} of the slot is {self.slot_fd_target!r}, not a guest_memfd"
+
+    def summary(self) -> str:
+        return (f"{self.kind()} ({self.memslot}; QEMU holds {len(self.qemu_guest_memfds)} guest_memfd fd(s); "
+                f"hva in {self.hva_mapping or 'an anonymous mapping'})")
+
+
 @dataclass
 class HostObservations:
     """The host and QEMU layers of a host-poison row, filled in by the runner."""
@@ -130,6 +155,7 @@ class HostObservations:
     recovery_lines: list[RecoveryLine] = field(default_factory=list)
     kernel_log: list[str] = field(default_factory=list)
     injection_errno: int = 0
+    ram_backing: RamBacking | None = None
     # After a system_reset (reset rows): the frame now behind the hva and whether it is poisoned,
     # what the rebooted guest's kernel read at the gpa, and the seconds from reset to SSH.
     pfn_after_reset: int | None = None

@@ -7,12 +7,14 @@ against comes from here, so a wrong kernel answer cannot leak into its own expec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gmemtest.scenarios import ScenarioSpec, Source, Trigger
+from host_stack import gmem_layout as gl
 from host_stack.gmem_layout import PAGE_SHIFT
 from host_stack.mm_uapi import BUS_CODE_NAMES, BUS_MCEERR_AO, BUS_MCEERR_AR
 from qmp_helpers.mce import MCI_STATUS_OVER, forwarded_mce
+from qmp_helpers.memslots import MemslotRegistration
 
 PAGE_SIZE = 1 << PAGE_SHIFT
 HUGE_2M_SHIFT = 21
@@ -294,17 +296,45 @@ def mce_record_addr(gpa: int, misc: int, vendor: str = INTEL) -> int:
 
 # ----- the whole chain: the host poisons the frame behind a guest page --------------------------
 
+def slot_layout(memslot: MemslotRegistration) -> gl.SlotLayout:
+    """A memslot QEMU registered, in the oracle's terms (a slot without guest_memfd has pgoff 0)."""
+    if memslot.gpa % PAGE_SIZE or memslot.size % PAGE_SIZE or memslot.guest_memfd_offset % PAGE_SIZE:
+        raise ValueError(f"memslot not page-aligned: {memslot.describe()}")
+    return gl.SlotLayout(memslot.slot, memslot.gpa >> PAGE_SHIFT, memslot.size >> PAGE_SHIFT,
+                         memslot.guest_memfd_offset >> PAGE_SHIFT)
+
+
+def memslot_hva(memslot: MemslotRegistration, gpa: int) -> int:
+    """The hva KVM uses for ``gpa``: the memslot's userspace_addr plus the offset into the slot."""
+    return gl.hva_for_gpa(slot_layout(memslot), memslot.hva, gpa)
+
+
 @dataclass(frozen=True)
 class HostFrameLayout:
-    """Where the guest page lives on the host, as resolved before the injection (gpa -> hva -> pfn)."""
+    """Where the guest page lives on the host, as resolved before the injection: the memslot KVM
+    serves its gpa from (QEMU's registration), the hva through that slot, the pfn behind the hva.
+
+    Every hva the oracle expects comes from ``memslot`` (``hva_of``), so a QEMU whose own
+    gpa -> hva answer disagreed with what it told KVM could not hide behind it.
+    """
 
     gpa: int
     hva: int
     pfn: int
     qemu_pid: int
+    memslot: MemslotRegistration
     # log2 of the host page the frame belongs to: 21 when guest RAM is on 2 MiB hugetlb pages
     # (KPF_HUGE), 12 otherwise (a THP is split before it is poisoned: 4 KiB is lost).
     host_page_shift: int = PAGE_SHIFT
+
+    def __post_init__(self) -> None:
+        if self.hva != self.hva_of(self.gpa):
+            raise ValueError(f"hva {self.hva:#x} of gpa {self.gpa:#x} is not the memslot's "
+                             f"{self.hva_of(self.gpa):#x} ({self.memslot.describe()})")
+
+    def hva_of(self, gpa: int) -> int:
+        """The hva KVM uses for ``gpa`` (another page of the same slot, say)."""
+        return memslot_hva(self.memslot, gpa)
 
 
 @dataclass(frozen=True)
@@ -324,10 +354,13 @@ class HostExpectation:
     # (kvm_unpoison_all -> qemu_ram_remap), so the hva is backed by another, healthy frame and
     # the rebooted guest's kernel reads the gpa without a machine check.
     reset: bool = False
+    # KVM serves the page from a guest_memfd (the profile backs RAM with one), not from QEMU's
+    # userspace mapping: the memslot carries a guest_memfd and QEMU's fd table holds it.
+    ram_guest_memfd: bool = False
 
 
 def expect_host(spec: ScenarioSpec, layout: MappingLayout, frame: HostFrameLayout, *, vendor: str,
-                mce_bank: int) -> tuple[Expectation, HostExpectation]:
+                mce_bank: int, ram_guest_memfd: bool = False) -> tuple[Expectation, HostExpectation]:
     """What every layer must show when the host poisons the frame behind ``spec``'s page.
 
     Host: memory_failure() on QEMU's anonymous page unmaps it, counts it (+4 kB) and, QEMU having
@@ -353,9 +386,11 @@ def expect_host(spec: ScenarioSpec, layout: MappingLayout, frame: HostFrameLayou
     if gpa != frame.gpa:
         raise ValueError(f"{spec.name}: the host frame was resolved for gpa {frame.gpa:#x}, the layout says {gpa:#x}")
     if frame.host_page_shift > PAGE_SHIFT:
-        return _expect_host_huge(spec, layout, frame, amd=amd, mce_bank=mce_bank)
+        exp, host = _expect_host_huge(spec, layout, frame, amd=amd, mce_bank=mce_bank)
+        return exp, replace(host, ram_guest_memfd=ram_guest_memfd)
     page_mask = ~(PAGE_SIZE - 1)
-    hva_page, gpa_page, va_page = frame.hva & page_mask, gpa & page_mask, poison_va & page_mask
+    gpa_page, va_page = gpa & page_mask, poison_va & page_mask
+    hva_page = frame.hva_of(gpa_page)
     ao = forwarded_mce("BUS_MCEERR_AO", amd=amd)
     guest_learns_of_ao = ao.raises_mc or bool(spec.guest_mce_poll_s)
     qemu_sigbus = [ExpectedSigbus(BUS_MCEERR_AO, hva_page, PAGE_SHIFT, "main")]
@@ -389,7 +424,7 @@ def expect_host(spec: ScenarioSpec, layout: MappingLayout, frame: HostFrameLayou
     host = HostExpectation(frame=frame, qemu_sigbus=tuple(qemu_sigbus), forwarded=tuple(forwarded),
                            host_hardware_corrupted_delta_kb=PAGE_SIZE // 1024, host_recovery=(frame.pfn, "Recovered"),
                            guest_recovers_first=guest_learns_of_ao and spec.trigger is Trigger.TOUCH,
-                           reset=spec.reset_after)
+                           reset=spec.reset_after, ram_guest_memfd=ram_guest_memfd)
     return exp, host
 
 
@@ -422,8 +457,7 @@ def _expect_host_huge(spec: ScenarioSpec, layout: MappingLayout, frame: HostFram
     gpa_p, gpa_q = frame.gpa & page_mask, layout.gpa_of(touch_va) & page_mask
     if gpa_q == gpa_p or gpa_q // huge != gpa_p // huge:
         raise ValueError(f"{spec.name}: the touch must hit another 4 KiB piece of the same huge page")
-    hva_p = frame.hva & page_mask
-    hva_q = hva_p + (gpa_q - gpa_p)  # one host huge page is contiguous in QEMU's address space
+    hva_p, hva_q = frame.hva_of(gpa_p), frame.hva_of(gpa_q)
     exp = Expectation(
         scenario=spec.name, poison_va=layout.base_va + spec.poison_offset, poison_gpa=frame.gpa,
         poison_pfn=gpa_p >> PAGE_SHIFT, sigbus=ExpectedSigbus(BUS_MCEERR_AR, touch_va & page_mask, PAGE_SHIFT),

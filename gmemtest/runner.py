@@ -319,11 +319,15 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
                                     f"(kpageflags {flags:#x}, expected only KPF_BUDDY); refusing to inject")
 
         machine = guest.machine
+        if guest.profile.accel == "kvm":  # what QEMU told KVM its guest memory is (qmp_helpers.memslots)
+            ev.text("memslots.txt", "".join(s.describe() + "\n" for s in machine.memslots()) or
+                    "<no kvm_set_user_memory line in QEMU's stderr>\n")
         poison: HostPoison | None = None
         if spec.source is Source.HOST:
             assert mapping is not None, "host-poison rows map anonymous pages"
             frame = resolve_host_frame(machine, exp.poison_gpa, _pattern(mapping, spec.poison_offset))
-            exp, hexp = expect_host(spec, layout, frame, vendor=vendor, mce_bank=MCE_BANK)
+            exp, hexp = expect_host(spec, layout, frame, vendor=vendor, mce_bank=MCE_BANK,
+                                    ram_guest_memfd=guest.profile.ram_guest_memfd)
             ev.json("host-frame.json", asdict(frame))
             ev.json("expectation.json", {**asdict(exp), "host": asdict(hexp)})
             poison = stack.enter_context(HostPoison(machine, frame))

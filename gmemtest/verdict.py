@@ -94,7 +94,12 @@ def _sigbus_line(code: int, addr: int, lsb: int, thread: str | None) -> str:
 def judge_host(hexp: HostExpectation, hobs: HostObservations) -> list[Check]:
     """The host kernel's and QEMU's part of the chain, against the layout-derived expectation."""
     frame = hexp.frame
+    want = "guest_memfd" if hexp.ram_guest_memfd else "userspace memory"
+    backing = hobs.ram_backing
     checks = [
+        Check(f"KVM serves gpa {frame.gpa:#x} from (memslot QEMU registered, QEMU's fd table)",
+              f"{want} (the profile's RAM)", "not read" if backing is None else backing.summary(),
+              backing is not None and backing.kind() == want, "host"),
         _check(f"KPF_HWPOISON on host pfn {frame.pfn:#x}", True, hobs.hwpoison_flag, layer="host"),
         _check("host HardwareCorrupted delta (kB)", hexp.host_hardware_corrupted_delta_kb,
                None if hobs.hardware_corrupted_before_kb is None or hobs.hardware_corrupted_after_kb is None

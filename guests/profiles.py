@@ -87,6 +87,9 @@ class GuestProfile:
     restorable: bool = True
     # Guest RAM is backed by the host's 2 MiB hugetlb pages: one host poison takes 2 MiB of it.
     ram_on_host_hugepages: bool = False
+    # QEMU backs guest RAM with a guest_memfd: KVM's memslots for it carry a guest_memfd (the
+    # confidential profiles' private memory, and kvm-gmem's RAM).
+    ram_guest_memfd: bool = False
 
     @property
     def confidential(self) -> bool:
@@ -149,10 +152,11 @@ def kvm_gmem_profile(memory_mib: int = 1024) -> GuestProfile:
         kernel_args=BASE_KERNEL_ARGS, firmware=QBOOT_FIRMWARE,
         machine_options=("memory-backend=ram0",),
         extra_args=(
-            "-object", f"memory-backend-memfd,id=ram0,size={memory_mib}M,guest-memfd=on",
+            "-object", f"memory-backend-memfd,id=ram0,size={memory_mib}M,share=on,guest-memfd=on",
             *PANIC_ARGS,
         ),
         requirements=("kvm_boots_linux", "qemu:guest-memfd"), restorable=False, nic_options=KVM_NIC_OPTIONS,
+        ram_guest_memfd=True,
         description="KVM guest with guest_memfd-backed RAM (needs the QEMU guest-memfd series)",
     )
 
@@ -198,6 +202,7 @@ def kvm_sev_snp_profile(firmware: Path = DEFAULT_OVMF, memory_mib: int = 1024,
             *PANIC_ARGS,
         ),
         requirements=("kvm_boots_linux", "sev_snp_host", "qemu:sev-snp-guest"), restorable=False,
+        ram_guest_memfd=True,
         description="AMD SEV-SNP confidential guest (lab hosts only)",
     )
 
@@ -209,7 +214,7 @@ def kvm_tdx_profile(firmware: Path = DEFAULT_OVMF, memory_mib: int = 1024) -> Gu
         kernel_args=BASE_KERNEL_ARGS, firmware=firmware,
         machine_options=("kernel-irqchip=split", "confidential-guest-support=tdx0"),
         extra_args=("-object", "tdx-guest,id=tdx0", *PANIC_ARGS),
-        requirements=("kvm_boots_linux", "tdx_host", "qemu:tdx-guest"), restorable=False,
+        requirements=("kvm_boots_linux", "tdx_host", "qemu:tdx-guest"), restorable=False, ram_guest_memfd=True,
         description="Intel TDX confidential guest (lab hosts only)",
     )
 

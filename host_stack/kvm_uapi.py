@@ -454,6 +454,12 @@ CAP_NAMES: Final[dict[int, str]] = {
 KVM_MEM_LOG_DIRTY_PAGES: Final = 1 << 0
 KVM_MEM_READONLY: Final = 1 << 1
 KVM_MEM_GUEST_MEMFD: Final = 1 << 2
+# How /proc names a guest_memfd (an fd link in /proc/PID/fd, a VMA path in /proc/PID/maps),
+# by kernel (virt/kvm/guest_memfd.c: an anon inode before guest_memfd got its own pseudo file system).
+GMEM_PROC_NAMES: Final = {
+    "anon_inode:[kvm-gmem]": "6.18 (an anon inode, this project's PVM development host)",
+    "/[kvm-gmem] (deleted)": "7.3.4 (guest_memfd's own pseudo file system, measured in L1)",
+}
 # guest_memfd creation flags (kvm.h)
 GUEST_MEMFD_FLAG_MMAP: Final = 1 << 0
 GUEST_MEMFD_FLAG_INIT_SHARED: Final = 1 << 1

@@ -13,7 +13,7 @@ builds a VM with one guest_memfd bound to a slot with pgoff > 0 (``vmm.TinyVm``,
 decoy ``userspace_addr``), maps and dirties the page as the row says and reports its pfn. For
 an *unmapped* row the child maps nothing of the guest_memfd; a forked helper (kill policy
 late) maps the page, so the frame can still be proven and ``MADV_HWPOISON`` still has a
-caller that maps it. The parent proves the frame (the VMA is the guest_memfd (``GMEM_VMA_PATHS``) at the
+caller that maps it. The parent proves the frame (the VMA is the guest_memfd (``kvm_uapi.GMEM_PROC_NAMES``) at the
 page's file offset and the pagemap names the reported pfn), attaches the SIGBUS witness,
 injects, and observes three independent observables (the child's siginfo, ``KPF_HWPOISON``
 of the pfn, the ``HardwareCorrupted`` delta) plus the KVM side: a vCPU touch of the gfn must
@@ -116,11 +116,6 @@ CONTRACT_BASIS: Final[Mapping[Contract, str]] = {
     ),
 }
 INDEX: Final = SEED_INDEX  # file index 9 behind slot 2 of vmm.DEFAULT_LAYOUT (gfn 0x41)
-# How /proc/PID/maps names a guest_memfd mapping (virt/kvm/guest_memfd.c), by kernel.
-GMEM_VMA_PATHS: Final[Mapping[str, str]] = {
-    "anon_inode:[kvm-gmem]": "6.18 (an anon inode, this project's PVM development host)",
-    "/[kvm-gmem] (deleted)": "7.3.4 (guest_memfd's own pseudo file system, measured in L1)",
-}
 ROW_TIMEOUT: Final = 30.0
 MATRIX_REQUIREMENTS: Final = (*HOST_REQUIREMENTS, "hwpoison")
 
@@ -575,8 +570,9 @@ def _child(row: MatrixRow) -> int:  # pragma: no cover - runs in a child
 def _prove_gmem_frame(pid: int, va: int, pfn: int | None) -> str | None:
     """The interlock's extra half: the VMA is the guest_memfd at the page's offset, same pfn."""
     vma = find_vma(va, pid)
-    if vma is None or vma.path not in GMEM_VMA_PATHS:
-        return f"expected va {va:#x} of pid {pid} in a guest_memfd mapping ({' or '.join(GMEM_VMA_PATHS)}), got {vma}"
+    if vma is None or vma.path not in u.GMEM_PROC_NAMES:
+        names = " or ".join(u.GMEM_PROC_NAMES)
+        return f"expected va {va:#x} of pid {pid} in a guest_memfd mapping ({names}), got {vma}"
     if vma.file_offset(va) != INDEX * gl.PAGE_SIZE:
         return f"expected file offset {INDEX * gl.PAGE_SIZE:#x} at va {va:#x}, got {vma.file_offset(va):#x}"
     now = read_pagemap(va, pid).pfn

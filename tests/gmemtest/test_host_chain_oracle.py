@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 from gmemtest_test_support import probe_sigbus
 
-from gmemtest.observations import HostObservations, MceRecord, Observations, RecoveryLine
+from gmemtest.observations import HostObservations, MceRecord, Observations, RamBacking, RecoveryLine
 from gmemtest.oracle import AMD, INTEL, HostFrameLayout, MappingLayout, PageLayout, expect_host
 from gmemtest.scenarios import ScenarioSpec, Source, Trigger, get_scenario, unsupported_under
 from gmemtest.verdict import judge
@@ -19,11 +19,26 @@ from guests.profiles import get_profile
 from host_stack.mm_uapi import BUS_MCEERR_AO, BUS_MCEERR_AR, SIGBUS
 from host_stack.signal_trace import GeneratedSignal
 from host_stack.witness import SigbusRecord
+from qmp_helpers.memslots import MemslotRegistration
 
 LAYOUT = MappingLayout(kind="anon4k", base_va=0x7F161DFF5000, size=0x4000, page_size=0x1000,
                        pages=(PageLayout(0x7F161DFF5000, 0x2974), PageLayout(0x7F161DFF6000, 0x2961),
                               PageLayout(0x7F161DFF7000, 0x299C), PageLayout(0x7F161DFF8000, 0x296A)))
-FRAME = HostFrameLayout(gpa=0x2961040, hva=0x7F8692761040, pfn=0x117961, qemu_pid=207)
+RAM_SLOT_GPA, RAM_SLOT_SIZE = 0x100000, 0x1FF00000  # QEMU 10.0.2's slot for RAM above 1 MiB of a 512 MiB q35
+
+
+def memslot(gpa: int, hva: int, guest_memfd: int = -1) -> MemslotRegistration:
+    """The RAM slot, registered so that ``gpa`` lies at ``hva``."""
+    return MemslotRegistration(0, 3, 4 if guest_memfd >= 0 else 0, RAM_SLOT_GPA, RAM_SLOT_SIZE,
+                               hva - (gpa - RAM_SLOT_GPA), guest_memfd, 0, 0)
+
+
+def host_frame(gpa: int, hva: int, pfn: int, qemu_pid: int, host_page_shift: int = 12) -> HostFrameLayout:
+    return HostFrameLayout(gpa=gpa, hva=hva, pfn=pfn, qemu_pid=qemu_pid, memslot=memslot(gpa, hva),
+                           host_page_shift=host_page_shift)
+
+
+FRAME = host_frame(gpa=0x2961040, hva=0x7F8692761040, pfn=0x117961, qemu_pid=207)
 VCPU_TID = 214
 
 
@@ -47,7 +62,7 @@ def test_ao_rows_on_amd_need_the_guest_poll_and_give_guest_level_signals() -> No
     assert late.mce_status == 0x9C00180000000000  # VAL|EN|MISCV|ADDRV|DEFERRED|POISON: no #MC
     assert late.sigbus is not None and late.sigbus.si_addr == LAYOUT.base_va + 0x1238  # the byte touched
     early_spec = get_scenario("host-ao-early-kill-4k")
-    frame = HostFrameLayout(gpa=(0x299C << 12) + 0x100, hva=0x7F0000000100, pfn=0x1000, qemu_pid=207)
+    frame = host_frame(gpa=(0x299C << 12) + 0x100, hva=0x7F0000000100, pfn=0x1000, qemu_pid=207)
     early, _ = expect_host(early_spec, LAYOUT, frame, vendor=AMD, mce_bank=9)
     assert early.sigbus is not None and (early.sigbus.si_code, early.sigbus.si_addr) == (BUS_MCEERR_AO,
                                                                                          0x7F161DFF7000)
@@ -64,8 +79,8 @@ def test_ar_row_on_intel_degenerates_to_a_guest_recovery() -> None:
 
 def test_oracle_refuses_a_frame_for_another_gpa_and_unknown_vendors() -> None:
     spec = get_scenario("host-ar-touch-4k")
-    with pytest.raises(ValueError, match="resolved for gpa 0x1000"):
-        expect_host(spec, LAYOUT, dataclasses.replace(FRAME, gpa=0x1000), vendor=AMD, mce_bank=9)
+    with pytest.raises(ValueError, match="resolved for gpa 0x2962040"):
+        expect_host(spec, LAYOUT, host_frame(0x2962040, 0x7F8692762040, 0x117962, 207), vendor=AMD, mce_bank=9)
     with pytest.raises(ValueError, match="'HygonGenuine' has no machine-check oracle"):
         expect_host(spec, LAYOUT, FRAME, vendor="HygonGenuine", mce_bank=9)
     with pytest.raises(ValueError, match="is not a host-poison row"):
@@ -88,8 +103,17 @@ def _observed() -> tuple[Observations, HostObservations]:
         qemu_pid=207, vcpu_tids=[VCPU_TID],
         forwarded=[("BUS_MCEERR_AO", 0x7F8692761000, 0x2961000), ("BUS_MCEERR_AR", 0x7F8692761000, 0x2961000)],
         hardware_corrupted_before_kb=0, hardware_corrupted_after_kb=4, hwpoison_flag=True,
-        recovery_lines=[RecoveryLine(0x117961, "dirty LRU page", "Recovered")], cleanup="unpoisoned pfn 0x117961")
+        recovery_lines=[RecoveryLine(0x117961, "dirty LRU page", "Recovered")], cleanup="unpoisoned pfn 0x117961",
+        ram_backing=USERSPACE_RAM)
     return obs, hobs
+
+
+USERSPACE_RAM = RamBacking(memslot=FRAME.memslot.describe(), slot_guest_memfd=-1, slot_fd_target=None,
+                           qemu_guest_memfds=(), hva_mapping="")
+GMEM_RAM = RamBacking(memslot=memslot(FRAME.gpa, FRAME.hva, 27).describe(), slot_guest_memfd=27,
+                      slot_fd_target="/[kvm-gmem] (deleted)", qemu_guest_memfds=(27,),
+                      hva_mapping="/[kvm-gmem] (deleted)")
+BACKING_CHECK = f"KVM serves gpa {FRAME.gpa:#x} from (memslot QEMU registered, QEMU's fd table)"
 
 
 def test_verdict_names_every_layer_and_passes_the_recorded_run() -> None:
@@ -115,6 +139,9 @@ def test_verdict_names_every_layer_and_passes_the_recorded_run() -> None:
     (lambda o, h: setattr(h, "hwpoison_flag", False), "KPF_HWPOISON on host pfn 0x117961"),
     (lambda o, h: setattr(h, "recovery_lines", []), "host kernel recovery line (pfn, result)"),
     (lambda o, h: setattr(h, "cleanup_failed", True), "host poison cleaned up (unpoison-pfn)"),
+    # kvm-default RAM that KVM serves from a guest_memfd after all, or that nobody read
+    (lambda o, h: setattr(h, "ram_backing", GMEM_RAM), BACKING_CHECK),
+    (lambda o, h: setattr(h, "ram_backing", None), BACKING_CHECK),
     (lambda o, h: setattr(o, "mce_records", [MceRecord(9, 0xBC00080000000000, 0x2961000, 0x8C)]),
      "mce_record of bank 9 (status, addr)"),
 ])
@@ -145,7 +172,7 @@ def test_host_rows_are_validated_and_need_kvm_and_hwpoison_inject() -> None:
 
 def test_reset_row_checks_the_replaced_frame_and_the_guest_read() -> None:
     spec = get_scenario("host-ao-reset-4k")
-    frame = HostFrameLayout(gpa=(0x299C << 12) + 0x80, hva=0x7F0000000080, pfn=0x1000, qemu_pid=207)
+    frame = host_frame(gpa=(0x299C << 12) + 0x80, hva=0x7F0000000080, pfn=0x1000, qemu_pid=207)
     _, host = expect_host(spec, LAYOUT, frame, vendor=AMD, mce_bank=9)
     assert host.reset and host.guest_recovers_first
     hobs = HostObservations(pfn_after_reset=0x2000, hwpoison_after_reset=False, guest_read_after_reset="read")
@@ -170,8 +197,8 @@ THP = MappingLayout(kind="thp", base_va=0x7F0000200000, size=0x200000, page_size
 
 def test_hugetlb_row_expects_2m_lost_on_the_host_and_4k_forwarded() -> None:
     spec = get_scenario("host-ao-hugetlb-thp")
-    frame = HostFrameLayout(gpa=(0x2A05 << 12) + 0x80, hva=0x7F1C00005080, pfn=0x103C05, qemu_pid=9,
-                            host_page_shift=21)
+    frame = host_frame(gpa=(0x2A05 << 12) + 0x80, hva=0x7F1C00005080, pfn=0x103C05, qemu_pid=9,
+                       host_page_shift=21)
     exp, host = expect_host(spec, THP, frame, vendor=AMD, mce_bank=9)
     assert [(s.si_code, s.si_addr, s.si_addr_lsb, s.thread) for s in host.qemu_sigbus] == [
         (BUS_MCEERR_AO, 0x7F1C00005000, 21, "main"), (BUS_MCEERR_AR, 0x7F1C00009000, 12, "vcpu")]
@@ -182,7 +209,7 @@ def test_hugetlb_row_expects_2m_lost_on_the_host_and_4k_forwarded() -> None:
     assert exp.poison_pfns == (0x2A05, 0x2A09) and exp.hardware_corrupted_delta_kb == 8
     assert exp.sigbus is not None and (exp.sigbus.si_code, exp.sigbus.si_addr) == (BUS_MCEERR_AR, 0x7F0000209000)
     with pytest.raises(ValueError, match="not congruent modulo 0x200000"):
-        expect_host(spec, THP, dataclasses.replace(frame, hva=0x7F1C00105080), vendor=AMD, mce_bank=9)
+        expect_host(spec, THP, host_frame(frame.gpa, 0x7F1C00105080, frame.pfn, 9, 21), vendor=AMD, mce_bank=9)
     with pytest.raises(ValueError, match="through a guest THP"):
         expect_host(get_scenario("host-ar-touch-4k"), LAYOUT, dataclasses.replace(FRAME, host_page_shift=21),
                     vendor=AMD, mce_bank=9)
@@ -193,3 +220,28 @@ def test_rows_and_profiles_of_huge_guest_ram_pair_up() -> None:
     assert unsupported_under(get_scenario("host-ao-hugetlb-thp"), hugetlb) is None
     assert "run it under kvm-hugetlb" in (unsupported_under(get_scenario("host-ao-hugetlb-thp"), plain) or "")
     assert "not set by the layout" in (unsupported_under(get_scenario("host-ar-touch-4k"), hugetlb) or "")
+
+
+def test_the_backing_check_wants_what_the_profile_backs_ram_with() -> None:
+    """kvm-gmem must be served from a guest_memfd: the slot's fd, and /proc naming that fd one."""
+    from gmemtest.verdict import judge_host
+
+    assert get_profile("kvm-gmem").ram_guest_memfd and not get_profile("kvm-default").ram_guest_memfd
+    _, host = expect_host(get_scenario("host-ar-touch-4k"), LAYOUT, FRAME, vendor=AMD, mce_bank=9,
+                          ram_guest_memfd=True)
+    _, hobs = _observed()
+
+    def check(backing: RamBacking) -> tuple[bool, str]:
+        c = {c.name: c for c in judge_host(host, dataclasses.replace(hobs, ram_backing=backing))}[BACKING_CHECK]
+        return c.ok, c.actual
+
+    assert check(GMEM_RAM) == (True, GMEM_RAM.summary())
+    assert check(USERSPACE_RAM)[0] is False
+    ok, actual = check(dataclasses.replace(GMEM_RAM, slot_fd_target="/memfd:ram0 (deleted)"))
+    assert not ok and "fd 27 of the slot is '/memfd:ram0 (deleted)', not a guest_memfd" in actual
+    assert check(dataclasses.replace(GMEM_RAM, slot_fd_target="anon_inode:[kvm-gmem]"))[0]  # 6.18's name
+
+
+def test_a_frame_whose_hva_is_not_the_memslots_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"hva 0x7f8692762040 of gpa 0x2961040 is not the memslot's 0x7f8692761040"):
+        dataclasses.replace(FRAME, hva=0x7F8692762040)

@@ -81,7 +81,7 @@ def test_lab_profiles_declare_what_they_need() -> None:
     gmem = get_profile("kvm-gmem")
     assert "qemu:guest-memfd" in gmem.requirements
     gargs = gmem.qemu_args(KERNEL, INITRD)
-    assert "memory-backend-memfd,id=ram0,size=1024M,guest-memfd=on" in opt(gargs, "-object")
+    assert "memory-backend-memfd,id=ram0,size=1024M,share=on,guest-memfd=on" in opt(gargs, "-object")
     assert opt(gargs, "-machine") == ["q35,memory-backend=ram0"] and opt(gargs, "-m") == ["1024"]
     snp = get_profile("kvm-sev-snp")
     assert {"sev_snp_host", "qemu:sev-snp-guest"} <= set(snp.requirements)
