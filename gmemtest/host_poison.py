@@ -7,8 +7,9 @@ and the frame is poisoned with hwpoison-inject's ``corrupt-pfn`` only after the 
 it: QEMU's own ``gpa2hva`` names the same hva, QEMU's memory at that hva holds exactly the bytes
 the guest program wrote (read through ``/proc/PID/mem``), and the frame's flags say it is an
 ordinary user page (host_stack.injectors.prove_frame). QEMU's fd table and maps then say whether
-KVM serves the page from a guest_memfd (``read_ram_backing``). While it runs, a ptrace witness records every SIGBUS QEMU
-gets, a /dev/kmsg cursor the host kernel's lines, and meminfo the HardwareCorrupted count.
+KVM serves the page from a guest_memfd (``read_ram_backing``). While it runs, a ptrace witness
+records every SIGBUS QEMU gets, a /dev/kmsg cursor the host kernel's lines, and meminfo the
+HardwareCorrupted count.
 On exit the frame is unpoisoned and the witness detached, also when the row failed.
 
 It runs on the host that runs QEMU: a real lab host, or the lab host in a box (L1).

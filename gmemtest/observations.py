@@ -13,6 +13,7 @@ from guests.probe_client import SigbusReport
 from host_stack.kvm_uapi import GMEM_PROC_NAMES
 from host_stack.signal_trace import GeneratedSignal
 from host_stack.witness import SigbusRecord
+from qmp_helpers.trace_log import TRACE_PREFIX
 
 _MEMINFO_HWCORRUPTED = re.compile(r"^HardwareCorrupted:\s+(\d+)\s+kB$", re.MULTILINE)
 # mm/memory-failure.c: pr_fmt "Memory failure: " + "%#lx: recovery action for %s: %s"
@@ -172,13 +173,13 @@ class HostObservations:
         return "vcpu" if tid in self.vcpu_tids else f"thread {tid}"
 
 
-_TRACE_LINE = re.compile(r"^(?:\d+@[\d.]+:)?(kvm_convert_memory|kvm_memory_fault|kvm_run_exit)\b", re.MULTILINE)
+_TRACE_LINE = re.compile(rf"^{TRACE_PREFIX}(kvm_convert_memory|kvm_memory_fault|kvm_run_exit)\b", re.MULTILINE)
 
 
 def parse_kvm_trace(text: str) -> tuple[list[str], list[str], int]:
     """Pure: (kvm_convert_memory lines, kvm_memory_fault lines, kvm_run_exit count) of QEMU's trace output.
 
-    QEMU's log trace backend prints ``name args`` (``pid@secs.usecs:name args`` with timestamps on).
+    One line per event, as qmp_helpers.trace_log describes QEMU's log trace backend.
     """
     found: dict[str, list[str]] = {"kvm_convert_memory": [], "kvm_memory_fault": [], "kvm_run_exit": []}
     for line in text.splitlines():

@@ -50,6 +50,7 @@ from host_stack import mm_uapi
 from host_stack.kvm_uapi import KVM_EXIT_SHUTDOWN
 from images.build import GuestImage
 from qmp_helpers import MachineStateError, MachineStuck, MceInjection, mce_kind
+from qmp_helpers.trace_log import TRACE_PREFIX
 
 LOG = logging.getLogger(__name__)
 
@@ -590,7 +591,7 @@ def _collect_events(guest: GuestRun, injection: Injection, obs: Observations, *,
 
 
 _ATTEMPT_PREFIXES = ("stuck-attempt-", "guest-reset-attempt-")
-_RUN_EXIT_SHUTDOWN = re.compile(rf"^(?:\d+@[\d.]+:)?kvm_run_exit cpu_index (\d+), reason {KVM_EXIT_SHUTDOWN}\b",
+_RUN_EXIT_SHUTDOWN = re.compile(rf"^{TRACE_PREFIX}kvm_run_exit cpu_index (\d+), reason {KVM_EXIT_SHUTDOWN}\b",
                                 re.MULTILINE)
 
 
@@ -635,11 +636,9 @@ def run_in_fresh_guest(spec: ScenarioSpec, image: GuestImage, outdir: Path, *,
     attempt = stuck = resets = 0
     while True:
         attempt += 1
-        running: GuestRun | None = None
         try:
             with booted_guest(image, outdir, profile=profile or spec.profile, binary=binary,
                               extra_qemu_args=extra_qemu_args, snapshot=snapshot) as guest:
-                running = guest
                 try:
                     result = run_scenario(spec, guest, outdir)
                 except Exception as exc:
@@ -653,7 +652,7 @@ def run_in_fresh_guest(spec: ScenarioSpec, image: GuestImage, outdir: Path, *,
             # Seen once inside the lab host: an L2 under nested SVM triple-faulted about 2 s after
             # a host poison's AO was forwarded and recovered (QEMU 11.1.3, Debian 7.3.4 L1); its
             # attempt is kept, and a second self-reset of the same row fails it.
-            if resets or running is None:
+            if resets:
                 raise
             resets += 1
             LOG.warning("%s: attempt %d: %s; retrying once", spec.name, attempt, exc)

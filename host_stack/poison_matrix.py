@@ -13,8 +13,9 @@ builds a VM with one guest_memfd bound to a slot with pgoff > 0 (``vmm.TinyVm``,
 decoy ``userspace_addr``), maps and dirties the page as the row says and reports its pfn. For
 an *unmapped* row the child maps nothing of the guest_memfd; a forked helper (kill policy
 late) maps the page, so the frame can still be proven and ``MADV_HWPOISON`` still has a
-caller that maps it. The parent proves the frame (the VMA is the guest_memfd (``kvm_uapi.GMEM_PROC_NAMES``) at the
-page's file offset and the pagemap names the reported pfn), attaches the SIGBUS witness,
+caller that maps it. The parent proves the frame (the VMA is the guest_memfd
+(``kvm_uapi.GMEM_PROC_NAMES``) at the page's file offset and the pagemap names the reported
+pfn), attaches the SIGBUS witness,
 injects, and observes three independent observables (the child's siginfo, ``KPF_HWPOISON``
 of the pfn, the ``HardwareCorrupted`` delta) plus the KVM side: a vCPU touch of the gfn must
 end ``KVM_RUN`` with -1/EHWPOISON and ``KVM_EXIT_MEMORY_FAULT`` at the oracle's gpa

@@ -37,6 +37,7 @@ from .mce import MCE_BANKS, MceInjection, MceKind, mce_command_line, mce_kind
 from .memslots import MemslotRegistration, live_memslots, parse_memslot_registrations
 from .process import QemuProcess, new_tag
 from .qmp_sync import SyncQmp
+from .trace_log import is_trace_line
 from .transcript import Transcript
 from .vcpu_state import VcpuState, parse_info_registers
 
@@ -54,9 +55,6 @@ _HOSTFWD_RE = re.compile(
 _MTREE_RAM_RE = re.compile(
     r"^\s*(?P<start>[0-9a-f]+)-(?P<end>[0-9a-f]+) \(prio -?\d+, ram\): (?P<name>\S+)",
     re.MULTILINE)
-# A trace line of QEMU's log backend: ``name args`` (``pid@secs.usecs:name args`` with timestamps),
-# every trace event's name holding an underscore; QEMU's own messages do not start like that.
-_TRACE_LINE = re.compile(r"^(?:\d+@[\d.]+:)?[a-z][a-z0-9]*_[a-z0-9_]+ ")
 _GPA2HVA_RE = re.compile(r"Host virtual address for (0x[0-9a-f]+) \((.*)\) is (0x[0-9a-f]+)")
 
 
@@ -443,7 +441,7 @@ class QemuMachine:
         """QEMU's stderr without its trace lines (``name args``: the memslot registrations of a
         KVM guest come first and would crowd out what QEMU says)."""
         return "".join(line for line in self._read_stderr().splitlines(keepends=True)
-                       if not _TRACE_LINE.match(line))
+                       if not is_trace_line(line))
 
     def _stderr_tail(self, chars: int = 600) -> str:
         """The end of QEMU's stderr messages: its last words before it died."""

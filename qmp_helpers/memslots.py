@@ -25,6 +25,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from .trace_log import TRACE_PREFIX
+
 __all__ = [
     "MEMSLOT_TRACE_ARGS",
     "MEMSLOT_TRACE_EVENT",
@@ -38,7 +40,7 @@ MEMSLOT_TRACE_EVENT: Final = "kvm_set_user_memory"
 MEMSLOT_TRACE_ARGS: Final = ("-trace", f"enable={MEMSLOT_TRACE_EVENT}")
 
 _LINE = re.compile(
-    r"^(?:\d+@[\d.]+:)?kvm_set_user_memory AddrSpace#(?P<as>\d+) Slot#(?P<slot>\d+) flags=(?P<flags>0x[0-9a-f]+) "
+    rf"^{TRACE_PREFIX}kvm_set_user_memory AddrSpace#(?P<as>\d+) Slot#(?P<slot>\d+) flags=(?P<flags>0x[0-9a-f]+) "
     r"gpa=(?P<gpa>0x[0-9a-f]+) size=(?P<size>0x[0-9a-f]+) ua=(?P<ua>0x[0-9a-f]+) "
     r"guest_memfd=(?P<fd>-?\d+) guest_memfd_offset=(?P<off>0x[0-9a-f]+) ret=(?P<ret>-?\d+)\s*$",
     re.MULTILINE)
