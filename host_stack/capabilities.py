@@ -20,6 +20,7 @@ import dataclasses
 import errno
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -34,7 +35,17 @@ from host_stack.injectors import madvise_failure_sentence
 from host_stack.kernelfs import DEBUGFS, TRACEFS, mounted
 from host_stack.pagemap import PAGE_SIZE
 
-__all__ = ["PROBE_GROUPS", "REQUIREMENTS", "HostReport", "first_missing", "probe_host"]
+__all__ = [
+    "PROBE_GROUPS",
+    "REQUIREMENTS",
+    "HostReport",
+    "first_missing",
+    "first_unmet",
+    "parse_unmet_line",
+    "probe_host",
+    "unmet_line",
+    "unmet_reason",
+]
 
 _log = logging.getLogger(__name__)
 _log.addHandler(logging.NullHandler())
@@ -520,10 +531,41 @@ def probe_host() -> HostReport:
     return _LazyHostReport(_PROBES)
 
 
-def first_missing(report: HostReport, requirements: Iterable[str]) -> str | None:
-    """The sentence of the first unmet requirement, in the given order, or None."""
+def first_unmet(report: HostReport, requirements: Iterable[str]) -> tuple[str, str] | None:
+    """The first unmet requirement, in the given order, as (name, sentence); None if all are met."""
     for name in requirements:
         sentence = report.missing(name)
         if sentence is not None:
-            return sentence
+            return name, sentence
     return None
+
+
+def first_missing(report: HostReport, requirements: Iterable[str]) -> str | None:
+    """The sentence of the first unmet requirement, in the given order, or None."""
+    unmet = first_unmet(report, requirements)
+    return None if unmet is None else unmet[1]
+
+
+# How a skip or cancel names the requirement behind it, so that a run's results can be read back
+# by requirement (the lab-host batch refuses any skip for a requirement the lab host guarantees).
+_UNMET_LINE: Final = re.compile(r"^unmet host requirement ([a-z0-9_]+): (.*)$", re.DOTALL)
+
+
+def unmet_line(name: str, sentence: str) -> str:
+    """The one-line reason for a check that cannot run here: the requirement's name and its sentence."""
+    if name not in REQUIREMENTS:
+        raise ValueError(f"unknown host requirement {name!r}; valid: {', '.join(REQUIREMENTS)}")
+    return f"unmet host requirement {name}: {sentence}"
+
+
+def unmet_reason(report: HostReport, requirements: Iterable[str]) -> str | None:
+    """``unmet_line`` of the first unmet requirement, or None: the reason a check CANCELs with."""
+    unmet = first_unmet(report, requirements)
+    return None if unmet is None else unmet_line(*unmet)
+
+
+def parse_unmet_line(text: str) -> tuple[str, str] | None:
+    """(name, sentence) from a reason ``unmet_line`` wrote (anywhere after a prefix), else None."""
+    start = text.find("unmet host requirement ")
+    match = _UNMET_LINE.match(text[start:]) if start >= 0 else None
+    return (match.group(1), match.group(2)) if match else None

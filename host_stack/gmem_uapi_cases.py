@@ -34,6 +34,7 @@ from host_stack.kvm import PAGE_SIZE, GuestMemfd, HostMapping, KvmSystem, Memslo
 
 __all__ = [
     "CASES",
+    "HOST_REQUIREMENTS",
     "CaseEnv",
     "CaseResult",
     "CaseStatus",
@@ -50,6 +51,9 @@ _log.addHandler(logging.NullHandler())
 
 P: Final = PAGE_SIZE
 GMEM_SIZE: Final = 16 * P
+# The whole table needs guest_memfd: a host without it cannot run a single case. The decision rests
+# on the capability, never on a case's errno (a host that claims it and answers ENOTTY fails).
+HOST_REQUIREMENTS: Final = ("kvm", "guest_memfd")
 MMAP_SHARED_FLAGS: Final = u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED
 SLOT_GPA: Final = 0x100000
 OTHER_GPA: Final = 0x200000

@@ -58,13 +58,14 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from host_stack import gmem_layout as gl
 from host_stack import kvm_uapi as u
 from host_stack import mm_uapi as m
-from host_stack.capabilities import HostReport, first_missing, probe_host
+from host_stack.capabilities import HostReport, probe_host, unmet_reason
 from host_stack.findings import Finding
 from host_stack.injectors import cleanup_warnings
 from host_stack.kernelfs import DEBUGFS, mounted
 from host_stack.pagemap import find_vma, read_kpageflags, read_pagemap
 from host_stack.seed_regression import (
     SEED_INDEX,
+    SEED_REQUIREMENTS,
     GuestAccessObservation,
     JsonLineChild,
     MemoryFaultSeen,
@@ -73,7 +74,6 @@ from host_stack.seed_regression import (
     judge_guest_access,
     unpoison_injected,
 )
-from host_stack.vmm import HOST_REQUIREMENTS
 
 if TYPE_CHECKING:
     from host_stack.kvm import HostMapping
@@ -118,7 +118,7 @@ CONTRACT_BASIS: Final[Mapping[Contract, str]] = {
 }
 INDEX: Final = SEED_INDEX  # file index 9 behind slot 2 of vmm.DEFAULT_LAYOUT (gfn 0x41)
 ROW_TIMEOUT: Final = 30.0
-MATRIX_REQUIREMENTS: Final = (*HOST_REQUIREMENTS, "hwpoison")
+MATRIX_REQUIREMENTS: Final = SEED_REQUIREMENTS
 
 
 @dataclass(frozen=True)
@@ -770,7 +770,7 @@ def run_poison_matrix(
     row as it finishes (from a worker thread).
     """
     report = report if report is not None else probe_host()
-    reason = first_missing(report, MATRIX_REQUIREMENTS)
+    reason = unmet_reason(report, MATRIX_REQUIREMENTS)
     if reason is not None:
         raise MatrixCancelled(reason)
     lock = threading.Lock()

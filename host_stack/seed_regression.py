@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from host_stack import gmem_layout as gl
 from host_stack import kvm_uapi as u
-from host_stack.capabilities import HostReport, first_missing, probe_host
+from host_stack.capabilities import HostReport, probe_host, unmet_reason
 from host_stack.injectors import cleanup_warnings
 from host_stack.kernelfs import DEBUGFS, mounted
 from host_stack.vmm import HOST_REQUIREMENTS
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUS_MCEERR_AR",
+    "SEED_REQUIREMENTS",
     "GuestAccessObservation",
     "JsonLineChild",
     "MemoryFaultSeen",
@@ -74,6 +75,8 @@ BUS_MCEERR_AR: Final = 4  # include/uapi/asm-generic/siginfo.h
 BUS_MCEERR_AO: Final = 5  # include/uapi/asm-generic/siginfo.h
 SEED_INDEX: Final = 9  # file index behind slot 2 of vmm.DEFAULT_LAYOUT (pgoff 8, base gfn 0x40)
 CHILD_TIMEOUT: Final = 60.0
+# The tiny VMM's shared gmem slots, and a kernel that can poison a page at all.
+SEED_REQUIREMENTS: Final = (*HOST_REQUIREMENTS, "hwpoison")
 
 
 @dataclass(frozen=True)
@@ -584,11 +587,11 @@ def run_seed_regression(
 ) -> SeedRegressionResult:
     """Live regression; raises ``SeedCancelled`` with the probed reason where it cannot run.
 
-    ``report`` (default: ``probe_host()``, lazily: only its KVM facts are read) decides
-    whether the tiny VMM can be built at all; ``debugfs`` is where to unpoison (default: the
+    ``report`` (default: ``probe_host()``, lazily: its KVM and hwpoison facts are read) decides
+    whether it can run at all (``SEED_REQUIREMENTS``); ``debugfs`` is where to unpoison (default: the
     real one, mounted for the clean-up).
     """
-    reason = first_missing(report if report is not None else probe_host(), HOST_REQUIREMENTS)
+    reason = unmet_reason(report if report is not None else probe_host(), SEED_REQUIREMENTS)
     if reason is not None:
         raise SeedCancelled(reason)
     guest_run = _observe("guest", debugfs)

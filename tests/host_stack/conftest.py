@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from host_stack.capabilities import unmet_line
 from host_stack.kvm import KvmSystem, probe_vm_creation
 
 
@@ -20,7 +21,7 @@ def kvm_unavailable() -> str | None:
 def kvm_system(kvm_unavailable: str | None) -> Iterator[KvmSystem]:
     """An open /dev/kvm; the test is skipped with the probe's sentence if KVM is unusable."""
     if kvm_unavailable is not None:
-        pytest.skip(kvm_unavailable)
+        pytest.skip(unmet_line("kvm", kvm_unavailable))
     with KvmSystem() as system:
         yield system
 

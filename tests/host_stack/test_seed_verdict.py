@@ -134,15 +134,21 @@ def test_user_touch_verdicts() -> None:
     assert not none.ok and "got 0" in " ".join(none.messages)
 
 
+def test_live_regression_cancels_with_the_unmet_requirement() -> None:
+    """A capability report that says 0 (so this runs on every host): the sentence the Avocado
+    test cancels with names the requirement and the probed fact."""
+    no_gmem = HostReport(kernel_release="6.18.44", kvm_device=True, kvm_reason=None, kvm_vendor_module="kvm_pvm",
+                         kvm_api_version=12, cap_guest_memfd=0)
+    with pytest.raises(sr.SeedCancelled) as exc:
+        sr.run_seed_regression(report=no_gmem)
+    assert exc.value.reason == ("unmet host requirement guest_memfd: "
+                                "host KVM lacks guest_memfd: KVM_CAP_GUEST_MEMFD is 0")
+
+
 @pytest.mark.kvm
-def test_live_regression_runs_or_names_what_is_missing(kvm_unavailable: str | None) -> None:
-    if kvm_unavailable is not None:
-        pytest.skip(kvm_unavailable)
-    try:
-        result = sr.run_seed_regression()
-    except sr.SeedCancelled as exc:
-        assert exc.reason  # the sentence the Avocado test cancels with
-        pytest.skip(exc.reason)
+@pytest.mark.host_requires(*sr.SEED_REQUIREMENTS)
+def test_live_regression_runs_and_passes() -> None:
+    result = sr.run_seed_regression()
     assert result.ok, result.to_json()
     assert result.warnings == (), f"expected every poisoned frame unpoisoned, got {result.warnings}"
 
@@ -244,5 +250,6 @@ def test_a_host_without_mmap_init_shared_cancels_the_seed() -> None:
     with pytest.raises(sr.SeedCancelled) as exc:
         sr.run_seed_regression(report=flags_0)
     assert exc.value.reason == (
+        "unmet host requirement guest_memfd_mmap: "
         "host KVM cannot mmap guest_memfd: KVM_CAP_GUEST_MEMFD_FLAGS 0x0 lacks GUEST_MEMFD_FLAG_MMAP"
     )

@@ -91,6 +91,7 @@ def test_punch_hole_judgement_distinguishes_the_three_outcomes() -> None:
 
 
 @pytest.mark.kvm
+@pytest.mark.host_requires(*vmm.HOST_REQUIREMENTS)
 @pytest.mark.usefixtures("no_fd_leak")
 def test_oracle_and_punch_checks_pass_only_where_guest_memfd_serves(kvm_system: KvmSystem) -> None:
     """Here (PVM) the slots are served from userspace_addr: both checks must say so, not PASS."""
@@ -122,6 +123,7 @@ def test_host_requirements_cancel_without_mmap_init_shared() -> None:
 
 
 @pytest.mark.kvm
+@pytest.mark.host_requires(*vmm.HOST_REQUIREMENTS)
 @pytest.mark.usefixtures("no_fd_leak")
 def test_backing_source_is_an_understood_behaviour(kvm_system: KvmSystem) -> None:
     result = vmm.run_backing_source(kvm_system)
@@ -135,19 +137,18 @@ def test_backing_source_is_an_understood_behaviour(kvm_system: KvmSystem) -> Non
 
 
 @pytest.mark.kvm
+@pytest.mark.host_requires(*vmm.HOST_REQUIREMENTS)
 def test_punch_hole_refuses_an_unbound_index(kvm_system: KvmSystem) -> None:
     with pytest.raises(ValueError, match="bound to no slot"):
         vmm.run_punch_hole(kvm_system, 0)
 
 
+@pytest.mark.kvm
+@pytest.mark.host_requires(*vmm.HOST_REQUIREMENTS)
 def test_without_markers_no_guest_memfd_page_is_allocated(kvm_system: KvmSystem) -> None:
     """The poison matrix decides per page whether it is mapped, clean or dirty: none is touched."""
     from host_stack.pagemap import read_pagemap
 
-    try:
-        tvm = vmm.TinyVm(kvm_system, backing="decoy", markers=False)
-    except vmm.GmemUnsupported as exc:
-        pytest.skip(str(exc))
-    with tvm:
+    with vmm.TinyVm(kvm_system, backing="decoy", markers=False) as tvm:
         present = [i for i in range(tvm.gmem_pages) if read_pagemap(tvm.gmem_map.addr + i * gl.PAGE_SIZE).present]
         assert present == [], f"expected no guest_memfd page present, got indexes {present}"
