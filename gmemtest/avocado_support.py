@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from gmemtest.guest_run import GuestRun, booted_guest
-from gmemtest.requirements import host_report, scenario_unmet, unmet_requirements
+from gmemtest.requirements import host_report, host_unmet, scenario_unmet, unmet_requirements
 from gmemtest.runner import ScenarioResult, run_in_fresh_guest
 from gmemtest.scenarios import SCENARIOS, ScenarioSpec, get_scenario, unsupported_under
 from gmemtest.under_test import UnderTest
@@ -57,6 +57,17 @@ def under_test(test: AvocadoTestLike) -> UnderTest:
     if problems:
         test.cancel("bad test parameter: " + "; ".join(problems))
     return chosen
+
+
+def cancel_unless_host_meets(test: AvocadoTestLike, requirements: tuple[str, ...]) -> None:
+    """CANCEL with ``unmet host requirement <name>: <probed sentence>`` unless the host meets all.
+
+    The requirement tuple is the check's own (e.g. ``gmem_uapi_cases.HOST_REQUIREMENTS``), the
+    same one the main job's plan (``gmemtest.plan``) predicts this CANCEL from.
+    """
+    reason = host_unmet(requirements)
+    if reason is not None:
+        test.cancel(reason)
 
 
 def _quiet_wire_loggers() -> None:

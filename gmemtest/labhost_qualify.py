@@ -188,7 +188,7 @@ def qualify_once(image: LabhostImage, out: Path, *, timeout: float = INNER_TIMEO
     timings: LabhostTimings
     with booted_labhost(image, workdir, share_dir=share, cwd=REPO) as run:
         pre = run.run(["sh", "-c", f'exec "$@" > {RESULTS_IN_L1}/{PREFLIGHT_NAME}', "sh",
-                       *python, "preflight", "--json"], timeout, on_output=on_output)
+                       *python, "preflight", "--json", "--no-plan"], timeout, on_output=on_output)
         qual = run.run([*python, "qualify", "--no-guest", "--out", inner_qual], timeout, on_output=on_output)
         chain_rc: dict[str, int] | None = None
         if guest_manifest is not None:

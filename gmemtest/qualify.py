@@ -9,6 +9,7 @@ are listed apart: they do not fail a qualification, and they are never hidden.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,13 +21,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gmemtest.preflight import preflight_report
-from gmemtest.requirements import scenario_unmet
+from gmemtest.requirements import host_unmet, scenario_unmet
 from gmemtest.runner import run_in_fresh_guest
 from gmemtest.scenarios import ScenarioSpec
 from gmemtest.under_test import UnderTest
-from host_stack import vmm
+from host_stack import gmem_uapi_cases, vmm
+from host_stack.capabilities import HostReport
 from host_stack.gmem_uapi_cases import CASES, run_case
-from host_stack.kvm import KvmSystem, probe_vm_creation
+from host_stack.kvm import KvmSystem
 from host_stack.poison_matrix import MatrixCancelled, run_poison_matrix
 from host_stack.seed_regression import SeedCancelled, run_seed_regression
 from images.build import GuestImage
@@ -146,14 +148,14 @@ HOST_CHECKS = ("guest_memfd uAPI cases", "tiny VMM: slots map the oracle's index
                "tiny VMM: punch hole seen at the oracle's gfn", "tiny VMM: memory serving gmem slots")
 
 
-def _host_checks(r: _Report) -> None:
-    reason = probe_vm_creation()
-    if reason is not None:
-        for name in HOST_CHECKS:
-            r.add(Item("host", name, "CANNOT RUN", reason))
-        return
-    with KvmSystem() as system:
+def _host_checks(r: _Report, report: HostReport | None) -> None:
+    """The host checks on real KVM; each one that needs what the host lacks is CANNOT RUN with
+    the probed requirement (``report``: default this host's), never an ERROR."""
+    with contextlib.ExitStack() as stack:
+        system: KvmSystem | None = None
+
         def uapi() -> Item:
+            assert system is not None
             results = [run_case(case, system) for case in CASES]
             failed = [res for res in results if res.status == "fail"]
             found = [res for res in results if res.status == "finding"]
@@ -167,12 +169,14 @@ def _host_checks(r: _Report) -> None:
                         [res.message for res in (*failed, *found)])
 
         def mapping() -> Item:
+            assert system is not None
             result = vmm.run_oracle_mapping(system)
             return Item("host", HOST_CHECKS[1], _SCENARIO_STATUS[result.status],
                         result.reason or f"{len(result.reads)} gfns read over {len(result.layout)} slots",
                         list(result.mismatches))
 
         def hole() -> Item:
+            assert system is not None
             index = vmm.DEFAULT_LAYOUT[1].gmem_pgoff + 1
             result = vmm.run_punch_hole(system, index)
             return Item("host", HOST_CHECKS[2], _SCENARIO_STATUS[result.status],
@@ -180,13 +184,21 @@ def _host_checks(r: _Report) -> None:
                         list(result.mismatches))
 
         def backing() -> Item:
+            assert system is not None
             result = vmm.run_backing_source(system)
             if result.finding is not None:
                 r.q.findings.append(result.finding.to_json())
             return Item("host", HOST_CHECKS[3], "FAIL" if result.mismatches else "PASS",
                         f"served from {result.behaviour}", list(result.mismatches))
 
-        for name, check in zip(HOST_CHECKS, (uapi, mapping, hole, backing), strict=True):
+        needs = (gmem_uapi_cases.HOST_REQUIREMENTS, *[vmm.HOST_REQUIREMENTS] * 3)
+        for name, requirements, check in zip(HOST_CHECKS, needs, (uapi, mapping, hole, backing), strict=True):
+            reason = host_unmet(requirements, report)
+            if reason is not None:
+                r.add(Item("host", name, "CANNOT RUN", reason))
+                continue
+            if system is None:
+                system = stack.enter_context(KvmSystem())
             r.guarded("host", name, check)
 
 
@@ -196,10 +208,10 @@ SEED_ITEM = "seed regression: poison behind a slot with pgoff > 0"
 SEED_EVIDENCE = "seed_regression.json"
 
 
-def _seed(r: _Report) -> None:
+def _seed(r: _Report, report: HostReport | None) -> None:
     def check() -> Item:
         try:
-            result = run_seed_regression()
+            result = run_seed_regression(report=report)
         except SeedCancelled as exc:
             return Item("host", SEED_ITEM, "CANNOT RUN", exc.reason)
         # The whole record (memory-fault exit gpa/size/flags, the userspace SIGBUS, expectations).
@@ -218,10 +230,10 @@ MATRIX_ITEM = "poison matrix: shared guest_memfd page (injector x kill policy x 
 MATRIX_EVIDENCE = "poison_matrix.json"
 
 
-def _poison_matrix(r: _Report) -> None:
+def _poison_matrix(r: _Report, report: HostReport | None) -> None:
     def check() -> Item:
         try:
-            result = run_poison_matrix()
+            result = run_poison_matrix(report=report)
         except MatrixCancelled as exc:
             return Item("host", MATRIX_ITEM, "CANNOT RUN", exc.reason)
         (r.out / MATRIX_EVIDENCE).write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n")
@@ -259,12 +271,14 @@ def _guest(r: _Report, specs: Sequence[ScenarioSpec], image: GuestImage, binary:
 
 def qualify(out: Path, *, specs: Sequence[ScenarioSpec], image: GuestImage | None,
             binary: str = "qemu-system-x86_64", under: UnderTest | None = None,
-            compare_with: dict[str, Any] | None = None) -> Qualification:
+            compare_with: dict[str, Any] | None = None, host: HostReport | None = None) -> Qualification:
     """Run every check, writing qualification.json and .html after each item.
 
     `under` is what the lab chose (profile, firmware, guest image...); it is recorded in the
     report next to each scenario's launch record (binary, QEMU version, firmware, image).
     `compare_with` is an older qualification.json: what changed goes into both reports.
+    `host` stands in for this host's probed report in the host checks' gates (a report that
+    says a capability is 0 shows what a host without it gets); default: probed here.
     """
     under = under if under is not None else UnderTest(qemu=binary)
     if specs and image is None:
@@ -278,9 +292,9 @@ def qualify(out: Path, *, specs: Sequence[ScenarioSpec], image: GuestImage | Non
         _LOG.exception("preflight raised")
         r.add(Item("host", "preflight", "ERROR", f"{type(exc).__name__}: {exc}"))
     r.save()
-    _host_checks(r)
-    _seed(r)
-    _poison_matrix(r)
+    _host_checks(r, host)
+    _seed(r, host)
+    _poison_matrix(r, host)
     if specs:
         assert image is not None
         _guest(r, specs, image, binary, under)

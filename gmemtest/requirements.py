@@ -14,7 +14,8 @@ from collections.abc import Iterable
 
 from gmemtest.scenarios import ScenarioSpec, unsupported_under
 from guests.profiles import GuestProfile
-from host_stack.capabilities import HostReport, probe_host
+from host_stack.capabilities import HostReport, probe_host, unmet_line, unmet_reason
+from host_stack.kvm import probe_vm_creation
 from qmp_helpers import QemuCapabilities, QemuError, kvm_start_refusal, probe_qemu, resolve_binary
 
 
@@ -30,6 +31,20 @@ def qemu_report(binary: str = "qemu-system-x86_64") -> QemuCapabilities | str:
         return probe_qemu(binary)
     except QemuError as exc:
         return f"QEMU binary {binary!r} could not be probed: {exc}"
+
+
+def host_unmet(requirements: Iterable[str], report: HostReport | None = None) -> str | None:
+    """Why a host check cannot run here (``unmet host requirement <name>: <sentence>``), or None.
+
+    ``kvm`` is proven by creating a VM (not only by opening /dev/kvm); every other name is asked
+    of ``report`` (default: this host's, probed once per process).
+    """
+    names = tuple(requirements)
+    if "kvm" in names and report is None:
+        reason = probe_vm_creation()
+        if reason is not None:
+            return unmet_line("kvm", reason)
+    return unmet_reason(report if report is not None else host_report(), names)
 
 
 def kvm_start_report(binary: str) -> str | None:
@@ -49,7 +64,8 @@ def _kvm_start_report(path: str) -> str | None:
         return f"{path} could not be started to probe KVM: {exc}"
 
 
-def _qemu_missing(name: str, caps: QemuCapabilities) -> str | None:
+def qemu_missing(name: str, caps: QemuCapabilities) -> str | None:
+    """Why ``caps`` (one QEMU binary) lacks ``qemu:<name>``, or None."""
     qemu = f"{caps.binary} (QEMU {'.'.join(map(str, caps.version))})"
     if name.startswith("accel-"):
         accel = name.removeprefix("accel-")
@@ -84,7 +100,7 @@ def unmet_requirements(names: Iterable[str], *, binary: str = "qemu-system-x86_6
             if isinstance(caps, str):
                 unmet.append(caps)
                 continue
-            missing = _qemu_missing(name.removeprefix("qemu:"), caps)
+            missing = qemu_missing(name.removeprefix("qemu:"), caps)
         else:
             missing = host_report().missing(name)
         if missing is not None and missing not in unmet:

@@ -7,9 +7,8 @@ from pathlib import Path
 
 from avocado import Test
 
-from gmemtest.avocado_support import HOST_TEST_TIMEOUT_S
-from host_stack.kvm import probe_vm_creation
-from host_stack.poison_matrix import MatrixCancelled, run_poison_matrix
+from gmemtest.avocado_support import HOST_TEST_TIMEOUT_S, cancel_unless_host_meets
+from host_stack.poison_matrix import MATRIX_REQUIREMENTS, MatrixCancelled, run_poison_matrix
 
 
 class PoisonMatrix(Test):  # type: ignore[misc]  # avocado is untyped
@@ -29,9 +28,7 @@ class PoisonMatrix(Test):  # type: ignore[misc]  # avocado is untyped
     timeout = 3 * HOST_TEST_TIMEOUT_S
 
     def test_matrix(self) -> None:
-        reason = probe_vm_creation()
-        if reason is not None:
-            self.cancel(reason)
+        cancel_unless_host_meets(self, MATRIX_REQUIREMENTS)
         try:
             result = run_poison_matrix()
         except MatrixCancelled as exc:

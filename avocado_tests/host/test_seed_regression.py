@@ -7,9 +7,8 @@ from pathlib import Path
 
 from avocado import Test
 
-from gmemtest.avocado_support import HOST_TEST_TIMEOUT_S
-from host_stack.kvm import probe_vm_creation
-from host_stack.seed_regression import SeedCancelled, run_seed_regression
+from gmemtest.avocado_support import HOST_TEST_TIMEOUT_S, cancel_unless_host_meets
+from host_stack.seed_regression import SEED_REQUIREMENTS, SeedCancelled, run_seed_regression
 
 
 class SeedRegression(Test):  # type: ignore[misc]  # avocado is untyped
@@ -25,9 +24,7 @@ class SeedRegression(Test):  # type: ignore[misc]  # avocado is untyped
     timeout = HOST_TEST_TIMEOUT_S
 
     def test_poisoned_gmem_page(self) -> None:
-        reason = probe_vm_creation()
-        if reason is not None:
-            self.cancel(reason)
+        cancel_unless_host_meets(self, SEED_REQUIREMENTS)
         try:
             result = run_seed_regression()
         except SeedCancelled as exc:

@@ -9,10 +9,9 @@ from typing import Any
 
 from avocado import Test
 
-from gmemtest.avocado_support import HOST_TEST_TIMEOUT_S
+from gmemtest.avocado_support import HOST_TEST_TIMEOUT_S, cancel_unless_host_meets
 from host_stack import vmm
-from host_stack.capabilities import first_missing, probe_host
-from host_stack.kvm import KvmSystem, probe_vm_creation
+from host_stack.kvm import KvmSystem
 
 
 class TinyVmm(Test):  # type: ignore[misc]  # avocado is untyped
@@ -28,9 +27,7 @@ class TinyVmm(Test):  # type: ignore[misc]  # avocado is untyped
     timeout = HOST_TEST_TIMEOUT_S
 
     def setUp(self) -> None:
-        reason = probe_vm_creation() or first_missing(probe_host(), vmm.HOST_REQUIREMENTS)
-        if reason is not None:
-            self.cancel(reason)
+        cancel_unless_host_meets(self, vmm.HOST_REQUIREMENTS)
 
     def _save(self, name: str, data: Any) -> None:
         (Path(self.outputdir) / name).write_text(json.dumps(data, indent=2))
