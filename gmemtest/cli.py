@@ -34,6 +34,14 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
     from gmemtest.preflight import preflight_report, render_table
 
     report = preflight_report(args.qemu)
+    if not args.no_plan:
+        from gmemtest.plan import AVOCADO_TESTS, PlanError, plan_main_job
+
+        if AVOCADO_TESTS.is_dir():  # the checkout's tests (an installed package has none)
+            try:
+                report["main_job"] = [p.to_json() for p in plan_main_job(qemu=args.qemu)]
+            except PlanError as exc:
+                report["main_job_error"] = str(exc)
     print(json.dumps(report, indent=2) if args.json else render_table(report))
     return EXIT_PASS
 
@@ -475,6 +483,34 @@ def _cmd_labhost_run(args: argparse.Namespace) -> int:
     return status
 
 
+def _cmd_labhost_test(args: argparse.Namespace) -> int:
+    from gmemtest.labhost_batch import DEFAULT_PATHS, run_batch
+    from images.build import BuildError
+    from images.debs import PackageError
+    from images.kconfig import KernelConfigError
+
+    out = Path(args.results) if args.results else (
+        Path("gmemtest-labhost-runs") / time.strftime("test-%Y%m%d-%H%M%S"))
+    try:
+        image = _labhost_image(args)
+    except (BuildError, PackageError, KernelConfigError) as exc:
+        print(f"gmemtest labhost test: image: {exc}", file=sys.stderr)
+        return EXIT_LABHOST_ERROR
+    result = run_batch(image, out.absolute(), tuple(args.paths or DEFAULT_PATHS), timeout=args.timeout,
+                       on_output=None if args.quiet or args.json else _stream)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "batch.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        for line in result.problems():
+            print(line, file=sys.stderr)
+        print(result.summary_line())
+    if result.error is not None:
+        return EXIT_LABHOST_ERROR
+    return EXIT_PASS if result.ok else EXIT_FAIL
+
+
 def _add_kernel_options(p: argparse.ArgumentParser) -> None:
     from images.labhost import DEFAULT_SUITE
 
@@ -550,6 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preflight", help="what this host and its QEMU can do, probed")
     p.add_argument("--json", action="store_true")
     p.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary to ask")
+    p.add_argument("--no-plan", action="store_true",
+                   help="leave out the main job's plan (which Avocado test CANCELs here, and the host fact why)")
     p.set_defaults(func=_cmd_preflight)
 
     p = sub.add_parser("image", help="build (or reuse) the default guest image")
@@ -618,6 +656,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary")
     q.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
     q.set_defaults(func=_cmd_labhost_run)
+    q = lab.add_parser("test", help="run the project's host-side pytest files inside L1 (real guest_memfd "
+                       "and memory failure); fails on a failure or on a skip for what L1 guarantees")
+    _add_kernel_options(q)
+    q.add_argument("paths", nargs="*", default=None,
+                   help="pytest paths and options, options after -- (default: tests/host_stack)")
+    q.add_argument("--timeout", type=float, default=900.0, help="seconds pytest may run in L1 (default 900)")
+    q.add_argument("--results", help="evidence directory (default: ./gmemtest-labhost-runs/test-<timestamp>)")
+    q.add_argument("--quiet", action="store_true", help="do not stream L1's output")
+    q.add_argument("--json", action="store_true", help="print the judged result as JSON")
+    q.set_defaults(func=_cmd_labhost_test)
 
     p = sub.add_parser("snapshots", help="list or clear the saved guest boots that tests restore from")
     p.add_argument("action", nargs="?", choices=("list", "clear"), default="list")

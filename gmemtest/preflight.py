@@ -51,4 +51,21 @@ def render_table(report: dict[str, Any]) -> str:
     for title, rows in sections:
         out.append(f"== {title}")
         out.extend(f"  {k:<{width}}  {v}" for k, v in rows)
+    out.extend(_plan_lines(report))
     return "\n".join(out)
+
+
+def _plan_lines(report: dict[str, Any]) -> list[str]:
+    """The main job's plan: counts, then every test that will CANCEL here with the host fact."""
+    if "main_job_error" in report:
+        return ["== main job (avocado run avocado_tests/)", f"  cannot plan: {report['main_job_error']}"]
+    plan = report.get("main_job")
+    if plan is None:
+        return []
+    cancels = [p for p in plan if p["cancel"]]
+    lines = ["== main job (avocado run avocado_tests/)",
+             f"  {len(plan)} tests: {len(plan) - len(cancels)} run here and must PASS, {len(cancels)} CANCEL:"]
+    for p in cancels:
+        lines.append(f"  CANCEL {p['test']}")
+        lines.append(f"         {p['cancel']}")
+    return lines

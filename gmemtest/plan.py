@@ -1,0 +1,255 @@
+"""The main job's plan: for every Avocado test, whether this host can run it, and if not, the
+host fact its CANCEL will name.
+
+The plan is read from the tests themselves, not from a list kept beside them: each test module
+under ``avocado_tests/`` is parsed (as Avocado's own loader does, without importing it), and
+for every ``test*`` method the call that decides its fate is taken with its literal arguments:
+``run_guest_scenario(self, "<scenario>")``, ``run_every_scenario_under(self, "<profile>")``,
+``run_chain_item(self, "<row>", "<variant>")``, ``run_labhost_item(...)``,
+``check_guest_boot(...)`` and ``cancel_unless_host_meets(self, <requirements>)`` (in the method
+or in the class's ``setUp``), whose requirement tuple is resolved from the module's imports.
+The prediction then asks the same functions the test asks (``gmemtest.requirements``), so a
+test cancels exactly when, and with the sentence, the plan says, on whatever host this is.
+
+``tests/test_main_job.py`` holds the job to it: the CANCELled tests are exactly the planned
+ones, each with the planned sentence in its reason, and every other test PASSes.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gmemtest.requirements import (
+    host_report,
+    host_unmet,
+    qemu_missing,
+    qemu_report,
+    scenario_unmet,
+    unmet_requirements,
+)
+from gmemtest.scenarios import SCENARIOS, get_scenario, unsupported_under
+from gmemtest.under_test import DEFAULT_QEMU, UnderTest
+from guests.profiles import get_profile
+from host_stack.capabilities import HostReport
+
+__all__ = ["AVOCADO_TESTS", "PlanError", "PlannedTest", "TestCall", "discover", "plan_main_job"]
+
+AVOCADO_TESTS = Path(__file__).resolve().parent.parent / "avocado_tests"
+# Tests whose check runs but cannot discriminate where gmem slots are served from userspace_addr
+# (host_stack.vmm's "not meaningful" status): they CANCEL with the finding's id.
+_NOT_MEANINGFUL_ON_DECOY = ("TinyVmm.test_oracle_mapping", "TinyVmm.test_punch_hole")
+_DECIDING_CALLS = ("run_guest_scenario", "run_every_scenario_under", "run_chain_item", "run_labhost_item",
+                   "check_guest_boot", "cancel_unless_host_meets")
+
+
+class PlanError(ValueError):
+    """A test the plan cannot read (no deciding call it knows, an unresolvable argument)."""
+
+
+@dataclass(frozen=True)
+class TestCall:
+    """One deciding call of a test, as written in its source."""
+
+    function: str
+    args: tuple[Any, ...]  # after ``self``
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class PlannedTest:
+    """One Avocado test of the main job and its predicted fate."""
+
+    test: str  # "Class.method", as in Avocado's test names after the path
+    path: str  # relative to the repository
+    calls: tuple[TestCall, ...] = field(default=())
+    cancel: str | None = None  # the host fact its CANCEL names; None: it must run (and PASS)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"test": self.test, "path": self.path, "cancel": self.cancel,
+                "calls": [{"function": c.function, "args": [str(a) for a in c.args],
+                           "kwargs": {k: str(v) for k, v in c.kwargs}} for c in self.calls]}
+
+
+# --- reading the tests ---------------------------------------------------------------------------
+def _imports(tree: ast.Module) -> dict[str, tuple[str, str | None]]:
+    """Local name -> (module, attribute or None for a module) for every import of the file."""
+    names: dict[str, tuple[str, str | None]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                names[alias.asname or alias.name] = (node.module, alias.name)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                names[alias.asname or alias.name] = (alias.name, None)
+    return names
+
+
+def _resolve(node: ast.expr, imports: dict[str, tuple[str, str | None]], where: str) -> Any:
+    """A call argument's value: a literal, or a name (``X`` or ``mod.X``) the file imports."""
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        pass
+    if isinstance(node, ast.Name) and node.id in imports:
+        module, attr = imports[node.id]
+        if attr is None:
+            return importlib.import_module(module)
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except AttributeError:
+            return importlib.import_module(f"{module}.{attr}")
+    if isinstance(node, ast.Attribute):
+        return getattr(_resolve(node.value, imports, where), node.attr)
+    if isinstance(node, ast.Subscript):
+        return _resolve(node.value, imports, where)[_resolve(node.slice, imports, where)]
+    raise PlanError(f"{where}: cannot resolve the argument {ast.unparse(node)!r} of a deciding call")
+
+
+def _calls(body: Sequence[ast.stmt], imports: dict[str, tuple[str, str | None]], where: str) -> list[TestCall]:
+    found: list[TestCall] = []
+    for node in ast.walk(ast.Module(body=list(body), type_ignores=[])):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _DECIDING_CALLS:
+            args = tuple(_resolve(a, imports, where) for a in node.args[1:])
+            kwargs = tuple((str(k.arg), _resolve(k.value, imports, where)) for k in node.keywords)
+            found.append(TestCall(node.func.id, args, kwargs))
+    return found
+
+
+def discover(root: Path = AVOCADO_TESTS) -> list[tuple[str, str, tuple[TestCall, ...]]]:
+    """(``Class.method``, path, deciding calls) for every test method under ``root``, in file order."""
+    tests: list[tuple[str, str, tuple[TestCall, ...]]] = []
+    for path in sorted(root.rglob("test_*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        imports = _imports(tree)
+        rel = str(path.relative_to(root.parent))
+        for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+            methods = [n for n in cls.body if isinstance(n, ast.FunctionDef)]
+            setup = [c for m in methods if m.name == "setUp" for c in _calls(m.body, imports, rel)]
+            for method in (m for m in methods if m.name.startswith("test")):
+                name = f"{cls.name}.{method.name}"
+                tests.append((name, rel, (*setup, *_calls(method.body, imports, f"{rel}:{name}"))))
+    return tests
+
+
+# --- predicting ----------------------------------------------------------------------------------
+@dataclass
+class _Context:
+    report: HostReport | None
+    qemu: str
+    newer_qemu: Callable[[], str | None]
+
+    def host(self) -> HostReport:
+        return self.report if self.report is not None else host_report()
+
+
+def _guest_scenario(ctx: _Context, name: str) -> str | None:
+    spec = get_scenario(name)
+    profile = UnderTest(qemu=ctx.qemu).profile_for(spec)
+    unmet = scenario_unmet(spec, profile, binary=ctx.qemu)
+    return "; ".join(unmet) or None
+
+
+def _profile(ctx: _Context, name: str) -> str | None:
+    """What ``run_every_scenario_under`` meets first: the first scenario the profile runs."""
+    chosen = UnderTest(qemu=ctx.qemu, profile=name)
+    for spec in SCENARIOS:
+        profile = chosen.profile_for(spec)
+        left_out = unsupported_under(spec, profile) is not None or any(
+            ctx.host().missing(r) is not None for r in spec.requirements)
+        if not left_out:
+            return "; ".join(scenario_unmet(spec, profile, binary=ctx.qemu)) or None
+    return None
+
+
+def _guest_boot(ctx: _Context, **_kwargs: object) -> str | None:
+    profile = get_profile("tcg-default")
+    return "; ".join(unmet_requirements(profile.requirements, accel=profile.accel, binary=ctx.qemu)) or None
+
+
+def _chain(ctx: _Context, scenario: str, variant: str) -> str | None:
+    """A chain row runs in L1, which has KVM and memory failure; only its QEMU can lack something,
+    and what QOM says of a binary does not depend on the host that asks (L1 runs the same files)."""
+    from gmemtest.labhost_qualify import chain_variants
+
+    newer = ctx.newer_qemu()
+    chosen = {v.label: v for v in chain_variants(Path(newer) if newer else None)}.get(variant)
+    if chosen is None:
+        raise PlanError(f"chain variant {variant!r} of {scenario} is not one of chain_variants()")
+    binary = str(chosen.qemu) if chosen.qemu is not None else ctx.qemu
+    wanted = [r for r in get_profile(chosen.profile).requirements if r.startswith("qemu:") and r != "qemu:kvm-start"]
+    caps = qemu_report(binary)
+    if isinstance(caps, str):
+        return caps
+    unmet = [m for r in wanted if (m := qemu_missing(r.removeprefix("qemu:"), caps)) is not None]
+    return "; ".join(unmet) or None
+
+
+def _host_gate(ctx: _Context, requirements: Sequence[str]) -> str | None:
+    return host_unmet(tuple(requirements), ctx.report)
+
+
+_PREDICT: dict[str, Callable[..., str | None]] = {
+    "run_guest_scenario": _guest_scenario,
+    "run_every_scenario_under": _profile,
+    "check_guest_boot": _guest_boot,
+    "run_chain_item": _chain,
+    "run_labhost_item": lambda ctx, *_args: None,  # L1 is the host it is built to be (its preflight test)
+    "cancel_unless_host_meets": _host_gate,
+}
+
+
+def _not_meaningful(ctx: _Context) -> str | None:
+    """Whether gmem slots are served from userspace_addr here (then the oracle checks cannot tell)."""
+    from host_stack import vmm
+    from host_stack.kvm import KvmSystem
+
+    if ctx.report is not None:
+        return None  # a stand-in report says nothing about this host's memory
+    with KvmSystem() as system:
+        finding = vmm.run_backing_source(system).finding
+    return None if finding is None else f"not meaningful on this host (finding {finding.id})"
+
+
+def plan_main_job(root: Path = AVOCADO_TESTS, *, report: HostReport | None = None, qemu: str = DEFAULT_QEMU,
+                  newer_qemu: str | None = None) -> list[PlannedTest]:
+    """Every test under ``root`` with its predicted CANCEL (None: it runs here).
+
+    ``report`` stands in for this host's probed report (a report that says a capability is 0
+    plans a host without it); ``newer_qemu`` is the chain's Debian-newest QEMU (default: the
+    cached root of ``images.qemu_root``, built if it is not there yet).
+    """
+
+    @functools.cache
+    def newer() -> str | None:
+        if newer_qemu is not None:
+            return newer_qemu
+        from images.build import BuildError
+        from images.debs import PackageError
+        from images.qemu_root import build_qemu_root
+
+        try:
+            return str(build_qemu_root().binary)
+        except (BuildError, PackageError) as exc:
+            raise PlanError(f"the chain rows run under Debian's newest QEMU, which could not be had to ask "
+                            f"(python -m images qemu): {exc}") from exc
+
+    ctx = _Context(report, qemu, newer)
+    planned: list[PlannedTest] = []
+    for name, path, calls in discover(root):
+        if not calls:
+            raise PlanError(f"{path}:{name} makes none of the calls the plan reads ({', '.join(_DECIDING_CALLS)})")
+        cancel = None
+        for call in calls:
+            cancel = _PREDICT[call.function](ctx, *call.args, **dict(call.kwargs))
+            if cancel is not None:
+                break
+        if cancel is None and name in _NOT_MEANINGFUL_ON_DECOY:
+            cancel = _not_meaningful(ctx)
+        planned.append(PlannedTest(name, path, calls, cancel))
+    return planned

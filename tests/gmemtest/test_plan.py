@@ -1,0 +1,106 @@
+"""The main job's plan, and the no-guest_memfd path on every host.
+
+A capability report that says 0 stands in for a host without guest_memfd (like the aborting-QEMU
+wrapper stands in for an AMD host): the plan, the Avocado tests' gate and qualify must each turn
+it into CANCEL / CANNOT RUN with the probed sentence, whatever this machine's KVM offers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, NoReturn
+
+import pytest
+
+from gmemtest import avocado_support, plan, qualify
+from gmemtest import requirements as req
+from host_stack import gmem_uapi_cases, vmm
+from host_stack.capabilities import HostReport
+from host_stack.seed_regression import SEED_REQUIREMENTS
+
+NO_GMEM = "unmet host requirement guest_memfd: host KVM lacks guest_memfd: KVM_CAP_GUEST_MEMFD is 0"
+ZERO = HostReport(kernel_release="6.18.44-fc", kvm_device=True, kvm_reason=None, kvm_vendor_module="kvm_pvm",
+                  kvm_api_version=12, cap_guest_memfd=0, guest_memfd_flags=0, cap_user_memory2=1,
+                  supported_vm_types=(0,), hwpoison_reason="host kernel lacks CONFIG_MEMORY_FAILURE: "
+                  "MADV_HWPOISON returned EINVAL")
+FULL = dataclasses.replace(ZERO, kernel_release="7.3.4+deb13-amd64", kvm_vendor_module="kvm_amd", cap_guest_memfd=1,
+                           guest_memfd_flags=3, hwpoison=True, hwpoison_reason="MADV_HWPOISON poisoned a page")
+HOST_CLASSES = ("GmemUapi.", "TinyVmm.", "SeedRegression.", "PoisonMatrix.")
+
+
+def _plan(report: HostReport) -> dict[str, str | None]:
+    return {p.test: p.cancel for p in plan.plan_main_job(report=report, newer_qemu="qemu-system-x86_64")}
+
+
+def test_every_avocado_test_is_planned_from_its_own_source() -> None:
+    found = plan.discover()
+    names = [name for name, _path, _calls in found]
+    assert len(names) == len(set(names)), names
+    assert all(calls for _name, _path, calls in found), [n for n, _p, c in found if not c]
+    by_name = {name: calls for name, _path, calls in found}
+    (uapi,) = by_name["GmemUapi.test_cases"]
+    assert (uapi.function, uapi.args) == ("cancel_unless_host_meets", (gmem_uapi_cases.HOST_REQUIREMENTS,))
+    assert by_name["TinyVmm.test_punch_hole"][0].args == (vmm.HOST_REQUIREMENTS,)  # from setUp
+    assert by_name["SraoLateKill.test_thp"][0].args == ("srao-late-touch-thp",)
+    assert by_name["HostPoisonChain.test_ar_touch_kvm_gmem"][0].args == ("host-ar-touch-4k", "kvm-gmem")
+
+
+def test_a_host_without_guest_memfd_cancels_every_host_check_with_the_capability() -> None:
+    planned = _plan(ZERO)
+    host = {name: cancel for name, cancel in planned.items() if name.startswith(HOST_CLASSES)}
+    assert len(host) == 6, host
+    assert set(host.values()) == {NO_GMEM}, host
+
+
+def test_a_host_with_guest_memfd_and_memory_failure_runs_every_host_check() -> None:
+    planned = _plan(FULL)
+    host = {name: cancel for name, cancel in planned.items() if name.startswith(HOST_CLASSES)}
+    assert host and all(cancel is None for cancel in host.values()), host
+
+
+def test_guest_memfd_without_memory_failure_cancels_only_the_poisoning_checks() -> None:
+    no_mf = dataclasses.replace(FULL, hwpoison=False, hwpoison_reason=ZERO.hwpoison_reason)
+    planned = _plan(no_mf)
+    poisoning = {"SeedRegression.test_poisoned_gmem_page", "PoisonMatrix.test_matrix"}
+    assert {n for n, c in planned.items() if n.startswith(HOST_CLASSES) and c} == poisoning
+    assert planned["PoisonMatrix.test_matrix"] == (
+        "unmet host requirement hwpoison: host kernel lacks CONFIG_MEMORY_FAILURE: MADV_HWPOISON returned EINVAL")
+
+
+class _FakeTest:
+    """The slice of an Avocado test the gate uses; cancel raises like Avocado's does."""
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(self, message: str | None = None) -> NoReturn:
+        raise self.Cancelled(message)
+
+
+@pytest.mark.parametrize("requirements", [gmem_uapi_cases.HOST_REQUIREMENTS, vmm.HOST_REQUIREMENTS, SEED_REQUIREMENTS])
+def test_the_avocado_gate_cancels_with_the_capability(requirements: tuple[str, ...],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(req, "probe_vm_creation", lambda: None)
+    monkeypatch.setattr(req, "host_report", lambda: ZERO)
+    with pytest.raises(_FakeTest.Cancelled, match="KVM_CAP_GUEST_MEMFD is 0") as exc:
+        avocado_support.cancel_unless_host_meets(_FakeTest(), requirements)  # type: ignore[arg-type]
+    assert str(exc.value) == NO_GMEM
+    monkeypatch.setattr(req, "host_report", lambda: FULL)
+    avocado_support.cancel_unless_host_meets(_FakeTest(), requirements)  # type: ignore[arg-type]
+
+
+def test_a_host_without_kvm_cancels_with_the_vm_creation_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(req, "probe_vm_creation", lambda: "open /dev/kvm: No such file or directory")
+    assert req.host_unmet(("kvm", "guest_memfd")) == (
+        "unmet host requirement kvm: open /dev/kvm: No such file or directory")
+
+
+def test_qualify_says_cannot_run_for_every_host_check_without_guest_memfd(tmp_path: Path) -> None:
+    q = qualify.qualify(tmp_path, specs=(), image=None, host=ZERO)
+    host = [i for i in q.items if i.section == "host"]
+    got: dict[str, Any] = {i.name: (i.status, i.summary) for i in host}
+    expected = [*qualify.HOST_CHECKS, qualify.SEED_ITEM, qualify.MATRIX_ITEM]
+    assert list(got) == expected, got
+    assert all(v == ("CANNOT RUN", NO_GMEM) for v in got.values()), got
+    assert q.outcome == "INCOMPLETE" and not q.failed
