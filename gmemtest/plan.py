@@ -213,7 +213,7 @@ def _not_meaningful(ctx: _Context) -> str | None:
         return None  # a stand-in report says nothing about this host's memory
     with KvmSystem() as system:
         finding = vmm.run_backing_source(system).finding
-    return None if finding is None else f"not meaningful on this host (finding {finding.id})"
+    return None if finding is None else vmm.NOT_MEANINGFUL_ON_DECOY
 
 
 def plan_main_job(root: Path = AVOCADO_TESTS, *, report: HostReport | None = None, qemu: str = DEFAULT_QEMU,

@@ -45,7 +45,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_LAYOUT",
+    "FINDING_ID",
     "HOST_REQUIREMENTS",
+    "NOT_MEANINGFUL_ON_DECOY",
     "PORT_GFN",
     "PORT_VALUE",
     "BackingSourceResult",
@@ -61,6 +63,7 @@ __all__ = [
     "gmem_marker",
     "judge_oracle_mapping",
     "judge_punch_hole",
+    "not_meaningful_reason",
     "run_backing_source",
     "run_oracle_mapping",
     "run_punch_hole",
@@ -317,13 +320,9 @@ def _layout_json(layout: Sequence[gl.SlotLayout]) -> list[dict[str, int]]:
 ScenarioStatus = Literal["pass", "fail", "not_meaningful"]
 
 
-def _not_meaningful(what: str) -> str:
-    return (
-        f"{what} is not meaningful on this host: guest accesses to the KVM_MEM_GUEST_MEMFD slots "
-        "were served from each slot's userspace_addr (the decoy buffer's markers came back), not "
-        "from the guest_memfd, so KVM's gfn -> guest_memfd index translation was never used "
-        f"(finding {FINDING_ID})"
-    )
+def not_meaningful_reason(what: str) -> str:
+    """Why ``what`` (an oracle check) proves nothing on a host that serves gmem slots from userspace_addr."""
+    return f"{what} {NOT_MEANINGFUL_ON_DECOY}"
 
 
 @dataclass(frozen=True)
@@ -380,7 +379,7 @@ def judge_oracle_mapping(
 ) -> tuple[ScenarioStatus, list[str], str]:
     """Pure: (status, mismatches, reason) for reads through decoy ``userspace_addr`` views."""
     if _served_from_userspace_addr(layout, reads):
-        return "not_meaningful", [], _not_meaningful("the gfn -> guest_memfd index oracle check")
+        return "not_meaningful", [], not_meaningful_reason("the gfn -> guest_memfd index oracle check")
     problems = _expect_markers(layout, reads) if reads else ["no reads"]
     return ("fail" if problems else "pass"), problems, ""
 
@@ -430,7 +429,7 @@ def judge_punch_hole(
 ) -> tuple[ScenarioStatus, list[str], str]:
     """Pure: (status, mismatches, reason) for reads before/after the punch, decoy views."""
     if _served_from_userspace_addr(layout, before):
-        return "not_meaningful", [], _not_meaningful("the punch-hole check")
+        return "not_meaningful", [], not_meaningful_reason("the punch-hole check")
     problems = [f"before punch: {p}" for p in (_expect_markers(layout, before) if before else ["no reads"])]
     problems += [f"after punch: {p}" for p in (_expect_markers(layout, after, hole_gfn) if after else ["no reads"])]
     return ("fail" if problems else "pass"), problems, ""
@@ -514,6 +513,12 @@ def classify_backing(layout: Sequence[gl.SlotLayout], reads: Sequence[GuestRead]
 
 
 FINDING_ID: Final = "gmem-slot-served-from-userspace-addr"
+NOT_MEANINGFUL_ON_DECOY: Final = (
+    "is not meaningful on this host: guest accesses to the KVM_MEM_GUEST_MEMFD slots "
+    "were served from each slot's userspace_addr (the decoy buffer's markers came back), not "
+    "from the guest_memfd, so KVM's gfn -> guest_memfd index translation was never used "
+    f"(finding {FINDING_ID})"
+)
 
 
 def run_backing_source(system: KvmSystem, layout: Sequence[gl.SlotLayout] = DEFAULT_LAYOUT) -> BackingSourceResult:

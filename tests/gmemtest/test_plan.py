@@ -68,6 +68,24 @@ def test_guest_memfd_without_memory_failure_cancels_only_the_poisoning_checks() 
         "unmet host requirement hwpoison: host kernel lacks CONFIG_MEMORY_FAILURE: MADV_HWPOISON returned EINVAL")
 
 
+@pytest.mark.kvm
+def test_a_host_serving_gmem_slots_from_userspace_addr_plans_the_oracle_checks_not_meaningful(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan's sentence must be part of what the two TinyVmm tests cancel with there."""
+    from types import SimpleNamespace
+
+    from host_stack.findings import Finding
+
+    decoy = SimpleNamespace(finding=Finding(vmm.FINDING_ID, "divergence", "served from userspace_addr"))
+    monkeypatch.setattr(vmm, "run_backing_source", lambda _system: decoy)
+    predicted = plan._not_meaningful(plan._Context(None, "qemu-system-x86_64", lambda: None))
+    assert predicted is not None
+    for what in ("the gfn -> guest_memfd index oracle check", "the punch-hole check"):
+        assert predicted in vmm.not_meaningful_reason(what)
+    monkeypatch.setattr(vmm, "run_backing_source", lambda _system: SimpleNamespace(finding=None))
+    assert plan._not_meaningful(plan._Context(None, "qemu-system-x86_64", lambda: None)) is None
+
+
 class _FakeTest:
     """The slice of an Avocado test the gate uses; cancel raises like Avocado's does."""
 
