@@ -35,17 +35,8 @@ from host_stack.injectors import madvise_failure_sentence
 from host_stack.kernelfs import DEBUGFS, TRACEFS, mounted
 from host_stack.pagemap import PAGE_SIZE
 
-__all__ = [
-    "PROBE_GROUPS",
-    "REQUIREMENTS",
-    "HostReport",
-    "first_missing",
-    "first_unmet",
-    "parse_unmet_line",
-    "probe_host",
-    "unmet_line",
-    "unmet_reason",
-]
+__all__ = ["PROBE_GROUPS", "REQUIREMENTS", "HostReport", "first_missing", "first_unmet", "parse_unmet_line",
+           "probe_host", "unmet_line", "unmet_reason"]
 
 _log = logging.getLogger(__name__)
 _log.addHandler(logging.NullHandler())
