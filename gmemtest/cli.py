@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gmemtest.scenarios import SCENARIOS, get_scenario, scenario_names
+from qmp_helpers import DEFAULT_QEMU
 
 if TYPE_CHECKING:
     from gmemtest.guest_run import GuestRun
@@ -528,7 +529,7 @@ def _add_kernel_options(p: argparse.ArgumentParser) -> None:
 
 def _add_under_test_options(p: argparse.ArgumentParser) -> None:
     """The options of gmemtest.under_test.PARAMETERS (the Avocado -p names), same meaning."""
-    from gmemtest.under_test import DEFAULT_QEMU, PARAMETERS
+    from gmemtest.under_test import PARAMETERS
 
     for name, meaning in PARAMETERS.items():
         if name.startswith("labhost_"):
@@ -585,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("preflight", help="what this host and its QEMU can do, probed")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary to ask")
+    p.add_argument("--qemu", default=DEFAULT_QEMU, help="QEMU binary to ask")
     p.add_argument("--no-plan", action="store_true",
                    help="leave out the main job's plan (which Avocado test CANCELs here, and the host fact why)")
     p.set_defaults(func=_cmd_preflight)
@@ -653,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(console, output, dmesg) and summary.json (default: ./gmemtest-labhost-runs/<timestamp>)")
     q.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="add to the command's otherwise clean environment (repeatable)")
-    q.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary")
+    q.add_argument("--qemu", default=DEFAULT_QEMU, help="QEMU binary")
     q.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
     q.set_defaults(func=_cmd_labhost_run)
     q = lab.add_parser("test", help="run the project's host-side pytest files inside L1 (real guest_memfd "

@@ -29,7 +29,7 @@ from guests.refresh import GuestRefresh, RefreshError, refresh_guest
 from guests.ssh import SshError, SshSession
 from images.boot_params import DEFAULT_KERNEL_ARGS
 from images.build import GuestImage
-from qmp_helpers import STUCK_RUN_STATES, MigrationError, QemuError, QemuMachine, load_state, save_state
+from qmp_helpers import DEFAULT_QEMU, STUCK_RUN_STATES, MigrationError, QemuError, QemuMachine, load_state, save_state
 from qmp_helpers.memslots import MEMSLOT_TRACE_ARGS
 
 LOG = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ def booted_guest(
     *,
     profile: str | GuestProfile = "tcg-default",
     boot_timeout_s: float = 90.0,
-    binary: str = "qemu-system-x86_64",
+    binary: str = DEFAULT_QEMU,
     extra_kernel_args: Sequence[str] = (),
     extra_qemu_args: Sequence[str] = (),
     snapshot: bool = True,

@@ -40,7 +40,7 @@ from typing import Any
 
 from guests.profiles import GuestProfile, get_profile
 from images.labhost import LabhostImage
-from qmp_helpers import MachineStateError, QemuMachine, opt_escape
+from qmp_helpers import DEFAULT_QEMU, MachineStateError, QemuMachine, opt_escape
 
 __all__ = [
     "DEFAULT_PROFILE",
@@ -367,7 +367,7 @@ def booted_labhost(
     boot_timeout_s: float = 90.0,
     poweroff_timeout_s: float = 30.0,
     cwd: Path | None = None,
-    binary: str = "qemu-system-x86_64",
+    binary: str = DEFAULT_QEMU,
     extra_kernel_args: Sequence[str] = (),
     freeze_after_s: float = FREEZE_AFTER_S,
 ) -> Iterator[LabhostRun]:

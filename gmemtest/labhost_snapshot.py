@@ -24,7 +24,7 @@ from typing import Any
 from gmemtest.labhost import STATE_RE, LabhostRun, LabhostTimings, fresh_ctl, labhost_qemu_args
 from guests.profiles import GuestProfile, get_profile
 from images.labhost import LabhostImage
-from qmp_helpers import QemuMachine, load_state, save_state
+from qmp_helpers import DEFAULT_QEMU, QemuMachine, load_state, save_state
 
 __all__ = ["HOLD_MARKER", "labhost_snapshot_trial"]
 
@@ -38,7 +38,7 @@ _NESTED_CHECK = ("from host_stack import vmm\nfrom host_stack.kvm import KvmSyst
 
 
 def labhost_snapshot_trial(image: LabhostImage, workdir: Path, *, restores: int = 3, hold_s: int = 1,
-                           cwd: Path | None = None, binary: str = "qemu-system-x86_64",
+                           cwd: Path | None = None, binary: str = DEFAULT_QEMU,
                            profile: str | GuestProfile = "labhost-svm") -> dict[str, Any]:
     """Boot L1 with a hold, save it there, restore it ``restores`` times; every figure in seconds."""
     if restores < 1 or hold_s < 1:

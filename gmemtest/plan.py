@@ -34,9 +34,10 @@ from gmemtest.requirements import (
     unmet_requirements,
 )
 from gmemtest.scenarios import SCENARIOS, get_scenario, unsupported_under
-from gmemtest.under_test import DEFAULT_QEMU, UnderTest
+from gmemtest.under_test import UnderTest
 from guests.profiles import get_profile
 from host_stack.capabilities import HostReport
+from qmp_helpers import DEFAULT_QEMU
 
 __all__ = ["AVOCADO_TESTS", "PlanError", "PlannedTest", "TestCall", "discover", "plan_main_job"]
 

@@ -10,9 +10,10 @@ from typing import Any
 
 from gmemtest.requirements import host_report, qemu_report, unmet_requirements
 from guests.profiles import PROFILES
+from qmp_helpers import DEFAULT_QEMU
 
 
-def preflight_report(binary: str = "qemu-system-x86_64") -> dict[str, Any]:
+def preflight_report(binary: str = DEFAULT_QEMU) -> dict[str, Any]:
     host = host_report()
     caps = qemu_report(binary)
     profiles: dict[str, Any] = {}

@@ -32,6 +32,7 @@ from host_stack.kvm import KvmSystem
 from host_stack.poison_matrix import MatrixCancelled, run_poison_matrix
 from host_stack.seed_regression import SeedCancelled, run_seed_regression
 from images.build import GuestImage
+from qmp_helpers import DEFAULT_QEMU
 
 _LOG = logging.getLogger(__name__)
 
@@ -270,7 +271,7 @@ def _guest(r: _Report, specs: Sequence[ScenarioSpec], image: GuestImage, binary:
 
 
 def qualify(out: Path, *, specs: Sequence[ScenarioSpec], image: GuestImage | None,
-            binary: str = "qemu-system-x86_64", under: UnderTest | None = None,
+            binary: str = DEFAULT_QEMU, under: UnderTest | None = None,
             compare_with: dict[str, Any] | None = None, host: HostReport | None = None) -> Qualification:
     """Run every check, writing qualification.json and .html after each item.
 

@@ -16,7 +16,7 @@ from gmemtest.scenarios import ScenarioSpec, unsupported_under
 from guests.profiles import GuestProfile
 from host_stack.capabilities import HostReport, probe_host, unmet_line, unmet_reason
 from host_stack.kvm import probe_vm_creation
-from qmp_helpers import QemuCapabilities, QemuError, kvm_start_refusal, probe_qemu, resolve_binary
+from qmp_helpers import DEFAULT_QEMU, QemuCapabilities, QemuError, kvm_start_refusal, probe_qemu, resolve_binary
 
 
 @functools.cache
@@ -25,7 +25,7 @@ def host_report() -> HostReport:
 
 
 @functools.cache
-def qemu_report(binary: str = "qemu-system-x86_64") -> QemuCapabilities | str:
+def qemu_report(binary: str = DEFAULT_QEMU) -> QemuCapabilities | str:
     """The binary's capabilities, or the sentence saying why it could not be asked."""
     try:
         return probe_qemu(binary)
@@ -87,7 +87,7 @@ def qemu_missing(name: str, caps: QemuCapabilities) -> str | None:
                      f"{', '.join(caps.object_types)}")
 
 
-def unmet_requirements(names: Iterable[str], *, binary: str = "qemu-system-x86_64",
+def unmet_requirements(names: Iterable[str], *, binary: str = DEFAULT_QEMU,
                        accel: str = "tcg") -> list[str]:
     """One sentence per unmet requirement; empty when everything the names ask for is here."""
     unmet: list[str] = []
@@ -123,7 +123,7 @@ def _hugepages_missing(name: str) -> str | None:
     return None
 
 
-def scenario_unmet(spec: ScenarioSpec, profile: GuestProfile, *, binary: str = "qemu-system-x86_64") -> list[str]:
+def scenario_unmet(spec: ScenarioSpec, profile: GuestProfile, *, binary: str = DEFAULT_QEMU) -> list[str]:
     """Why ``spec`` cannot run under ``profile`` here: meaningless there, or the profile's or the
     row's own requirements unmet (a host-poison row needs hwpoison-inject). Empty: it can run."""
     meaningless = unsupported_under(spec, profile)

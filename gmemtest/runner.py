@@ -49,7 +49,7 @@ from guests.ssh import SshError
 from host_stack import mm_uapi
 from host_stack.kvm_uapi import KVM_EXIT_SHUTDOWN
 from images.build import GuestImage
-from qmp_helpers import MachineStateError, MachineStuck, MceInjection, mce_kind
+from qmp_helpers import DEFAULT_QEMU, MachineStateError, MachineStuck, MceInjection, mce_kind
 from qmp_helpers.trace_log import TRACE_PREFIX
 
 LOG = logging.getLogger(__name__)
@@ -617,7 +617,7 @@ def guest_reset_itself(guest: GuestRun) -> str | None:
 
 
 def run_in_fresh_guest(spec: ScenarioSpec, image: GuestImage, outdir: Path, *,
-                       binary: str = "qemu-system-x86_64",
+                       binary: str = DEFAULT_QEMU,
                        profile: GuestProfile | None = None,
                        extra_qemu_args: Sequence[str] = (),
                        snapshot: bool = True,

@@ -29,11 +29,10 @@ from gmemtest.scenarios import ScenarioSpec
 from guests.profiles import PROFILES, GuestProfile, get_profile
 from images.build import BuildError, GuestImage, build_default_image, build_lock, image_from_manifest
 from images.debs import PackageError
-from qmp_helpers import QemuError, resolve_binary
+from qmp_helpers import DEFAULT_QEMU, QemuError, resolve_binary
 
 LOG = logging.getLogger(__name__)
 
-DEFAULT_QEMU = "qemu-system-x86_64"
 # Set by ci/run-job.sh to the manifest it has just built or verified, so no test of the job
 # resolves package pins again; also the default of ``-p guest_manifest`` / ``--guest-manifest``.
 MANIFEST_ENV = "GMEMTEST_GUEST_MANIFEST"

@@ -24,6 +24,7 @@ import paramiko
 
 from images.boot_params import DEFAULT_KERNEL_ARGS, FAST_QEMU_ARGS
 from images.build import GuestImage, build_default_image
+from qmp_helpers import DEFAULT_QEMU
 
 __all__ = ["BootTiming", "base_qemu_argv", "measure_once"]
 
@@ -48,7 +49,7 @@ def base_qemu_argv(image: GuestImage, append: str, serial_log: Path, port: int,
                    extra: tuple[str, ...]) -> list[str]:
     """The QEMU shape the tests use (docs/architecture.md), plus ``extra``."""
     return [
-        "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max,vendor=GenuineIntel",
+        DEFAULT_QEMU, "-accel", "tcg", "-cpu", "max,vendor=GenuineIntel",
         "-smp", "1", "-m", "512", "-nodefaults", "-display", "none",
         "-device", "pvpanic", "-action", "panic=none",
         "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", append,

@@ -25,7 +25,7 @@ from .errors import (
 )
 from .events import QmpEvent
 from .hmp import HMP_ERROR_SHAPES, hmp_error_shape
-from .machine import STUCK_RUN_STATES, QemuMachine, opt_escape, resolve_binary
+from .machine import DEFAULT_QEMU, STUCK_RUN_STATES, QemuMachine, opt_escape, resolve_binary
 from .mce import MCE_BANKS, MCE_KINDS, MceInjection, MceKind, mce_kind
 from .migration import LoadRecord, SaveRecord, load_state, save_state
 from .process import find_tagged_qemus, reap_orphans
@@ -49,6 +49,7 @@ __all__ = (  # noqa: RUF022 - curated order, most important first
     "MCE_KINDS",
     "MCE_BANKS",
     "STUCK_RUN_STATES",
+    "DEFAULT_QEMU",
     "probe_qemu",
     "validate_args",
     "kvm_start_refusal",

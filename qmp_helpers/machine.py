@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Final
 
 from .errors import (
     GpaOutOfRange,
@@ -63,6 +63,10 @@ def opt_escape(value: str) -> str:
     return value.replace(",", ",,")
 
 
+# The QEMU every caller gets unless it names another: a name looked up on PATH.
+DEFAULT_QEMU: Final = "qemu-system-x86_64"
+
+
 def resolve_binary(binary: str) -> str:
     """Absolute path of the QEMU binary, or :class:`QemuBinaryNotFound`."""
     path_env = os.environ.get("PATH", os.defpath)
@@ -84,7 +88,7 @@ class QemuMachine:
     """
 
     def __init__(self, args: Sequence[str], workdir: Path, *,
-                 binary: str = "qemu-system-x86_64", name: str = "guest",
+                 binary: str = DEFAULT_QEMU, name: str = "guest",
                  ssh_forward_port: int | None = 22, qmp_timeout: float = 10.0,
                  incoming: bool = False, nic_options: Sequence[str] = ()) -> None:
         self._user_args = tuple(args)

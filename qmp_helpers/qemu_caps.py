@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QemuLaunchError, QmpCommandError
-from .machine import QemuMachine, resolve_binary
+from .machine import DEFAULT_QEMU, QemuMachine, resolve_binary
 
 _LOG = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _accelerators(binary: str) -> tuple[str, ...]:
     return tuple(line for line in lines if line and not line.endswith(":"))
 
 
-def probe_qemu(binary: str = "qemu-system-x86_64") -> QemuCapabilities:
+def probe_qemu(binary: str = DEFAULT_QEMU) -> QemuCapabilities:
     """Ask ``binary`` what it offers (starts one short-lived ``-machine none`` QEMU)."""
     path = resolve_binary(binary)
     version_text = _run([path, "--version"]).splitlines()[0].strip()
@@ -119,7 +119,7 @@ KVM_START_ARGS = ("-accel", "kvm", "-cpu", "host", "-machine", "q35", "-nodefaul
                   "-display", "none")
 
 
-def kvm_start_refusal(binary: str = "qemu-system-x86_64", timeout: float = 10.0) -> str | None:
+def kvm_start_refusal(binary: str = DEFAULT_QEMU, timeout: float = 10.0) -> str | None:
     """Why ``binary`` cannot start a KVM guest on this host, from a real (paused) start; None if it can.
 
     That /dev/kvm opens says nothing about whether QEMU can use it: on an AMD host with a
