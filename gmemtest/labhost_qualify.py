@@ -31,7 +31,7 @@ from gmemtest.labhost import (
     LabhostTimings,
     booted_labhost,
 )
-from gmemtest.qualify import Item, Qualification
+from gmemtest.report_model import Item, Qualification
 from gmemtest.scenarios import SCENARIOS, Source, unsupported_under
 from guests.profiles import get_profile
 from images.build import build_lock

@@ -12,15 +12,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from gmemtest.preflight import preflight_report
+from gmemtest.report_html import render
+from gmemtest.report_model import Item, Qualification, Status, atomic_write
 from gmemtest.requirements import host_unmet, scenario_unmet
 from gmemtest.runner import run_in_fresh_guest
 from gmemtest.scenarios import ScenarioSpec
@@ -36,70 +36,9 @@ from qmp_helpers import DEFAULT_QEMU
 
 _LOG = logging.getLogger(__name__)
 
-Status = Literal["PASS", "FAIL", "CANNOT RUN", "NOT MEANINGFUL", "ERROR"]
 # host_stack's scenario outcomes in the report's words. "not meaningful" is a check that ran but
 # could not discriminate on this host (e.g. gmem slots served from userspace_addr): never a pass.
 _SCENARIO_STATUS: dict[str, Status] = {"pass": "PASS", "fail": "FAIL", "not_meaningful": "NOT MEANINGFUL"}
-
-
-@dataclass
-class Item:
-    """One line of the qualification: a check, its status and why."""
-
-    section: str
-    name: str
-    status: Status
-    summary: str
-    details: list[str] = field(default_factory=list)
-    # Relative to the report's directory, so the HTML links open wherever the report is copied.
-    evidence: str | None = None
-    duration_s: float | None = None
-
-
-@dataclass
-class Qualification:
-    started: str
-    duration_s: float = 0.0
-    preflight: dict[str, Any] = field(default_factory=dict)
-    items: list[Item] = field(default_factory=list)
-    findings: list[dict[str, Any]] = field(default_factory=list)
-    # What the lab chose, and per scenario what was really launched (Verdict.setup).
-    under_test: dict[str, Any] = field(default_factory=dict)
-    setups: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # gmemtest.compare.Comparison.to_json() against an older report (qualify --compare).
-    comparison: dict[str, Any] | None = None
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> Qualification:
-        return cls(started=str(doc.get("started", "")), duration_s=float(doc.get("duration_s", 0.0)),
-                   preflight=doc.get("preflight", {}), items=[Item(**i) for i in doc.get("items", [])],
-                   findings=doc.get("findings", []), under_test=doc.get("under_test", {}),
-                   setups=doc.get("setups", {}), comparison=doc.get("comparison"))
-
-    @property
-    def failed(self) -> bool:
-        return any(i.status in ("FAIL", "ERROR") for i in self.items)
-
-    @property
-    def incomplete(self) -> bool:
-        return any(i.status in ("CANNOT RUN", "NOT MEANINGFUL") for i in self.items)
-
-    @property
-    def outcome(self) -> str:
-        """FAILED beats INCOMPLETE beats PASSED: a check that could not run is not a pass."""
-        return "FAILED" if self.failed else "INCOMPLETE" if self.incomplete else "PASSED"
-
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for item in self.items:
-            out[item.status] = out.get(item.status, 0) + 1
-        return out
-
-    def to_json(self) -> dict[str, Any]:
-        return {"started": self.started, "duration_s": round(self.duration_s, 1), "outcome": self.outcome,
-                "counts": self.counts(), "findings": self.findings, "preflight": self.preflight,
-                "under_test": self.under_test, "setups": self.setups, "comparison": self.comparison,
-                "items": [i.__dict__ for i in self.items]}
 
 
 class _Report:
@@ -117,11 +56,9 @@ class _Report:
         self.save()
 
     def save(self) -> None:
-        from gmemtest.report_html import render
-
         self.q.duration_s = time.monotonic() - self.t0
-        _atomic_write(self.out / "qualification.json", json.dumps(self.q.to_json(), indent=2) + "\n")
-        _atomic_write(self.out / "qualification.html", render(self.q))
+        atomic_write(self.out / "qualification.json", json.dumps(self.q.to_json(), indent=2) + "\n")
+        atomic_write(self.out / "qualification.html", render(self.q))
 
     def guarded(self, section: str, name: str, check: Callable[[], Item | None],
                 evidence: str | None = None) -> None:
@@ -137,12 +74,6 @@ class _Report:
             if item.duration_s is None:
                 item.duration_s = round(time.monotonic() - started, 2)
             self.add(item)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 HOST_CHECKS = ("guest_memfd uAPI cases", "tiny VMM: slots map the oracle's indexes",

@@ -7,7 +7,7 @@ from typing import Any
 from urllib.parse import quote
 
 from gmemtest.compare import MOVED_ABS_S, MOVED_REL
-from gmemtest.qualify import Item, Qualification
+from gmemtest.report_model import Item, Qualification
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from gmemtest.cli import main as cli_main
-from gmemtest.qualify import Item, Qualification
 from gmemtest.report_html import render
+from gmemtest.report_model import Item, Qualification
 from gmemtest.requirements import host_unmet
 from host_stack.seed_regression import SEED_REQUIREMENTS
 

@@ -1,0 +1,84 @@
+"""The qualification report's model: its items, their one status vocabulary, and how it is saved.
+
+``gmemtest.qualify`` fills it, ``gmemtest.report_html`` renders it and ``gmemtest.labhost_qualify``
+reads it back from L1; none of them imports another for it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["Item", "Qualification", "Status", "atomic_write"]
+
+# CANNOT RUN: a capability is missing here; NOT MEANINGFUL: ran, but cannot discriminate here.
+Status = Literal["PASS", "FAIL", "CANNOT RUN", "NOT MEANINGFUL", "ERROR"]
+
+
+@dataclass
+class Item:
+    """One line of the qualification: a check, its status and why."""
+
+    section: str
+    name: str
+    status: Status
+    summary: str
+    details: list[str] = field(default_factory=list)
+    # Relative to the report's directory, so the HTML links open wherever the report is copied.
+    evidence: str | None = None
+    duration_s: float | None = None
+
+
+@dataclass
+class Qualification:
+    started: str
+    duration_s: float = 0.0
+    preflight: dict[str, Any] = field(default_factory=dict)
+    items: list[Item] = field(default_factory=list)
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    # What the lab chose, and per scenario what was really launched (Verdict.setup).
+    under_test: dict[str, Any] = field(default_factory=dict)
+    setups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # gmemtest.compare.Comparison.to_json() against an older report (qualify --compare).
+    comparison: dict[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Qualification:
+        return cls(started=str(doc.get("started", "")), duration_s=float(doc.get("duration_s", 0.0)),
+                   preflight=doc.get("preflight", {}), items=[Item(**i) for i in doc.get("items", [])],
+                   findings=doc.get("findings", []), under_test=doc.get("under_test", {}),
+                   setups=doc.get("setups", {}), comparison=doc.get("comparison"))
+
+    @property
+    def failed(self) -> bool:
+        return any(i.status in ("FAIL", "ERROR") for i in self.items)
+
+    @property
+    def incomplete(self) -> bool:
+        return any(i.status in ("CANNOT RUN", "NOT MEANINGFUL") for i in self.items)
+
+    @property
+    def outcome(self) -> str:
+        """FAILED beats INCOMPLETE beats PASSED: a check that could not run is not a pass."""
+        return "FAILED" if self.failed else "INCOMPLETE" if self.incomplete else "PASSED"
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for item in self.items:
+            out[item.status] = out.get(item.status, 0) + 1
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"started": self.started, "duration_s": round(self.duration_s, 1), "outcome": self.outcome,
+                "counts": self.counts(), "findings": self.findings, "preflight": self.preflight,
+                "under_test": self.under_test, "setups": self.setups, "comparison": self.comparison,
+                "items": [i.__dict__ for i in self.items]}
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Replace ``path`` whole: a reader never sees half a report."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
