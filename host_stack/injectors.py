@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal, Self
 
 from host_stack import mm_uapi as m
+from host_stack.errors import HostStackError
 from host_stack.kernelfs import find_mount
 from host_stack.pagemap import (
     PAGE_SIZE,
@@ -103,7 +104,7 @@ _FORBIDDEN_FLAGS: Final[tuple[tuple[int, RefusalReason, str], ...]] = (
 )
 
 
-class InjectionRefused(RuntimeError):
+class InjectionRefused(HostStackError, RuntimeError):
     """The interlock would not poison this frame; ``reason`` is a stable code for tests."""
 
     def __init__(self, reason: RefusalReason, message: str) -> None:
@@ -111,7 +112,7 @@ class InjectionRefused(RuntimeError):
         self.reason: RefusalReason = reason
 
 
-class HwpoisonUnsupported(OSError):
+class HwpoisonUnsupported(HostStackError, OSError):
     """The host kernel lacks the injection interface; the message says what is missing."""
 
     def __str__(self) -> str:

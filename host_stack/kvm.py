@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Self
 
 from host_stack import kvm_uapi as u
+from host_stack.errors import HostStackError
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -74,7 +75,7 @@ def _fmt_args(args: dict[str, int]) -> str:
     )
 
 
-class KvmIoctlError(OSError):
+class KvmIoctlError(HostStackError, OSError):
     """A KVM (or guest_memfd syscall) call failed; names the call, its arguments and errno.
 
     ``ioctl_args`` holds the arguments (``args`` is taken by ``BaseException``).

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from host_stack import mm_uapi as m
+from host_stack.errors import HostStackError
 
 __all__ = [
     "PAGE_SIZE",
@@ -39,7 +40,7 @@ KPAGEFLAGS_PATH: Final = "/proc/kpageflags"
 MEMINFO_PATH: Final = "/proc/meminfo"
 
 
-class PagemapError(OSError):
+class PagemapError(HostStackError, OSError):
     """A pagemap/kpageflags read failed; names the file, the offset asked for and the errno."""
 
 

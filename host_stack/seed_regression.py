@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from host_stack import gmem_layout as gl
 from host_stack import kvm_uapi as u
 from host_stack.capabilities import HostReport, probe_host, unmet_reason
+from host_stack.errors import HostStackError
 from host_stack.injectors import cleanup_warnings
 from host_stack.kernelfs import DEBUGFS, mounted
 from host_stack.vmm import HOST_REQUIREMENTS
@@ -249,7 +250,7 @@ def judge_user_touch(exp: SeedExpectation, signals: Sequence[SigbusRecord]) -> V
 
 
 # --- live path --------------------------------------------------------------------------------
-class SeedCancelled(RuntimeError):
+class SeedCancelled(HostStackError, RuntimeError):
     """The host cannot run the regression; ``reason`` is a sentence a lab engineer can act on."""
 
     def __init__(self, reason: str) -> None:
@@ -388,7 +389,7 @@ def _child_run(
     return 0
 
 
-class SeedChildError(RuntimeError):
+class SeedChildError(HostStackError, RuntimeError):
     """A seed child misbehaved (silent past its deadline, garbled, died early).
 
     The message names what was awaited and ends with the child's stderr, which is where a

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from host_stack.errors import HostStackError
 from host_stack.kernelfs import TRACEFS, mounted
 
 __all__ = ["GeneratedSignal", "SignalTrace", "SignalTraceError", "parse_signal_generate"]
@@ -34,7 +35,7 @@ _LINE = re.compile(r"signal_generate: sig=(\d+) errno=(-?\d+) code=(-?\d+) comm=
 RESULTS = ("delivered", "ignored", "already_pending", "overflow_fail", "lose_info")
 
 
-class SignalTraceError(OSError):
+class SignalTraceError(HostStackError, OSError):
     """tracefs or its signal_generate event is not available."""
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 from host_stack import gmem_layout as gl
 from host_stack import kvm_uapi as u
+from host_stack.errors import HostStackError
 from host_stack.findings import Finding
 from host_stack.kvm import (
     GuestMemfd,
@@ -96,11 +97,11 @@ HOST_REQUIREMENTS: Final = ("kvm", "guest_memfd", "guest_memfd_mmap", "guest_mem
 _R = TypeVar("_R", Memslot, Vcpu, HostMapping, GuestMemfd, Vm)
 
 
-class GmemUnsupported(RuntimeError):
+class GmemUnsupported(HostStackError, RuntimeError):
     """The host cannot run the scenario (e.g. no guest_memfd MMAP|INIT_SHARED)."""
 
 
-class PayloadError(RuntimeError):
+class PayloadError(HostStackError, RuntimeError):
     """The payload did not run as written (unexpected exit, protocol error).
 
     ``exit`` is the vCPU exit that stopped it, if any (e.g. a memory-fault exit).

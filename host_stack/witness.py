@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Self
 
 from host_stack import mm_uapi as m
+from host_stack.errors import HostStackError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -57,7 +58,7 @@ _IDLE_SLEEP_MAX: Final = 0.01
 _GROUP_STOP_SIGNALS: Final = frozenset({m.SIGSTOP, m.SIGTSTP, m.SIGTTIN, m.SIGTTOU})
 
 
-class WitnessError(OSError):
+class WitnessError(HostStackError, OSError):
     """A ptrace operation of the witness failed; names the request, the tid and the errno."""
 
 

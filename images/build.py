@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from images import debs, initramfs, kconfig, keys, kmod, manifest, vmlinux
+from images.errors import ImageError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -57,7 +58,7 @@ INITRD_COMPRESSION = "none"
 _CACHE_ENV = "GMEMTEST_CACHE"
 
 
-class BuildError(RuntimeError):
+class BuildError(ImageError, RuntimeError):
     """The image could not be built; the message names the failing step."""
 
 

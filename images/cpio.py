@@ -12,6 +12,8 @@ from __future__ import annotations
 import stat
 from typing import BinaryIO
 
+from images.errors import ImageError
+
 __all__ = ["CpioError", "NewcWriter"]
 
 _MAGIC = b"070701"
@@ -19,7 +21,7 @@ _TRAILER = "TRAILER!!!"
 _MAX_FIELD = 0xFFFFFFFF
 
 
-class CpioError(ValueError):
+class CpioError(ImageError, ValueError):
     """An entry that cannot be represented in a newc archive."""
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from images.errors import ImageError
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
@@ -73,7 +75,7 @@ class AptConfig:
 SYSTEM_APT = AptConfig()
 
 
-class PackageError(RuntimeError):
+class PackageError(ImageError, RuntimeError):
     """A package that apt cannot resolve, download or that fails verification."""
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from images.cpio import NewcWriter
+from images.errors import ImageError
 from images.kmod import module_file_name, read_module
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ _TEXT_FILES = {
 }
 
 
-class InitramfsError(RuntimeError):
+class InitramfsError(ImageError, RuntimeError):
     """An input the initramfs needs is missing or unusable."""
 
 

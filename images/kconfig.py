@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from images.errors import ImageError
+
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from pathlib import Path
@@ -99,7 +101,7 @@ LABHOST_MODULE_ALLOWED: tuple[Requirement, ...] = (
 )
 
 
-class KernelConfigError(RuntimeError):
+class KernelConfigError(ImageError, RuntimeError):
     """A kernel (guest or lab host) lacks an option the tests rely on."""
 
     def __init__(self, option: str, package: str, found: str, wanted: str, why: str) -> None:

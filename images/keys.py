@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import paramiko
 
+from images.errors import ImageError
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -29,7 +31,7 @@ _LOADER = "lib64/ld-linux-x86-64.so.2"
 _LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu")
 
 
-class SshKeyError(RuntimeError):
+class SshKeyError(ImageError, RuntimeError):
     """Key generation failed."""
 
 

@@ -16,6 +16,8 @@ import lzma
 import struct
 from typing import TYPE_CHECKING
 
+from images.errors import ImageError
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
     from pathlib import Path
@@ -26,7 +28,7 @@ _ELF64_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
 _ELF64_SECTION = struct.Struct("<IIQQQQIIQQ")
 
 
-class ModuleError(RuntimeError):
+class ModuleError(ImageError, RuntimeError):
     """A module that cannot be found or parsed."""
 
 

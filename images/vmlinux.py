@@ -17,6 +17,8 @@ import subprocess
 import zlib
 from pathlib import Path
 
+from images.errors import ImageError
+
 __all__ = ["VmlinuxError", "extract_vmlinux", "has_pvh_entry", "write_boot_kernel"]
 
 _log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ _ELF64_PHDR = struct.Struct("<IIQQQQQQ")
 _PT_NOTE = 4
 
 
-class VmlinuxError(ValueError):
+class VmlinuxError(ImageError, ValueError):
     """The bzImage payload could not be found or is not a usable ELF."""
 
 
