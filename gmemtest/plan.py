@@ -70,9 +70,10 @@ class PlannedTest:
     path: str  # relative to the repository
     calls: tuple[TestCall, ...] = field(default=())
     cancel: str | None = None  # the host fact its CANCEL names; None: it must run (and PASS)
+    unknown: str | None = None  # why its fate cannot be predicted here (then ``cancel`` says nothing)
 
     def to_json(self) -> dict[str, Any]:
-        return {"test": self.test, "path": self.path, "cancel": self.cancel,
+        return {"test": self.test, "path": self.path, "cancel": self.cancel, "unknown": self.unknown,
                 "calls": [{"function": c.function, "args": [str(a) for a in c.args],
                            "kwargs": {k: str(v) for k, v in c.kwargs}} for c in self.calls]}
 
@@ -243,14 +244,20 @@ def plan_main_job(root: Path = AVOCADO_TESTS, *, report: HostReport | None = Non
     ctx = _Context(report, qemu, newer)
     planned: list[PlannedTest] = []
     for name, path, calls in discover(root):
-        if not calls:
-            raise PlanError(f"{path}:{name} makes none of the calls the plan reads ({', '.join(_DECIDING_CALLS)})")
-        cancel = None
-        for call in calls:
-            cancel = _PREDICT[call.function](ctx, *call.args, **dict(call.kwargs))
-            if cancel is not None:
-                break
-        if cancel is None and name in _NOT_MEANINGFUL_ON_DECOY:
-            cancel = _not_meaningful(ctx)
+        try:
+            cancel = _predict(ctx, name, path, calls)
+        except PlanError as exc:  # this test only: the others are still planned
+            planned.append(PlannedTest(name, path, calls, None, str(exc)))
+            continue
         planned.append(PlannedTest(name, path, calls, cancel))
     return planned
+
+
+def _predict(ctx: _Context, name: str, path: str, calls: tuple[TestCall, ...]) -> str | None:
+    if not calls:
+        raise PlanError(f"{path}:{name} makes none of the calls the plan reads ({', '.join(_DECIDING_CALLS)})")
+    for call in calls:
+        cancel = _PREDICT[call.function](ctx, *call.args, **dict(call.kwargs))
+        if cancel is not None:
+            return cancel
+    return _not_meaningful(ctx) if name in _NOT_MEANINGFUL_ON_DECOY else None

@@ -64,9 +64,14 @@ def _plan_lines(report: dict[str, Any]) -> list[str]:
     if plan is None:
         return []
     cancels = [p for p in plan if p["cancel"]]
+    unknown = [p for p in plan if p.get("unknown")]
+    runs = len(plan) - len(cancels) - len(unknown)
     lines = ["== main job (avocado run avocado_tests/)",
-             f"  {len(plan)} tests: {len(plan) - len(cancels)} run here and must PASS, {len(cancels)} CANCEL:"]
+             f"  {len(plan)} tests: {runs} run here and must PASS, {len(cancels)} CANCEL"
+             + (f", {len(unknown)} cannot be planned here" if unknown else "") + ":"]
     for p in cancels:
         lines.append(f"  CANCEL {p['test']}")
         lines.append(f"         {p['cancel']}")
+    for p in unknown:
+        lines.append(f"  ?      {p['test']}: {p['unknown']}")
     return lines

@@ -33,7 +33,9 @@ QMP_SCENARIOS = [s for s in SCENARIOS if s.source is Source.QMP]
 @pytest.mark.timeout(1500)
 def test_main_job_passes_every_guest_scenario(tmp_path: Path) -> None:
     avocado = str(Path(sys.executable).with_name("avocado"))
-    planned = {p.test: p.cancel for p in plan_main_job(newer_qemu=str(build_qemu_root().binary))}
+    plan = plan_main_job(newer_qemu=str(build_qemu_root().binary))
+    assert not [p for p in plan if p.unknown], [p.to_json() for p in plan if p.unknown]
+    planned = {p.test: p.cancel for p in plan}
     proc = subprocess.run([avocado, "run", "--max-parallel-tasks=2", "--job-results-dir", str(tmp_path),
                            "avocado_tests/"], cwd=REPO, capture_output=True, text=True, timeout=1400, check=False)
     results = json.loads((tmp_path / "latest" / "results.json").read_text())
