@@ -72,6 +72,10 @@ def _plan_lines(report: dict[str, Any]) -> list[str]:
     for p in cancels:
         lines.append(f"  CANCEL {p['test']}")
         lines.append(f"         {p['cancel']}")
+    reasons: dict[str, list[str]] = {}
     for p in unknown:
-        lines.append(f"  ?      {p['test']}: {p['unknown']}")
+        reasons.setdefault(str(p["unknown"]), []).append(str(p["test"]))
+    for reason, tests in reasons.items():
+        lines.append(f"  ?      {', '.join(tests)}")
+        lines.append(f"         {reason if len(reason) <= 400 else reason[:400] + ' ...'}")
     return lines
