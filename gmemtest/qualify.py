@@ -76,8 +76,11 @@ class _Report:
             self.add(item)
 
 
-HOST_CHECKS = ("guest_memfd uAPI cases", "tiny VMM: slots map the oracle's indexes",
-               "tiny VMM: punch hole seen at the oracle's gfn", "tiny VMM: memory serving gmem slots")
+UAPI_ITEM = "guest_memfd uAPI cases"
+MAPPING_ITEM = "tiny VMM: slots map the oracle's indexes"
+PUNCH_ITEM = "tiny VMM: punch hole seen at the oracle's gfn"
+BACKING_ITEM = "tiny VMM: memory serving gmem slots"
+HOST_CHECKS = (UAPI_ITEM, MAPPING_ITEM, PUNCH_ITEM, BACKING_ITEM)
 
 
 def _host_checks(r: _Report, report: HostReport | None) -> None:
@@ -95,7 +98,7 @@ def _host_checks(r: _Report, report: HostReport | None) -> None:
             for res in found:  # a documented errno of another kernel: listed, never folded into PASS
                 r.q.findings.extend(f.to_json() for f in res.findings)
             n_pass = len(results) - len(failed) - len(found) - n_na
-            return Item("host", HOST_CHECKS[0], "FAIL" if failed else "PASS",
+            return Item("host", UAPI_ITEM, "FAIL" if failed else "PASS",
                         f"{n_pass} passed, {len(found)} documented alternatives (findings), "
                         f"{len(failed)} failed, {n_na} not applicable",
                         [res.message for res in (*failed, *found)])
@@ -103,7 +106,7 @@ def _host_checks(r: _Report, report: HostReport | None) -> None:
         def mapping() -> Item:
             assert system is not None
             result = vmm.run_oracle_mapping(system)
-            return Item("host", HOST_CHECKS[1], _SCENARIO_STATUS[result.status],
+            return Item("host", MAPPING_ITEM, _SCENARIO_STATUS[result.status],
                         result.reason or f"{len(result.reads)} gfns read over {len(result.layout)} slots",
                         list(result.mismatches))
 
@@ -111,7 +114,7 @@ def _host_checks(r: _Report, report: HostReport | None) -> None:
             assert system is not None
             index = vmm.DEFAULT_LAYOUT[1].gmem_pgoff + 1
             result = vmm.run_punch_hole(system, index)
-            return Item("host", HOST_CHECKS[2], _SCENARIO_STATUS[result.status],
+            return Item("host", PUNCH_ITEM, _SCENARIO_STATUS[result.status],
                         result.reason or f"file index {index} -> gfn {result.expected_gfn:#x}",
                         list(result.mismatches))
 
@@ -120,7 +123,7 @@ def _host_checks(r: _Report, report: HostReport | None) -> None:
             result = vmm.run_backing_source(system)
             if result.finding is not None:
                 r.q.findings.append(result.finding.to_json())
-            return Item("host", HOST_CHECKS[3], "FAIL" if result.mismatches else "PASS",
+            return Item("host", BACKING_ITEM, "FAIL" if result.mismatches else "PASS",
                         f"served from {result.behaviour}", list(result.mismatches))
 
         needs = (gmem_uapi_cases.HOST_REQUIREMENTS, *[vmm.HOST_REQUIREMENTS] * 3)

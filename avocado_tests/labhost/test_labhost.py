@@ -11,7 +11,7 @@ from __future__ import annotations
 from avocado import Test
 
 from gmemtest.avocado_support import LABHOST_PREFLIGHT, LABHOST_TEST_TIMEOUT_S, run_labhost_item
-from gmemtest.qualify import HOST_CHECKS, MATRIX_ITEM, SEED_ITEM
+from gmemtest.qualify import BACKING_ITEM, MAPPING_ITEM, MATRIX_ITEM, PUNCH_ITEM, SEED_ITEM, UAPI_ITEM
 
 
 class LabhostHostChecks(Test):  # type: ignore[misc]  # avocado is untyped
@@ -27,22 +27,22 @@ class LabhostHostChecks(Test):  # type: ignore[misc]  # avocado is untyped
 
     def test_gmem_uapi(self) -> None:
         """:avocado: tags=gmem,uapi"""
-        run_labhost_item(self, HOST_CHECKS[0])
+        run_labhost_item(self, UAPI_ITEM)
 
     def test_tiny_vmm_oracle_mapping(self) -> None:
         """:avocado: tags=gmem,vmm"""
-        run_labhost_item(self, HOST_CHECKS[1])
+        run_labhost_item(self, MAPPING_ITEM)
 
     def test_tiny_vmm_punch_hole(self) -> None:
         """:avocado: tags=gmem,vmm"""
-        run_labhost_item(self, HOST_CHECKS[2])
+        run_labhost_item(self, PUNCH_ITEM)
 
     def test_tiny_vmm_backing_source(self) -> None:
         """Served from guest_memfd here: the divergence finding of the PVM host must not appear.
 
         :avocado: tags=gmem,vmm
         """
-        run_labhost_item(self, HOST_CHECKS[3])
+        run_labhost_item(self, BACKING_ITEM)
 
     def test_seed_regression(self) -> None:
         """Memory-fault exit at the oracle's gpa, and BUS_MCEERR_AR lsb 12 to userspace.
