@@ -18,9 +18,9 @@ from gmemtest.requirements import host_report, host_unmet, scenario_unmet, unmet
 from gmemtest.runner import ScenarioResult, run_in_fresh_guest
 from gmemtest.scenarios import SCENARIOS, ScenarioSpec, get_scenario, unsupported_under
 from gmemtest.under_test import UnderTest
-from gmemtest.verdict import Check, Verdict
 from guests.profiles import GuestProfile
 from images.build import BuildError, GuestImage
+from outcome import Check, Verdict
 
 if TYPE_CHECKING:
     from gmemtest.labhost_qualify import LabhostQualification

@@ -9,13 +9,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
+
+from outcome import Status
 
 __all__ = ["Item", "Qualification", "Status", "atomic_write"]
-
-# CANNOT RUN: a capability is missing here; NOT MEANINGFUL: ran, but cannot discriminate here.
-Status = Literal["PASS", "FAIL", "CANNOT RUN", "NOT MEANINGFUL", "ERROR"]
-
 
 @dataclass
 class Item:

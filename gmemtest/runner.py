@@ -42,13 +42,14 @@ from gmemtest.oracle import (
     free_page_layout,
 )
 from gmemtest.scenarios import KillPolicy, ScenarioSpec, Source, Trigger
-from gmemtest.verdict import Verdict, judge
+from gmemtest.verdict import judge
 from guests.probe_client import Mapping, ProbeClient, ProbeError, SigbusReport
 from guests.profiles import GuestProfile
 from guests.ssh import SshError
 from host_stack import mm_uapi
 from host_stack.kvm_uapi import KVM_EXIT_SHUTDOWN
 from images.build import GuestImage
+from outcome import Verdict
 from qmp_helpers import DEFAULT_QEMU, MachineStateError, MachineStuck, MceInjection, mce_kind
 from qmp_helpers.trace_log import TRACE_PREFIX
 

@@ -1,60 +1,18 @@
 """Compare observations with the oracle's expectation, one named check per observable.
 
-A verdict is a list of checks, each carrying expected and actual, so a failure message reads like
-the kernel selftests': what should have been there and what was.
+The verdict is ``outcome.Verdict``: a list of checks, each carrying expected and actual, so a
+failure message reads like the kernel selftests': what should have been there and what was.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from gmemtest.observations import HostObservations, Observations
 from gmemtest.oracle import SI_CODE_NAMES, Expectation, HostExpectation
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    expected: str
-    actual: str
-    ok: bool
-    # Which layer saw it: "host" (the host kernel), "qemu", "guest"; "" where there is one layer.
-    layer: str = ""
-
-    def line(self) -> str:
-        mark = "ok  " if self.ok else "FAIL"
-        where = f"[{self.layer}] " if self.layer else ""
-        return f"{mark} {where}{self.name}: expected {self.expected}, actual {self.actual}"
-
-
-@dataclass(frozen=True)
-class Verdict:
-    scenario: str
-    checks: tuple[Check, ...]
-    # What was under test (qemu binary and version, profile, firmware, image: the launch
-    # record), so a verdict read on its own says which host stack it judged.
-    setup: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.checks) and all(c.ok for c in self.checks)
-
-    @property
-    def failures(self) -> tuple[Check, ...]:
-        return tuple(c for c in self.checks if not c.ok)
-
-    def summary(self) -> str:
-        head = f"{self.scenario}: {'PASS' if self.passed else 'FAIL'} ({len(self.checks)} checks)"
-        return "\n".join([head, *("  " + c.line() for c in self.checks)])
-
-    def to_json(self) -> str:
-        doc: dict[str, Any] = {"scenario": self.scenario, "passed": self.passed,
-                               "checks": [asdict(c) for c in self.checks]}
-        if self.setup:
-            doc["setup"] = self.setup
-        return json.dumps(doc, indent=2)
+from outcome import Check, Verdict
 
 
 def _code(code: int | None) -> str:

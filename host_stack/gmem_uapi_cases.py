@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from host_stack import kvm_uapi as u
-from host_stack.findings import Finding
 from host_stack.kvm import PAGE_SIZE, GuestMemfd, HostMapping, KvmSystem, Memslot, Vm
+from outcome import Finding
 
 __all__ = [
     "CASES",

@@ -59,7 +59,6 @@ from host_stack import gmem_layout as gl
 from host_stack import kvm_uapi as u
 from host_stack import mm_uapi as m
 from host_stack.capabilities import HostReport, probe_host, unmet_reason
-from host_stack.findings import Finding
 from host_stack.injectors import cleanup_warnings
 from host_stack.kernelfs import DEBUGFS, mounted
 from host_stack.pagemap import find_vma, read_kpageflags, read_pagemap
@@ -74,6 +73,7 @@ from host_stack.seed_regression import (
     judge_guest_access,
     unpoison_injected,
 )
+from outcome import Finding
 
 if TYPE_CHECKING:
     from host_stack.kvm import HostMapping

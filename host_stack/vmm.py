@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 from host_stack import gmem_layout as gl
 from host_stack import kvm_uapi as u
 from host_stack.errors import HostStackError
-from host_stack.findings import Finding
 from host_stack.kvm import (
     GuestMemfd,
     HltExit,
@@ -40,6 +39,7 @@ from host_stack.kvm import (
     VcpuExit,
     Vm,
 )
+from outcome import Finding
 
 if TYPE_CHECKING:
     from types import TracebackType

@@ -76,7 +76,7 @@ def test_a_host_serving_gmem_slots_from_userspace_addr_plans_the_oracle_checks_n
     """The plan's sentence must be part of what the two TinyVmm tests cancel with there."""
     from types import SimpleNamespace
 
-    from host_stack.findings import Finding
+    from outcome import Finding
 
     decoy = SimpleNamespace(finding=Finding(vmm.FINDING_ID, "divergence", "served from userspace_addr"))
     monkeypatch.setattr(vmm, "run_backing_source", lambda _system: decoy)

@@ -93,7 +93,7 @@ def test_run_exits_1_when_a_verdict_failed_even_if_another_scenario_was_unmet(
     import gmemtest.requirements
     import gmemtest.runner
     import images.build
-    from gmemtest.verdict import Check, Verdict
+    from outcome import Check, Verdict
 
     failed = Verdict("srao-late-touch-4k", (Check("si_addr_lsb", "12", "21", False),))
     monkeypatch.setattr(images.build, "build_default_image", lambda *a, **k: None)

@@ -20,10 +20,10 @@ import pytest
 from gmemtest import avocado_support, guest_run, under_test
 from gmemtest.cli import main as cli_main
 from gmemtest.under_test import MANIFEST_ENV, UnderTest
-from gmemtest.verdict import Check, Verdict
 from images import build, manifest
 from images.build import BuildError, image_from_manifest
 from images.debs import PackagePin
+from outcome import Check, Verdict
 
 PIN = PackagePin("linux-image-6.1.0-99-amd64-unsigned", "6.1.999-1", "ab" * 32, "linux-image.deb")
 
