@@ -70,6 +70,19 @@ def cancel_unless_host_meets(test: AvocadoTestLike, requirements: tuple[str, ...
         test.cancel(reason)
 
 
+def judge(test: AvocadoTestLike, verdict: Verdict) -> None:
+    """The one mapping of a verdict to Avocado's statuses, for every test: PASS passes; FAIL and
+    ERROR fail with the failed checks (or the reason); CANNOT RUN and NOT MEANINGFUL cancel with
+    their reason. Findings ride on the status; the verdict goes on the whiteboard."""
+    test.whiteboard = verdict.to_json()
+    if verdict.not_run in ("CANNOT RUN", "NOT MEANINGFUL"):
+        test.cancel(f"{verdict.not_run}: {verdict.reason}")
+    if verdict.not_run == "ERROR":
+        test.fail(f"ERROR: {verdict.reason}")
+    if not verdict.passed:
+        test.fail("; ".join(c.line() for c in verdict.failures) or f"{verdict.scenario}: no check was made")
+
+
 def _quiet_wire_loggers() -> None:
     # Avocado records every logger at DEBUG; the QMP and SSH wire traces are already in
     # qmp.jsonl and probe.jsonl, and at DEBUG they bury the verdict under thousands of lines.

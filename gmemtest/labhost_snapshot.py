@@ -34,7 +34,8 @@ HOLD_MARKER = "GMEMTEST-LABHOST-HOLD"
 # A real KVM_RUN in the restored L1: three guest_memfd slots, a payload reading every gfn.
 _NESTED_CHECK = ("from host_stack import vmm\nfrom host_stack.kvm import KvmSystem\n"
                  "with KvmSystem() as system:\n    r = vmm.run_backing_source(system)\n"
-                 "print('nested KVM_RUN:', r.behaviour, 'reads', len(r.reads), 'mismatches', len(r.mismatches))")
+                 "print('nested KVM_RUN:', r.evidence['behaviour'], 'reads', len(r.evidence['reads']), "
+                 "'mismatches', len(r.failures))")
 
 
 def labhost_snapshot_trial(image: LabhostImage, workdir: Path, *, restores: int = 3, hold_s: int = 1,

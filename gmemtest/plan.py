@@ -214,8 +214,8 @@ def _not_meaningful(ctx: _Context) -> str | None:
     if ctx.report is not None:
         return None  # a stand-in report says nothing about this host's memory
     with KvmSystem() as system:
-        finding = vmm.run_backing_source(system).finding
-    return None if finding is None else vmm.NOT_MEANINGFUL_ON_DECOY
+        findings = vmm.run_backing_source(system).findings
+    return vmm.NOT_MEANINGFUL_ON_DECOY if any(f.id == vmm.FINDING_ID for f in findings) else None
 
 
 def plan_main_job(root: Path = AVOCADO_TESTS, *, report: HostReport | None = None, qemu: str = DEFAULT_QEMU,

@@ -20,14 +20,13 @@ from typing import Any
 
 from gmemtest.preflight import preflight_report
 from gmemtest.report_html import render
-from gmemtest.report_model import Item, Qualification, Status, atomic_write
+from gmemtest.report_model import Item, Qualification, atomic_write
 from gmemtest.requirements import host_unmet, scenario_unmet
 from gmemtest.runner import run_in_fresh_guest
 from gmemtest.scenarios import ScenarioSpec
 from gmemtest.under_test import UnderTest
 from host_stack import gmem_uapi_cases, vmm
 from host_stack.capabilities import HostReport
-from host_stack.gmem_uapi_cases import CASES, run_case
 from host_stack.kvm import KvmSystem
 from host_stack.poison_matrix import MatrixCancelled, run_poison_matrix
 from host_stack.seed_regression import SeedCancelled, run_seed_regression
@@ -36,9 +35,6 @@ from qmp_helpers import DEFAULT_QEMU
 
 _LOG = logging.getLogger(__name__)
 
-# host_stack's scenario outcomes in the report's words. "not meaningful" is a check that ran but
-# could not discriminate on this host (e.g. gmem slots served from userspace_addr): never a pass.
-_SCENARIO_STATUS: dict[str, Status] = {"pass": "PASS", "fail": "FAIL", "not_meaningful": "NOT MEANINGFUL"}
 
 
 class _Report:
@@ -91,40 +87,35 @@ def _host_checks(r: _Report, report: HostReport | None) -> None:
 
         def uapi() -> Item:
             assert system is not None
-            results = [run_case(case, system) for case in CASES]
-            failed = [res for res in results if res.status == "fail"]
-            found = [res for res in results if res.status == "finding"]
-            n_na = sum(res.status == "not_applicable" for res in results)
-            for res in found:  # a documented errno of another kernel: listed, never folded into PASS
-                r.q.findings.extend(f.to_json() for f in res.findings)
-            n_pass = len(results) - len(failed) - len(found) - n_na
-            return Item("host", UAPI_ITEM, "FAIL" if failed else "PASS",
-                        f"{n_pass} passed, {len(found)} documented alternatives (findings), "
-                        f"{len(failed)} failed, {n_na} not applicable",
-                        [res.message for res in (*failed, *found)])
+            verdict = gmem_uapi_cases.run_table(system)
+            # A documented errno of another kernel: listed as a finding, never folded into PASS.
+            r.q.findings.extend(f.to_json() for f in verdict.findings)
+            ran = {c.name.split(":", 1)[0] for c in verdict.checks}
+            failed = {c.name.split(":", 1)[0] for c in verdict.failures}
+            n_na = len(verdict.evidence.get("did_not_run", {}))
+            n_found = len(verdict.findings)
+            return Item.from_verdict("host", UAPI_ITEM, verdict,
+                                     f"{len(ran) - len(failed) - n_found} passed, {n_found} documented "
+                                     f"alternatives (findings), {len(failed)} failed, {n_na} not applicable")
 
         def mapping() -> Item:
             assert system is not None
-            result = vmm.run_oracle_mapping(system)
-            return Item("host", MAPPING_ITEM, _SCENARIO_STATUS[result.status],
-                        result.reason or f"{len(result.reads)} gfns read over {len(result.layout)} slots",
-                        list(result.mismatches))
+            verdict = vmm.run_oracle_mapping(system)
+            return Item.from_verdict("host", MAPPING_ITEM, verdict, f"{len(verdict.checks)} gfns read over "
+                                     f"{len(verdict.evidence['layout'])} slots")
 
         def hole() -> Item:
             assert system is not None
             index = vmm.DEFAULT_LAYOUT[1].gmem_pgoff + 1
-            result = vmm.run_punch_hole(system, index)
-            return Item("host", PUNCH_ITEM, _SCENARIO_STATUS[result.status],
-                        result.reason or f"file index {index} -> gfn {result.expected_gfn:#x}",
-                        list(result.mismatches))
+            verdict = vmm.run_punch_hole(system, index)
+            return Item.from_verdict("host", PUNCH_ITEM, verdict,
+                                     f"file index {index} -> gfn {verdict.evidence['expected_gfn']:#x}")
 
         def backing() -> Item:
             assert system is not None
-            result = vmm.run_backing_source(system)
-            if result.finding is not None:
-                r.q.findings.append(result.finding.to_json())
-            return Item("host", BACKING_ITEM, "FAIL" if result.mismatches else "PASS",
-                        f"served from {result.behaviour}", list(result.mismatches))
+            verdict = vmm.run_backing_source(system)
+            r.q.findings.extend(f.to_json() for f in verdict.findings)
+            return Item.from_verdict("host", BACKING_ITEM, verdict, f"served from {verdict.evidence['behaviour']}")
 
         needs = (gmem_uapi_cases.HOST_REQUIREMENTS, *[vmm.HOST_REQUIREMENTS] * 3)
         for name, requirements, check in zip(HOST_CHECKS, needs, (uapi, mapping, hole, backing), strict=True):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from outcome import Status
+from outcome import Status, Verdict
 
 __all__ = ["Item", "Qualification", "Status", "atomic_write"]
 
@@ -27,6 +27,16 @@ class Item:
     # Relative to the report's directory, so the HTML links open wherever the report is copied.
     evidence: str | None = None
     duration_s: float | None = None
+
+    @classmethod
+    def from_verdict(cls, section: str, name: str, verdict: Verdict, summary: str,
+                     evidence: str | None = None) -> Item:
+        """The report's line for a verdict: its status; as details its failed checks, its
+        findings and its warnings. A verdict that did not run says why instead of ``summary``."""
+        details = [c.line() for c in verdict.failures]
+        details += [f"FINDING {f.id}: {f.text}" for f in verdict.findings]
+        details += [f"WARNING: {w}" for w in verdict.warnings]
+        return cls(section, name, verdict.status, verdict.reason or summary, details, evidence)
 
 
 @dataclass

@@ -11,11 +11,13 @@ and expects one errno (0: must succeed). ``contract`` says what the expectation 
 Errnos are not fixed across kernels: the same misuse has been answered differently by
 different releases. ``kernels`` says where the expected errno is known to hold, and
 ``alternatives`` lists errnos *documented* (measured or read in a named source) for other
-kernels. A documented alternative is neither a pass nor a failure: the case's status is
-``finding`` and its result carries a ``Finding`` naming both errnos and both kernel sets, so a
-qualification report shows the difference instead of hiding it. Any other errno fails.
+kernels. A documented alternative passes and carries a ``Finding`` naming both errnos and both
+kernel sets, so a qualification report shows the difference instead of hiding it. Any other
+errno fails.
 
-Set-up failures are reported as failures of the case ("setup failed"), never as a pass.
+Every case, and the whole table (``run_table``), is an ``outcome.Verdict``. Set-up failures are
+failures of the case ("setup failed"), never a pass; a case that needs what the host's VM lacks
+is CANNOT RUN with the reason, listed in the table's evidence.
 """
 
 from __future__ import annotations
@@ -30,20 +32,20 @@ from typing import Any, Final, Literal
 
 from host_stack import kvm_uapi as u
 from host_stack.kvm import PAGE_SIZE, GuestMemfd, HostMapping, KvmSystem, Memslot, Vm
-from outcome import Finding
+from outcome import Check, Finding, Verdict
 
 __all__ = [
     "CASES",
     "HOST_REQUIREMENTS",
+    "TABLE_NAME",
     "CaseEnv",
-    "CaseResult",
-    "CaseStatus",
     "KnownErrno",
     "Outcome",
     "UapiCase",
     "case_by_id",
     "judge_outcome",
     "run_case",
+    "run_table",
 ]
 
 _log = logging.getLogger(__name__)
@@ -54,12 +56,12 @@ GMEM_SIZE: Final = 16 * P
 # The whole table needs guest_memfd: a host without it cannot run a single case. The decision rests
 # on the capability, never on a case's errno (a host that claims it and answers ENOTTY fails).
 HOST_REQUIREMENTS: Final = ("kvm", "guest_memfd")
+TABLE_NAME: Final = "guest_memfd uAPI cases"
 MMAP_SHARED_FLAGS: Final = u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED
 SLOT_GPA: Final = 0x100000
 OTHER_GPA: Final = 0x200000
 
 Contract = Literal["kernel", "host"]
-CaseStatus = Literal["pass", "finding", "fail", "not_applicable"]
 # Where a case's primary errno was measured, unless the case says otherwise.
 ALL_KERNELS: Final = "every kernel with guest_memfd seen so far (6.18 PVM, 7.3.4)"
 KERNEL_7_3_4: Final = "7.3.4 (Debian trixie-backports, measured in the lab host's L1)"
@@ -136,36 +138,6 @@ class UapiCase:
         return "success" if self.expected_errno == 0 else errno.errorcode[self.expected_errno]
 
 
-@dataclass(frozen=True)
-class CaseResult:
-    """Verdict of one case; ``message`` states expected and actual."""
-
-    case_id: str
-    contract: Contract
-    expected_errno: int
-    actual_errno: int | None
-    status: CaseStatus
-    message: str
-    detail: dict[str, Any] = field(default_factory=dict)
-    findings: tuple[Finding, ...] = ()  # a documented alternative errno (status "finding")
-
-    @property
-    def ok(self) -> bool:
-        return self.status != "fail"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "case": self.case_id,
-            "contract": self.contract,
-            "expected_errno": self.expected_errno,
-            "actual_errno": self.actual_errno,
-            "status": self.status,
-            "message": self.message,
-            "detail": self.detail,
-            "findings": [f.to_json() for f in self.findings],
-        }
-
-
 def _name(err: int | None) -> str:
     if err is None:
         return "nothing"
@@ -174,8 +146,12 @@ def _name(err: int | None) -> str:
     return f"{errno.errorcode.get(err, str(err))} ({os.strerror(err)})"
 
 
-def run_case(case: UapiCase, system: KvmSystem | None = None) -> CaseResult:
-    """Run one case in a fresh VM; every fd and mapping is closed before returning."""
+def run_case(case: UapiCase, system: KvmSystem | None = None) -> Verdict:
+    """Run one case in a fresh VM; every fd and mapping is closed before returning.
+
+    PASS or FAIL with the errno check; CANNOT RUN when the case needs what this host's VM
+    lacks (creation flags, an ioctl); a documented errno of another kernel passes with a finding.
+    """
     with contextlib.ExitStack() as stack:
         if system is None:
             system = stack.enter_context(KvmSystem())
@@ -184,47 +160,59 @@ def run_case(case: UapiCase, system: KvmSystem | None = None) -> CaseResult:
             flags = env.gmem_flags_supported() if case.requires_flags else 0
             if case.requires_flags and flags & case.requires_flags != case.requires_flags:
                 reason = f"needs guest_memfd flags {case.requires_flags:#x}, KVM_CAP_GUEST_MEMFD_FLAGS={flags:#x}"
-                return CaseResult(case.id, case.contract, case.expected_errno, None, "not_applicable", reason)
+                return Verdict.did_not_run(case.id, "CANNOT RUN", reason)
             reason_na = case.applies(env) if case.applies else None
             if reason_na is not None:
-                return CaseResult(case.id, case.contract, case.expected_errno, None, "not_applicable", reason_na)
+                return Verdict.did_not_run(case.id, "CANNOT RUN", reason_na)
             outcome = case.action(env)
         except OSError as exc:
-            return CaseResult(
-                case.id,
-                case.contract,
-                case.expected_errno,
-                None,
-                "fail",
-                f"{case.id}: setup failed before the operation under test: {exc}",
-            )
+            check = Check(_check_name(case), _expected(case), f"setup failed before the operation under test: {exc}",
+                          False)
+            return Verdict(case.id, (check,))
     return judge_outcome(case, outcome)
 
 
-def judge_outcome(case: UapiCase, outcome: Outcome) -> CaseResult:
-    """Pure: expected errno -> pass; a documented alternative -> finding; anything else -> fail."""
-    head = f"{case.id} ({case.description}): "
-    expected = f"expected {_name(case.expected_errno)} (known on {case.kernels})"
+def run_table(system: KvmSystem | None = None, cases: tuple[UapiCase, ...] = ()) -> Verdict:
+    """Every case (default: ``CASES``) as one verdict: a check per case that ran, the cases that
+    cannot run here listed in its evidence, documented errnos of other kernels as findings."""
+    with contextlib.ExitStack() as stack:
+        if system is None:
+            system = stack.enter_context(KvmSystem())
+        parts = [run_case(case, system) for case in cases or CASES]
+    return Verdict.combine(TABLE_NAME, parts)
+
+
+def _check_name(case: UapiCase) -> str:
+    return f"{case.description} [{case.contract}]"
+
+
+def _expected(case: UapiCase) -> str:
+    return f"{_name(case.expected_errno)} (known on {case.kernels})"
+
+
+def judge_outcome(case: UapiCase, outcome: Outcome) -> Verdict:
+    """Pure: the expected errno passes; a documented alternative passes with a finding naming both
+    kernels; any other errno, or a failed extra check, fails."""
     alternative = next((a for a in case.alternatives if a.errno == outcome.errno), None)
-    if outcome.errno != case.expected_errno and alternative is None:
-        documented = "".join(f"; {_name(a.errno)} is documented on {a.kernels}" for a in case.alternatives)
-        problems = [f"{expected}, got {_name(outcome.errno)}{documented}", *outcome.problems]
-        return CaseResult(case.id, case.contract, case.expected_errno, outcome.errno, "fail",
-                          head + "; ".join(problems), outcome.detail)  # fmt: skip
-    if outcome.problems:
-        return CaseResult(case.id, case.contract, case.expected_errno, outcome.errno, "fail",
-                          head + "; ".join(outcome.problems), outcome.detail)  # fmt: skip
+    documented = "".join(f"; {_name(a.errno)} is documented on {a.kernels}" for a in case.alternatives)
+    actual = _name(outcome.errno)
+    if alternative is not None:
+        actual += f", the documented answer of {alternative.kernels} ({alternative.basis})"
+    elif outcome.errno != case.expected_errno:
+        actual += documented
+    checks = [Check(_check_name(case), _expected(case), actual,
+                    outcome.errno == case.expected_errno or alternative is not None)]
+    checks += [Check(f"{_check_name(case)}: {problem.split(':', 1)[0]}", "as the case requires", problem, False)
+               for problem in outcome.problems]
+    evidence = {"contract": case.contract, "expected_errno": case.expected_errno, "actual_errno": outcome.errno,
+                **({"detail": outcome.detail} if outcome.detail else {})}
     if alternative is None:
-        return CaseResult(case.id, case.contract, case.expected_errno, outcome.errno, "pass",
-                          head + f"{_name(outcome.errno)} as expected", outcome.detail)  # fmt: skip
-    text = (
-        f"{head}{expected}, got {_name(outcome.errno)}, the documented answer of "
-        f"{alternative.kernels} ({alternative.basis})"
-    )
+        return Verdict(case.id, tuple(checks), evidence=evidence)
     finding = Finding(
         id=f"uapi-errno-{case.id}",
         severity="divergence",
-        text=text,
+        text=(f"{case.id} ({case.description}): expected {_expected(case)}, got {_name(outcome.errno)}, "
+              f"the documented answer of {alternative.kernels} ({alternative.basis})"),
         evidence={
             "case": case.id,
             "expected_errno": errno.errorcode.get(case.expected_errno, case.expected_errno),
@@ -235,8 +223,7 @@ def judge_outcome(case: UapiCase, outcome: Outcome) -> CaseResult:
             "kernel_release": os.uname().release,
         },
     )
-    return CaseResult(case.id, case.contract, case.expected_errno, outcome.errno, "finding", text,
-                      outcome.detail, (finding,))  # fmt: skip
+    return Verdict(case.id, tuple(checks), findings=(finding,), evidence=evidence)
 
 
 # --- actions ----------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Final, Literal, TypeVar
 
 from host_stack import gmem_layout as gl
 from host_stack import kvm_uapi as u
@@ -39,25 +39,24 @@ from host_stack.kvm import (
     VcpuExit,
     Vm,
 )
-from outcome import Finding
+from outcome import Check, Finding, Verdict
 
 if TYPE_CHECKING:
     from types import TracebackType
 
 __all__ = [
+    "BACKING_SOURCE",
     "DEFAULT_LAYOUT",
     "FINDING_ID",
     "HOST_REQUIREMENTS",
+    "MAPPING",
     "NOT_MEANINGFUL_ON_DECOY",
     "PORT_GFN",
     "PORT_VALUE",
-    "BackingSourceResult",
+    "PUNCH_HOLE",
     "GmemUnsupported",
     "GuestRead",
-    "OracleMappingResult",
     "PayloadError",
-    "PunchHoleResult",
-    "ScenarioStatus",
     "TinyVm",
     "anon_marker",
     "build_read_payload",
@@ -316,127 +315,74 @@ def _layout_json(layout: Sequence[gl.SlotLayout]) -> list[dict[str, int]]:
     return [asdict(s) for s in layout]
 
 
-# Same vocabulary as gmem_uapi_cases.CaseResult.status, plus the outcome of a check whose
-# observable does not exist on this host: it ran, but proves nothing, and says why.
-ScenarioStatus = Literal["pass", "fail", "not_meaningful"]
-
-
 def not_meaningful_reason(what: str) -> str:
     """Why ``what`` (an oracle check) proves nothing on a host that serves gmem slots from userspace_addr."""
     return f"{what} {NOT_MEANINGFUL_ON_DECOY}"
 
 
-@dataclass(frozen=True)
-class OracleMappingResult:
-    """Scenario (a): every gfn reads the marker of the file index the oracle predicts."""
-
-    layout: tuple[gl.SlotLayout, ...]
-    reads: tuple[GuestRead, ...]
-    mismatches: tuple[str, ...]
-    status: ScenarioStatus = "pass"
-    reason: str = ""  # why not meaningful
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "pass"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "scenario": "oracle_mapping",
-            "ok": self.ok,
-            "status": self.status,
-            "reason": self.reason,
-            "layout": _layout_json(self.layout),
-            "reads": [{"gfn": r.gfn, "value": r.value} for r in self.reads],
-            "mismatches": list(self.mismatches),
-        }
+MAPPING: Final = "oracle_mapping"
+PUNCH_HOLE: Final = "punch_hole"
+BACKING_SOURCE: Final = "backing_source"
 
 
-def _expect_markers(
-    layout: Sequence[gl.SlotLayout], reads: Sequence[GuestRead], hole_gfn: int | None = None
-) -> list[str]:
-    problems = []
+def _reads_json(reads: Sequence[GuestRead]) -> list[dict[str, int]]:
+    return [{"gfn": r.gfn, "value": r.value} for r in reads]
+
+
+def _marker_checks(layout: Sequence[gl.SlotLayout], reads: Sequence[GuestRead], hole_gfn: int | None = None,
+                   when: str = "") -> list[Check]:
+    """One check per gfn read: the marker of the file index the oracle maps it to (or zero at a hole)."""
+    if not reads:
+        return [Check(f"{when}gfns read by the payload", "every gfn of the layout", "none", False)]
+    checks = []
     for r in reads:
         index = gl.index_for_gfn(layout, r.gfn)
         if index is None:
-            problems.append(f"gfn {r.gfn:#x}: no slot maps it, yet it was read")
+            checks.append(Check(f"{when}gfn {r.gfn:#x}", "no read (no slot maps it)", f"{r.value:#010x}", False))
             continue
         expected = 0 if r.gfn == hole_gfn else gmem_marker(index)
-        if r.value != expected:
-            problems.append(
-                f"gfn {r.gfn:#x}: expected {expected:#010x} "
-                f"({'zero (punched)' if r.gfn == hole_gfn else f'index {index}'}), "
-                f"got {r.value:#010x} ({_describe(r.value)})"
-            )
-    return problems
+        what = "zero (punched)" if r.gfn == hole_gfn else f"index {index}"
+        checks.append(Check(f"{when}gfn {r.gfn:#x}", f"{expected:#010x} ({what})",
+                            f"{r.value:#010x} ({_describe(r.value)})", r.value == expected))
+    return checks
 
 
 def _served_from_userspace_addr(layout: Sequence[gl.SlotLayout], reads: Sequence[GuestRead]) -> bool:
     return bool(reads) and classify_backing(layout, reads)[0] == "userspace_addr"
 
 
-def judge_oracle_mapping(
-    layout: Sequence[gl.SlotLayout], reads: Sequence[GuestRead]
-) -> tuple[ScenarioStatus, list[str], str]:
-    """Pure: (status, mismatches, reason) for reads through decoy ``userspace_addr`` views."""
+def judge_oracle_mapping(layout: Sequence[gl.SlotLayout], reads: Sequence[GuestRead]) -> Verdict:
+    """Pure: every gfn read through decoy ``userspace_addr`` views shows the oracle's file index;
+    NOT MEANINGFUL where the decoys answered (the translation was never used)."""
+    evidence = {"layout": _layout_json(layout), "reads": _reads_json(reads)}
     if _served_from_userspace_addr(layout, reads):
-        return "not_meaningful", [], not_meaningful_reason("the gfn -> guest_memfd index oracle check")
-    problems = _expect_markers(layout, reads) if reads else ["no reads"]
-    return ("fail" if problems else "pass"), problems, ""
+        return Verdict.did_not_run(MAPPING, "NOT MEANINGFUL",
+                                   not_meaningful_reason("the gfn -> guest_memfd index oracle check"),
+                                   evidence=evidence)
+    return Verdict(MAPPING, tuple(_marker_checks(layout, reads)), evidence=evidence)
 
 
-def run_oracle_mapping(system: KvmSystem, layout: Sequence[gl.SlotLayout] = DEFAULT_LAYOUT) -> OracleMappingResult:
+def run_oracle_mapping(system: KvmSystem, layout: Sequence[gl.SlotLayout] = DEFAULT_LAYOUT) -> Verdict:
     """(a) Through decoy ``userspace_addr`` views, each gfn must show the oracle's file index."""
     with TinyVm(system, layout, backing="decoy") as tvm:
-        reads = tvm.read_gfns(tvm.all_gfns())
-        status, problems, reason = judge_oracle_mapping(tvm.layout, reads)
-        return OracleMappingResult(tvm.layout, tuple(reads), tuple(problems), status, reason)
-
-
-@dataclass(frozen=True)
-class PunchHoleResult:
-    """Scenario (b): after punching file index ``index`` the guest sees zero only at its gfn."""
-
-    layout: tuple[gl.SlotLayout, ...]
-    index: int
-    expected_gfn: int
-    before: tuple[GuestRead, ...]
-    after: tuple[GuestRead, ...]
-    mismatches: tuple[str, ...]
-    status: ScenarioStatus = "pass"
-    reason: str = ""  # why not meaningful
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "pass"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "scenario": "punch_hole",
-            "ok": self.ok,
-            "status": self.status,
-            "reason": self.reason,
-            "layout": _layout_json(self.layout),
-            "index": self.index,
-            "expected_gfn": self.expected_gfn,
-            "before": [{"gfn": r.gfn, "value": r.value} for r in self.before],
-            "after": [{"gfn": r.gfn, "value": r.value} for r in self.after],
-            "mismatches": list(self.mismatches),
-        }
+        return judge_oracle_mapping(tvm.layout, tvm.read_gfns(tvm.all_gfns()))
 
 
 def judge_punch_hole(
     layout: Sequence[gl.SlotLayout], hole_gfn: int, before: Sequence[GuestRead], after: Sequence[GuestRead]
-) -> tuple[ScenarioStatus, list[str], str]:
-    """Pure: (status, mismatches, reason) for reads before/after the punch, decoy views."""
+) -> Verdict:
+    """Pure: every gfn before the punch, and after it zero at exactly ``hole_gfn`` (decoy views)."""
+    evidence = {"layout": _layout_json(layout), "expected_gfn": hole_gfn, "before": _reads_json(before),
+                "after": _reads_json(after)}
     if _served_from_userspace_addr(layout, before):
-        return "not_meaningful", [], not_meaningful_reason("the punch-hole check")
-    problems = [f"before punch: {p}" for p in (_expect_markers(layout, before) if before else ["no reads"])]
-    problems += [f"after punch: {p}" for p in (_expect_markers(layout, after, hole_gfn) if after else ["no reads"])]
-    return ("fail" if problems else "pass"), problems, ""
+        return Verdict.did_not_run(PUNCH_HOLE, "NOT MEANINGFUL", not_meaningful_reason("the punch-hole check"),
+                                   evidence=evidence)
+    checks = [*_marker_checks(layout, before, when="before punch: "),
+              *_marker_checks(layout, after, hole_gfn, when="after punch: ")]
+    return Verdict(PUNCH_HOLE, tuple(checks), evidence=evidence)
 
 
-def run_punch_hole(system: KvmSystem, index: int, layout: Sequence[gl.SlotLayout] = DEFAULT_LAYOUT) -> PunchHoleResult:
+def run_punch_hole(system: KvmSystem, index: int, layout: Sequence[gl.SlotLayout] = DEFAULT_LAYOUT) -> Verdict:
     """(b) Punch file page ``index`` between two runs of the payload in the same VM (decoy views)."""
     expected_gfn = gl.gfn_for_index(layout, index)
     if expected_gfn is None:
@@ -446,45 +392,11 @@ def run_punch_hole(system: KvmSystem, index: int, layout: Sequence[gl.SlotLayout
         before = tvm.read_gfns(gfns)
         tvm.gmem.punch_hole(index * gl.PAGE_SIZE, gl.PAGE_SIZE)
         after = tvm.read_gfns(gfns)
-        status, problems, reason = judge_punch_hole(tvm.layout, expected_gfn, before, after)
-        return PunchHoleResult(
-            tvm.layout, index, expected_gfn, tuple(before), tuple(after), tuple(problems), status, reason
-        )
+        verdict = judge_punch_hole(tvm.layout, expected_gfn, before, after)
+    return replace(verdict, evidence={**verdict.evidence, "index": index})
 
 
 Behaviour = Literal["guest_memfd", "userspace_addr", "unexpected"]
-
-
-@dataclass(frozen=True)
-class BackingSourceResult:
-    """Which view a gmem slot's guest accesses are served from.
-
-    ``guest_memfd`` is the upstream (6.18, TDP MMU) behaviour for MMAP|INIT_SHARED slots;
-    ``userspace_addr`` is an understood divergence, carried as ``finding``; ``unexpected``
-    (mixed sources, wrong index, garbage) is a failure listed in ``mismatches``.
-    """
-
-    layout: tuple[gl.SlotLayout, ...]
-    reads: tuple[GuestRead, ...]
-    behaviour: Behaviour
-    mismatches: tuple[str, ...]
-    finding: Finding | None = None
-    slot_hva: dict[int, int] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.behaviour != "unexpected"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "scenario": "backing_source",
-            "ok": self.ok,
-            "behaviour": self.behaviour,
-            "layout": _layout_json(self.layout),
-            "reads": [{"gfn": r.gfn, "value": r.value} for r in self.reads],
-            "mismatches": list(self.mismatches),
-            "finding": self.finding.to_json() if self.finding else None,
-        }
 
 
 def classify_backing(layout: Sequence[gl.SlotLayout], reads: Sequence[GuestRead]) -> tuple[Behaviour, list[str]]:
@@ -522,14 +434,23 @@ NOT_MEANINGFUL_ON_DECOY: Final = (
 )
 
 
-def run_backing_source(system: KvmSystem, layout: Sequence[gl.SlotLayout] = DEFAULT_LAYOUT) -> BackingSourceResult:
-    """Run with ``userspace_addr`` pointing at a decoy buffer and see which view the guest reads."""
+def run_backing_source(system: KvmSystem, layout: Sequence[gl.SlotLayout] = DEFAULT_LAYOUT) -> Verdict:
+    """Run with ``userspace_addr`` pointing at a decoy buffer and see which view the guest reads.
+
+    ``guest_memfd`` is the upstream (6.18, TDP MMU) behaviour for MMAP|INIT_SHARED slots and
+    passes; ``userspace_addr`` is an understood divergence: it passes with the finding;
+    ``unexpected`` (mixed sources, wrong index, garbage) fails. ``evidence["behaviour"]`` says which.
+    """
     with TinyVm(system, layout, backing="decoy") as tvm:
         reads = tvm.read_gfns(tvm.all_gfns())
         behaviour, problems = classify_backing(tvm.layout, reads)
-        finding = None
+        evidence = {"behaviour": behaviour, "layout": _layout_json(tvm.layout), "reads": _reads_json(reads),
+                    "slot_hva": {str(k): v for k, v in tvm.slot_hva.items()}}
+        check = Check("memory serving every gmem slot's gfns", "one of guest_memfd, userspace_addr",
+                      behaviour if not problems else "; ".join(problems), behaviour != "unexpected")
+        findings: tuple[Finding, ...] = ()
         if behaviour == "userspace_addr":
-            finding = Finding(
+            findings = (Finding(
                 id=FINDING_ID,
                 severity="divergence",
                 text=(
@@ -541,10 +462,10 @@ def run_backing_source(system: KvmSystem, layout: Sequence[gl.SlotLayout] = DEFA
                 ),
                 evidence={
                     "layout": _layout_json(tvm.layout),
-                    "reads": [{"gfn": r.gfn, "value": r.value} for r in reads],
+                    "reads": _reads_json(reads),
                     "guest_memfd_marker_example": gmem_marker(tvm.layout[0].gmem_pgoff),
                     "userspace_addr_marker_example": anon_marker(tvm.layout[0].gmem_pgoff),
                 },
-            )
-            _log.warning("finding %s: %s", finding.id, finding.text)
-        return BackingSourceResult(tvm.layout, tuple(reads), behaviour, tuple(problems), finding, dict(tvm.slot_hva))
+            ),)
+            _log.warning("finding %s: %s", FINDING_ID, findings[0].text)
+        return Verdict(BACKING_SOURCE, (check,), findings=findings, evidence=evidence)

@@ -15,7 +15,8 @@ A failed clean-up is a warning: it does not change the status, and each caller m
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final, Literal, get_args
 
 from .finding import Finding
@@ -58,6 +59,8 @@ class Verdict:
     warnings: tuple[str, ...] = ()
     not_run: NotRun | None = None  # set with ``reason`` when the checks could not decide
     reason: str | None = None
+    # What a reader needs to redo the judgement: raw answers, the layout, file names (JSON data).
+    evidence: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if (self.not_run is None) != (self.reason is None):
@@ -70,6 +73,25 @@ class Verdict:
     def did_not_run(cls, scenario: str, status: NotRun, reason: str, **extra: Any) -> Verdict:
         """CANNOT RUN, NOT MEANINGFUL or ERROR, with the one sentence why."""
         return cls(scenario, not_run=status, reason=reason, **extra)
+
+    @classmethod
+    def combine(cls, scenario: str, parts: Sequence[Verdict], **extra: Any) -> Verdict:
+        """One verdict of many (a table's cases, a matrix's rows): every part's checks, each named
+        ``<part>: <check>``, and its findings and warnings. Parts that did not run are not checks:
+        they are listed in ``evidence["did_not_run"]`` with their reasons; if no part ran, the
+        whole did not run either (CANNOT RUN, or ERROR if one part broke)."""
+        ran = [p for p in parts if p.not_run is None]
+        idle = {p.scenario: f"{p.not_run}: {p.reason}" for p in parts if p.not_run is not None}
+        evidence = {**extra.pop("evidence", {}), **({"did_not_run": idle} if idle else {})}
+        findings = tuple(f for p in parts for f in p.findings)
+        warnings = tuple(w for p in parts for w in p.warnings)
+        if not ran:
+            broke = any(p.not_run == "ERROR" for p in parts)
+            reason = "; ".join(f"{name}: {why}" for name, why in idle.items()) or "nothing to judge"
+            return cls(scenario, findings=findings, warnings=warnings, not_run="ERROR" if broke else "CANNOT RUN",
+                       reason=reason, evidence=evidence, **extra)
+        checks = tuple(replace(c, name=f"{p.scenario}: {c.name}") for p in ran for c in p.checks)
+        return cls(scenario, checks, findings=findings, warnings=warnings, evidence=evidence, **extra)
 
     @property
     def passed(self) -> bool:
@@ -95,7 +117,7 @@ class Verdict:
         doc: dict[str, Any] = {"scenario": self.scenario, "status": self.status, "passed": self.passed,
                                "checks": [asdict(c) for c in self.checks]}
         for key, value in (("setup", self.setup), ("findings", [f.to_json() for f in self.findings]),
-                           ("warnings", list(self.warnings)), ("reason", self.reason)):
+                           ("warnings", list(self.warnings)), ("reason", self.reason), ("evidence", self.evidence)):
             if value:
                 doc[key] = value
         return doc
@@ -110,7 +132,8 @@ class Verdict:
                    setup=dict(doc.get("setup", {})),
                    findings=tuple(Finding(**f) for f in doc.get("findings", [])),
                    warnings=tuple(doc.get("warnings", [])),
-                   not_run=status if status in NOT_RUN else None, reason=doc.get("reason"))
+                   not_run=status if status in NOT_RUN else None, reason=doc.get("reason"),
+                   evidence=dict(doc.get("evidence", {})))
 
     @classmethod
     def from_json(cls, text: str) -> Verdict:

@@ -7,9 +7,8 @@ from pathlib import Path
 
 from avocado import Test
 
-from gmemtest.avocado_support import HOST_TEST_TIMEOUT_S, cancel_unless_host_meets
-from host_stack.gmem_uapi_cases import CASES, HOST_REQUIREMENTS, run_case
-from host_stack.kvm import KvmSystem
+from gmemtest.avocado_support import HOST_TEST_TIMEOUT_S, cancel_unless_host_meets, judge
+from host_stack.gmem_uapi_cases import HOST_REQUIREMENTS, run_table
 
 
 class GmemUapi(Test):  # type: ignore[misc]  # avocado is untyped
@@ -28,16 +27,15 @@ class GmemUapi(Test):  # type: ignore[misc]  # avocado is untyped
 
     def test_cases(self) -> None:
         cancel_unless_host_meets(self, HOST_REQUIREMENTS)
-        with KvmSystem() as system:
-            results = [run_case(case, system) for case in CASES]
-        (Path(self.outputdir) / "uapi_cases.json").write_text(json.dumps([r.to_json() for r in results], indent=2))
-        for result in results:
-            self.log.info("%s [%s] %s", result.status.upper(), result.contract, result.message)
-        findings = [f.to_json() for r in results for f in r.findings]
+        verdict = run_table()
+        (Path(self.outputdir) / "uapi_cases.json").write_text(verdict.to_json() + "\n")
+        for check in verdict.checks:
+            self.log.info("%s", check.line())
+        for case, why in verdict.evidence.get("did_not_run", {}).items():
+            self.log.info("NOT RUN %s: %s", case, why)
+        findings = [f.to_json() for f in verdict.findings]
         # A documented errno of another kernel: listed (and written out), not a failure.
         (Path(self.outputdir) / "uapi_findings.json").write_text(json.dumps(findings, indent=2))
-        for finding in findings:
-            self.log.info("FINDING %s: %s", finding["id"], finding["text"])
-        failed = [r.message for r in results if r.status == "fail"]
-        if failed:
-            self.fail(f"{len(failed)} of {len(results)} uAPI cases failed: " + " | ".join(failed))
+        for finding in verdict.findings:
+            self.log.info("FINDING %s: %s", finding.id, finding.text)
+        judge(self, verdict)

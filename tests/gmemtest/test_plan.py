@@ -78,13 +78,13 @@ def test_a_host_serving_gmem_slots_from_userspace_addr_plans_the_oracle_checks_n
 
     from outcome import Finding
 
-    decoy = SimpleNamespace(finding=Finding(vmm.FINDING_ID, "divergence", "served from userspace_addr"))
+    decoy = SimpleNamespace(findings=(Finding(vmm.FINDING_ID, "divergence", "served from userspace_addr"),))
     monkeypatch.setattr(vmm, "run_backing_source", lambda _system: decoy)
     predicted = plan._not_meaningful(plan._Context(None, "qemu-system-x86_64", lambda: None))
     assert predicted is not None
     for what in ("the gfn -> guest_memfd index oracle check", "the punch-hole check"):
         assert predicted in vmm.not_meaningful_reason(what)
-    monkeypatch.setattr(vmm, "run_backing_source", lambda _system: SimpleNamespace(finding=None))
+    monkeypatch.setattr(vmm, "run_backing_source", lambda _system: SimpleNamespace(findings=()))
     assert plan._not_meaningful(plan._Context(None, "qemu-system-x86_64", lambda: None)) is None
 
 

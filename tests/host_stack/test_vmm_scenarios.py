@@ -63,16 +63,20 @@ def _all(values: Callable[[int, int], int]) -> list[vmm.GuestRead]:
 
 def test_oracle_check_is_not_meaningful_when_userspace_addr_serves() -> None:
     """Decoy markers at every gfn: the gfn -> index translation was never used, so no PASS."""
-    status, problems, reason = vmm.judge_oracle_mapping(LAYOUT, _all(lambda g, i: vmm.anon_marker(i)))
-    assert (status, problems) == ("not_meaningful", [])
-    assert "served from each slot's userspace_addr" in reason and vmm.FINDING_ID in reason
+    verdict = vmm.judge_oracle_mapping(LAYOUT, _all(lambda g, i: vmm.anon_marker(i)))
+    assert (verdict.status, verdict.checks) == ("NOT MEANINGFUL", ())
+    assert "served from each slot's userspace_addr" in str(verdict.reason) and vmm.FINDING_ID in str(verdict.reason)
+    assert len(verdict.evidence["reads"]) == sum(s.npages for s in LAYOUT)
 
 
 def test_oracle_check_passes_only_on_the_guest_memfd_markers_of_the_oracle() -> None:
-    assert vmm.judge_oracle_mapping(LAYOUT, _all(lambda g, i: vmm.gmem_marker(i))) == ("pass", [], "")
-    status, problems, _ = vmm.judge_oracle_mapping(LAYOUT, _all(lambda g, i: vmm.gmem_marker(g)))  # seed: index = gfn
-    assert status == "fail" and "gfn 0x20: expected 0x474d0002 (index 2), got 0x474d0020" in problems[0]
-    assert vmm.judge_oracle_mapping(LAYOUT, [])[0] == "fail"
+    good = vmm.judge_oracle_mapping(LAYOUT, _all(lambda g, i: vmm.gmem_marker(i)))
+    assert good.status == "PASS" and len(good.checks) == sum(s.npages for s in LAYOUT)
+    seed = vmm.judge_oracle_mapping(LAYOUT, _all(lambda g, i: vmm.gmem_marker(g)))  # seed: index = gfn
+    assert seed.status == "FAIL"
+    assert seed.failures[0].line() == ("FAIL gfn 0x20: expected 0x474d0002 (index 2), "
+                                       "actual 0x474d0020 (guest_memfd marker of index 32)")
+    assert vmm.judge_oracle_mapping(LAYOUT, []).status == "FAIL"
 
 
 def test_punch_hole_judgement_distinguishes_the_three_outcomes() -> None:
@@ -81,32 +85,34 @@ def test_punch_hole_judgement_distinguishes_the_three_outcomes() -> None:
     gm = _all(lambda g, i: vmm.gmem_marker(i))
     punched = _all(lambda g, i: 0 if g == hole else vmm.gmem_marker(i))
     anon = _all(lambda g, i: vmm.anon_marker(i))
-    assert vmm.judge_punch_hole(LAYOUT, hole, gm, punched) == ("pass", [], "")
-    status, _, reason = vmm.judge_punch_hole(LAYOUT, hole, anon, anon)
-    assert status == "not_meaningful" and "punch-hole check" in reason
+    assert vmm.judge_punch_hole(LAYOUT, hole, gm, punched).status == "PASS"
+    idle = vmm.judge_punch_hole(LAYOUT, hole, anon, anon)
+    assert idle.status == "NOT MEANINGFUL" and "punch-hole check" in str(idle.reason)
     # the hole falls back to the decoy view: a failure naming what was read
     fallback = _all(lambda g, i: vmm.anon_marker(i) if g == hole else vmm.gmem_marker(i))
-    status, problems, _ = vmm.judge_punch_hole(LAYOUT, hole, gm, fallback)
-    assert status == "fail" and "expected 0x00000000 (zero (punched)), got 0x414e0009 (userspace_addr" in problems[0]
+    failed = vmm.judge_punch_hole(LAYOUT, hole, gm, fallback)
+    (check,) = failed.failures
+    assert check.name == "after punch: gfn 0x41" and check.expected == "0x00000000 (zero (punched))"
+    assert check.actual.startswith("0x414e0009 (userspace_addr"), check.line()
 
 
 @pytest.mark.kvm
 @pytest.mark.host_requires(*vmm.HOST_REQUIREMENTS)
 @pytest.mark.usefixtures("no_fd_leak")
 def test_oracle_and_punch_checks_pass_only_where_guest_memfd_serves(kvm_system: KvmSystem) -> None:
-    """Here (PVM) the slots are served from userspace_addr: both checks must say so, not PASS."""
+    """Where the slots are served from userspace_addr (a PVM host) both checks must say so, not PASS."""
     backing = vmm.run_backing_source(kvm_system)
     mapping = vmm.run_oracle_mapping(kvm_system)
     hole = vmm.run_punch_hole(kvm_system, 9)
-    assert len(mapping.reads) == sum(s.npages for s in LAYOUT)
-    expected = {"guest_memfd": "pass", "userspace_addr": "not_meaningful"}[backing.behaviour]
-    assert (mapping.status, hole.status) == (expected, expected), (mapping.to_json(), hole.to_json())
-    assert mapping.ok == hole.ok == (expected == "pass")
-    if expected == "not_meaningful":
-        assert backing.finding is not None and backing.finding.id == vmm.FINDING_ID
-        assert vmm.FINDING_ID in mapping.reason and vmm.FINDING_ID in hole.reason
+    assert len(mapping.evidence["reads"]) == sum(s.npages for s in LAYOUT)
+    expected = {"guest_memfd": "PASS", "userspace_addr": "NOT MEANINGFUL"}[backing.evidence["behaviour"]]
+    assert (mapping.status, hole.status) == (expected, expected), (mapping.summary(), hole.summary())
+    if expected == "NOT MEANINGFUL":
+        assert [f.id for f in backing.findings] == [vmm.FINDING_ID]
+        assert vmm.FINDING_ID in str(mapping.reason) and vmm.FINDING_ID in str(hole.reason)
     else:
-        assert [r.gfn for r in hole.after if r.value == 0] == [0x41]
+        assert [r["gfn"] for r in hole.evidence["after"] if r["value"] == 0] == [0x41]
+        assert hole.evidence["index"] == 9
 
 
 def test_host_requirements_cancel_without_mmap_init_shared() -> None:
@@ -126,14 +132,13 @@ def test_host_requirements_cancel_without_mmap_init_shared() -> None:
 @pytest.mark.host_requires(*vmm.HOST_REQUIREMENTS)
 @pytest.mark.usefixtures("no_fd_leak")
 def test_backing_source_is_an_understood_behaviour(kvm_system: KvmSystem) -> None:
-    result = vmm.run_backing_source(kvm_system)
-    assert result.ok, result.mismatches
-    if result.behaviour == "userspace_addr":
-        assert result.finding is not None
-        assert result.finding.severity == "divergence"
-        assert result.finding.evidence["reads"]
+    verdict = vmm.run_backing_source(kvm_system)
+    assert verdict.status == "PASS", verdict.summary()
+    if verdict.evidence["behaviour"] == "userspace_addr":
+        (finding,) = verdict.findings
+        assert finding.severity == "divergence" and finding.evidence["reads"]
     else:
-        assert result.finding is None
+        assert verdict.findings == ()
 
 
 @pytest.mark.kvm
