@@ -137,17 +137,16 @@ SEED_EVIDENCE = "seed_regression.json"
 def _seed(r: _Report, report: HostReport | None) -> None:
     def check() -> Item:
         try:
-            result = run_seed_regression(report=report)
+            verdict = run_seed_regression(report=report)
         except SeedCancelled as exc:
             return Item("host", SEED_ITEM, "CANNOT RUN", exc.reason)
         # The whole record (memory-fault exit gpa/size/flags, the userspace SIGBUS, expectations).
-        (r.out / SEED_EVIDENCE).write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n")
-        messages = result.guest_verdict.messages + result.user_verdict.messages
-        warnings = [f"WARNING: {w}" for w in result.warnings]  # e.g. a frame left poisoned
-        return Item("host", SEED_ITEM, "PASS" if result.ok else "FAIL",
-                    "both the guest access and the userspace touch judged"
-                    + (f"; {len(warnings)} clean-up warning(s)" if warnings else ""),
-                    [*warnings, *messages], evidence=SEED_EVIDENCE)
+        (r.out / SEED_EVIDENCE).write_text(json.dumps(verdict.to_dict(), indent=2, default=str) + "\n")
+        contract = verdict.evidence.get("contract_of_guest_access", "none")
+        return Item.from_verdict("host", SEED_ITEM, verdict,
+                                 f"guest access ({contract}) and userspace touch judged, {len(verdict.checks)} checks"
+                                 + (f"; {len(verdict.warnings)} clean-up warning(s)" if verdict.warnings else ""),
+                                 evidence=SEED_EVIDENCE, all_checks=True)
 
     r.guarded("host", SEED_ITEM, check)
 

@@ -30,10 +30,11 @@ class Item:
 
     @classmethod
     def from_verdict(cls, section: str, name: str, verdict: Verdict, summary: str,
-                     evidence: str | None = None) -> Item:
-        """The report's line for a verdict: its status; as details its failed checks, its
-        findings and its warnings. A verdict that did not run says why instead of ``summary``."""
-        details = [c.line() for c in verdict.failures]
+                     evidence: str | None = None, *, all_checks: bool = False) -> Item:
+        """The report's line for a verdict: its status; as details its failed checks (every
+        check with ``all_checks``), its findings and its warnings. A verdict that did not run
+        says why instead of ``summary``."""
+        details = [c.line() for c in (verdict.checks if all_checks else verdict.failures)]
         details += [f"FINDING {f.id}: {f.text}" for f in verdict.findings]
         details += [f"WARNING: {w}" for w in verdict.warnings]
         return cls(section, name, verdict.status, verdict.reason or summary, details, evidence)

@@ -243,13 +243,13 @@ def common_problems(exp: SeedExpectation, obs: RowObservation) -> list[str]:
     if before is not None and after is not None and after - before < gl.PAGE_SIZE // 1024:
         problems.append(f"expected HardwareCorrupted to grow by >= 4 kB, got {after - before:+d} kB")
     verdict = judge_guest_access(exp, obs.guest)
-    if verdict.contract != "memory_fault_exit":
+    if verdict.evidence["contract"] != "memory_fault_exit":
         problems.append(
             "vCPU access: expected KVM_RUN -1/EHWPOISON with KVM_EXIT_MEMORY_FAULT at gpa "
-            f"{exp.gpa:#x}: " + "; ".join(verdict.messages)
+            f"{exp.gpa:#x}: " + "; ".join(c.line() for c in verdict.checks)
         )
-    elif not verdict.ok:
-        problems += list(verdict.messages)
+    elif not verdict.passed:
+        problems += [c.line() for c in verdict.failures]
     return problems
 
 

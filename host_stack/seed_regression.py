@@ -44,6 +44,7 @@ from host_stack.errors import HostStackError
 from host_stack.injectors import cleanup_warnings
 from host_stack.kernelfs import DEBUGFS, mounted
 from host_stack.vmm import HOST_REQUIREMENTS
+from outcome import Check, Verdict
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -54,15 +55,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUS_MCEERR_AR",
+    "GUEST_ACCESS",
+    "SEED_NAME",
     "SEED_REQUIREMENTS",
+    "USER_TOUCH",
     "GuestAccessObservation",
     "JsonLineChild",
     "MemoryFaultSeen",
     "SeedCancelled",
     "SeedChildError",
     "SeedExpectation",
-    "SeedRegressionResult",
-    "Verdict",
     "judge_guest_access",
     "judge_user_touch",
     "run_seed_regression",
@@ -146,16 +148,9 @@ class GuestAccessObservation:
 Contract = Literal["memory_fault_exit", "sigbus"]
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """``ok`` plus one message per check, each stating expected and actual."""
-
-    ok: bool
-    contract: Contract | None
-    messages: tuple[str, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "contract": self.contract, "messages": list(self.messages)}
+GUEST_ACCESS: Final = "guest access"
+USER_TOUCH: Final = "userspace touch"
+SEED_NAME: Final = "seed regression"
 
 
 def _addr_matches(si_addr: int, expected: int, lsb: int) -> bool:
@@ -163,90 +158,74 @@ def _addr_matches(si_addr: int, expected: int, lsb: int) -> bool:
     return si_addr in (expected, expected & ~((1 << lsb) - 1))
 
 
-def _judge_signals(what: str, signals: Sequence[SigbusRecord], hva: int, lsb: int, tid: int | None) -> list[str]:
-    """``tid`` None: the receiving thread does not matter (a userspace touch); else it must be ``tid``."""
-    problems: list[str] = []
-    if len(signals) != 1:
-        lsbs = sorted({s.si_addr_lsb for s in signals})
-        problems.append(
-            f"{what}: expected 1 SIGBUS BUS_MCEERR_AR at {hva:#x} with lsb {lsb}, "
-            f"got {len(signals)} (lsb values {lsbs})"
-        )
+def _code_name(code: int) -> str:
+    return {BUS_MCEERR_AR: "BUS_MCEERR_AR", BUS_MCEERR_AO: "BUS_MCEERR_AO"}.get(code, "other")
+
+
+def _signal_checks(what: str, signals: Sequence[SigbusRecord], hva: int, lsb: int, tid: int | None) -> list[Check]:
+    """One SIGBUS with the right code, address, order and (``tid`` not None) receiving thread."""
+    lsbs = sorted({s.si_addr_lsb for s in signals})
+    checks = [Check(f"{what}: SIGBUS count", f"1 (BUS_MCEERR_AR at {hva:#x}, lsb {lsb})",
+                    f"{len(signals)} (lsb values {lsbs})", len(signals) == 1)]
     for sig in signals[:1]:
-        if sig.si_code != BUS_MCEERR_AR:
-            problems.append(f"{what}: expected si_code BUS_MCEERR_AR ({BUS_MCEERR_AR}), got {sig.si_code}")
-        if not _addr_matches(sig.si_addr, hva, lsb):
-            problems.append(f"{what}: expected si_addr {hva:#x}, got {sig.si_addr:#x}")
-        if sig.si_addr_lsb != lsb:
-            problems.append(f"{what}: expected si_addr_lsb {lsb}, got {sig.si_addr_lsb}")
-        if tid is not None and sig.tid != tid:
-            problems.append(f"{what}: expected delivery to vCPU thread {tid}, got {sig.tid}")
-    return problems
+        folio = hva & ~((1 << lsb) - 1)
+        checks += [
+            Check(f"{what}: si_code", f"{BUS_MCEERR_AR} (BUS_MCEERR_AR)", f"{sig.si_code} ({_code_name(sig.si_code)})",
+                  sig.si_code == BUS_MCEERR_AR),
+            Check(f"{what}: si_addr", f"{hva:#x}" + (f" or its folio's start {folio:#x}" if folio != hva else ""),
+                  f"{sig.si_addr:#x}", _addr_matches(sig.si_addr, hva, lsb)),
+            Check(f"{what}: si_addr_lsb", str(lsb), str(sig.si_addr_lsb), sig.si_addr_lsb == lsb),
+        ]
+        if tid is not None:
+            checks.append(Check(f"{what}: receiving thread", f"vCPU thread {tid}", f"thread {sig.tid}", sig.tid == tid))
+    return checks
+
+
+def _memory_fault_checks(exp: SeedExpectation, obs: GuestAccessObservation) -> list[Check]:
+    err = "none" if obs.run_errno is None else errno.errorcode.get(obs.run_errno, str(obs.run_errno))
+    checks = [Check("KVM_RUN errno", f"EHWPOISON ({u.EHWPOISON})", f"{err} ({obs.run_errno})",
+                    obs.run_errno == u.EHWPOISON)]
+    mf = obs.memory_fault
+    if mf is None:
+        return [*checks, Check("kvm_run.memory_fault", "gpa, size and flags recorded", "none", False)]
+    hint = " (the v11 RFC's gfn = file index)" if mf.gpa >> gl.PAGE_SHIFT == exp.buggy_gfn else ""
+    return [*checks,
+            Check("memory_fault.gpa", f"{exp.gpa:#x} (gfn {exp.gfn:#x} = base_gfn + index {exp.index} - pgoff)",
+                  f"{mf.gpa:#x}{hint}", mf.gpa == exp.gpa),
+            Check("memory_fault.size", f"{gl.PAGE_SIZE:#x}", f"{mf.size:#x}", mf.size == gl.PAGE_SIZE),
+            Check("memory_fault.flags", "0 or PRIVATE (0x8)", f"{mf.flags:#x}",
+                  not mf.flags & ~u.KVM_MEMORY_EXIT_FLAG_PRIVATE)]
 
 
 def judge_guest_access(exp: SeedExpectation, obs: GuestAccessObservation) -> Verdict:
-    """Judge a guest touch of the poisoned gfn under either contract (pure)."""
+    """Judge a guest touch of the poisoned gfn under either contract (pure); the contract the
+    host followed is ``evidence["contract"]`` (None when it followed neither)."""
     mce = [s for s in obs.sigbus if s.si_code in (BUS_MCEERR_AR, BUS_MCEERR_AO)]
     if obs.run_errno is not None and obs.exit_reason == u.KVM_EXIT_MEMORY_FAULT:
-        problems: list[str] = []
-        if obs.run_errno != u.EHWPOISON:
-            problems.append(
-                f"memory-fault exit: expected errno EHWPOISON ({u.EHWPOISON}), "
-                f"got {errno.errorcode.get(obs.run_errno, obs.run_errno)}"
-            )
-        mf = obs.memory_fault
-        if mf is None:
-            problems.append("memory-fault exit: no memory_fault fields recorded")
-        else:
-            if mf.gpa != exp.gpa:
-                hint = " (the v11 RFC's gfn = file index)" if mf.gpa >> 12 == exp.buggy_gfn else ""
-                problems.append(
-                    f"memory-fault exit: expected gpa {exp.gpa:#x} (gfn {exp.gfn:#x} = base_gfn + "
-                    f"index {exp.index} - pgoff), got {mf.gpa:#x}{hint}"
-                )
-            if mf.size != gl.PAGE_SIZE:
-                problems.append(f"memory-fault exit: expected size 4096, got {mf.size}")
-            if mf.flags & ~u.KVM_MEMORY_EXIT_FLAG_PRIVATE:
-                problems.append(f"memory-fault exit: expected flags 0 or PRIVATE (0x8), got {mf.flags:#x}")
-        if mce:  # a host may also signal; if it does, the signal must be right too
-            problems += _judge_signals("SIGBUS", mce, exp.hva, exp.lsb, obs.vcpu_tid)
-        return Verdict(
-            not problems,
-            "memory_fault_exit",
-            tuple(problems) or (f"memory-fault exit at gpa {exp.gpa:#x} as the oracle predicts",),
-        )
+        # A host may also signal; if it does, the signal must be right too.
+        checks = [*_memory_fault_checks(exp, obs),
+                  *(_signal_checks("SIGBUS", mce, exp.hva, exp.lsb, obs.vcpu_tid) if mce else [])]
+        return Verdict(GUEST_ACCESS, tuple(checks), evidence={"contract": "memory_fault_exit"})
     if mce:
-        problems = _judge_signals("vCPU SIGBUS", mce, exp.hva, exp.lsb, obs.vcpu_tid)
+        checks = _signal_checks("vCPU SIGBUS", mce, exp.hva, exp.lsb, obs.vcpu_tid)
         wrong_gfn_hva = exp.hva - ((exp.gfn - exp.buggy_gfn) << gl.PAGE_SHIFT)
-        if any(s.si_addr == wrong_gfn_hva for s in mce) and wrong_gfn_hva != exp.hva:
-            problems.append(
-                f"vCPU SIGBUS names the hva of gfn {exp.buggy_gfn:#x} (file index used as gfn), "
-                f"expected gfn {exp.gfn:#x}"
-            )
-        return Verdict(
-            not problems,
-            "sigbus",
-            tuple(problems) or (f"SIGBUS BUS_MCEERR_AR at hva {exp.hva:#x} lsb {exp.lsb} as the oracle predicts",),
-        )
+        if wrong_gfn_hva != exp.hva and any(s.si_addr == wrong_gfn_hva for s in mce):
+            checks.append(Check("vCPU SIGBUS: the gfn its hva belongs to", f"{exp.gfn:#x}",
+                                f"{exp.buggy_gfn:#x} (the file index used as gfn)", False))
+        return Verdict(GUEST_ACCESS, tuple(checks), evidence={"contract": "sigbus"})
     reason = u.EXIT_REASON_NAMES.get(obs.exit_reason, str(obs.exit_reason)) if (obs.exit_reason is not None) else "none"
     err = "0" if obs.run_errno is None else errno.errorcode.get(obs.run_errno, str(obs.run_errno))
-    return Verdict(
-        False,
-        None,
-        (
-            f"expected KVM_RUN -1/EHWPOISON with MEMORY_FAULT at gpa {exp.gpa:#x} or a SIGBUS "
-            f"BUS_MCEERR_AR at hva {exp.hva:#x} lsb {exp.lsb}; got KVM_RUN errno {err}, exit "
-            f"{reason}, {len(obs.sigbus)} SIGBUS",
-        ),
-    )
+    check = Check("guest access to the poisoned gfn",
+                  f"KVM_RUN -1/EHWPOISON with MEMORY_FAULT at gpa {exp.gpa:#x}, or a SIGBUS BUS_MCEERR_AR "
+                  f"at hva {exp.hva:#x} lsb {exp.lsb}",
+                  f"KVM_RUN errno {err}, exit {reason}, {len(obs.sigbus)} SIGBUS", False)
+    return Verdict(GUEST_ACCESS, (check,), evidence={"contract": None})
 
 
 def judge_user_touch(exp: SeedExpectation, signals: Sequence[SigbusRecord]) -> Verdict:
     """Judge a userspace load of the poisoned page through the guest_memfd mmap (pure)."""
-    problems = _judge_signals("userspace touch", signals, exp.user_hva, exp.lsb, None)
-    return Verdict(not problems, "sigbus", tuple(problems) or (
-        f"SIGBUS BUS_MCEERR_AR at {exp.user_hva:#x} lsb {exp.lsb} as the oracle predicts",
-    ))  # fmt: skip
+    checks = _signal_checks("userspace touch", signals, exp.user_hva, exp.lsb, None)
+    return Verdict(USER_TOUCH, tuple(checks), evidence={"contract": "sigbus"})
 
 
 # --- live path --------------------------------------------------------------------------------
@@ -256,35 +235,6 @@ class SeedCancelled(HostStackError, RuntimeError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class SeedRegressionResult:
-    expectation: SeedExpectation
-    guest: GuestAccessObservation
-    guest_verdict: Verdict
-    user_signals: tuple[SigbusRecord, ...]
-    user_verdict: Verdict
-    evidence: dict[str, Any] = field(default_factory=dict)
-    # A poisoned frame the clean-up could not unpoison: not a verdict on the host stack, but a
-    # leak the Avocado test shows as WARN and the project's own tests treat as a failure.
-    warnings: tuple[str, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return self.guest_verdict.ok and self.user_verdict.ok
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "expectation": asdict(self.expectation),
-            "guest": asdict(self.guest),
-            "guest_verdict": self.guest_verdict.to_json(),
-            "user_signals": [asdict(s) for s in self.user_signals],
-            "user_verdict": self.user_verdict.to_json(),
-            "evidence": self.evidence,
-            "warnings": list(self.warnings),
-        }
 
 
 def _unsupported_reason(exc: BaseException) -> str:
@@ -585,7 +535,7 @@ def unpoison_injected(events: Sequence[Mapping[str, Any]], debugfs: Path | None 
 
 def run_seed_regression(
     order: int = 0, *, report: HostReport | None = None, debugfs: Path | None = None
-) -> SeedRegressionResult:
+) -> Verdict:
     """Live regression; raises ``SeedCancelled`` with the probed reason where it cannot run.
 
     ``report`` (default: ``probe_host()``, lazily: its KVM and hwpoison facts are read) decides
@@ -623,22 +573,24 @@ def run_seed_regression(
         if guest_run.cleanup_warnings:
             exc.add_note("cleanup of the guest run: " + "; ".join(guest_run.cleanup_warnings))
         raise
-    return SeedRegressionResult(
-        exp,
-        guest,
-        judge_guest_access(exp, guest),
-        tuple(user_run.touch_signals),
-        judge_user_touch(expectation(user_run.ready), user_run.touch_signals),
-        {
-            "guest_events": guest_run.events,
-            "guest_injection_signals": [asdict(s) for s in guest_run.injection_signals],
-            "user_events": user_run.events,
-            "user_injection_signals": [asdict(s) for s in user_run.injection_signals],
-            "user_exit_status": user_run.exit_status,
-            "cleanup": guest_run.cleanup + user_run.cleanup,
-        },
-        tuple(guest_run.cleanup_warnings + user_run.cleanup_warnings),
-    )
+    guest_verdict = judge_guest_access(exp, guest)
+    evidence = {
+        "contract_of_guest_access": guest_verdict.evidence["contract"],
+        "expectation": asdict(exp),
+        "guest": asdict(guest),
+        "user_signals": [asdict(sig) for sig in user_run.touch_signals],
+        "guest_events": guest_run.events,
+        "guest_injection_signals": [asdict(sig) for sig in guest_run.injection_signals],
+        "user_events": user_run.events,
+        "user_injection_signals": [asdict(sig) for sig in user_run.injection_signals],
+        "user_exit_status": user_run.exit_status,
+        "cleanup": guest_run.cleanup + user_run.cleanup,
+    }
+    # A poisoned frame the clean-up could not unpoison: not a verdict on the host stack, but a
+    # leak the Avocado test shows as WARN and the project's own tests treat as a failure.
+    return Verdict.combine(SEED_NAME, [guest_verdict,
+                                       judge_user_touch(expectation(user_run.ready), user_run.touch_signals)],
+                           evidence=evidence, warnings=tuple(guest_run.cleanup_warnings + user_run.cleanup_warnings))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -77,14 +77,15 @@ class Verdict:
     @classmethod
     def combine(cls, scenario: str, parts: Sequence[Verdict], **extra: Any) -> Verdict:
         """One verdict of many (a table's cases, a matrix's rows): every part's checks, each named
-        ``<part>: <check>``, and its findings and warnings. Parts that did not run are not checks:
+        ``<part>: <check>``, and its findings and warnings (``findings``/``warnings`` add the
+        whole's own). Parts that did not run are not checks:
         they are listed in ``evidence["did_not_run"]`` with their reasons; if no part ran, the
         whole did not run either (CANNOT RUN, or ERROR if one part broke)."""
         ran = [p for p in parts if p.not_run is None]
         idle = {p.scenario: f"{p.not_run}: {p.reason}" for p in parts if p.not_run is not None}
         evidence = {**extra.pop("evidence", {}), **({"did_not_run": idle} if idle else {})}
-        findings = tuple(f for p in parts for f in p.findings)
-        warnings = tuple(w for p in parts for w in p.warnings)
+        findings = (*(f for p in parts for f in p.findings), *extra.pop("findings", ()))
+        warnings = (*(w for p in parts for w in p.warnings), *extra.pop("warnings", ()))
         if not ran:
             broke = any(p.not_run == "ERROR" for p in parts)
             reason = "; ".join(f"{name}: {why}" for name, why in idle.items()) or "nothing to judge"
@@ -123,7 +124,7 @@ class Verdict:
         return doc
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        return json.dumps(self.to_dict(), indent=2, default=str)
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> Verdict:

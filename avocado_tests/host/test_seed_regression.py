@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from avocado import Test
 
-from gmemtest.avocado_support import HOST_TEST_TIMEOUT_S, cancel_unless_host_meets
+from gmemtest.avocado_support import HOST_TEST_TIMEOUT_S, cancel_unless_host_meets, judge
 from host_stack.seed_regression import SEED_REQUIREMENTS, SeedCancelled, run_seed_regression
 
 
@@ -26,15 +25,14 @@ class SeedRegression(Test):  # type: ignore[misc]  # avocado is untyped
     def test_poisoned_gmem_page(self) -> None:
         cancel_unless_host_meets(self, SEED_REQUIREMENTS)
         try:
-            result = run_seed_regression()
+            verdict = run_seed_regression()
         except SeedCancelled as exc:
             (Path(self.outputdir) / "cancel_reason.txt").write_text(exc.reason + "\n")
             self.cancel(exc.reason)
             return
-        (Path(self.outputdir) / "seed_regression.json").write_text(json.dumps(result.to_json(), indent=2))
-        for warning in result.warnings:
+        (Path(self.outputdir) / "seed_regression.json").write_text(verdict.to_json() + "\n")
+        for warning in verdict.warnings:
             # self.log.warning on purpose: Avocado turns it into WARN, and a frame left
             # poisoned by the clean-up must not hide behind a PASS.
             self.log.warning("CLEANUP %s", warning)
-        if not result.ok:
-            self.fail("; ".join(result.guest_verdict.messages + result.user_verdict.messages))
+        judge(self, verdict)

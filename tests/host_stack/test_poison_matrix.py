@@ -114,7 +114,7 @@ def test_a_wrong_gpa_fails_every_contract_with_the_oracle() -> None:
     row = pm.row_by_id("corrupt-pfn.late.unmapped.clean")
     guest = dataclasses.replace(FAULT, memory_fault=sr.MemoryFaultSeen(0x9000, 4096, 0))
     _matches, problems = pm.judge_row(row, EXP, _obs(row, guest=guest))
-    assert any("expected gpa 0x41000" in p and "got 0x9000" in p for p in problems), problems
+    assert any("memory_fault.gpa: expected 0x41000" in p and "actual 0x9000" in p for p in problems), problems
 
 
 def test_a_vcpu_sigbus_instead_of_the_memory_fault_exit_fails() -> None:

@@ -23,6 +23,7 @@ from host_stack import seed_regression as sr
 from host_stack.capabilities import HostReport
 from host_stack.vmm import DEFAULT_LAYOUT
 from host_stack.witness import SigbusRecord
+from outcome import Verdict
 
 SLOT_HVA = {1: 0x7F0000000000, 2: 0x7F0000100000, 3: 0x7F0000200000}
 GMEM_MAP = 0x7F1000000000
@@ -55,83 +56,91 @@ def _signals(*sigs: SigbusRecord) -> sr.GuestAccessObservation:
     return sr.GuestAccessObservation(None, None, None, sigs, TID)
 
 
+def _lines(verdict: Verdict) -> str:
+    return "\n".join(c.line() for c in verdict.failures)
+
+
 @pytest.mark.parametrize("flags", [0, u.KVM_MEMORY_EXIT_FLAG_PRIVATE])
 def test_memory_fault_exit_with_exact_gpa_passes(flags: int) -> None:
     verdict = sr.judge_guest_access(EXP, _fault(0x41000, flags=flags))
-    assert verdict.ok, verdict.messages
-    assert verdict.contract == "memory_fault_exit"
+    assert verdict.status == "PASS", verdict.summary()
+    assert verdict.evidence["contract"] == "memory_fault_exit"
+    assert [c.name for c in verdict.checks] == ["KVM_RUN errno", "memory_fault.gpa", "memory_fault.size",
+                                                "memory_fault.flags"]
 
 
 def test_sigbus_with_hva_and_lsb_passes() -> None:
     verdict = sr.judge_guest_access(EXP, _signals(_sig(AR, EXP.hva, 12, TID)))
-    assert verdict.ok, verdict.messages
-    assert verdict.contract == "sigbus"
+    assert verdict.status == "PASS", verdict.summary()
+    assert verdict.evidence["contract"] == "sigbus"
 
 
 def test_one_signal_for_a_2m_folio_passes_at_page_or_folio_start() -> None:
     folio_start = EXP_2M.hva & ~((1 << 21) - 1)
     for addr in (EXP_2M.hva, folio_start):
         verdict = sr.judge_guest_access(EXP_2M, _signals(_sig(AR, addr, 21, TID)))
-        assert verdict.ok, verdict.messages
+        assert verdict.status == "PASS", verdict.summary()
 
 
 def test_seed_wrong_gfn_in_memory_fault_fails_naming_expected_and_actual() -> None:
     verdict = sr.judge_guest_access(EXP, _fault(EXP.buggy_gfn << 12))
-    assert not verdict.ok
-    text = " ".join(verdict.messages)
-    assert "expected gpa 0x41000" in text and "got 0x9000" in text and "file index" in text
+    (check,) = verdict.failures
+    assert check.line() == ("FAIL memory_fault.gpa: expected 0x41000 (gfn 0x41 = base_gfn + index 9 - pgoff), "
+                            "actual 0x9000 (the v11 RFC's gfn = file index)")
 
 
 def test_seed_wrong_gfn_in_sigbus_fails() -> None:
     wrong_hva = EXP.hva - ((EXP.gfn - EXP.buggy_gfn) << 12)
     verdict = sr.judge_guest_access(EXP, _signals(_sig(AR, wrong_hva, 12, TID)))
-    assert not verdict.ok
-    text = " ".join(verdict.messages)
-    assert f"expected si_addr {EXP.hva:#x}" in text and f"got {wrong_hva:#x}" in text
+    assert verdict.status == "FAIL"
+    text = _lines(verdict)
+    assert f"vCPU SIGBUS: si_addr: expected {EXP.hva:#x}, actual {wrong_hva:#x}" in text, text
+    assert "the gfn its hva belongs to: expected 0x41, actual 0x9 (the file index used as gfn)" in text, text
 
 
 def test_seed_per_page_signals_for_a_2m_folio_fail() -> None:
     base = EXP_2M.hva & ~((1 << 21) - 1)
     sigs = [_sig(AR, base + i * 4096, 12, TID) for i in range(512)]
     verdict = sr.judge_guest_access(EXP_2M, _signals(*sigs))
-    assert not verdict.ok
-    text = " ".join(verdict.messages)
-    assert "expected 1 SIGBUS" in text and "lsb 21" in text and "got 512" in text
-    assert "expected si_addr_lsb 21, got 12" in text
+    assert verdict.status == "FAIL"
+    text = _lines(verdict)
+    assert f"SIGBUS count: expected 1 (BUS_MCEERR_AR at {EXP_2M.hva:#x}, lsb 21), actual 512 (lsb values [12])" in text
+    assert "si_addr_lsb: expected 21, actual 12" in text, text
 
 
 def test_a_vcpu_signal_without_a_known_vcpu_thread_is_not_judged_on_its_thread() -> None:
     obs = sr.GuestAccessObservation(None, None, None, (_sig(AR, EXP.hva, 12, TID + 1),), None)
     verdict = sr.judge_guest_access(EXP, obs)
-    assert verdict.ok, verdict.messages
+    assert verdict.status == "PASS", verdict.summary()
+    assert "vCPU SIGBUS: receiving thread" not in [c.name for c in verdict.checks]
 
 
 @pytest.mark.parametrize(
     ("obs", "needle"),
     [
-        (_fault(0x41000, err=14), "expected errno EHWPOISON"),
-        (_fault(0x41000, size=2 << 20), "expected size 4096"),
-        (_fault(0x41000, flags=0x10), "expected flags 0 or PRIVATE"),
-        (sr.GuestAccessObservation(None, u.KVM_EXIT_HLT, None), "got KVM_RUN errno 0, exit HLT"),
-        (_signals(_sig(sr.BUS_MCEERR_AO, EXP.hva, 12, TID)), "BUS_MCEERR_AR"),
-        (_signals(_sig(AR, EXP.hva, 12, TID + 1)), "vCPU thread 4242"),
+        (_fault(0x41000, err=14), "KVM_RUN errno: expected EHWPOISON (133), actual EFAULT (14)"),
+        (_fault(0x41000, size=2 << 20), "memory_fault.size: expected 0x1000, actual 0x200000"),
+        (_fault(0x41000, flags=0x10), "memory_fault.flags: expected 0 or PRIVATE (0x8), actual 0x10"),
+        (sr.GuestAccessObservation(None, u.KVM_EXIT_HLT, None), "actual KVM_RUN errno 0, exit HLT, 0 SIGBUS"),
+        (_signals(_sig(sr.BUS_MCEERR_AO, EXP.hva, 12, TID)), "si_code: expected 4 (BUS_MCEERR_AR), actual 5"),
+        (_signals(_sig(AR, EXP.hva, 12, TID + 1)), "receiving thread: expected vCPU thread 4242, actual thread 4243"),
     ],
 )
 def test_other_wrong_answers_fail(obs: sr.GuestAccessObservation, needle: str) -> None:
     verdict = sr.judge_guest_access(EXP, obs)
-    assert not verdict.ok
-    assert needle in " ".join(verdict.messages)
+    assert verdict.status == "FAIL"
+    assert needle in _lines(verdict), _lines(verdict)
 
 
 def test_user_touch_verdicts() -> None:
     good = sr.judge_user_touch(EXP, [_sig(AR, EXP.user_hva, 12)])
-    assert good.ok, good.messages
+    assert good.status == "PASS", good.summary()
     any_thread = sr.judge_user_touch(EXP, [_sig(AR, EXP.user_hva, 12, TID + 1)])
-    assert any_thread.ok, any_thread.messages  # the toucher's thread is not judged
+    assert any_thread.status == "PASS", any_thread.summary()  # the toucher's thread is not judged
     bad = sr.judge_user_touch(EXP, [_sig(AR, EXP.user_hva, 21)])
-    assert not bad.ok and "expected si_addr_lsb 12, got 21" in " ".join(bad.messages)
+    assert bad.status == "FAIL" and "si_addr_lsb: expected 12, actual 21" in _lines(bad)
     none = sr.judge_user_touch(EXP, [])
-    assert not none.ok and "got 0" in " ".join(none.messages)
+    assert none.status == "FAIL" and "actual 0 (lsb values [])" in _lines(none)
 
 
 def test_live_regression_cancels_with_the_unmet_requirement() -> None:
@@ -148,9 +157,10 @@ def test_live_regression_cancels_with_the_unmet_requirement() -> None:
 @pytest.mark.kvm
 @pytest.mark.host_requires(*sr.SEED_REQUIREMENTS)
 def test_live_regression_runs_and_passes() -> None:
-    result = sr.run_seed_regression()
-    assert result.ok, result.to_json()
-    assert result.warnings == (), f"expected every poisoned frame unpoisoned, got {result.warnings}"
+    verdict = sr.run_seed_regression()
+    assert verdict.status == "PASS", verdict.summary()
+    assert verdict.checks[0].name.startswith(f"{sr.GUEST_ACCESS}: "), verdict.checks[0].name
+    assert verdict.warnings == (), f"expected every poisoned frame unpoisoned, got {verdict.warnings}"
 
 
 # --- the live path's plumbing, with stand-in children (this host cannot poison) -------------
