@@ -158,17 +158,21 @@ MATRIX_EVIDENCE = "poison_matrix.json"
 def _poison_matrix(r: _Report, report: HostReport | None) -> None:
     def check() -> Item:
         try:
-            result = run_poison_matrix(report=report)
+            result = run_poison_matrix(report=report)  # a Verdict: every row a part
         except MatrixCancelled as exc:
             return Item("host", MATRIX_ITEM, "CANNOT RUN", exc.reason)
-        (r.out / MATRIX_EVIDENCE).write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n")
+        (r.out / MATRIX_EVIDENCE).write_text(result.to_json() + "\n")
         r.q.findings.extend(f.to_json() for f in result.findings)  # which contract the host follows
-        rows = [f"{row.row.id}: {row.status}" + (f" ({'; '.join(row.messages)})" if row.messages else "")
-                for row in result.rows]
-        warnings = [f"WARNING: {w}" for w in result.warnings]
-        return Item("host", MATRIX_ITEM, "PASS" if result.ok else "FAIL",
-                    f"{len(result.rows)} rows, contract followed: {result.contract or 'none'}",
-                    [*warnings, *result.messages, *rows], evidence=MATRIX_EVIDENCE)
+        table = result.evidence.get("table", [])
+        item = Item.from_verdict("host", MATRIX_ITEM, result,
+                                 f"{len(table)} rows, contract followed: {result.evidence.get('contract') or 'none'}",
+                                 evidence=MATRIX_EVIDENCE)
+        # One line a row after the failed checks: which contracts it matched, or why it did not run.
+        idle = result.evidence.get("did_not_run", {})
+        item.details += [f"{row['row']}: {row['status']}" + (f" (matches {'/'.join(row['matches'])})"
+                         if row.get("matches") else f" ({idle[row['row']]})" if row["row"] in idle else "")
+                         for row in table]
+        return item
 
     r.guarded("host", MATRIX_ITEM, check)
 

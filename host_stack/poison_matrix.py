@@ -51,7 +51,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -73,7 +73,7 @@ from host_stack.seed_regression import (
     judge_guest_access,
     unpoison_injected,
 )
-from outcome import Finding
+from outcome import Check, Finding, Verdict
 
 if TYPE_CHECKING:
     from host_stack.kvm import HostMapping
@@ -81,20 +81,23 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONTRACTS",
+    "CONTRACT_FINDING_ID",
+    "EBUSY_FINDING_ID",
+    "MATRIX_NAME",
     "ROWS",
     "Contract",
     "MatrixCancelled",
     "MatrixRow",
-    "PoisonMatrixResult",
     "RowObservation",
     "RowPrediction",
-    "RowResult",
     "judge_matrix",
     "judge_row",
     "predict",
     "row_by_id",
+    "row_verdict",
     "run_poison_matrix",
     "run_row",
+    "table_row",
 ]
 
 _log = logging.getLogger(__name__)
@@ -103,7 +106,6 @@ _log.addHandler(logging.NullHandler())
 Injector = Literal["madvise", "corrupt-pfn"]
 KillPolicy = Literal["early", "late"]
 Contract = Literal["kill_mappers", "delayed"]
-RowStatus = Literal["pass", "fail", "not_applicable"]
 
 CONTRACTS: Final[tuple[Contract, ...]] = ("kill_mappers", "delayed")
 CONTRACT_BASIS: Final[Mapping[Contract, str]] = {
@@ -234,28 +236,31 @@ def _signal_problems(what: str, seen: Sequence[SigbusRecord], code: int | None, 
     return problems
 
 
-def common_problems(exp: SeedExpectation, obs: RowObservation) -> list[str]:
+MATRIX_NAME: Final = "poison matrix"
+CONTRACT_CHECK: Final = "one documented contract across the rows judged"
+
+
+def common_checks(exp: SeedExpectation, obs: RowObservation) -> list[Check]:
     """Pure: what every contract requires (the frame poisoned, the vCPU's memory-fault exit)."""
-    problems = []
-    if obs.poisoned is not True:
-        problems.append(f"expected KPF_HWPOISON on pfn {obs.pfn:#x} after the injection, got {obs.poisoned}")
+    checks = [Check(f"KPF_HWPOISON on pfn {obs.pfn:#x} after the injection", "True", str(obs.poisoned),
+                    obs.poisoned is True)]
     before, after = obs.hardware_corrupted_kib
-    if before is not None and after is not None and after - before < gl.PAGE_SIZE // 1024:
-        problems.append(f"expected HardwareCorrupted to grow by >= 4 kB, got {after - before:+d} kB")
-    verdict = judge_guest_access(exp, obs.guest)
-    if verdict.evidence["contract"] != "memory_fault_exit":
-        problems.append(
-            "vCPU access: expected KVM_RUN -1/EHWPOISON with KVM_EXIT_MEMORY_FAULT at gpa "
-            f"{exp.gpa:#x}: " + "; ".join(c.line() for c in verdict.checks)
-        )
-    elif not verdict.passed:
-        problems += [c.line() for c in verdict.failures]
-    return problems
+    if before is not None and after is not None:
+        checks.append(Check("HardwareCorrupted growth (kB)", f">= {gl.PAGE_SIZE // 1024}", f"{after - before:+d}",
+                            after - before >= gl.PAGE_SIZE // 1024))
+    access = judge_guest_access(exp, obs.guest)
+    contract = access.evidence["contract"]
+    checks.append(Check("vCPU access", f"KVM_RUN -1/EHWPOISON with KVM_EXIT_MEMORY_FAULT at gpa {exp.gpa:#x}",
+                        "memory-fault exit" if contract == "memory_fault_exit" else
+                        f"{contract or 'neither contract'}: " + "; ".join(c.line() for c in access.checks),
+                        contract == "memory_fault_exit"))
+    if contract == "memory_fault_exit":
+        checks += [replace(c, name=f"vCPU access: {c.name}") for c in access.checks]
+    return checks
 
 
-def judge_row(row: MatrixRow, exp: SeedExpectation, obs: RowObservation) -> tuple[tuple[Contract, ...], list[str]]:
-    """Pure: the contracts the observation matches, and the problems (all, when none matches)."""
-    common = common_problems(exp, obs)
+def _contract_check(row: MatrixRow, obs: RowObservation) -> tuple[tuple[Contract, ...], Check]:
+    """The documented contracts the signals match, as one check (a row needs at least one)."""
     matches: list[Contract] = []
     per_contract: list[str] = []
     for contract in CONTRACTS:
@@ -267,146 +272,97 @@ def judge_row(row: MatrixRow, exp: SeedExpectation, obs: RowObservation) -> tupl
             per_contract.append(f"not {contract} ({'; '.join(problems)})")
         else:
             matches.append(contract)
-    if common:
-        return tuple(matches), common + ([] if matches else per_contract)
-    if not matches:
-        return (), ["matches no documented contract: " + " | ".join(per_contract)]
-    return tuple(matches), []
+    actual = ("matches " + "/".join(matches) if matches
+              else "matches no documented contract: " + " | ".join(per_contract))
+    expected = " or ".join(predict(row, c).sentence() for c in CONTRACTS)
+    return tuple(matches), Check("signals to the VM-owning process", expected, actual, bool(matches))
 
 
-@dataclass(frozen=True)
-class RowResult:
-    """One row's verdict; ``messages`` state expected and actual."""
-
-    row: MatrixRow
-    status: RowStatus
-    messages: tuple[str, ...]
-    matches: tuple[Contract, ...] = ()
-    observation: RowObservation | None = None
-    warnings: tuple[str, ...] = ()
-    findings: tuple[Finding, ...] = ()
-    evidence: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.status != "fail"
-
-    def table_row(self) -> dict[str, Any]:
-        """The observed outcome in a few words, for reports (and the matrix finding)."""
-        obs = self.observation
-        if obs is None:
-            return {"row": self.row.id, "status": self.status}
-        mf = obs.guest.memory_fault
-        run_err, reason = obs.guest.run_errno, obs.guest.exit_reason
-        return {
-            "row": self.row.id,
-            "status": self.status,
-            "injection": [_sig_text(s) for s in obs.injection_signals],
-            "call_errno": errno.errorcode.get(obs.call_errno, obs.call_errno) if obs.call_errno else 0,
-            "kpf_hwpoison": obs.poisoned,
-            "hardware_corrupted_kib": list(obs.hardware_corrupted_kib),
-            "kvm_run": errno.errorcode.get(run_err, run_err) if run_err else None,
-            "exit": None if reason is None else u.EXIT_REASON_NAMES.get(reason, reason),
-            "memory_fault": None if mf is None else {"gpa": hex(mf.gpa), "size": mf.size, "flags": mf.flags},
-            "user_touch": [_sig_text(s) for s in obs.user_signals],
-            "matches": list(self.matches),
-        }  # fmt: skip
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "row": self.row.id,
-            "variant": asdict(self.row),
-            "status": self.status,
-            "messages": list(self.messages),
-            "matches": list(self.matches),
-            "predictions": {c: predict(self.row, c).sentence() for c in CONTRACTS},
-            "observation": None if self.observation is None else asdict(self.observation),
-            "table": self.table_row(),
-            "warnings": list(self.warnings),
-            "findings": [f.to_json() for f in self.findings],
-            "evidence": self.evidence,
-        }
+def table_row(row: MatrixRow, status: str, obs: RowObservation | None,
+              matches: Sequence[Contract] = ()) -> dict[str, Any]:
+    """The observed outcome of a row in a few words, for reports (and the matrix finding)."""
+    if obs is None:
+        return {"row": row.id, "status": status}
+    mf = obs.guest.memory_fault
+    run_err, reason = obs.guest.run_errno, obs.guest.exit_reason
+    return {
+        "row": row.id,
+        "status": status,
+        "injection": [_sig_text(s) for s in obs.injection_signals],
+        "call_errno": errno.errorcode.get(obs.call_errno, obs.call_errno) if obs.call_errno else 0,
+        "kpf_hwpoison": obs.poisoned,
+        "hardware_corrupted_kib": list(obs.hardware_corrupted_kib),
+        "kvm_run": errno.errorcode.get(run_err, run_err) if run_err else None,
+        "exit": None if reason is None else u.EXIT_REASON_NAMES.get(reason, reason),
+        "memory_fault": None if mf is None else {"gpa": hex(mf.gpa), "size": mf.size, "flags": mf.flags},
+        "user_touch": [_sig_text(s) for s in obs.user_signals],
+        "matches": list(matches),
+    }  # fmt: skip
 
 
-@dataclass(frozen=True)
-class PoisonMatrixResult:
-    """All rows plus the matrix verdict: the contract the host implements (None: no single one)."""
+def row_verdict(row: MatrixRow, checks: Sequence[Check], obs: RowObservation | None = None,
+                matches: Sequence[Contract] = (), **evidence: Any) -> Verdict:
+    """A row's verdict with what reports read from it: its variant, matches, predictions, table line."""
+    draft = Verdict(row.id, tuple(checks))
+    return Verdict(row.id, tuple(checks), evidence={
+        "variant": asdict(row), "matches": list(matches),
+        "predictions": {c: predict(row, c).sentence() for c in CONTRACTS},
+        "observation": None if obs is None else asdict(obs),
+        "table": table_row(row, draft.status, obs, matches), **evidence})
 
-    rows: tuple[RowResult, ...]
-    contract: Contract | None
-    messages: tuple[str, ...]
-    findings: tuple[Finding, ...] = ()
 
-    @property
-    def ok(self) -> bool:
-        return not self.messages and all(r.ok for r in self.rows)
-
-    @property
-    def warnings(self) -> tuple[str, ...]:
-        return tuple(w for r in self.rows for w in r.warnings)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "contract": self.contract,
-            "messages": list(self.messages),
-            "findings": [f.to_json() for f in self.findings],
-            "warnings": list(self.warnings),
-            "table": [r.table_row() for r in self.rows],
-            "rows": [r.to_json() for r in self.rows],
-        }
+def judge_row(row: MatrixRow, exp: SeedExpectation, obs: RowObservation) -> Verdict:
+    """Pure: the common checks and the contracts the observation matches (``evidence["matches"]``)."""
+    matches, contract = _contract_check(row, obs)
+    return row_verdict(row, [*common_checks(exp, obs), contract], obs, matches)
 
 
 CONTRACT_FINDING_ID: Final = "poison-matrix-contract"
 EBUSY_FINDING_ID: Final = "poison-injection-ebusy-yet-poisoned"
 
 
-def judge_matrix(rows: Sequence[RowResult]) -> PoisonMatrixResult:
-    """Pure: the one contract every judged row matched, as a finding; else a failure."""
-    judged = [r for r in rows if r.observation is not None and r.matches]
-    candidates = set(CONTRACTS)
-    for r in judged:
-        candidates &= set(r.matches)
-    messages: list[str] = []
-    contract: Contract | None = None
+def _findings(judged: Sequence[Verdict], rows: Sequence[Verdict], chosen: Contract | None,
+              candidates: set[Contract]) -> list[Finding]:
     findings: list[Finding] = []
-    if not judged:
-        pass  # every row failed or did not apply: the rows say why
-    elif not candidates:
-        by_row = "; ".join(f"{r.row.id}: {'/'.join(r.matches)}" for r in judged)
-        messages.append(f"expected every row to follow one documented contract, rows disagree: {by_row}")
-    else:
-        chosen: Contract = next(c for c in CONTRACTS if c in candidates)
-        contract = chosen
+    if chosen is not None:
         others = sorted(candidates - {chosen})
         alike = f" -- the rows run do not tell it from: {', '.join(others)}" if others else ""
-        findings.append(
-            Finding(
-                id=CONTRACT_FINDING_ID,
-                severity="info",
-                text=(
-                    f"A poisoned shared guest_memfd page follows the '{chosen}' contract "
-                    f"({CONTRACT_BASIS[chosen]})"
-                    + alike
-                    + f"; {len(judged)} rows judged, kernel {os.uname().release}"
-                ),
-                evidence={"table": [r.table_row() for r in rows], "candidates": sorted(candidates)},
-            )
-        )  # fmt: skip
-    ebusy = [r.row.id for r in judged if r.observation and r.observation.call_errno == errno.EBUSY]
+        findings.append(Finding(
+            id=CONTRACT_FINDING_ID, severity="info",
+            text=(f"A poisoned shared guest_memfd page follows the '{chosen}' contract ({CONTRACT_BASIS[chosen]})"
+                  f"{alike}; {len(judged)} rows judged, kernel {os.uname().release}"),
+            evidence={"table": [_table_line(r) for r in rows], "candidates": sorted(candidates)}))
+    ebusy = [r.scenario for r in judged if (r.evidence.get("observation") or {}).get("call_errno") == errno.EBUSY]
     if ebusy:
-        findings.append(
-            Finding(
-                id=EBUSY_FINDING_ID,
-                severity="divergence",
-                text=(
-                    "The injection call returned EBUSY although the frame is poisoned (KPF_HWPOISON set): "
-                    "memory_failure reports guest_memfd's MF_DELAYED as a failure"
-                ),
-                evidence={"rows": ebusy},
-            )
-        )
-    return PoisonMatrixResult(tuple(rows), contract, tuple(messages), tuple(findings))
+        findings.append(Finding(
+            id=EBUSY_FINDING_ID, severity="divergence",
+            text=("The injection call returned EBUSY although the frame is poisoned (KPF_HWPOISON set): "
+                  "memory_failure reports guest_memfd's MF_DELAYED as a failure"),
+            evidence={"rows": ebusy}))
+    return findings
+
+
+def _table_line(row: Verdict) -> dict[str, Any]:
+    return dict(row.evidence.get("table") or {"row": row.scenario, "status": row.status})
+
+
+def judge_matrix(rows: Sequence[Verdict]) -> Verdict:
+    """Pure: the one contract every judged row matched, as a finding; rows that disagree fail it.
+
+    The contract is ``evidence["contract"]`` (None: no single one); every row's verdict is a part.
+    """
+    judged = [r for r in rows if r.passed and r.evidence.get("matches")]
+    candidates: set[Contract] = set(CONTRACTS)
+    for r in judged:
+        candidates &= set(r.evidence["matches"])
+    chosen: Contract | None = next((c for c in CONTRACTS if c in candidates), None) if judged else None
+    parts = list(rows)
+    if judged:
+        by_row = "; ".join(f"{r.scenario}: {'/'.join(r.evidence['matches'])}" for r in judged)
+        parts.append(Verdict("matrix", (Check(CONTRACT_CHECK, f"one of {', '.join(CONTRACTS)} for every row",
+                                              chosen if chosen else f"rows disagree: {by_row}", chosen is not None),)))
+    return Verdict.combine(MATRIX_NAME, parts, findings=tuple(_findings(judged, rows, chosen, candidates)),
+                           evidence={"contract": chosen, "table": [_table_line(r) for r in rows]})
 
 
 # --- live path --------------------------------------------------------------------------------
@@ -605,7 +561,7 @@ def _signals(records: Sequence[SigbusRecord], start: int | None, end: int | None
 
 def run_row(
     row: MatrixRow, *, report: HostReport, debugfs: Path, poison_lock: threading.Lock | None = None
-) -> RowResult:
+) -> Verdict:
     """One row in its own child; never raises for the row's own trouble (a failed row says why).
 
     ``poison_lock`` serialises what moves the host-wide ``HardwareCorrupted`` counter (the
@@ -617,12 +573,12 @@ def run_row(
     if row.injector == "corrupt-pfn":
         reason = report.missing("hwpoison_inject")
         if reason is not None:
-            return RowResult(row, "not_applicable", (reason,))
+            return Verdict.did_not_run(row.id, "CANNOT RUN", reason)
     lock = poison_lock if poison_lock is not None else threading.Lock()
     child = JsonLineChild(row.id, [sys.executable, "-m", "host_stack.poison_matrix", row.id], "poison-matrix child")
     events: list[dict[str, Any]] = []
     ready: dict[str, Any] | None = None
-    result: RowResult | None = None
+    result: Verdict | None = None
     warnings: list[str] = []
 
     def take(ev: dict[str, Any] | None, awaiting: str) -> str:
@@ -644,7 +600,8 @@ def run_row(
         target_pid, va, pfn = int(ready["target_pid"]), int(ready["va"]), ready["pfn"]
         refusal = _prove_gmem_frame(target_pid, va, pfn)
         if refusal is not None:
-            return RowResult(row, "fail", (f"interlock refused the frame: {refusal}",), evidence={"ready": ready})
+            check = Check(f"interlock: pfn {pfn} backs the child's guest_memfd page", "proven", refusal, False)
+            return row_verdict(row, [check], ready=ready)
         with SigbusWitness(child.proc.pid) as witness:
             deadline = time.monotonic() + ROW_TIMEOUT
             with lock:
@@ -668,7 +625,7 @@ def run_row(
     except MatrixCancelled:
         raise
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        result = RowResult(row, "fail", (f"{row.id}: {type(exc).__name__}: {exc}",), evidence={"events": events})
+        result = Verdict.did_not_run(row.id, "ERROR", f"{type(exc).__name__}: {exc}", evidence={"events": events})
     finally:
         child.stop()
         _wait_gone(ready.get("mapper_pid") if ready else None)
@@ -678,10 +635,8 @@ def run_row(
         for warning in warnings:
             _log.warning("poison matrix row %s: %s", row.id, warning)
     assert result is not None
-    return RowResult(
-        result.row, result.status, result.messages, result.matches, result.observation,
-        tuple(warnings), result.findings, {**result.evidence, "cleanup": [r.cleanup for r in done]},
-    )  # fmt: skip
+    return replace(result, warnings=(*result.warnings, *warnings),
+                   evidence={**result.evidence, "cleanup": [r.cleanup for r in done]})
 
 
 def _hc_pair(raw: Sequence[int | None] | None) -> tuple[int | None, int | None]:
@@ -698,7 +653,7 @@ def _judge_live(
     *,
     status: int,
     t_inject: int,
-) -> RowResult:
+) -> Verdict:
     layout = [gl.SlotLayout(**s) for s in ready["layout"]]
     va = int(ready["va"])
     exp = SeedExpectation.from_layout(
@@ -707,7 +662,7 @@ def _judge_live(
     injected = next((e for e in events if e["event"] == "injected"), None)
     if injected is None:
         got = [e["event"] for e in events]
-        return RowResult(row, "fail", (f"{row.id}: expected an injection record, got events {got}",))
+        return row_verdict(row, [Check("injection record", "an 'injected' event", f"events {got}", False)])
     rec = injected["record"]
     touch_t = next((e["t_mono_ns"] for e in events if e["event"] == "touch_start"), None)
     user_t = next((e["t_mono_ns"] for e in events if e["event"] == "user_touch_start"), None)
@@ -731,24 +686,20 @@ def _judge_live(
         user_signals=_signals(records, user_t, None) if user_t is not None else (),
         flags_before=tuple(ready.get("flags_before", ())),
     )
-    problems: list[str] = []
     want_kill = m.PR_MCE_KILL_EARLY if row.kill == "early" else m.PR_MCE_KILL_LATE
-    if int(ready["kill_get"]) != want_kill:
-        problems.append(f"expected PR_MCE_KILL_GET {want_kill} after setting {row.kill}, got {ready['kill_get']}")
     dirty_before = "dirty" in obs.flags_before
-    if row.dirty and not dirty_before:
-        problems.append(f"dirty row: expected KPF_DIRTY on pfn {obs.pfn:#x} before injection, got {obs.flags_before}")
     if not row.dirty and dirty_before:
-        return RowResult(row, "not_applicable", (
+        return Verdict.did_not_run(row.id, "CANNOT RUN", (
             f"clean row: pfn {obs.pfn:#x} is already dirty after a read fault (kpageflags {obs.flags_before}): "
-            "this kernel gives no clean guest_memfd page",), observation=obs)  # fmt: skip
-    matches, judged = judge_row(row, exp, obs)
-    problems += judged
-    evidence = {"events": list(events), "exit_status": status, "expectation": asdict(exp)}
-    if problems:
-        return RowResult(row, "fail", tuple(f"{row.id}: {p}" for p in problems), matches, obs, evidence=evidence)
-    preds = "; ".join(predict(row, c).sentence() for c in matches)
-    return RowResult(row, "pass", (f"{row.id}: matches {preds}",), matches, obs, evidence=evidence)
+            "this kernel gives no clean guest_memfd page"), evidence={"observation": asdict(obs)})  # fmt: skip
+    setup = [Check(f"PR_MCE_KILL_GET after setting {row.kill}", str(want_kill), str(ready["kill_get"]),
+                   int(ready["kill_get"]) == want_kill)]
+    if row.dirty:
+        setup.append(Check(f"KPF_DIRTY on pfn {obs.pfn:#x} before the injection", "dirty",
+                           ",".join(obs.flags_before) or "no flags", dirty_before))
+    judged = judge_row(row, exp, obs)
+    return row_verdict(row, [*setup, *judged.checks], obs, judged.evidence["matches"], events=list(events),
+                       exit_status=status, expectation=asdict(exp))
 
 
 def run_poison_matrix(
@@ -756,9 +707,9 @@ def run_poison_matrix(
     *,
     report: HostReport | None = None,
     debugfs: Path | None = None,
-    on_row: Callable[[RowResult], None] | None = None,
+    on_row: Callable[[Verdict], None] | None = None,
     parallel: int = 2,
-) -> PoisonMatrixResult:
+) -> Verdict:
     """Run every row; raises ``MatrixCancelled`` with the probed sentence where it cannot run.
 
     ``report`` defaults to ``probe_host()`` (its KVM and hwpoison facts are read; the hwpoison
@@ -782,9 +733,9 @@ def run_poison_matrix(
             )
         report.missing("hwpoison_inject")  # probed once, before rows run side by side
 
-        def one(row: MatrixRow) -> RowResult:
+        def one(row: MatrixRow) -> Verdict:
             result = run_row(row, report=report, debugfs=where, poison_lock=lock)
-            _log.info("poison matrix %s: %s", result.status.upper(), "; ".join(result.messages))
+            _log.info("poison matrix %s", result.summary().replace("\n", "; "))
             if on_row is not None:
                 on_row(result)
             return result

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from avocado import Test
 
-from gmemtest.avocado_support import HOST_TEST_TIMEOUT_S, cancel_unless_host_meets
+from gmemtest.avocado_support import HOST_TEST_TIMEOUT_S, cancel_unless_host_meets, judge
 from host_stack.poison_matrix import MATRIX_REQUIREMENTS, MatrixCancelled, run_poison_matrix
 
 
@@ -35,15 +34,13 @@ class PoisonMatrix(Test):  # type: ignore[misc]  # avocado is untyped
             (Path(self.outputdir) / "cancel_reason.txt").write_text(exc.reason + "\n")
             self.cancel(exc.reason)
             return
-        (Path(self.outputdir) / "poison_matrix.json").write_text(json.dumps(result.to_json(), indent=2))
-        for row in result.rows:
-            self.log.info("%s %s: %s", row.status.upper(), row.row.id, "; ".join(row.messages))
+        (Path(self.outputdir) / "poison_matrix.json").write_text(result.to_json() + "\n")
+        for row in result.evidence.get("table", []):
+            self.log.info("%s %s: matches %s", row["status"], row["row"], "/".join(row.get("matches", [])) or "-")
         for finding in result.findings:
             self.log.info("FINDING %s: %s", finding.id, finding.text)
         for warning in result.warnings:
             # self.log.warning on purpose: Avocado turns it into WARN, and a frame left
             # poisoned by the clean-up must not hide behind a PASS.
             self.log.warning("CLEANUP %s", warning)
-        if not result.ok:
-            failed = [m for r in result.rows if r.status == "fail" for m in r.messages]
-            self.fail("; ".join([*result.messages, *failed]))
+        judge(self, result)

@@ -19,6 +19,7 @@ from host_stack import seed_regression as sr
 from host_stack.capabilities import HostReport
 from host_stack.vmm import DEFAULT_LAYOUT
 from host_stack.witness import SigbusRecord
+from outcome import Check, Verdict
 
 SLOT_HVA = {1: 0x7F0000000000, 2: 0x7F0000100000, 3: 0x7F0000200000}
 GMEM_MAP = 0x7F1000000000
@@ -77,21 +78,27 @@ def test_predictions_per_contract(row_id: str, kill_mappers: int | None, delayed
     assert pm.predict(row, "kill_mappers").user_touch_signal == touch == pm.predict(row, "delayed").user_touch_signal
 
 
+def _judged(row: pm.MatrixRow, obs: pm.RowObservation) -> tuple[tuple[str, ...], list[str]]:
+    """(matches, failed check lines) of a row judged on recorded observations."""
+    verdict = pm.judge_row(row, EXP, obs)
+    return tuple(verdict.evidence["matches"]), [c.line() for c in verdict.failures]
+
+
 def test_an_ar_at_injection_is_kill_mappers_only() -> None:
     row = pm.row_by_id("madvise.late.mapped.dirty")
-    matches, problems = pm.judge_row(row, EXP, _obs(row, (_sig(AR, HVA, 12),)))
-    assert (matches, problems) == (("kill_mappers",), [])
+    assert _judged(row, _obs(row, (_sig(AR, HVA, 12),))) == (("kill_mappers",), [])
 
 
 def test_no_signal_for_a_dirty_madvised_page_is_delayed_only() -> None:
     row = pm.row_by_id("madvise.late.mapped.dirty")
-    matches, problems = pm.judge_row(row, EXP, _obs(row))
-    assert (matches, problems) == (("delayed",), [])
+    assert _judged(row, _obs(row)) == (("delayed",), [])
 
 
 def test_a_clean_row_does_not_tell_the_contracts_apart() -> None:
     row = pm.row_by_id("corrupt-pfn.early.mapped.clean")
-    assert pm.judge_row(row, EXP, _obs(row)) == (("kill_mappers", "delayed"), [])
+    verdict = pm.judge_row(row, EXP, _obs(row))
+    assert verdict.status == "PASS" and verdict.evidence["matches"] == ["kill_mappers", "delayed"]
+    assert verdict.evidence["table"]["matches"] == ["kill_mappers", "delayed"]
 
 
 @pytest.mark.parametrize(
@@ -104,36 +111,37 @@ def test_a_clean_row_does_not_tell_the_contracts_apart() -> None:
 )
 def test_a_wrong_signal_matches_no_contract_and_says_why(sig: SigbusRecord, needle: str) -> None:
     row = pm.row_by_id("corrupt-pfn.early.mapped.dirty")
-    matches, problems = pm.judge_row(row, EXP, _obs(row, (sig,)))
+    matches, problems = _judged(row, _obs(row, (sig,)))
     assert matches == () and len(problems) == 1
-    assert "matches no documented contract" in problems[0] and needle in problems[0], problems
+    assert "actual matches no documented contract" in problems[0] and needle in problems[0], problems
     assert "not delayed (at injection: expected no SIGBUS, got 1" in problems[0], problems
 
 
 def test_a_wrong_gpa_fails_every_contract_with_the_oracle() -> None:
     row = pm.row_by_id("corrupt-pfn.late.unmapped.clean")
     guest = dataclasses.replace(FAULT, memory_fault=sr.MemoryFaultSeen(0x9000, 4096, 0))
-    _matches, problems = pm.judge_row(row, EXP, _obs(row, guest=guest))
+    _matches, problems = _judged(row, _obs(row, guest=guest))
     assert any("memory_fault.gpa: expected 0x41000" in p and "actual 0x9000" in p for p in problems), problems
 
 
 def test_a_vcpu_sigbus_instead_of_the_memory_fault_exit_fails() -> None:
     row = pm.row_by_id("madvise.early.mapped.clean")
     guest = sr.GuestAccessObservation(None, None, None, (_sig(AR, EXP.hva, 12, TID),), TID)
-    _matches, problems = pm.judge_row(row, EXP, _obs(row, guest=guest))
-    assert any("expected KVM_RUN -1/EHWPOISON with KVM_EXIT_MEMORY_FAULT at gpa 0x41000" in p for p in problems)
+    _matches, problems = _judged(row, _obs(row, guest=guest))
+    assert any("vCPU access: expected KVM_RUN -1/EHWPOISON with KVM_EXIT_MEMORY_FAULT at gpa 0x41000, actual sigbus"
+               in p for p in problems), problems
 
 
 def test_an_unpoisoned_frame_fails_whatever_the_signals() -> None:
     row = pm.row_by_id("madvise.early.mapped.clean")
-    _matches, problems = pm.judge_row(row, EXP, _obs(row, poisoned=False, hardware_corrupted_kib=(4, 4)))
-    assert any("expected KPF_HWPOISON on pfn 0x1234" in p for p in problems), problems
-    assert any("expected HardwareCorrupted to grow by >= 4 kB, got +0 kB" in p for p in problems), problems
+    _matches, problems = _judged(row, _obs(row, poisoned=False, hardware_corrupted_kib=(4, 4)))
+    assert "FAIL KPF_HWPOISON on pfn 0x1234 after the injection: expected True, actual False" in problems, problems
+    assert "FAIL HardwareCorrupted growth (kB): expected >= 4, actual +0" in problems, problems
 
 
-def _result(row_id: str, matches: tuple[pm.Contract, ...]) -> pm.RowResult:
+def _result(row_id: str, matches: tuple[pm.Contract, ...]) -> Verdict:
     row = pm.row_by_id(row_id)
-    return pm.RowResult(row, "pass", ("ok",), matches, _obs(row))
+    return pm.row_verdict(row, [Check("stand-in", "ok", "ok", True)], _obs(row), matches)
 
 
 def test_the_matrix_names_the_one_contract_as_a_finding_with_the_table() -> None:
@@ -141,11 +149,12 @@ def test_the_matrix_names_the_one_contract_as_a_finding_with_the_table() -> None
         _result("madvise.early.mapped.dirty", ("kill_mappers",)),
         _result("madvise.early.mapped.clean", ("kill_mappers", "delayed")),
     ])  # fmt: skip
-    assert result.ok and result.contract == "kill_mappers"
+    assert result.status == "PASS" and result.evidence["contract"] == "kill_mappers", result.summary()
     ids = [f.id for f in result.findings]
     assert ids == [pm.CONTRACT_FINDING_ID, pm.EBUSY_FINDING_ID]
     assert len(result.findings[0].evidence["table"]) == 2
-    assert result.to_json()["table"][0]["row"] == "madvise.early.mapped.dirty"
+    assert result.evidence["table"][0]["row"] == "madvise.early.mapped.dirty"
+    assert f"matrix: {pm.CONTRACT_CHECK}" in [c.name for c in result.checks]
 
 
 def test_rows_that_follow_different_contracts_fail_the_matrix() -> None:
@@ -153,8 +162,17 @@ def test_rows_that_follow_different_contracts_fail_the_matrix() -> None:
         _result("madvise.early.mapped.dirty", ("kill_mappers",)),
         _result("madvise.late.mapped.dirty", ("delayed",)),
     ])  # fmt: skip
-    assert not result.ok and result.contract is None
-    assert "rows disagree" in result.messages[0] and "madvise.late.mapped.dirty: delayed" in result.messages[0]
+    assert result.status == "FAIL" and result.evidence["contract"] is None
+    (check,) = result.failures
+    assert "rows disagree" in check.actual and "madvise.late.mapped.dirty: delayed" in check.actual, check.line()
+
+
+def test_a_row_that_cannot_run_is_listed_not_judged() -> None:
+    idle = Verdict.did_not_run("corrupt-pfn.early.mapped.dirty", "CANNOT RUN", "no hwpoison-inject")
+    result = pm.judge_matrix([_result("madvise.early.mapped.dirty", ("kill_mappers",)), idle])
+    assert result.status == "PASS"
+    assert result.evidence["did_not_run"] == {"corrupt-pfn.early.mapped.dirty": "CANNOT RUN: no hwpoison-inject"}
+    assert result.evidence["table"][1] == {"row": "corrupt-pfn.early.mapped.dirty", "status": "CANNOT RUN"}
 
 
 NO_GMEM = "unmet host requirement guest_memfd: host KVM lacks guest_memfd: KVM_CAP_GUEST_MEMFD is 0"
@@ -178,7 +196,6 @@ def test_the_matrix_cancels_with_the_unmet_requirement(facts: dict[str, object],
 @pytest.mark.host_requires(*pm.MATRIX_REQUIREMENTS)
 def test_the_live_matrix_runs_clean() -> None:
     result = pm.run_poison_matrix()
-    failed = [msg for r in result.rows if r.status == "fail" for msg in r.messages]
-    assert not failed and not result.messages, failed + list(result.messages)
-    assert result.contract is not None and not result.warnings, result.warnings
+    assert result.status == "PASS", result.summary()
+    assert result.evidence["contract"] is not None and not result.warnings, result.warnings
     assert result.findings[0].id == pm.CONTRACT_FINDING_ID

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from host_stack import gmem_uapi_cases as uapi
+from host_stack import poison_matrix as pm
 from host_stack import seed_regression as sr
 from host_stack import vmm
 from host_stack.vmm import DEFAULT_LAYOUT
@@ -22,13 +23,22 @@ EXP = sr.SeedExpectation.from_layout(DEFAULT_LAYOUT, 9, {0: 0x7F0000000000, 1: 0
 READS = [vmm.GuestRead(g, vmm.gmem_marker(i)) for s in DEFAULT_LAYOUT for i, g in
          zip(range(s.gmem_pgoff, s.gmem_pgoff + s.npages), range(s.base_gfn, s.gfn_end), strict=True)]
 
+def _matrix() -> list[Verdict]:
+    guest = sr.GuestAccessObservation(133, 39, sr.MemoryFaultSeen(EXP.gpa, 4096, 0), (), 7)
+    rows = [pm.judge_row(row, EXP, pm.RowObservation(None, 0x1234, (), True, (0, 4), 16, guest, ()))
+            for row in pm.ROWS if not row.mapped]
+    return [*rows, pm.judge_matrix(rows)]
+
+
 TABLES: dict[str, Callable[[], list[Verdict]]] = {
     "uAPI cases": lambda: [uapi.judge_outcome(case, uapi.Outcome(case.expected_errno)) for case in uapi.CASES],
     "tiny VMM": lambda: [vmm.judge_oracle_mapping(DEFAULT_LAYOUT, READS),
                          vmm.judge_punch_hole(DEFAULT_LAYOUT, 0x41, READS, READS)],
     "seed": lambda: [sr.judge_guest_access(EXP, sr.GuestAccessObservation(None, None, None)),
                      sr.judge_user_touch(EXP, [])],
+    "poison matrix": _matrix,
 }
+
 
 
 @pytest.mark.parametrize("table", sorted(TABLES))
