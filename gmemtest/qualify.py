@@ -9,7 +9,7 @@ are listed apart: they do not fail a qualification, and they are never hidden.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import logging
 import time
@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from gmemtest.host_checks import HOST_CHECK_TABLE, HostCheck
 from gmemtest.preflight import preflight_report
 from gmemtest.report_html import render
 from gmemtest.report_model import Item, Qualification, atomic_write
@@ -25,11 +26,8 @@ from gmemtest.requirements import host_unmet, scenario_unmet
 from gmemtest.runner import run_in_fresh_guest
 from gmemtest.scenarios import ScenarioSpec
 from gmemtest.under_test import UnderTest
-from host_stack import gmem_uapi_cases, vmm
 from host_stack.capabilities import HostReport
-from host_stack.kvm import KvmSystem
-from host_stack.poison_matrix import MatrixCancelled, run_poison_matrix
-from host_stack.seed_regression import SeedCancelled, run_seed_regression
+from host_stack.seed_regression import SeedCancelled
 from images.build import GuestImage
 from qmp_helpers import DEFAULT_QEMU
 
@@ -72,109 +70,32 @@ class _Report:
             self.add(item)
 
 
-UAPI_ITEM = "guest_memfd uAPI cases"
-MAPPING_ITEM = "tiny VMM: slots map the oracle's indexes"
-PUNCH_ITEM = "tiny VMM: punch hole seen at the oracle's gfn"
-BACKING_ITEM = "tiny VMM: memory serving gmem slots"
-HOST_CHECKS = (UAPI_ITEM, MAPPING_ITEM, PUNCH_ITEM, BACKING_ITEM)
-
-
 def _host_checks(r: _Report, report: HostReport | None) -> None:
-    """The host checks on real KVM; each one that needs what the host lacks is CANNOT RUN with
-    the probed requirement (``report``: default this host's), never an ERROR."""
-    with contextlib.ExitStack() as stack:
-        system: KvmSystem | None = None
-
-        def uapi() -> Item:
-            assert system is not None
-            verdict = gmem_uapi_cases.run_table(system)
-            # A documented errno of another kernel: listed as a finding, never folded into PASS.
-            r.q.findings.extend(f.to_json() for f in verdict.findings)
-            ran = {c.name.split(":", 1)[0] for c in verdict.checks}
-            failed = {c.name.split(":", 1)[0] for c in verdict.failures}
-            n_na = len(verdict.evidence.get("did_not_run", {}))
-            n_found = len(verdict.findings)
-            return Item.from_verdict("host", UAPI_ITEM, verdict,
-                                     f"{len(ran) - len(failed) - n_found} passed, {n_found} documented "
-                                     f"alternatives (findings), {len(failed)} failed, {n_na} not applicable")
-
-        def mapping() -> Item:
-            assert system is not None
-            verdict = vmm.run_oracle_mapping(system)
-            return Item.from_verdict("host", MAPPING_ITEM, verdict, f"{len(verdict.checks)} gfns read over "
-                                     f"{len(verdict.evidence['layout'])} slots")
-
-        def hole() -> Item:
-            assert system is not None
-            index = vmm.DEFAULT_LAYOUT[1].gmem_pgoff + 1
-            verdict = vmm.run_punch_hole(system, index)
-            return Item.from_verdict("host", PUNCH_ITEM, verdict,
-                                     f"file index {index} -> gfn {verdict.evidence['expected_gfn']:#x}")
-
-        def backing() -> Item:
-            assert system is not None
-            verdict = vmm.run_backing_source(system)
-            r.q.findings.extend(f.to_json() for f in verdict.findings)
-            return Item.from_verdict("host", BACKING_ITEM, verdict, f"served from {verdict.evidence['behaviour']}")
-
-        needs = (gmem_uapi_cases.HOST_REQUIREMENTS, *[vmm.HOST_REQUIREMENTS] * 3)
-        for name, requirements, check in zip(HOST_CHECKS, needs, (uapi, mapping, hole, backing), strict=True):
-            reason = host_unmet(requirements, report)
-            if reason is not None:
-                r.add(Item("host", name, "CANNOT RUN", reason))
-                continue
-            if system is None:
-                system = stack.enter_context(KvmSystem())
-            r.guarded("host", name, check)
+    """Every row of ``HOST_CHECK_TABLE``: CANNOT RUN with the probed requirement when the host
+    lacks it (``report``: default this host's), never an ERROR; else its verdict as an item."""
+    for check in HOST_CHECK_TABLE:
+        reason = host_unmet(check.requirements, report)
+        if reason is not None:
+            r.add(Item("host", check.name, "CANNOT RUN", reason))
+            continue
+        r.guarded("host", check.name, functools.partial(_host_item, r, check, report), evidence=check.evidence)
 
 
-SEED_ITEM = "seed regression: poison behind a slot with pgoff > 0"
-
-
-SEED_EVIDENCE = "seed_regression.json"
-
-
-def _seed(r: _Report, report: HostReport | None) -> None:
-    def check() -> Item:
-        try:
-            verdict = run_seed_regression(report=report)
-        except SeedCancelled as exc:
-            return Item("host", SEED_ITEM, "CANNOT RUN", exc.reason)
-        # The whole record (memory-fault exit gpa/size/flags, the userspace SIGBUS, expectations).
-        (r.out / SEED_EVIDENCE).write_text(json.dumps(verdict.to_dict(), indent=2, default=str) + "\n")
-        contract = verdict.evidence.get("contract_of_guest_access", "none")
-        return Item.from_verdict("host", SEED_ITEM, verdict,
-                                 f"guest access ({contract}) and userspace touch judged, {len(verdict.checks)} checks"
-                                 + (f"; {len(verdict.warnings)} clean-up warning(s)" if verdict.warnings else ""),
-                                 evidence=SEED_EVIDENCE, all_checks=True)
-
-    r.guarded("host", SEED_ITEM, check)
-
-
-MATRIX_ITEM = "poison matrix: shared guest_memfd page (injector x kill policy x mapped x dirty)"
-MATRIX_EVIDENCE = "poison_matrix.json"
-
-
-def _poison_matrix(r: _Report, report: HostReport | None) -> None:
-    def check() -> Item:
-        try:
-            result = run_poison_matrix(report=report)  # a Verdict: every row a part
-        except MatrixCancelled as exc:
-            return Item("host", MATRIX_ITEM, "CANNOT RUN", exc.reason)
-        (r.out / MATRIX_EVIDENCE).write_text(result.to_json() + "\n")
-        r.q.findings.extend(f.to_json() for f in result.findings)  # which contract the host follows
-        table = result.evidence.get("table", [])
-        item = Item.from_verdict("host", MATRIX_ITEM, result,
-                                 f"{len(table)} rows, contract followed: {result.evidence.get('contract') or 'none'}",
-                                 evidence=MATRIX_EVIDENCE)
-        # One line a row after the failed checks: which contracts it matched, or why it did not run.
-        idle = result.evidence.get("did_not_run", {})
-        item.details += [f"{row['row']}: {row['status']}" + (f" (matches {'/'.join(row['matches'])})"
-                         if row.get("matches") else f" ({idle[row['row']]})" if row["row"] in idle else "")
-                         for row in table]
-        return item
-
-    r.guarded("host", MATRIX_ITEM, check)
+def _host_item(r: _Report, check: HostCheck, report: HostReport | None) -> Item:
+    try:
+        verdict = check.run(report)
+    except SeedCancelled as exc:  # the matrix's MatrixCancelled too
+        return Item("host", check.name, "CANNOT RUN", exc.reason)
+    if check.evidence is not None:
+        (r.out / check.evidence).write_text(verdict.to_json() + "\n")
+    # Documented divergences (an errno of another kernel, the backing source, the matrix's
+    # contract): listed in the report's findings, never folded into a PASS.
+    r.q.findings.extend(f.to_json() for f in verdict.findings)
+    item = Item.from_verdict("host", check.name, verdict, check.summary(verdict), evidence=check.evidence,
+                             all_checks=check.all_checks)
+    if check.lines is not None:
+        item.details += check.lines(verdict)
+    return item
 
 
 def _guest(r: _Report, specs: Sequence[ScenarioSpec], image: GuestImage, binary: str, under: UnderTest) -> None:
@@ -222,8 +143,6 @@ def qualify(out: Path, *, specs: Sequence[ScenarioSpec], image: GuestImage | Non
         r.add(Item("host", "preflight", "ERROR", f"{type(exc).__name__}: {exc}"))
     r.save()
     _host_checks(r, host)
-    _seed(r, host)
-    _poison_matrix(r, host)
     if specs:
         assert image is not None
         _guest(r, specs, image, binary, under)

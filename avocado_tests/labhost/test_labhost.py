@@ -11,7 +11,7 @@ from __future__ import annotations
 from avocado import Test
 
 from gmemtest.avocado_support import LABHOST_PREFLIGHT, LABHOST_TEST_TIMEOUT_S, run_labhost_item
-from gmemtest.qualify import BACKING_ITEM, MAPPING_ITEM, MATRIX_ITEM, PUNCH_ITEM, SEED_ITEM, UAPI_ITEM
+from gmemtest.host_checks import BACKING_ITEM, MAPPING_ITEM, MATRIX_ITEM, PUNCH_ITEM, SEED_ITEM, UAPI_ITEM
 
 
 class LabhostHostChecks(Test):  # type: ignore[misc]  # avocado is untyped

@@ -12,8 +12,8 @@ import pytest
 from gmemtest import qualify as qualify_module
 from gmemtest.cli import main as cli_main
 from gmemtest.compare import compare
-from gmemtest.qualify import Item, Qualification
 from gmemtest.report_html import render
+from gmemtest.report_model import Item, Qualification
 
 
 def _report(items: list[Item], findings: tuple[str, ...] = (), duration_s: float = 20.0) -> dict[str, Any]:

@@ -1,0 +1,98 @@
+"""The host checks a qualification runs, as data: one row each, every one returning a Verdict.
+
+A row names the report item, the host requirements it needs (the check's own tuple, asked before
+anything runs), how to run it, and how to say its result in one line. ``gmemtest.qualify`` walks
+the table; the lab host's Avocado tests pick their items by these names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from host_stack import gmem_uapi_cases, vmm
+from host_stack.capabilities import HostReport
+from host_stack.kvm import KvmSystem
+from host_stack.poison_matrix import MATRIX_REQUIREMENTS, run_poison_matrix
+from host_stack.seed_regression import SEED_REQUIREMENTS, run_seed_regression
+from outcome import Verdict
+
+__all__ = ["BACKING_ITEM", "HOST_CHECK_TABLE", "MAPPING_ITEM", "MATRIX_ITEM", "PUNCH_ITEM", "SEED_ITEM",
+           "UAPI_ITEM", "HostCheck"]
+
+UAPI_ITEM: Final = "guest_memfd uAPI cases"
+MAPPING_ITEM: Final = "tiny VMM: slots map the oracle's indexes"
+PUNCH_ITEM: Final = "tiny VMM: punch hole seen at the oracle's gfn"
+BACKING_ITEM: Final = "tiny VMM: memory serving gmem slots"
+SEED_ITEM: Final = "seed regression: poison behind a slot with pgoff > 0"
+MATRIX_ITEM: Final = "poison matrix: shared guest_memfd page (injector x kill policy x mapped x dirty)"
+PUNCH_INDEX: Final = vmm.DEFAULT_LAYOUT[1].gmem_pgoff + 1  # file index 9 -> gfn 0x41
+
+
+@dataclass(frozen=True)
+class HostCheck:
+    """One host check of the qualification. ``run`` may raise ``SeedCancelled`` (CANNOT RUN)."""
+
+    name: str
+    requirements: tuple[str, ...]
+    run: Callable[[HostReport | None], Verdict]
+    summary: Callable[[Verdict], str]
+    evidence: str | None = None  # the file the whole verdict is written to, beside the report
+    all_checks: bool = False  # list every check in the item's details, not only the failed ones
+    lines: Callable[[Verdict], list[str]] | None = None  # more detail lines (the matrix's rows)
+
+
+def _on_kvm(check: Callable[[KvmSystem], Verdict]) -> Callable[[HostReport | None], Verdict]:
+    def run(_report: HostReport | None) -> Verdict:
+        with KvmSystem() as system:
+            return check(system)
+
+    return run
+
+
+def _uapi_summary(verdict: Verdict) -> str:
+    ran = {c.name.split(":", 1)[0] for c in verdict.checks}
+    failed = {c.name.split(":", 1)[0] for c in verdict.failures}
+    found = len(verdict.findings)
+    idle = len(verdict.evidence.get("did_not_run", {}))
+    return (f"{len(ran) - len(failed) - found} passed, {found} documented alternatives (findings), "
+            f"{len(failed)} failed, {idle} not applicable")
+
+
+def _seed_summary(verdict: Verdict) -> str:
+    contract = verdict.evidence.get("contract_of_guest_access") or "none"
+    warned = f"; {len(verdict.warnings)} clean-up warning(s)" if verdict.warnings else ""
+    return f"guest access ({contract}) and userspace touch judged, {len(verdict.checks)} checks{warned}"
+
+
+def _matrix_summary(verdict: Verdict) -> str:
+    rows = len(verdict.evidence.get("table", []))
+    return f"{rows} rows, contract followed: {verdict.evidence.get('contract') or 'none'}"
+
+
+def _matrix_rows(verdict: Verdict) -> list[str]:
+    """One line a row: the contracts it matched, or why it did not run."""
+    idle = verdict.evidence.get("did_not_run", {})
+    lines = []
+    for row in verdict.evidence.get("table", []):
+        why = (f" (matches {'/'.join(row['matches'])})" if row.get("matches")
+               else f" ({idle[row['row']]})" if row["row"] in idle else "")
+        lines.append(f"{row['row']}: {row['status']}{why}")
+    return lines
+
+
+HOST_CHECK_TABLE: Final[tuple[HostCheck, ...]] = (
+    HostCheck(UAPI_ITEM, gmem_uapi_cases.HOST_REQUIREMENTS, _on_kvm(gmem_uapi_cases.run_table), _uapi_summary),
+    HostCheck(MAPPING_ITEM, vmm.HOST_REQUIREMENTS, _on_kvm(vmm.run_oracle_mapping),
+              lambda v: f"{len(v.checks)} gfns read over {len(v.evidence['layout'])} slots"),
+    HostCheck(PUNCH_ITEM, vmm.HOST_REQUIREMENTS, _on_kvm(lambda system: vmm.run_punch_hole(system, PUNCH_INDEX)),
+              lambda v: f"file index {PUNCH_INDEX} -> gfn {v.evidence['expected_gfn']:#x}"),
+    HostCheck(BACKING_ITEM, vmm.HOST_REQUIREMENTS, _on_kvm(vmm.run_backing_source),
+              lambda v: f"served from {v.evidence['behaviour']}"),
+    # The whole record: the memory-fault exit's gpa/size/flags, the userspace SIGBUS, expectations.
+    HostCheck(SEED_ITEM, SEED_REQUIREMENTS, lambda report: run_seed_regression(report=report), _seed_summary,
+              evidence="seed_regression.json", all_checks=True),
+    HostCheck(MATRIX_ITEM, MATRIX_REQUIREMENTS, lambda report: run_poison_matrix(report=report), _matrix_summary,
+              evidence="poison_matrix.json", lines=_matrix_rows),
+)
