@@ -83,6 +83,33 @@ def judge(test: AvocadoTestLike, verdict: Verdict) -> None:
         test.fail("; ".join(c.line() for c in verdict.failures) or f"{verdict.scenario}: no check was made")
 
 
+def run_host_check(test: AvocadoTestLike, name: str) -> None:
+    """One row of ``gmemtest.host_checks.HOST_CHECK_TABLE`` as this Avocado test, on this host.
+
+    CANCEL with the unmet requirement before anything runs; else the verdict goes to the row's
+    evidence file in the outputdir, its findings to the log (a finding is not a failure), a
+    failed clean-up to ``log.warning`` (Avocado's WARN: a frame left poisoned must not hide behind
+    a PASS), and the verdict to ``judge``.
+    """
+    from gmemtest.host_checks import host_check
+    from host_stack.seed_regression import SeedCancelled
+
+    check = host_check(name)
+    cancel_unless_host_meets(test, check.requirements)
+    try:
+        verdict = check.run(None)
+    except SeedCancelled as exc:  # the child found what the probe did not (the matrix's too)
+        (Path(test.outputdir) / "cancel_reason.txt").write_text(exc.reason + "\n")
+        test.cancel(exc.reason)
+    (Path(test.outputdir) / check.evidence).write_text(verdict.to_json() + "\n")
+    for finding in verdict.findings:
+        test.log.info("FINDING %s (%s): %s", finding.id, finding.severity, finding.text)
+    for warning in verdict.warnings:
+        test.log.warning("CLEANUP %s", warning)
+    test.log.info("%s: %s", name, check.summary(verdict) if verdict.not_run is None else verdict.reason)
+    judge(test, verdict)
+
+
 def _quiet_wire_loggers() -> None:
     # Avocado records every logger at DEBUG; the QMP and SSH wire traces are already in
     # qmp.jsonl and probe.jsonl, and at DEBUG they bury the verdict under thousands of lines.

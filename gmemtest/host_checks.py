@@ -18,8 +18,8 @@ from host_stack.poison_matrix import MATRIX_REQUIREMENTS, run_poison_matrix
 from host_stack.seed_regression import SEED_REQUIREMENTS, run_seed_regression
 from outcome import Verdict
 
-__all__ = ["BACKING_ITEM", "HOST_CHECK_TABLE", "MAPPING_ITEM", "MATRIX_ITEM", "PUNCH_ITEM", "SEED_ITEM",
-           "UAPI_ITEM", "HostCheck"]
+__all__ = ["BACKING_ITEM", "HOST_CHECK_TABLE", "MAPPING_ITEM", "MATRIX_ITEM", "NOT_MEANINGFUL_ON_DECOY",
+           "PUNCH_ITEM", "SEED_ITEM", "UAPI_ITEM", "HostCheck", "host_check"]
 
 UAPI_ITEM: Final = "guest_memfd uAPI cases"
 MAPPING_ITEM: Final = "tiny VMM: slots map the oracle's indexes"
@@ -28,6 +28,9 @@ BACKING_ITEM: Final = "tiny VMM: memory serving gmem slots"
 SEED_ITEM: Final = "seed regression: poison behind a slot with pgoff > 0"
 MATRIX_ITEM: Final = "poison matrix: shared guest_memfd page (injector x kill policy x mapped x dirty)"
 PUNCH_INDEX: Final = vmm.DEFAULT_LAYOUT[1].gmem_pgoff + 1  # file index 9 -> gfn 0x41
+# The oracle checks that prove nothing where gmem slots are served from userspace_addr (vmm's
+# NOT MEANINGFUL): the main job's plan predicts their CANCEL from the backing-source finding.
+NOT_MEANINGFUL_ON_DECOY: Final = (MAPPING_ITEM, PUNCH_ITEM)
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class HostCheck:
     requirements: tuple[str, ...]
     run: Callable[[HostReport | None], Verdict]
     summary: Callable[[Verdict], str]
-    evidence: str | None = None  # the file the whole verdict is written to, beside the report
+    evidence: str  # the file the whole verdict is written to (beside the report, in the test's outputdir)
     all_checks: bool = False  # list every check in the item's details, not only the failed ones
     lines: Callable[[Verdict], list[str]] | None = None  # more detail lines (the matrix's rows)
 
@@ -83,16 +86,25 @@ def _matrix_rows(verdict: Verdict) -> list[str]:
 
 
 HOST_CHECK_TABLE: Final[tuple[HostCheck, ...]] = (
-    HostCheck(UAPI_ITEM, gmem_uapi_cases.HOST_REQUIREMENTS, _on_kvm(gmem_uapi_cases.run_table), _uapi_summary),
+    HostCheck(UAPI_ITEM, gmem_uapi_cases.HOST_REQUIREMENTS, _on_kvm(gmem_uapi_cases.run_table), _uapi_summary,
+              "uapi_cases.json"),
     HostCheck(MAPPING_ITEM, vmm.HOST_REQUIREMENTS, _on_kvm(vmm.run_oracle_mapping),
-              lambda v: f"{len(v.checks)} gfns read over {len(v.evidence['layout'])} slots"),
+              lambda v: f"{len(v.checks)} gfns read over {len(v.evidence['layout'])} slots", "oracle_mapping.json"),
     HostCheck(PUNCH_ITEM, vmm.HOST_REQUIREMENTS, _on_kvm(lambda system: vmm.run_punch_hole(system, PUNCH_INDEX)),
-              lambda v: f"file index {PUNCH_INDEX} -> gfn {v.evidence['expected_gfn']:#x}"),
+              lambda v: f"file index {PUNCH_INDEX} -> gfn {v.evidence['expected_gfn']:#x}", "punch_hole.json"),
     HostCheck(BACKING_ITEM, vmm.HOST_REQUIREMENTS, _on_kvm(vmm.run_backing_source),
-              lambda v: f"served from {v.evidence['behaviour']}"),
+              lambda v: f"served from {v.evidence['behaviour']}", "backing_source.json"),
     # The whole record: the memory-fault exit's gpa/size/flags, the userspace SIGBUS, expectations.
     HostCheck(SEED_ITEM, SEED_REQUIREMENTS, lambda report: run_seed_regression(report=report), _seed_summary,
-              evidence="seed_regression.json", all_checks=True),
+              "seed_regression.json", all_checks=True),
     HostCheck(MATRIX_ITEM, MATRIX_REQUIREMENTS, lambda report: run_poison_matrix(report=report), _matrix_summary,
-              evidence="poison_matrix.json", lines=_matrix_rows),
+              "poison_matrix.json", lines=_matrix_rows),
 )
+
+
+def host_check(name: str) -> HostCheck:
+    """The row named ``name``; a KeyError lists the names there are."""
+    for check in HOST_CHECK_TABLE:
+        if check.name == name:
+            return check
+    raise KeyError(f"no host check {name!r}; the table has: {', '.join(c.name for c in HOST_CHECK_TABLE)}")

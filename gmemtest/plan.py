@@ -6,8 +6,9 @@ under ``avocado_tests/`` is parsed (as Avocado's own loader does, without import
 for every ``test*`` method the call that decides its fate is taken with its literal arguments:
 ``run_guest_scenario(self, "<scenario>")``, ``run_every_scenario_under(self, "<profile>")``,
 ``run_chain_item(self, "<row>", "<variant>")``, ``run_labhost_item(...)``,
-``check_guest_boot(...)`` and ``cancel_unless_host_meets(self, <requirements>)`` (in the method
-or in the class's ``setUp``), whose requirement tuple is resolved from the module's imports.
+``check_guest_boot(...)``, ``run_host_check(self, <a row of gmemtest.host_checks>)`` and
+``cancel_unless_host_meets(self, <requirements>)`` (in the method or in the class's ``setUp``),
+their arguments resolved from the module's imports.
 The prediction then asks the same functions the test asks (``gmemtest.requirements``), so a
 test cancels exactly when, and with the sentence, the plan says, on whatever host this is.
 
@@ -42,11 +43,8 @@ from qmp_helpers import DEFAULT_QEMU
 __all__ = ["AVOCADO_TESTS", "PlanError", "PlannedTest", "TestCall", "discover", "plan_main_job"]
 
 AVOCADO_TESTS = Path(__file__).resolve().parent.parent / "avocado_tests"
-# Tests whose check runs but cannot discriminate where gmem slots are served from userspace_addr
-# (host_stack.vmm's "not meaningful" status): they CANCEL with the finding's id.
-_NOT_MEANINGFUL_ON_DECOY = ("TinyVmm.test_oracle_mapping", "TinyVmm.test_punch_hole")
 _DECIDING_CALLS = ("run_guest_scenario", "run_every_scenario_under", "run_chain_item", "run_labhost_item",
-                   "check_guest_boot", "cancel_unless_host_meets")
+                   "check_guest_boot", "run_host_check", "cancel_unless_host_meets")
 
 
 class PlanError(ValueError):
@@ -196,12 +194,25 @@ def _host_gate(ctx: _Context, requirements: Sequence[str]) -> str | None:
     return host_unmet(tuple(requirements), ctx.report)
 
 
+def _host_check(ctx: _Context, name: str) -> str | None:
+    """A row of the host-check table: its requirements, then (for the oracle checks) whether
+    this host's gmem slots are served from userspace_addr, where they are NOT MEANINGFUL."""
+    from gmemtest.host_checks import NOT_MEANINGFUL_ON_DECOY, host_check
+
+    try:
+        check = host_check(name)
+    except KeyError as exc:
+        raise PlanError(str(exc)) from exc
+    return _host_gate(ctx, check.requirements) or (_not_meaningful(ctx) if name in NOT_MEANINGFUL_ON_DECOY else None)
+
+
 _PREDICT: dict[str, Callable[..., str | None]] = {
     "run_guest_scenario": _guest_scenario,
     "run_every_scenario_under": _profile,
     "check_guest_boot": _guest_boot,
     "run_chain_item": _chain,
     "run_labhost_item": lambda ctx, *_args: None,  # L1 is the host it is built to be (its preflight test)
+    "run_host_check": _host_check,
     "cancel_unless_host_meets": _host_gate,
 }
 
@@ -260,4 +271,4 @@ def _predict(ctx: _Context, name: str, path: str, calls: tuple[TestCall, ...]) -
         cancel = _PREDICT[call.function](ctx, *call.args, **dict(call.kwargs))
         if cancel is not None:
             return cancel
-    return _not_meaningful(ctx) if name in _NOT_MEANINGFUL_ON_DECOY else None
+    return None

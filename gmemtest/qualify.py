@@ -86,8 +86,7 @@ def _host_item(r: _Report, check: HostCheck, report: HostReport | None) -> Item:
         verdict = check.run(report)
     except SeedCancelled as exc:  # the matrix's MatrixCancelled too
         return Item("host", check.name, "CANNOT RUN", exc.reason)
-    if check.evidence is not None:
-        (r.out / check.evidence).write_text(verdict.to_json() + "\n")
+    (r.out / check.evidence).write_text(verdict.to_json() + "\n")
     # Documented divergences (an errno of another kernel, the backing source, the matrix's
     # contract): listed in the report's findings, never folded into a PASS.
     r.q.findings.extend(f.to_json() for f in verdict.findings)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from avocado import Test
 
-from gmemtest.avocado_support import HOST_TEST_TIMEOUT_S, cancel_unless_host_meets, judge
-from host_stack.poison_matrix import MATRIX_REQUIREMENTS, MatrixCancelled, run_poison_matrix
+from gmemtest.avocado_support import HOST_TEST_TIMEOUT_S, run_host_check
+from gmemtest.host_checks import MATRIX_ITEM
 
 
 class PoisonMatrix(Test):  # type: ignore[misc]  # avocado is untyped
@@ -27,20 +25,4 @@ class PoisonMatrix(Test):  # type: ignore[misc]  # avocado is untyped
     timeout = 3 * HOST_TEST_TIMEOUT_S
 
     def test_matrix(self) -> None:
-        cancel_unless_host_meets(self, MATRIX_REQUIREMENTS)
-        try:
-            result = run_poison_matrix()
-        except MatrixCancelled as exc:
-            (Path(self.outputdir) / "cancel_reason.txt").write_text(exc.reason + "\n")
-            self.cancel(exc.reason)
-            return
-        (Path(self.outputdir) / "poison_matrix.json").write_text(result.to_json() + "\n")
-        for row in result.evidence.get("table", []):
-            self.log.info("%s %s: matches %s", row["status"], row["row"], "/".join(row.get("matches", [])) or "-")
-        for finding in result.findings:
-            self.log.info("FINDING %s: %s", finding.id, finding.text)
-        for warning in result.warnings:
-            # self.log.warning on purpose: Avocado turns it into WARN, and a frame left
-            # poisoned by the clean-up must not hide behind a PASS.
-            self.log.warning("CLEANUP %s", warning)
-        judge(self, result)
+        run_host_check(self, MATRIX_ITEM)

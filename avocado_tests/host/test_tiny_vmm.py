@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
 from avocado import Test
 
-from gmemtest.avocado_support import HOST_TEST_TIMEOUT_S, cancel_unless_host_meets, judge
-from host_stack import vmm
-from host_stack.kvm import KvmSystem
-from outcome import Verdict
+from gmemtest.avocado_support import HOST_TEST_TIMEOUT_S, run_host_check
+from gmemtest.host_checks import BACKING_ITEM, MAPPING_ITEM, PUNCH_ITEM
 
 
 class TinyVmm(Test):  # type: ignore[misc]  # avocado is untyped
@@ -25,28 +20,12 @@ class TinyVmm(Test):  # type: ignore[misc]  # avocado is untyped
 
     timeout = HOST_TEST_TIMEOUT_S
 
-    def setUp(self) -> None:
-        cancel_unless_host_meets(self, vmm.HOST_REQUIREMENTS)
-
-    def _keep(self, verdict: Verdict) -> None:
-        (Path(self.outputdir) / f"{verdict.scenario}.json").write_text(verdict.to_json() + "\n")
-        for finding in verdict.findings:
-            # WARNING level in the test log, but not through self.log.warning: Avocado 113 turns
-            # any self.log.warning call into a WARN status, and a finding must not change it.
-            self.log.log(logging.WARNING, "FINDING %s (%s): %s", finding.id, finding.severity, finding.text)
-        judge(self, verdict)
-
     def test_oracle_mapping(self) -> None:
-        with KvmSystem() as system:
-            self._keep(vmm.run_oracle_mapping(system))
+        run_host_check(self, MAPPING_ITEM)
 
     def test_punch_hole(self) -> None:
-        with KvmSystem() as system:
-            self._keep(vmm.run_punch_hole(system, index=9))
+        run_host_check(self, PUNCH_ITEM)
 
     def test_backing_source(self) -> None:
         """Which view serves the guest; a divergence is a finding, not a failure."""
-        with KvmSystem() as system:
-            verdict = vmm.run_backing_source(system)
-        self.log.info("gmem slots are served from: %s", verdict.evidence["behaviour"])
-        self._keep(verdict)
+        run_host_check(self, BACKING_ITEM)

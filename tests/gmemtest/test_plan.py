@@ -15,7 +15,7 @@ import pytest
 
 from gmemtest import avocado_support, plan, qualify
 from gmemtest import requirements as req
-from gmemtest.host_checks import HOST_CHECK_TABLE
+from gmemtest.host_checks import HOST_CHECK_TABLE, PUNCH_ITEM, UAPI_ITEM, host_check
 from host_stack import gmem_uapi_cases, vmm
 from host_stack.capabilities import HostReport
 from host_stack.seed_regression import SEED_REQUIREMENTS
@@ -43,8 +43,9 @@ def test_every_avocado_test_is_planned_from_its_own_source() -> None:
     assert all(calls for _name, _path, calls in found), [n for n, _p, c in found if not c]
     by_name = {name: calls for name, _path, calls in found}
     (uapi,) = by_name["GmemUapi.test_cases"]
-    assert (uapi.function, uapi.args) == ("cancel_unless_host_meets", (gmem_uapi_cases.HOST_REQUIREMENTS,))
-    assert by_name["TinyVmm.test_punch_hole"][0].args == (vmm.HOST_REQUIREMENTS,)  # from setUp
+    assert (uapi.function, uapi.args) == ("run_host_check", (UAPI_ITEM,))
+    assert by_name["TinyVmm.test_punch_hole"][0].args == (PUNCH_ITEM,)
+    assert host_check(UAPI_ITEM).requirements == gmem_uapi_cases.HOST_REQUIREMENTS
     assert by_name["SraoLateKill.test_thp"][0].args == ("srao-late-touch-thp",)
     assert by_name["HostPoisonChain.test_ar_touch_kvm_gmem"][0].args == ("host-ar-touch-4k", "kvm-gmem")
 

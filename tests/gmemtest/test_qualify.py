@@ -57,7 +57,7 @@ def test_outcome_order_and_escaping() -> None:
 def _stand_in(name: str, run: Callable[[HostReport | None], Verdict] | None = None) -> HostCheck:
     """A host check that needs nothing and passes (or does what ``run`` does)."""
     passing = Verdict(name, (Check("stand-in", "1", "1", True),))
-    return HostCheck(name, (), run or (lambda _report: passing), lambda _v: "stand-in passed")
+    return HostCheck(name, (), run or (lambda _report: passing), lambda _v: "stand-in passed", f"{name}.json")
 
 
 def test_a_check_that_raises_is_an_error_item_and_the_report_is_still_written(
