@@ -1,0 +1,106 @@
+"""The one mapping from a verdict to Avocado, and the host checks' path through it, without Avocado.
+
+A fake test object stands in for avocado.Test (cancel and fail raise, as Avocado's do).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, NoReturn
+
+import pytest
+
+from gmemtest import avocado_support, host_checks
+from gmemtest import requirements as req
+from gmemtest.host_checks import HostCheck
+from host_stack.capabilities import HostReport
+from outcome import Check, Finding, Verdict
+
+OK = Check("si_addr_lsb", "12", "12", True)
+BAD = Check("si_addr_lsb", "21", "12", False)
+
+
+class Cancelled(Exception):
+    pass
+
+
+class Failed(Exception):
+    pass
+
+
+class FakeTest:
+    def __init__(self, outputdir: Path) -> None:
+        self.outputdir = str(outputdir)
+        self.whiteboard = ""
+        self.params: Any = None
+        self.log = logging.getLogger(f"fake-avocado-test.{id(self)}")
+
+    def cancel(self, message: str | None = None) -> NoReturn:
+        raise Cancelled(message)
+
+    def fail(self, message: str | None = None) -> NoReturn:
+        raise Failed(message)
+
+
+@pytest.mark.parametrize(("verdict", "raised", "text"), [
+    (Verdict("row", (OK,)), None, ""),
+    (Verdict("row", (OK, BAD)), Failed, "FAIL si_addr_lsb: expected 21, actual 12"),
+    (Verdict("row"), Failed, "row: no check was made"),
+    (Verdict.did_not_run("row", "NOT MEANINGFUL", "decoys answered"), Cancelled, "NOT MEANINGFUL: decoys answered"),
+    (Verdict.did_not_run("row", "CANNOT RUN", "no EINJ"), Cancelled, "CANNOT RUN: no EINJ"),
+    (Verdict.did_not_run("row", "ERROR", "OSError: boom"), Failed, "ERROR: OSError: boom"),
+], ids=["pass", "fail", "no-check", "not-meaningful", "cannot-run", "error"])
+def test_judge_maps_every_status(tmp_path: Path, verdict: Verdict, raised: type[Exception] | None, text: str) -> None:
+    test = FakeTest(tmp_path)
+    if raised is None:
+        avocado_support.judge(test, verdict)  # type: ignore[arg-type]
+    else:
+        with pytest.raises(raised) as exc:
+            avocado_support.judge(test, verdict)  # type: ignore[arg-type]
+        assert text in str(exc.value)
+    assert json.loads(test.whiteboard)["status"] == verdict.status
+
+
+def _row(monkeypatch: pytest.MonkeyPatch, verdict: Verdict, requirements: tuple[str, ...] = ()) -> list[int]:
+    calls: list[int] = []
+
+    def run(_report: HostReport | None) -> Verdict:
+        calls.append(1)
+        return verdict
+
+    row = HostCheck("stand-in check", requirements, run, lambda _v: "summary", "stand_in.json")
+    monkeypatch.setattr(host_checks, "host_check", lambda name: row)
+    return calls
+
+
+def test_a_host_check_keeps_its_verdict_logs_findings_and_warns_on_a_failed_cleanup(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    finding = Finding("uapi-errno-x", "divergence", "EEXIST on 7.3.4, EINVAL here")
+    verdict = Verdict("stand-in check", (OK,), findings=(finding,), warnings=("pfn 0x1234 left poisoned",))
+    _row(monkeypatch, verdict)
+    test = FakeTest(tmp_path)
+    with caplog.at_level(logging.INFO, logger=test.log.name):
+        avocado_support.run_host_check(test, "stand-in check")  # type: ignore[arg-type]
+    assert Verdict.from_json((tmp_path / "stand_in.json").read_text()) == verdict
+    levels = {(r.levelname, r.getMessage()) for r in caplog.records}
+    # log.warning on the clean-up is what makes Avocado WARN; a finding stays INFO (no WARN).
+    assert ("WARNING", "CLEANUP pfn 0x1234 left poisoned") in levels, levels
+    assert ("INFO", "FINDING uapi-errno-x (divergence): EEXIST on 7.3.4, EINVAL here") in levels, levels
+
+
+def test_a_host_check_cancels_before_running_when_the_host_lacks_its_requirement(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _row(monkeypatch, Verdict("stand-in check", (OK,)), requirements=("guest_memfd",))
+    no_gmem = HostReport(kernel_release="6.18.44", kvm_device=True, kvm_reason=None, kvm_vendor_module="kvm_pvm",
+                         kvm_api_version=12, cap_guest_memfd=0)
+    monkeypatch.setattr(req, "host_report", lambda: no_gmem)
+    with pytest.raises(Cancelled, match="unmet host requirement guest_memfd: host KVM lacks guest_memfd"):
+        avocado_support.run_host_check(FakeTest(tmp_path), "stand-in check")  # type: ignore[arg-type]
+    assert calls == [], "nothing runs on a host that lacks what the check needs"
+
+
+def test_an_unknown_row_names_the_rows_there_are() -> None:
+    with pytest.raises(KeyError, match="guest_memfd uAPI cases"):
+        host_checks.host_check("nope")
