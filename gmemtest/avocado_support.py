@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from gmemtest.guest_run import GuestRun, booted_guest
-from gmemtest.requirements import host_report, host_unmet, scenario_unmet, unmet_requirements
+from gmemtest.requirements import host_report, scenario_unmet, unmet_requirements
 from gmemtest.runner import ScenarioResult, run_in_fresh_guest
 from gmemtest.scenarios import SCENARIOS, ScenarioSpec, get_scenario, unsupported_under
 from gmemtest.under_test import UnderTest
@@ -59,17 +59,6 @@ def under_test(test: AvocadoTestLike) -> UnderTest:
     return chosen
 
 
-def cancel_unless_host_meets(test: AvocadoTestLike, requirements: tuple[str, ...]) -> None:
-    """CANCEL with ``unmet host requirement <name>: <probed sentence>`` unless the host meets all.
-
-    The requirement tuple is the check's own (e.g. ``gmem_uapi_cases.HOST_REQUIREMENTS``), the
-    same one the main job's plan (``gmemtest.plan``) predicts this CANCEL from.
-    """
-    reason = host_unmet(requirements)
-    if reason is not None:
-        test.cancel(reason)
-
-
 def judge(test: AvocadoTestLike, verdict: Verdict) -> None:
     """The one mapping of a verdict to Avocado's statuses, for every test: PASS passes; FAIL and
     ERROR fail with the failed checks (or the reason); CANNOT RUN and NOT MEANINGFUL cancel with
@@ -86,27 +75,22 @@ def judge(test: AvocadoTestLike, verdict: Verdict) -> None:
 def run_host_check(test: AvocadoTestLike, name: str) -> None:
     """One row of ``gmemtest.host_checks.HOST_CHECK_TABLE`` as this Avocado test, on this host.
 
-    CANCEL with the unmet requirement before anything runs; else the verdict goes to the row's
-    evidence file in the outputdir, its findings to the log (a finding is not a failure), a
-    failed clean-up to ``log.warning`` (Avocado's WARN: a frame left poisoned must not hide behind
-    a PASS), and the verdict to ``judge``.
+    The row's ``verdict`` gates it (CANNOT RUN with the unmet requirement before anything runs,
+    the same sentence the main job's plan predicts); the verdict goes to the row's evidence file
+    in the outputdir, its findings to the log (a finding is not a failure), a failed clean-up to
+    ``log.warning`` (Avocado's WARN: a frame left poisoned must not hide behind a PASS), and the
+    verdict to ``judge``.
     """
     from gmemtest.host_checks import host_check
-    from host_stack.seed_regression import SeedCancelled
 
     check = host_check(name)
-    cancel_unless_host_meets(test, check.requirements)
-    try:
-        verdict = check.run(None)
-    except SeedCancelled as exc:  # the child found what the probe did not (the matrix's too)
-        (Path(test.outputdir) / "cancel_reason.txt").write_text(exc.reason + "\n")
-        test.cancel(exc.reason)
+    verdict = check.verdict()
     (Path(test.outputdir) / check.evidence).write_text(verdict.to_json() + "\n")
     for finding in verdict.findings:
         test.log.info("FINDING %s (%s): %s", finding.id, finding.severity, finding.text)
     for warning in verdict.warnings:
         test.log.warning("CLEANUP %s", warning)
-    test.log.info("%s: %s", name, check.summary(verdict) if verdict.not_run is None else verdict.reason)
+    test.log.info("%s: %s", name, check.describe(verdict))
     judge(test, verdict)
 
 

@@ -1,8 +1,10 @@
 """The host checks a qualification runs, as data: one row each, every one returning a Verdict.
 
 A row names the report item, the host requirements it needs (the check's own tuple, asked before
-anything runs), how to run it, and how to say its result in one line. ``gmemtest.qualify`` walks
-the table; the lab host's Avocado tests pick their items by these names.
+anything runs), how to run it, and how to say its result in one line. ``HostCheck.verdict`` is
+the one way to run a row: ``gmemtest.qualify`` walks the table with it, the host Avocado tests
+(``avocado_support.run_host_check``) run one row each, and the lab host's Avocado tests pick
+their items by these names.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from gmemtest.requirements import host_unmet
 from host_stack import gmem_uapi_cases, vmm
 from host_stack.capabilities import HostReport
 from host_stack.kvm import KvmSystem
 from host_stack.poison_matrix import MATRIX_REQUIREMENTS, run_poison_matrix
-from host_stack.seed_regression import SEED_REQUIREMENTS, run_seed_regression
+from host_stack.seed_regression import SEED_REQUIREMENTS, SeedCancelled, run_seed_regression
 from outcome import Verdict
 
 __all__ = ["BACKING_ITEM", "HOST_CHECK_TABLE", "MAPPING_ITEM", "MATRIX_ITEM", "NOT_MEANINGFUL_ON_DECOY",
@@ -44,6 +47,22 @@ class HostCheck:
     evidence: str  # the file the whole verdict is written to (beside the report, in the test's outputdir)
     all_checks: bool = False  # list every check in the item's details, not only the failed ones
     lines: Callable[[Verdict], list[str]] | None = None  # more detail lines (the matrix's rows)
+
+    def verdict(self, report: HostReport | None = None) -> Verdict:
+        """Gate, then run. CANNOT RUN with the unmet requirement before anything runs (``report``:
+        default this host's, probed), or with the child's own sentence when it finds what the
+        probe did not (``SeedCancelled``, the matrix's ``MatrixCancelled`` too)."""
+        reason = host_unmet(self.requirements, report)
+        if reason is not None:
+            return Verdict.did_not_run(self.name, "CANNOT RUN", reason)
+        try:
+            return self.run(report)
+        except SeedCancelled as exc:
+            return Verdict.did_not_run(self.name, "CANNOT RUN", exc.reason)
+
+    def describe(self, verdict: Verdict) -> str:
+        """The verdict in one line: the row's summary of what ran, or why it did not."""
+        return verdict.reason if verdict.reason is not None else self.summary(verdict)
 
 
 def _on_kvm(check: Callable[[KvmSystem], Verdict]) -> Callable[[HostReport | None], Verdict]:

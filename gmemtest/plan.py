@@ -6,9 +6,8 @@ under ``avocado_tests/`` is parsed (as Avocado's own loader does, without import
 for every ``test*`` method the call that decides its fate is taken with its literal arguments:
 ``run_guest_scenario(self, "<scenario>")``, ``run_every_scenario_under(self, "<profile>")``,
 ``run_chain_item(self, "<row>", "<variant>")``, ``run_labhost_item(...)``,
-``check_guest_boot(...)``, ``run_host_check(self, <a row of gmemtest.host_checks>)`` and
-``cancel_unless_host_meets(self, <requirements>)`` (in the method or in the class's ``setUp``),
-their arguments resolved from the module's imports.
+``check_guest_boot(...)`` and ``run_host_check(self, <a row of gmemtest.host_checks>)`` (in the
+method or in the class's ``setUp``), their arguments resolved from the module's imports.
 The prediction then asks the same functions the test asks (``gmemtest.requirements``), so a
 test cancels exactly when, and with the sentence, the plan says, on whatever host this is.
 
@@ -43,8 +42,6 @@ from qmp_helpers import DEFAULT_QEMU
 __all__ = ["AVOCADO_TESTS", "PlanError", "PlannedTest", "TestCall", "discover", "plan_main_job"]
 
 AVOCADO_TESTS = Path(__file__).resolve().parent.parent / "avocado_tests"
-_DECIDING_CALLS = ("run_guest_scenario", "run_every_scenario_under", "run_chain_item", "run_labhost_item",
-                   "check_guest_boot", "run_host_check", "cancel_unless_host_meets")
 
 
 class PlanError(ValueError):
@@ -114,7 +111,7 @@ def _resolve(node: ast.expr, imports: dict[str, tuple[str, str | None]], where: 
 def _calls(body: Sequence[ast.stmt], imports: dict[str, tuple[str, str | None]], where: str) -> list[TestCall]:
     found: list[TestCall] = []
     for node in ast.walk(ast.Module(body=list(body), type_ignores=[])):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _DECIDING_CALLS:
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _PREDICT:
             args = tuple(_resolve(a, imports, where) for a in node.args[1:])
             kwargs = tuple((str(k.arg), _resolve(k.value, imports, where)) for k in node.keywords)
             found.append(TestCall(node.func.id, args, kwargs))
@@ -146,6 +143,18 @@ class _Context:
 
     def host(self) -> HostReport:
         return self.report if self.report is not None else host_report()
+
+    @functools.cached_property
+    def served_from_decoy(self) -> bool:
+        """Whether this host serves gmem slots from userspace_addr (asked once, with a tiny VM);
+        a stand-in report says nothing about this host's memory."""
+        from host_stack import vmm
+        from host_stack.kvm import KvmSystem
+
+        if self.report is not None:
+            return False
+        with KvmSystem() as system:
+            return any(f.id == vmm.FINDING_ID for f in vmm.run_backing_source(system).findings)
 
 
 def _guest_scenario(ctx: _Context, name: str) -> str | None:
@@ -190,20 +199,20 @@ def _chain(ctx: _Context, scenario: str, variant: str) -> str | None:
     return "; ".join(unmet) or None
 
 
-def _host_gate(ctx: _Context, requirements: Sequence[str]) -> str | None:
-    return host_unmet(tuple(requirements), ctx.report)
-
-
 def _host_check(ctx: _Context, name: str) -> str | None:
     """A row of the host-check table: its requirements, then (for the oracle checks) whether
     this host's gmem slots are served from userspace_addr, where they are NOT MEANINGFUL."""
     from gmemtest.host_checks import NOT_MEANINGFUL_ON_DECOY, host_check
+    from host_stack import vmm
 
     try:
         check = host_check(name)
     except KeyError as exc:
         raise PlanError(str(exc)) from exc
-    return _host_gate(ctx, check.requirements) or (_not_meaningful(ctx) if name in NOT_MEANINGFUL_ON_DECOY else None)
+    unmet = host_unmet(check.requirements, ctx.report)
+    if unmet is None and name in NOT_MEANINGFUL_ON_DECOY and ctx.served_from_decoy:
+        return vmm.NOT_MEANINGFUL_ON_DECOY
+    return unmet
 
 
 _PREDICT: dict[str, Callable[..., str | None]] = {
@@ -213,20 +222,7 @@ _PREDICT: dict[str, Callable[..., str | None]] = {
     "run_chain_item": _chain,
     "run_labhost_item": lambda ctx, *_args: None,  # L1 is the host it is built to be (its preflight test)
     "run_host_check": _host_check,
-    "cancel_unless_host_meets": _host_gate,
 }
-
-
-def _not_meaningful(ctx: _Context) -> str | None:
-    """Whether gmem slots are served from userspace_addr here (then the oracle checks cannot tell)."""
-    from host_stack import vmm
-    from host_stack.kvm import KvmSystem
-
-    if ctx.report is not None:
-        return None  # a stand-in report says nothing about this host's memory
-    with KvmSystem() as system:
-        findings = vmm.run_backing_source(system).findings
-    return vmm.NOT_MEANINGFUL_ON_DECOY if any(f.id == vmm.FINDING_ID for f in findings) else None
 
 
 def plan_main_job(root: Path = AVOCADO_TESTS, *, report: HostReport | None = None, qemu: str = DEFAULT_QEMU,
@@ -266,7 +262,7 @@ def plan_main_job(root: Path = AVOCADO_TESTS, *, report: HostReport | None = Non
 
 def _predict(ctx: _Context, name: str, path: str, calls: tuple[TestCall, ...]) -> str | None:
     if not calls:
-        raise PlanError(f"{path}:{name} makes none of the calls the plan reads ({', '.join(_DECIDING_CALLS)})")
+        raise PlanError(f"{path}:{name} makes none of the calls the plan reads ({', '.join(_PREDICT)})")
     for call in calls:
         cancel = _PREDICT[call.function](ctx, *call.args, **dict(call.kwargs))
         if cancel is not None:

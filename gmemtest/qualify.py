@@ -22,12 +22,11 @@ from gmemtest.host_checks import HOST_CHECK_TABLE, HostCheck
 from gmemtest.preflight import preflight_report
 from gmemtest.report_html import render
 from gmemtest.report_model import Item, Qualification, atomic_write
-from gmemtest.requirements import host_unmet, scenario_unmet
+from gmemtest.requirements import scenario_unmet
 from gmemtest.runner import run_in_fresh_guest
 from gmemtest.scenarios import ScenarioSpec
 from gmemtest.under_test import UnderTest
 from host_stack.capabilities import HostReport
-from host_stack.seed_regression import SeedCancelled
 from images.build import GuestImage
 from qmp_helpers import DEFAULT_QEMU
 
@@ -71,26 +70,19 @@ class _Report:
 
 
 def _host_checks(r: _Report, report: HostReport | None) -> None:
-    """Every row of ``HOST_CHECK_TABLE``: CANNOT RUN with the probed requirement when the host
-    lacks it (``report``: default this host's), never an ERROR; else its verdict as an item."""
+    """Every row of ``HOST_CHECK_TABLE`` as an item: CANNOT RUN with the probed requirement when
+    the host lacks it (``report``: default this host's), never an ERROR; else its verdict."""
     for check in HOST_CHECK_TABLE:
-        reason = host_unmet(check.requirements, report)
-        if reason is not None:
-            r.add(Item("host", check.name, "CANNOT RUN", reason))
-            continue
         r.guarded("host", check.name, functools.partial(_host_item, r, check, report), evidence=check.evidence)
 
 
 def _host_item(r: _Report, check: HostCheck, report: HostReport | None) -> Item:
-    try:
-        verdict = check.run(report)
-    except SeedCancelled as exc:  # the matrix's MatrixCancelled too
-        return Item("host", check.name, "CANNOT RUN", exc.reason)
+    verdict = check.verdict(report)
     (r.out / check.evidence).write_text(verdict.to_json() + "\n")
     # Documented divergences (an errno of another kernel, the backing source, the matrix's
     # contract): listed in the report's findings, never folded into a PASS.
     r.q.findings.extend(f.to_json() for f in verdict.findings)
-    item = Item.from_verdict("host", check.name, verdict, check.summary(verdict), evidence=check.evidence,
+    item = Item.from_verdict("host", check.name, verdict, check.describe(verdict), evidence=check.evidence,
                              all_checks=check.all_checks)
     if check.lines is not None:
         item.details += check.lines(verdict)

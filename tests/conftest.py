@@ -16,7 +16,7 @@ import time
 import pytest
 from run_summary import PHASE_SECONDS, SUMMARY_LINES
 
-from host_stack.capabilities import REQUIREMENTS, unmet_reason
+from host_stack.capabilities import REQUIREMENTS
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -33,9 +33,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if unknown:
         valid = ", ".join(REQUIREMENTS)
         raise pytest.UsageError(f"{item.nodeid}: unknown host requirement(s) {unknown}; valid: {valid}")
-    from gmemtest.requirements import host_report
+    from gmemtest.requirements import host_unmet
 
-    reason = unmet_reason(host_report(), names)
+    reason = host_unmet(names)  # the same gate as Avocado's and qualify's (gmemtest.host_checks)
     if reason is not None:
         pytest.skip(reason)
 

@@ -9,16 +9,25 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
 
-from gmemtest import avocado_support, plan, qualify
+from gmemtest import plan, qualify
 from gmemtest import requirements as req
-from gmemtest.host_checks import HOST_CHECK_TABLE, PUNCH_ITEM, UAPI_ITEM, host_check
+from gmemtest.host_checks import (
+    BACKING_ITEM,
+    HOST_CHECK_TABLE,
+    MAPPING_ITEM,
+    PUNCH_ITEM,
+    SEED_ITEM,
+    UAPI_ITEM,
+    HostCheck,
+    host_check,
+)
 from host_stack import gmem_uapi_cases, vmm
 from host_stack.capabilities import HostReport
-from host_stack.seed_regression import SEED_REQUIREMENTS
+from outcome import Verdict
 
 NO_GMEM = "unmet host requirement guest_memfd: host KVM lacks guest_memfd: KVM_CAP_GUEST_MEMFD is 0"
 ZERO = HostReport(kernel_release="6.18.44-fc", kvm_device=True, kvm_reason=None, kvm_vendor_module="kvm_pvm",
@@ -75,41 +84,60 @@ def test_guest_memfd_without_memory_failure_cancels_only_the_poisoning_checks() 
 @pytest.mark.kvm
 def test_a_host_serving_gmem_slots_from_userspace_addr_plans_the_oracle_checks_not_meaningful(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The plan's sentence must be part of what the two TinyVmm tests cancel with there."""
+    """The plan's sentence must be part of what the two TinyVmm tests cancel with there, and the
+    tiny VM that finds out is run once per plan, not once per test."""
     from types import SimpleNamespace
 
     from outcome import Finding
 
-    decoy = SimpleNamespace(findings=(Finding(vmm.FINDING_ID, "divergence", "served from userspace_addr"),))
-    monkeypatch.setattr(vmm, "run_backing_source", lambda _system: decoy)
-    predicted = plan._not_meaningful(plan._Context(None, "qemu-system-x86_64", lambda: None))
-    assert predicted is not None
-    for what in ("the gfn -> guest_memfd index oracle check", "the punch-hole check"):
-        assert predicted in vmm.not_meaningful_reason(what)
+    runs: list[int] = []
+
+    def decoy(_system: object) -> SimpleNamespace:
+        runs.append(1)
+        return SimpleNamespace(findings=(Finding(vmm.FINDING_ID, "divergence", "served from userspace_addr"),))
+
+    monkeypatch.setattr(vmm, "run_backing_source", decoy)
+    monkeypatch.setattr(req, "host_report", lambda: FULL)
+    monkeypatch.setattr(req, "probe_vm_creation", lambda: None)
+    ctx = plan._Context(None, "qemu-system-x86_64", lambda: None)
+    predicted = {name: plan._host_check(ctx, name) for name in (MAPPING_ITEM, PUNCH_ITEM, BACKING_ITEM)}
+    assert predicted[BACKING_ITEM] is None and runs == [1], (predicted, runs)
+    for name, what in ((MAPPING_ITEM, "the gfn -> guest_memfd index oracle check"),
+                       (PUNCH_ITEM, "the punch-hole check")):
+        assert predicted[name] is not None and predicted[name] in vmm.not_meaningful_reason(what)
     monkeypatch.setattr(vmm, "run_backing_source", lambda _system: SimpleNamespace(findings=()))
-    assert plan._not_meaningful(plan._Context(None, "qemu-system-x86_64", lambda: None)) is None
+    assert plan._host_check(plan._Context(None, "qemu-system-x86_64", lambda: None), MAPPING_ITEM) is None
 
 
-class _FakeTest:
-    """The slice of an Avocado test the gate uses; cancel raises like Avocado's does."""
-
-    class Cancelled(Exception):
-        pass
-
-    def cancel(self, message: str | None = None) -> NoReturn:
-        raise self.Cancelled(message)
-
-
-@pytest.mark.parametrize("requirements", [gmem_uapi_cases.HOST_REQUIREMENTS, vmm.HOST_REQUIREMENTS, SEED_REQUIREMENTS])
-def test_the_avocado_gate_cancels_with_the_capability(requirements: tuple[str, ...],
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("check", HOST_CHECK_TABLE, ids=[c.evidence for c in HOST_CHECK_TABLE])
+def test_every_host_check_cancels_with_the_capability_before_running(check: HostCheck,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one gate of a row (HostCheck.verdict): Avocado, qualify and the plan all go through it."""
     monkeypatch.setattr(req, "probe_vm_creation", lambda: None)
     monkeypatch.setattr(req, "host_report", lambda: ZERO)
-    with pytest.raises(_FakeTest.Cancelled, match="KVM_CAP_GUEST_MEMFD is 0") as exc:
-        avocado_support.cancel_unless_host_meets(_FakeTest(), requirements)  # type: ignore[arg-type]
-    assert str(exc.value) == NO_GMEM
+    ran: list[int] = []
+
+    def must_not_run(_report: HostReport | None) -> Verdict:
+        ran.append(1)
+        return Verdict(check.name)
+
+    verdict = dataclasses.replace(check, run=must_not_run).verdict()
+    assert (verdict.status, verdict.reason, ran) == ("CANNOT RUN", NO_GMEM, [])
     monkeypatch.setattr(req, "host_report", lambda: FULL)
-    avocado_support.cancel_unless_host_meets(_FakeTest(), requirements)  # type: ignore[arg-type]
+    assert req.host_unmet(check.requirements) is None
+
+
+def test_a_check_whose_child_finds_what_the_probe_did_not_cannot_run() -> None:
+    """SeedCancelled from the child (no memory failure after all) is CANNOT RUN, never ERROR."""
+    from host_stack.seed_regression import SeedCancelled
+
+    def cancelled(_report: HostReport | None) -> Verdict:
+        raise SeedCancelled("host kernel lacks CONFIG_MEMORY_FAILURE: MADV_HWPOISON returned EINVAL")
+
+    check = dataclasses.replace(host_check(SEED_ITEM), run=cancelled)
+    verdict = check.verdict(FULL)
+    assert (verdict.status, verdict.reason) == (
+        "CANNOT RUN", "host kernel lacks CONFIG_MEMORY_FAILURE: MADV_HWPOISON returned EINVAL")
 
 
 def test_a_host_without_kvm_cancels_with_the_vm_creation_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
