@@ -500,9 +500,10 @@ def _cmd_labhost_test(args: argparse.Namespace) -> int:
     result = run_batch(image, out.absolute(), tuple(args.paths or DEFAULT_PATHS), timeout=args.timeout,
                        on_output=None if args.quiet or args.json else _stream)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "batch.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    doc = json.dumps(result.to_json(), indent=2)
+    (out / "batch.json").write_text(doc + "\n")
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(doc)
     else:
         for line in result.problems():
             print(line, file=sys.stderr)

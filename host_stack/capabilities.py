@@ -35,8 +35,8 @@ from host_stack.injectors import madvise_failure_sentence
 from host_stack.kernelfs import DEBUGFS, TRACEFS, mounted
 from host_stack.pagemap import PAGE_SIZE
 
-__all__ = ["PROBE_GROUPS", "REQUIREMENTS", "HostReport", "first_missing", "first_unmet", "parse_unmet_line",
-           "probe_host", "unmet_line", "unmet_reason"]
+__all__ = ["PROBE_GROUPS", "REQUIREMENTS", "HostReport", "first_unmet", "parse_unmet_line", "probe_host",
+           "unmet_line", "unmet_reason"]
 
 _log = logging.getLogger(__name__)
 _log.addHandler(logging.NullHandler())
@@ -529,12 +529,6 @@ def first_unmet(report: HostReport, requirements: Iterable[str]) -> tuple[str, s
         if sentence is not None:
             return name, sentence
     return None
-
-
-def first_missing(report: HostReport, requirements: Iterable[str]) -> str | None:
-    """The sentence of the first unmet requirement, in the given order, or None."""
-    unmet = first_unmet(report, requirements)
-    return None if unmet is None else unmet[1]
 
 
 # How a skip or cancel names the requirement behind it, so that a run's results can be read back

@@ -172,13 +172,13 @@ def run_case(case: UapiCase, system: KvmSystem | None = None) -> Verdict:
     return judge_outcome(case, outcome)
 
 
-def run_table(system: KvmSystem | None = None, cases: tuple[UapiCase, ...] = ()) -> Verdict:
-    """Every case (default: ``CASES``) as one verdict: a check per case that ran, the cases that
-    cannot run here listed in its evidence, documented errnos of other kernels as findings."""
+def run_table(system: KvmSystem | None = None) -> Verdict:
+    """Every case as one verdict: a check per case that ran, the cases that cannot run here
+    listed in its evidence, documented errnos of other kernels as findings."""
     with contextlib.ExitStack() as stack:
         if system is None:
             system = stack.enter_context(KvmSystem())
-        parts = [run_case(case, system) for case in cases or CASES]
+        parts = [run_case(case, system) for case in CASES]
     return Verdict.combine(TABLE_NAME, parts)
 
 

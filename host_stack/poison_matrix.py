@@ -311,10 +311,12 @@ def row_verdict(row: MatrixRow, checks: Sequence[Check], obs: RowObservation | N
         "table": table_row(row, draft.status, obs, matches), **evidence})
 
 
-def judge_row(row: MatrixRow, exp: SeedExpectation, obs: RowObservation) -> Verdict:
-    """Pure: the common checks and the contracts the observation matches (``evidence["matches"]``)."""
+def judge_row(row: MatrixRow, exp: SeedExpectation, obs: RowObservation, setup: Sequence[Check] = (),
+              **evidence: Any) -> Verdict:
+    """Pure: the live run's ``setup`` checks, the common checks and the contracts the observation
+    matches (``evidence["matches"]``); ``evidence`` is kept beside them."""
     matches, contract = _contract_check(row, obs)
-    return row_verdict(row, [*common_checks(exp, obs), contract], obs, matches)
+    return row_verdict(row, [*setup, *common_checks(exp, obs), contract], obs, matches, **evidence)
 
 
 CONTRACT_FINDING_ID: Final = "poison-matrix-contract"
@@ -697,9 +699,7 @@ def _judge_live(
     if row.dirty:
         setup.append(Check(f"KPF_DIRTY on pfn {obs.pfn:#x} before the injection", "dirty",
                            ",".join(obs.flags_before) or "no flags", dirty_before))
-    judged = judge_row(row, exp, obs)
-    return row_verdict(row, [*setup, *judged.checks], obs, judged.evidence["matches"], events=list(events),
-                       exit_status=status, expectation=asdict(exp))
+    return judge_row(row, exp, obs, setup, events=list(events), exit_status=status, expectation=asdict(exp))
 
 
 def run_poison_matrix(

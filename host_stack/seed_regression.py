@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from host_stack import gmem_layout as gl
 from host_stack import kvm_uapi as u
+from host_stack import mm_uapi as m
 from host_stack.capabilities import HostReport, probe_host, unmet_reason
 from host_stack.errors import HostStackError
 from host_stack.injectors import cleanup_warnings
@@ -74,8 +75,8 @@ __all__ = [
 _log = logging.getLogger(__name__)
 _log.addHandler(logging.NullHandler())
 
-BUS_MCEERR_AR: Final = 4  # include/uapi/asm-generic/siginfo.h
-BUS_MCEERR_AO: Final = 5  # include/uapi/asm-generic/siginfo.h
+BUS_MCEERR_AR: Final = m.BUS_MCEERR_AR  # the uAPI constants live in mm_uapi; kept here for callers
+BUS_MCEERR_AO: Final = m.BUS_MCEERR_AO
 SEED_INDEX: Final = 9  # file index behind slot 2 of vmm.DEFAULT_LAYOUT (pgoff 8, base gfn 0x40)
 CHILD_TIMEOUT: Final = 60.0
 # The tiny VMM's shared gmem slots, and a kernel that can poison a page at all.
@@ -145,7 +146,6 @@ class GuestAccessObservation:
     vcpu_tid: int | None = None
 
 
-Contract = Literal["memory_fault_exit", "sigbus"]
 
 
 GUEST_ACCESS: Final = "guest access"
@@ -158,10 +158,6 @@ def _addr_matches(si_addr: int, expected: int, lsb: int) -> bool:
     return si_addr in (expected, expected & ~((1 << lsb) - 1))
 
 
-def _code_name(code: int) -> str:
-    return {BUS_MCEERR_AR: "BUS_MCEERR_AR", BUS_MCEERR_AO: "BUS_MCEERR_AO"}.get(code, "other")
-
-
 def _signal_checks(what: str, signals: Sequence[SigbusRecord], hva: int, lsb: int, tid: int | None) -> list[Check]:
     """One SIGBUS with the right code, address, order and (``tid`` not None) receiving thread."""
     lsbs = sorted({s.si_addr_lsb for s in signals})
@@ -170,7 +166,8 @@ def _signal_checks(what: str, signals: Sequence[SigbusRecord], hva: int, lsb: in
     for sig in signals[:1]:
         folio = hva & ~((1 << lsb) - 1)
         checks += [
-            Check(f"{what}: si_code", f"{BUS_MCEERR_AR} (BUS_MCEERR_AR)", f"{sig.si_code} ({_code_name(sig.si_code)})",
+            Check(f"{what}: si_code", f"{BUS_MCEERR_AR} (BUS_MCEERR_AR)",
+                  f"{sig.si_code} ({m.BUS_CODE_NAMES.get(sig.si_code, 'other')})",
                   sig.si_code == BUS_MCEERR_AR),
             Check(f"{what}: si_addr", f"{hva:#x}" + (f" or its folio's start {folio:#x}" if folio != hva else ""),
                   f"{sig.si_addr:#x}", _addr_matches(sig.si_addr, hva, lsb)),

@@ -17,7 +17,7 @@ import pytest
 
 from host_stack import capabilities
 from host_stack import kvm_uapi as u
-from host_stack.capabilities import REQUIREMENTS, HostReport, first_missing, probe_host
+from host_stack.capabilities import REQUIREMENTS, HostReport, first_unmet, probe_host
 from host_stack.kernelfs import TRACEFS, find_mount, mounted
 from host_stack.kvm import KvmIoctlError, KvmSystem
 from host_stack.linux_boot_probe import probe_linux_boot
@@ -174,7 +174,8 @@ def test_guest_memfd_without_mmap_or_init_shared_is_a_sentence() -> None:
     assert "KVM_CAP_GUEST_MEMFD_FLAGS 0x0 lacks GUEST_MEMFD_FLAG_INIT_SHARED" in init_shared
     mmap_only = dataclasses.replace(FLAGS_0, guest_memfd_flags=u.GUEST_MEMFD_FLAG_MMAP)
     assert mmap_only.missing("guest_memfd_mmap") is None and mmap_only.missing("guest_memfd_init_shared")
-    assert first_missing(FLAGS_0, ("kvm", "guest_memfd", "guest_memfd_mmap")) == FLAGS_0.missing("guest_memfd_mmap")
+    assert first_unmet(FLAGS_0, ("kvm", "guest_memfd", "guest_memfd_mmap")) == (
+        "guest_memfd_mmap", FLAGS_0.missing("guest_memfd_mmap"))
 
 
 def test_kernel_and_vendor_module(report: HostReport) -> None:

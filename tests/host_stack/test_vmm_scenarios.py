@@ -10,7 +10,7 @@ import pytest
 from host_stack import gmem_layout as gl
 from host_stack import kvm_uapi as u
 from host_stack import vmm
-from host_stack.capabilities import HostReport, first_missing
+from host_stack.capabilities import HostReport, first_unmet
 from host_stack.kvm import KvmSystem
 
 
@@ -120,12 +120,13 @@ def test_host_requirements_cancel_without_mmap_init_shared() -> None:
         kernel_release="7.3.4-amd64", kvm_device=True, kvm_reason=None, kvm_vendor_module="kvm_amd",
         kvm_api_version=12, cap_guest_memfd=1, guest_memfd_flags=0,
     )  # fmt: skip
-    sentence = first_missing(flags_0, vmm.HOST_REQUIREMENTS)
+    name, sentence = first_unmet(flags_0, vmm.HOST_REQUIREMENTS) or ("", "")
+    assert name == "guest_memfd_mmap"
     assert sentence == "host KVM cannot mmap guest_memfd: KVM_CAP_GUEST_MEMFD_FLAGS 0x0 lacks GUEST_MEMFD_FLAG_MMAP"
     mmap_only = dataclasses.replace(flags_0, guest_memfd_flags=u.GUEST_MEMFD_FLAG_MMAP)
-    assert "lacks GUEST_MEMFD_FLAG_INIT_SHARED" in str(first_missing(mmap_only, vmm.HOST_REQUIREMENTS))
+    assert "lacks GUEST_MEMFD_FLAG_INIT_SHARED" in str(first_unmet(mmap_only, vmm.HOST_REQUIREMENTS))
     both = dataclasses.replace(flags_0, guest_memfd_flags=u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED)
-    assert first_missing(both, vmm.HOST_REQUIREMENTS) is None
+    assert first_unmet(both, vmm.HOST_REQUIREMENTS) is None
 
 
 @pytest.mark.kvm
