@@ -205,7 +205,7 @@ def _nested(runs: int, workdir: Path, scenario: str = NESTED_SCENARIO) -> dict[s
             except (LabhostFrozen, LabhostDied) as exc:
                 record["l1_retried_attempts"].append(str(exc).splitlines()[0])
                 if attempt == 1:
-                    from gmemtest.guest_run import set_aside
+                    from gmemtest.evidence import set_aside
 
                     set_aside(rundir, f"{'frozen' if isinstance(exc, LabhostFrozen) else 'died'}-attempt-1", str(exc))
                     continue

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from gmemtest.errors import GmemtestError
 from gmemtest.observations import HostObservations, RamBacking, parse_recovery_text
 from gmemtest.oracle import HUGE_2M_SHIFT, HostFrameLayout, memslot_hva
 from host_stack.gmem_layout import PAGE_SHIFT
@@ -47,7 +48,7 @@ __all__ = ["HostInjection", "HostPoison", "HostPoisonError", "read_ram_backing",
 LOG = logging.getLogger(__name__)
 
 
-class HostPoisonError(RuntimeError):
+class HostPoisonError(GmemtestError, RuntimeError):
     """The host frame behind a guest page could not be found or proven; nothing was poisoned."""
 
 

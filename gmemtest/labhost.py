@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gmemtest.errors import GmemtestError
 from guests.profiles import GuestProfile, get_profile
 from images.labhost import LabhostImage
 from qmp_helpers import DEFAULT_QEMU, MachineStateError, QemuMachine, opt_escape
@@ -82,7 +83,7 @@ HEARTBEAT = "heartbeat"
 _TAIL_CHARS = 2000
 
 
-class LabhostError(RuntimeError):
+class LabhostError(GmemtestError, RuntimeError):
     """L1 failed (did not come up, died, or broke the protocol); the message has its tails."""
 
 

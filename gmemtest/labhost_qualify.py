@@ -155,7 +155,7 @@ def qualify_in_labhost(image: LabhostImage, out: Path, *, timeout: float = INNER
     that ran beside the TCG guest tests). The failed attempt's evidence (L1 console with the oops,
     output, ``labhost/frozen.txt`` for a freeze) is kept in ``out/<frozen|died>-attempt-1/``.
     """
-    from gmemtest.guest_run import set_aside
+    from gmemtest.evidence import set_aside
 
     try:
         return qualify_once(image, out, timeout=timeout, on_output=on_output, guest_manifest=guest_manifest,
@@ -274,7 +274,7 @@ def shared_run(image: LabhostImage, batch_root: Path, guest_manifest: Path | Non
     ``failed-attempt-N/`` (with why.txt) and is tried again by the next caller, up to
     ``SHARED_RUN_ATTEMPTS`` times; each test reports the failure it met.
     """
-    from gmemtest.guest_run import set_aside
+    from gmemtest.evidence import set_aside
 
     key = Path(image.manifest).parent.name
     out = batch_root / f"labhost-{key}"

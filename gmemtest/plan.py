@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gmemtest.errors import GmemtestError
 from gmemtest.requirements import (
     host_report,
     host_unmet,
@@ -44,7 +45,7 @@ __all__ = ["AVOCADO_TESTS", "PlanError", "PlannedTest", "TestCall", "discover", 
 AVOCADO_TESTS = Path(__file__).resolve().parent.parent / "avocado_tests"
 
 
-class PlanError(ValueError):
+class PlanError(GmemtestError, ValueError):
     """A test the plan cannot read (no deciding call it knows, an unresolvable argument)."""
 
 

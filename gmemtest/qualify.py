@@ -18,10 +18,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from gmemtest.evidence import atomic_write
 from gmemtest.host_checks import HOST_CHECK_TABLE, HostCheck
 from gmemtest.preflight import preflight_report
 from gmemtest.report_html import render
-from gmemtest.report_model import Item, Qualification, atomic_write
+from gmemtest.report_model import Item, Qualification
 from gmemtest.requirements import scenario_unmet
 from gmemtest.runner import run_in_fresh_guest
 from gmemtest.scenarios import ScenarioSpec

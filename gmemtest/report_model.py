@@ -6,14 +6,12 @@ reads it back from L1; none of them imports another for it.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from outcome import Status, Verdict
 
-__all__ = ["Item", "Qualification", "Status", "atomic_write"]
+__all__ = ["Item", "Qualification", "Status"]
 
 @dataclass
 class Item:
@@ -86,8 +84,3 @@ class Qualification:
                 "items": [i.__dict__ for i in self.items]}
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Replace ``path`` whole: a reader never sees half a report."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

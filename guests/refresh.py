@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from guests.errors import GuestError
 from guests.ssh import SshSession
 
 __all__ = ["PROBE_PATH", "GuestRefresh", "RefreshError", "refresh_guest"]
@@ -28,7 +29,7 @@ PROBE_PATH = "/usr/bin/gmem-probe"
 ENTROPY_BYTES = 32
 
 
-class RefreshError(RuntimeError):
+class RefreshError(GuestError, RuntimeError):
     """The guest did not take the clock step or the reseed; the message says which step."""
 
 
