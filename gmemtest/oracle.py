@@ -7,6 +7,7 @@ against comes from here, so a wrong kernel answer cannot leak into its own expec
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from gmemtest.scenarios import ScenarioSpec, Source, Trigger
@@ -168,6 +169,46 @@ def _touch_sigbus(spec: ScenarioSpec, layout: MappingLayout, poison_offset: int,
     return ExpectedSigbus(BUS_MCEERR_AR, touch_va, shift)
 
 
+def _sigbus_after_touch(spec: ScenarioSpec, layout: MappingLayout, poison_va: int, shift: int) -> ExpectedSigbus:
+    assert spec.touch_offset is not None
+    return _touch_sigbus(spec, layout, spec.poison_offset, spec.touch_offset, shift)
+
+
+def _sigbus_while_waiting(spec: ScenarioSpec, layout: MappingLayout, poison_va: int, shift: int) -> ExpectedSigbus:
+    # kill_proc reports the page's address in the victim's VMA.
+    return ExpectedSigbus(BUS_MCEERR_AO, poison_va & ~((1 << shift) - 1), shift)
+
+
+def _sigbus_while_spinning(spec: ScenarioSpec, layout: MappingLayout, poison_va: int, shift: int) -> ExpectedSigbus:
+    return ExpectedSigbus(BUS_MCEERR_AR, poison_va & ~((1 << shift) - 1), shift)
+
+
+def _no_sigbus(spec: ScenarioSpec, layout: MappingLayout, poison_va: int, shift: int) -> None:
+    return None
+
+
+# The expectation half of each trigger (its act is gmemtest.acts.ACTS): the SIGBUS the program
+# must get when the guest recovers, from the row, the mapping's layout, the poisoned va and the
+# poison unit's shift.
+SIGBUS_OF_TRIGGER: dict[Trigger, Callable[[ScenarioSpec, MappingLayout, int, int], ExpectedSigbus | None]] = {
+    Trigger.TOUCH: _sigbus_after_touch,
+    Trigger.WAIT: _sigbus_while_waiting,
+    Trigger.SPIN: _sigbus_while_spinning,
+    Trigger.KERNEL: _no_sigbus,
+    Trigger.NONE: _no_sigbus,
+}
+
+
+def _intact_offsets(spec: ScenarioSpec, layout: MappingLayout) -> tuple[int, ...]:
+    """Offsets that must still read their pattern: split_huge_page() leaves the other pieces of a THP mapped."""
+    if not layout.is_thp:
+        return ()
+    piece = spec.poison_offset >> PAGE_SHIFT
+    within = spec.poison_offset & (PAGE_SIZE - 1)
+    return tuple((i << PAGE_SHIFT) + within for i in range(min(layout.size, 1 << HUGE_2M_SHIFT) >> PAGE_SHIFT)
+                 if i != piece)
+
+
 def amd_panics(spec: ScenarioSpec) -> bool:
     """Whether an AMD guest must panic where an Intel guest recovers.
 
@@ -195,22 +236,9 @@ def expect(
     poison_gpa = layout.gpa_of(poison_va)
     poison_pfn = poison_gpa >> PAGE_SHIFT
     shift = poison_unit_shift(layout)
-    unit_mask = ~((1 << shift) - 1)
 
     panic = spec.expects_panic or (vendor == AMD and amd_panics(spec))
-    sigbus: ExpectedSigbus | None
-    if panic:
-        sigbus = None
-    elif spec.trigger is Trigger.TOUCH:
-        assert spec.touch_offset is not None
-        sigbus = _touch_sigbus(spec, layout, spec.poison_offset, spec.touch_offset, shift)
-    elif spec.trigger is Trigger.WAIT:
-        # kill_proc reports the page's address in the victim's VMA.
-        sigbus = ExpectedSigbus(BUS_MCEERR_AO, poison_va & unit_mask, shift)
-    elif spec.trigger is Trigger.SPIN:
-        sigbus = ExpectedSigbus(BUS_MCEERR_AR, poison_va & unit_mask, shift)
-    else:
-        sigbus = None
+    sigbus = None if panic else SIGBUS_OF_TRIGGER[spec.trigger](spec, layout, poison_va, shift)
 
     event = ExpectedMemoryFailureEvent("guest", "inject", spec.mce_kind == "SRAR", False)
     # A broadcast (mce -b) gives the other vCPUs a bank-1 UC record without AR: their events are
@@ -228,14 +256,7 @@ def expect(
         more_poison = ((gpa, mce_record_addr(gpa, mce_misc, vendor)),)
         more_sigbus = (_touch_sigbus(spec, layout, spec.second_poison_offset, spec.second_touch_offset, shift),)
     injections = 1 + len(more_poison)
-    intact: tuple[int, ...] = ()
-    if layout.is_thp and not panic:
-        # split_huge_page() before the poisoned piece is taken: the other 511 pieces stay mapped.
-        piece = spec.poison_offset >> PAGE_SHIFT
-        within = spec.poison_offset & (PAGE_SIZE - 1)
-        intact = tuple((i << PAGE_SHIFT) + within for i in range(min(layout.size, 1 << HUGE_2M_SHIFT) >> PAGE_SHIFT)
-                       if i != piece)
-
+    intact = () if panic else _intact_offsets(spec, layout)
     recovered = not panic
     return Expectation(
         scenario=spec.name,

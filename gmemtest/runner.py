@@ -1,14 +1,14 @@
-"""Run one scenario on a booted guest: prepare -> inject -> observe -> judge, keeping evidence.
+"""Run one scenario on a booted guest: prepare -> act -> observe -> judge, keeping evidence.
 
 The order is symmetric with the kernel's memory-failure selftest: the probe maps and reports the
-layout, the oracle derives the expectation from that layout, QEMU injects, and only then are the
-observers read. Every file written lands in the scenario's evidence directory.
+layout, the oracle derives the expectation from that layout, the row's act (``gmemtest.acts``)
+injects, and only then are the observers read. Every file written lands in the scenario's
+evidence directory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import time
@@ -17,10 +17,18 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from paramiko import Channel
-
-from gmemtest.guest_run import GuestRun, booted_guest, set_aside
-from gmemtest.host_poison import HostInjection, HostPoison, resolve_host_frame
+from gmemtest.acts import (
+    Injection,
+    Stage,
+    act_for,
+    act_name,
+    guest_panicked,
+    hardware_corrupted_kb,
+)
+from gmemtest.errors import ScenarioError
+from gmemtest.evidence import Evidence, set_aside
+from gmemtest.guest_run import GuestRun, booted_guest
+from gmemtest.host_poison import HostPoison, resolve_host_frame
 from gmemtest.observations import (
     HostObservations,
     Observations,
@@ -41,7 +49,7 @@ from gmemtest.oracle import (
     expect_host,
     free_page_layout,
 )
-from gmemtest.scenarios import KillPolicy, ScenarioSpec, Source, Trigger
+from gmemtest.scenarios import KillPolicy, ScenarioSpec, Source
 from gmemtest.verdict import judge
 from guests.probe_client import Mapping, ProbeClient, ProbeError, SigbusReport
 from guests.profiles import GuestProfile
@@ -50,8 +58,10 @@ from host_stack import mm_uapi
 from host_stack.kvm_uapi import KVM_EXIT_SHUTDOWN
 from images.build import GuestImage
 from outcome import Verdict
-from qmp_helpers import DEFAULT_QEMU, MachineStateError, MachineStuck, MceInjection, mce_kind
+from qmp_helpers import DEFAULT_QEMU, MachineStateError, MachineStuck, mce_kind
 from qmp_helpers.trace_log import TRACE_PREFIX
+
+__all__ = ["ScenarioError", "ScenarioResult", "run_in_fresh_guest", "run_scenario"]
 
 LOG = logging.getLogger(__name__)
 
@@ -62,20 +72,10 @@ MCE_POLL_PATH = "/sys/devices/system/machinecheck/machinecheck0/check_interval"
 # QEMU's KVM trace events (accel/kvm/trace-events) switched on over the injection window of a
 # KVM guest: which private/shared conversions and memory-fault exits happened, and how many exits.
 KVM_TRACE_EVENTS = ("kvm_convert_memory", "kvm_memory_fault", "kvm_run_exit")
-# How long QEMU gets to forward a host poison (its SIGBUS handler, then the MEMORY_FAILURE event).
-FORWARD_TIMEOUT_S = 10.0
+# The bank QEMU's mce command writes and the oracle reads the record from (QEMU's last bank).
 MCE_BANK = 9
-# Seconds the probe is told to wait or spin; the injection happens well inside this window.
-PROBE_WINDOW_S = 15
-# How long the guest gets to handle an action-optional MCE before the probe touches the page.
-RECOVERY_TIMEOUT_S = 15.0
-
-
-class ScenarioError(Exception):
-    """The scenario could not be carried out as specified (not a verdict on the host stack)."""
-
-
-Injection = MceInjection | HostInjection
+# What the probe is asked (prctl PR_MCE_KILL) per kill policy; the sysctl policy asks the kernel.
+_PRCTL_KILL = {KillPolicy.EARLY_PRCTL: "early", KillPolicy.LATE_PRCTL: "late"}
 
 
 @dataclass
@@ -94,36 +94,6 @@ def layout_of(mapping: Mapping) -> MappingLayout:
         kind=mapping.kind, base_va=mapping.va, size=mapping.size, page_size=mapping.page_size,
         pages=tuple(PageLayout(p.va, p.pfn) for p in mapping.pages), is_thp=mapping.thp,
     )
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    path.write_text(json.dumps(payload, indent=2, default=lambda o: o.value if hasattr(o, "value") else str(o)) + "\n")
-
-
-class _Evidence:
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        directory.mkdir(parents=True, exist_ok=True)
-
-    def text(self, name: str, content: str) -> None:
-        (self.dir / name).write_text(content)
-
-    def json(self, name: str, payload: Any) -> None:
-        _write_json(self.dir / name, payload)
-
-
-def _hardware_corrupted(guest: GuestRun) -> int:
-    return parse_hardware_corrupted_kb(guest.guest_text("cat /proc/meminfo"))
-
-
-def _wait_recovery(guest: GuestRun, before_kb: int, pages: int = 1) -> None:
-    """Action-optional MCEs are handled from a work queue: wait until the guest counted the pages."""
-    deadline = time.monotonic() + RECOVERY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if _hardware_corrupted(guest) >= before_kb + pages * 4:
-            return
-        time.sleep(0.05)
-    LOG.warning("guest did not count %d corrupted page(s) within %.0fs; going on", pages, RECOVERY_TIMEOUT_S)
 
 
 def _kpageflags(guest: GuestRun, pfns: list[int]) -> dict[int, int]:
@@ -151,49 +121,7 @@ def _find_free_pfn(guest: GuestRun) -> int:
                         "(/proc/kpageflags): the guest has no free 2 MiB block to poison")
 
 
-@dataclass(frozen=True)
-class ProbeCode:
-    """The probe's executable mappings (its text and the vDSO it reads the clock through)."""
-
-    ranges: tuple[tuple[int, int, str], ...]
-
-    def holds(self, rip: int) -> bool:
-        return any(start <= rip < end for start, end, _ in self.ranges)
-
-    def __str__(self) -> str:
-        return ", ".join(f"{name} {start:#x}-{end:#x}" for start, end, name in self.ranges)
-
-
-def parse_probe_code(maps: str) -> ProbeCode:
-    """The executable (``r-xp``) lines of a /proc/PID/maps text."""
-    ranges: list[tuple[int, int, str]] = []
-    for line in maps.splitlines():
-        fields = line.split()
-        if len(fields) >= 2 and "x" in fields[1]:
-            start, end = (int(v, 16) for v in fields[0].split("-"))
-            ranges.append((start, end, fields[5] if len(fields) > 5 else "anonymous"))
-    if not ranges:
-        raise ScenarioError(f"no executable mapping in the probe's /proc/PID/maps: {maps[:300]!r}")
-    return ProbeCode(tuple(ranges))
-
-
-def _probe_code(guest: GuestRun, pid: int) -> ProbeCode:
-    return parse_probe_code(guest.guest_text(f"cat /proc/{pid}/maps"))
-
-
-def _check_intact(probe: ProbeClient, mapping: Mapping, exp: Expectation, obs: Observations) -> None:
-    """Read one byte of every piece that must have survived; record the ones that did not."""
-    for offset in exp.intact_offsets:
-        reply = probe.touch(mapping.id, offset)
-        obs.intact_checked += 1
-        if isinstance(reply, SigbusReport):
-            obs.intact_mismatches.append(f"offset {offset:#x}: SIGBUS (si_addr {reply.si_addr:#x})")
-        elif reply.value != mapping.expected_value(offset):
-            obs.intact_mismatches.append(f"offset {offset:#x}: read {reply.value:#04x}, "
-                                         f"pattern {mapping.expected_value(offset):#04x}")
-
-
-def _confirm_pattern_at_gpa(guest: GuestRun, mapping: Mapping, offset: int, gpa: int, ev: _Evidence) -> None:
+def _confirm_pattern_at_gpa(guest: GuestRun, mapping: Mapping, offset: int, gpa: int, ev: Evidence) -> None:
     """QEMU's own read of ``gpa`` must hold the probe's pattern before anything is injected there.
 
     The GPA comes from the guest kernel's pagemap; a guest that reported a wrong frame would make
@@ -211,40 +139,6 @@ def _confirm_pattern_at_gpa(guest: GuestRun, mapping: Mapping, offset: int, gpa:
                             "pagemap does not name the frame behind the probe's page; refusing to inject")
 
 
-def _wait_probe_syscall(guest: GuestRun, pid: int, accept: Callable[[str], bool], *, doing: str, expected: str,
-                        timeout: float = 10.0) -> None:
-    """Poll the guest's /proc/PID/syscall of the probe until ``accept`` takes what it says."""
-    deadline = time.monotonic() + timeout
-    state = ""
-    while time.monotonic() < deadline:
-        state = guest.guest_text(f"cat /proc/{pid}/syscall").strip()
-        if accept(state):
-            return
-        time.sleep(0.02)
-    raise ScenarioError(f"the probe (pid {pid}) did not {doing} within {timeout:.0f}s: "
-                        f"/proc/{pid}/syscall last said {state!r}, expected {expected}")
-
-
-def _wait_probe_in_user_mode(guest: GuestRun, pid: int) -> None:
-    """Until the probe runs its spin loop: /proc/PID/syscall says ``running`` in user mode."""
-    _wait_probe_syscall(guest, pid, lambda state: state == "running", doing="start spinning", expected="'running'")
-
-
-_SLEEP_SYSCALLS = (str(mm_uapi.SYS_CLOCK_NANOSLEEP), str(mm_uapi.SYS_NANOSLEEP))
-
-
-def _wait_probe_sleeping(guest: GuestRun, pid: int) -> None:
-    """Until the probe sleeps in its 'wait' (clock_nanosleep in /proc/PID/syscall).
-
-    Injecting right after sending 'wait' raced the probe's read of the command: in restored
-    guests (cold code) the AO often arrived while the probe was still idle, so the wait then ran
-    its whole window (15 s) after the signal. The window must start before the injection.
-    """
-    _wait_probe_syscall(guest, pid, lambda state: state.split(" ", 1)[0] in _SLEEP_SYSCALLS,
-                        doing="sleep in its wait",
-                        expected=f"syscall {mm_uapi.SYS_CLOCK_NANOSLEEP} (clock_nanosleep) or {mm_uapi.SYS_NANOSLEEP}")
-
-
 _VENDOR_RE = re.compile(r"^vendor_id\s*:\s*(\S+)", re.MULTILINE)
 
 
@@ -257,217 +151,209 @@ def _cpu_vendor(guest: GuestRun) -> str:
     return match.group(1)
 
 
-def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> ScenarioResult:
-    """Carry out `spec` on `guest` and judge it. Raises ScenarioError when a precondition fails."""
-    if guest.profile.mce_broadcast and not spec.broadcast:
-        # The profile's CPU takes MCEs only as a broadcast; the scenario is otherwise the same,
-        # and the oracle then expects one MEMORY_FAILURE per vCPU.
-        spec = replace(spec, broadcast=True)
-    ev = _Evidence(evidence_dir)
-    kind = mce_kind(spec.mce_kind)
-    obs = Observations()
-    setup = {"variant": f"{spec.name}/{guest.profile.name}", **guest.launch_record()}
-    ev.json("setup.json", setup)
+# ----- prepare ----------------------------------------------------------------------------------
 
+def _prepare_guest(spec: ScenarioSpec, guest: GuestRun, ev: Evidence) -> dict[str, Any]:
+    """The guest-wide settings the row asks for; returns the setup record (setup.json)."""
+    setup: dict[str, Any] = {"variant": f"{spec.name}/{guest.profile.name}", **guest.launch_record()}
+    ev.json("setup.json", setup)
     if spec.kill is KillPolicy.EARLY_SYSCTL:
         guest.guest_text("echo 1 > /proc/sys/vm/memory_failure_early_kill")
     if spec.guest_mce_poll_s is not None:
         guest.guest_text(f"echo {spec.guest_mce_poll_s} > {MCE_POLL_PATH}")
         setup["guest_mce_poll_s"] = int(guest.guest_text(f"cat {MCE_POLL_PATH}").strip())
     guest.guest_text(f"echo > {TRACE_DIR}/trace")
-    obs.hardware_corrupted_before_kb = _hardware_corrupted(guest)
+    setup["guest_cpu_vendor"] = _cpu_vendor(guest)
+    return setup
 
-    vendor = _cpu_vendor(guest)
-    setup["guest_cpu_vendor"] = vendor
-    ev.json("setup.json", setup)
-    channel = guest.ssh.start(PROBE_PATH)
-    probe = ProbeClient(channel, abort=lambda: _panic_sentence(guest))
-    injection: Injection | None = None
-    host: tuple[HostExpectation, HostObservations] | None = None
-    stack = contextlib.ExitStack()
+
+def _target(spec: ScenarioSpec, guest: GuestRun, probe: ProbeClient) -> tuple[Mapping | None, MappingLayout]:
+    """The probe's mapping (or, for a free page, none) and the layout the oracle reads."""
+    if spec.page_kind == "free":
+        return None, free_page_layout(_find_free_pfn(guest))
+    mapping = probe.map(spec.page_kind, spec.npages)
+    if spec.page_kind == "thp" and not mapping.thp:
+        raise ScenarioError(f"{spec.name}: the probe's region is not backed by a THP (kpageflags); "
+                            "is transparent_hugepage=madvise set and memory unfragmented?")
+    return mapping, layout_of(mapping)
+
+
+def _interlock(st: Stage) -> None:
+    """Refuse to inject unless the gpa the oracle chose still holds what the row poisons."""
+    spec, exp = st.spec, st.exp
+    if st.mapping is not None:
+        located = st.probe.locate(st.mapping.id, spec.poison_offset)
+        if located.gpa != exp.poison_gpa:
+            raise ScenarioError(f"{spec.name}: layout changed before injection: oracle gpa {exp.poison_gpa:#x}, "
+                                f"probe locate gpa {located.gpa:#x}")
+        _confirm_pattern_at_gpa(st.guest, st.mapping, spec.poison_offset, exp.poison_gpa, st.ev)
+        if exp.more_poison:  # none where the oracle expects a panic at the first injection
+            assert spec.second_poison_offset is not None
+            _confirm_pattern_at_gpa(st.guest, st.mapping, spec.second_poison_offset, exp.more_poison[0][0], st.ev)
+        return
+    flags = _kpageflags(st.guest, [exp.poison_pfn])[exp.poison_pfn]
+    st.ev.json("free-page.json", {"pfn": exp.poison_pfn, "kpageflags": flags})
+    if flags != 1 << mm_uapi.KPF_BUDDY:
+        raise ScenarioError(f"{spec.name}: pfn {exp.poison_pfn:#x} was allocated before the injection "
+                            f"(kpageflags {flags:#x}, expected only KPF_BUDDY); refusing to inject")
+
+
+def _hold_host_frame(st: Stage, stack: contextlib.ExitStack) -> None:
+    """A host-poison row: find the host frame behind the gpa, expect the whole chain, hold the poisoner."""
+    mapping = st.need_mapping()
+    machine = st.guest.machine
+    frame = resolve_host_frame(machine, st.exp.poison_gpa, _pattern(mapping, st.spec.poison_offset))
+    st.exp, st.hexp = expect_host(st.spec, st.layout, frame, vendor=st.setup["guest_cpu_vendor"], mce_bank=MCE_BANK,
+                                  ram_guest_memfd=st.guest.profile.ram_guest_memfd)
+    st.ev.json("host-frame.json", asdict(frame))
+    st.poison = stack.enter_context(HostPoison(machine, frame))
+
+
+def _prepare(spec: ScenarioSpec, guest: GuestRun, probe: ProbeClient, *, obs: Observations, ev: Evidence,
+             setup: dict[str, Any], stack: contextlib.ExitStack) -> Stage:
+    """Map, expect, interlock, and (host rows) hold the host frame: everything before the act."""
+    if spec.kill in _PRCTL_KILL:
+        probe.set_kill(_PRCTL_KILL[spec.kill])
+    mapping, layout = _target(spec, guest, probe)
+    kind = mce_kind(spec.mce_kind)
+    exp = expect(spec, layout, vcpus=guest.profile.smp, mce_status=kind.status, mce_misc=kind.misc,
+                 mce_bank=MCE_BANK, vendor=setup["guest_cpu_vendor"])
+    st = Stage(spec=spec, guest=guest, probe=probe, kind=kind, layout=layout, exp=exp, obs=obs, ev=ev,
+               mapping=mapping, setup=setup)
+    LOG.info("%s: %s page at gpa %#x (pfn %#x) is the target", spec.name, spec.page_kind, exp.poison_gpa,
+             exp.poison_pfn)
+    st.ev.json("layout.json", asdict(layout))
+    _interlock(st)
+    if guest.profile.accel == "kvm":  # what QEMU told KVM its guest memory is (qmp_helpers.memslots)
+        st.ev.text("memslots.txt", "".join(s.describe() + "\n" for s in guest.machine.memslots()) or
+                   "<no kvm_set_user_memory line in QEMU's stderr>\n")
+    if spec.source is Source.HOST:
+        _hold_host_frame(st, stack)
+    st.ev.json("expectation.json", asdict(st.exp) if st.hexp is None else {**asdict(st.exp), "host": asdict(st.hexp)})
+    if guest.profile.confidential:
+        st.exp = replace(st.exp, conversions=None)  # the guest converts as it likes: recorded, not judged
+    return st
+
+
+# ----- act and observe --------------------------------------------------------------------------
+
+def _act_and_observe(st: Stage) -> None:
+    """The row's act, then every observer; a guest that panics unexpectedly is judged, not raised."""
+    spec, guest, exp, obs = st.spec, st.guest, st.exp, st.obs
+    act = act_for(spec, exp)
+    st.setup["act"] = act_name(act)
+    st.ev.json("setup.json", st.setup)
+    trace_mark = _kvm_trace(guest, on=True)
     try:
-        if spec.kill is KillPolicy.EARLY_PRCTL:
-            probe.set_kill("early")
-        elif spec.kill is KillPolicy.LATE_PRCTL:
-            probe.set_kill("late")
-        mapping: Mapping | None = None
-        if spec.page_kind == "free":
-            layout = free_page_layout(_find_free_pfn(guest))
-        else:
-            mapping = probe.map(spec.page_kind, spec.npages)
-            if spec.page_kind == "thp" and not mapping.thp:
-                raise ScenarioError(f"{spec.name}: the probe's region is not backed by a THP (kpageflags); "
-                                    "is transparent_hugepage=madvise set and memory unfragmented?")
-            layout = layout_of(mapping)
-        exp = expect(spec, layout, vcpus=guest.profile.smp, mce_status=kind.status, mce_misc=kind.misc,
-                     mce_bank=MCE_BANK, vendor=vendor)
-        LOG.info("%s: %s page at gpa %#x (pfn %#x) is the target", spec.name, spec.page_kind, exp.poison_gpa,
-                 exp.poison_pfn)
-        ev.json("layout.json", asdict(layout))
-        ev.json("expectation.json", asdict(exp))
-        if mapping is not None:
-            located = probe.locate(mapping.id, spec.poison_offset)
-            if located.gpa != exp.poison_gpa:
-                raise ScenarioError(f"{spec.name}: layout changed before injection: oracle gpa {exp.poison_gpa:#x}, "
-                                    f"probe locate gpa {located.gpa:#x}")
-            _confirm_pattern_at_gpa(guest, mapping, spec.poison_offset, exp.poison_gpa, ev)
-            if exp.more_poison:  # none where the oracle expects a panic at the first injection
-                assert spec.second_poison_offset is not None
-                _confirm_pattern_at_gpa(guest, mapping, spec.second_poison_offset, exp.more_poison[0][0], ev)
-        else:
-            flags = _kpageflags(guest, [exp.poison_pfn])[exp.poison_pfn]
-            ev.json("free-page.json", {"pfn": exp.poison_pfn, "kpageflags": flags})
-            if flags != 1 << mm_uapi.KPF_BUDDY:
-                raise ScenarioError(f"{spec.name}: pfn {exp.poison_pfn:#x} was allocated before the injection "
-                                    f"(kpageflags {flags:#x}, expected only KPF_BUDDY); refusing to inject")
-
-        machine = guest.machine
-        if guest.profile.accel == "kvm":  # what QEMU told KVM its guest memory is (qmp_helpers.memslots)
-            ev.text("memslots.txt", "".join(s.describe() + "\n" for s in machine.memslots()) or
-                    "<no kvm_set_user_memory line in QEMU's stderr>\n")
-        poison: HostPoison | None = None
-        if spec.source is Source.HOST:
-            assert mapping is not None, "host-poison rows map anonymous pages"
-            frame = resolve_host_frame(machine, exp.poison_gpa, _pattern(mapping, spec.poison_offset))
-            exp, hexp = expect_host(spec, layout, frame, vendor=vendor, mce_bank=MCE_BANK,
-                                    ram_guest_memfd=guest.profile.ram_guest_memfd)
-            ev.json("host-frame.json", asdict(frame))
-            ev.json("expectation.json", {**asdict(exp), "host": asdict(hexp)})
-            poison = stack.enter_context(HostPoison(machine, frame))
-        if guest.profile.confidential:
-            exp = replace(exp, conversions=None)  # the guest converts as it likes: recorded, not judged
-        trace_mark = _kvm_trace(guest, on=True)
-        try:
-            reply: object = None
-            if poison is not None:
-                assert mapping is not None
-                injection, reply = _inject_from_host(spec, guest, probe, mapping, poison=poison, hexp=hexp, obs=obs)
-            elif exp.panic and not spec.expects_panic:
-                # The oracle says this guest cannot recover here (an AMD vCPU idling in the
-                # kernel): inject as the row says, then only watch the panic.
-                if spec.trigger is Trigger.WAIT:
-                    probe.begin_wait(PROBE_WINDOW_S)
-                    _wait_probe_sleeping(guest, probe.pid)
-                injection = machine.inject_mce_at(kind, exp.poison_gpa, lambda state: state.cpl == 0,
-                                                  what="in the kernel (CPL 0), where the oracle grades it fatal",
-                                                  broadcast=spec.broadcast)
-            elif spec.trigger is Trigger.TOUCH:
-                assert mapping is not None and spec.touch_offset is not None
-                injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
-                more: list[MceInjection] = []
-                for n, (gpa, _) in enumerate(exp.more_poison, start=1):
-                    # One MCE at a time: a second one while the guest still handles the first
-                    # (MCG_STATUS.MCIP set) is recursive, and QEMU resets the guest (measured:
-                    # MEMORY_FAILURE action 'reset', then RESET).
-                    _wait_recovery(guest, obs.hardware_corrupted_before_kb, pages=n)
-                    more.append(machine.inject_mce(kind, gpa, broadcast=spec.broadcast))
-                if more:
-                    ev.json("injection-more.json", [asdict(m) for m in more])
-                _wait_recovery(guest, obs.hardware_corrupted_before_kb, pages=1 + len(more))
-                reply = probe.touch(mapping.id, spec.touch_offset)
-                if spec.second_touch_offset is not None:
-                    probe.touch(mapping.id, spec.second_touch_offset)
-                _check_intact(probe, mapping, exp, obs)
-            elif spec.trigger is Trigger.WAIT:
-                probe.begin_wait(PROBE_WINDOW_S)
-                _wait_probe_sleeping(guest, probe.pid)
-                injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
-                reply = probe.finish_wait(PROBE_WINDOW_S + 10)
-            elif spec.trigger is Trigger.SPIN:
-                code = _probe_code(guest, probe.pid)
-                probe.begin_spin(PROBE_WINDOW_S)
-                _wait_probe_in_user_mode(guest, probe.pid)
-                # The SRAR must interrupt the probe's own loop, on the vCPU that runs it: landed in
-                # the kernel the guest panics (with 2 vCPUs: always, in native_safe_halt), landed in
-                # another program (sshd finishing the last command) nobody that maps the page is
-                # signalled (CI saw that: sigbus count 0). So the VM is stopped until a vCPU is there.
-                injection = machine.inject_mce_at(
-                    kind, exp.poison_gpa, lambda state: state.cpl == 3 and code.holds(state.rip),
-                    what=f"in the probe's user-mode code ({code})", broadcast=spec.broadcast)
-                _await_reply_or_panic(guest, channel, injection, timeout=PROBE_WINDOW_S + 10)
-                reply = probe.finish_spin(PROBE_WINDOW_S + 10)
-            elif spec.trigger is Trigger.NONE:
-                injection = machine.inject_mce(kind, exp.poison_gpa, broadcast=spec.broadcast)
-                _wait_recovery(guest, obs.hardware_corrupted_before_kb)
-            else:  # Trigger.KERNEL: the oracle's panic assumes the vCPU in the kernel, so it must be
-                injection = machine.inject_mce_at(kind, exp.poison_gpa, lambda state: state.cpl == 0,
-                                                  what="in the kernel (CPL 0)", broadcast=spec.broadcast)
-            ev.json("injection.json", asdict(injection))
-            landed = ""
-            if isinstance(injection, MceInjection) and injection.landing is not None:
-                landed = f" into {injection.landing.where()} (stop {injection.landing_tries})"
-            LOG.info("%s: %s injected at gpa %#x%s; observing", spec.name, spec.mce_kind, exp.poison_gpa, landed)
-
-            if isinstance(reply, SigbusReport):
-                obs.injection_to_sigbus_ms = (reply.host_monotonic - injection.t_mono_after) * 1000.0
-
-            if exp.panic:
-                _observe_panic(guest, injection.event_mark, obs)
-            else:
-                _observe_recovery(guest, probe, mapping, exp=exp, obs=obs, ev=ev)
-                # 'quit' is answered only after every line the probe wrote before it: a late SIGBUS
-                # (one the probe reported after its last reply) is read here, not lost.
-                probe.close()
-                if poison is not None and spec.reset_after:
-                    _reset_and_reread(guest, poison, ev)
-        except (ProbeError, SshError) as exc:
-            # A guest that panicked where the scenario expects it to survive is a verdict on the
-            # host stack (the 'guest panicked' check fails), not a broken test run.
-            if injection is None and poison is not None:
-                injection = poison.injection  # poisoned, then the guest died before the row went on
-            if injection is None or exp.panic or _panic_sentence(guest) is None:
-                raise
-            LOG.warning("%s: the guest panicked after the injection (%s); judging what was observed",
-                        spec.name, exc)
-            ev.text("unexpected-panic.txt", f"{type(exc).__name__}: {exc}\n")
+        reply = act.run(st)
+        injection = st.injection
+        assert injection is not None, f"act {act_name(act)} returned without injecting"
+        st.ev.json("injection.json", asdict(injection))
+        LOG.info("%s: %s injected at gpa %#x%s; observing", spec.name, spec.mce_kind, exp.poison_gpa,
+                 _landing(injection))
+        if isinstance(reply, SigbusReport):
+            obs.injection_to_sigbus_ms = (reply.host_monotonic - injection.t_mono_after) * 1000.0
+        if exp.panic:
             _observe_panic(guest, injection.event_mark, obs)
-        _collect_events(guest, injection, obs, expected=len(exp.memory_failure_events))
-        if trace_mark is not None and _panic_sentence(guest) is None:
-            _kvm_trace(guest, on=False)
-            text = guest.machine.stderr_since(trace_mark)
-            ev.text("qemu-kvm-trace.txt", text)
-            obs.conversions, obs.memory_faults, obs.run_exits = parse_kvm_trace(text)
-        if poison is not None:
-            hobs = poison.observe()
-            poison.cleanup()
-            ev.text("host-kernel-log.txt", "\n".join(hobs.kernel_log) + "\n")
-            ev.text("qemu-forwarded.txt", poison.forwarded_text())
-            ev.json("host-observations.json", asdict(hobs))
-            host = (hexp, hobs)
-    finally:
-        stack.close()  # unpoisons and detaches the witness if the row stopped half-way
-        if _panic_sentence(guest) is not None:
-            channel.close()  # nobody is left to answer 'quit'
         else:
-            probe.close()
-        probe.write_transcript(evidence_dir / "probe.jsonl")
-    assert injection is not None, "every path that reaches the verdict has injected"
+            _observe_recovery(guest, st.probe, st.mapping, exp=exp, obs=obs, ev=st.ev)
+            # 'quit' is answered only after every line the probe wrote before it: a late SIGBUS
+            # (one the probe reported after its last reply) is read here, not lost.
+            st.probe.close()
+            if st.poison is not None and spec.reset_after:
+                _reset_and_reread(guest, st.poison, st.ev)
+    except (ProbeError, SshError) as exc:
+        _judge_unexpected_panic(st, exc)
+    assert st.injection is not None
+    _collect_events(guest, st.injection, obs, expected=len(exp.memory_failure_events))
+    if trace_mark is not None and guest_panicked(guest) is None:
+        _kvm_trace(guest, on=False)
+        text = guest.machine.stderr_since(trace_mark)
+        st.ev.text("qemu-kvm-trace.txt", text)
+        obs.conversions, obs.memory_faults, obs.run_exits = parse_kvm_trace(text)
+    if st.poison is not None:
+        _observe_host(st, st.poison)
+
+
+def _landing(injection: Injection) -> str:
+    landing = getattr(injection, "landing", None)
+    return "" if landing is None else f" into {landing.where()} (stop {getattr(injection, 'landing_tries', '?')})"
+
+
+def _judge_unexpected_panic(st: Stage, exc: ProbeError | SshError) -> None:
+    """A guest that panicked where the row expects it to survive is a verdict (the 'guest panicked'
+    check fails), not a broken run; any other failure of the probe or SSH is raised again."""
+    if st.injection is None and st.poison is not None:
+        st.injection = st.poison.injection  # poisoned, then the guest died before the row went on
+    if st.injection is None or st.exp.panic or guest_panicked(st.guest) is None:
+        raise exc
+    LOG.warning("%s: the guest panicked after the injection (%s); judging what was observed", st.spec.name, exc)
+    st.ev.text("unexpected-panic.txt", f"{type(exc).__name__}: {exc}\n")
+    _observe_panic(st.guest, st.injection.event_mark, st.obs)
+
+
+def _observe_host(st: Stage, poison: HostPoison) -> None:
+    hobs = poison.observe()
+    poison.cleanup()
+    st.ev.text("host-kernel-log.txt", "\n".join(hobs.kernel_log) + "\n")
+    st.ev.text("qemu-forwarded.txt", poison.forwarded_text())
+    st.ev.json("host-observations.json", asdict(hobs))
+
+
+# ----- the whole row ----------------------------------------------------------------------------
+
+def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> ScenarioResult:
+    """Carry out `spec` on `guest` and judge it. Raises ScenarioError when a precondition fails."""
+    if guest.profile.mce_broadcast and not spec.broadcast:
+        # The profile's CPU takes MCEs only as a broadcast; the scenario is otherwise the same,
+        # and the oracle then expects one MEMORY_FAILURE per vCPU.
+        spec = replace(spec, broadcast=True)
+    ev = Evidence(evidence_dir)
+    setup = _prepare_guest(spec, guest, ev)
+    obs = Observations(hardware_corrupted_before_kb=hardware_corrupted_kb(guest))
+    ev.json("setup.json", setup)
+    probe = ProbeClient(guest.ssh.start(PROBE_PATH), abort=lambda: guest_panicked(guest))
+    with contextlib.ExitStack() as stack:
+        stack.callback(_close_probe, guest, probe, evidence_dir / "probe.jsonl")
+        # Entered after the probe's callback, so left first: the host frame is unpoisoned and
+        # the witness detached before the probe is asked to quit.
+        st = _prepare(spec, guest, probe, obs=obs, ev=ev, setup=setup, stack=stack)
+        _act_and_observe(st)
+    assert st.injection is not None, "every path that reaches the verdict has injected"
     # Every SIGBUS the probe ever reported is judged, in arrival order: replies and strays alike.
     obs.sigbus = list(probe.sigbus_reports)
-
-    verdict = replace(judge(exp, obs, host), setup=setup)
+    host = None if st.hexp is None or st.poison is None else (st.hexp, st.poison.obs)
+    verdict = replace(judge(st.exp, obs, host), setup=setup)
     ev.json("observations.json", asdict(obs))
     ev.text("verdict.txt", verdict.summary() + "\n")
     ev.text("verdict.json", verdict.to_json() + "\n")
     LOG.info("%s", verdict.summary())
-    return ScenarioResult(spec, exp, obs, verdict, injection, evidence_dir, host)
+    return ScenarioResult(spec, st.exp, obs, verdict, st.injection, evidence_dir, host)
 
 
-def _reset_and_reread(guest: GuestRun, poison: HostPoison, ev: _Evidence) -> None:
+def _close_probe(guest: GuestRun, probe: ProbeClient, transcript: Path) -> None:
+    if guest_panicked(guest) is not None:
+        probe.abandon()  # nobody is left to answer 'quit'
+    else:
+        probe.close()
+    probe.write_transcript(transcript)
+
+
+def _reset_and_reread(guest: GuestRun, poison: HostPoison, ev: Evidence) -> None:
     """system_reset with the host frame still poisoned; then the rebooted kernel loads the gpa."""
     hobs = poison.obs
     gpa = poison.frame.gpa
     ev.text("console-before-reset.log", guest.machine.console_text())
     hobs.reset_to_ssh_s = round(guest.reboot(), 2)
     channel = guest.ssh.start(PROBE_PATH)
-    probe = ProbeClient(channel, abort=lambda: _panic_sentence(guest))
+    probe = ProbeClient(channel, abort=lambda: guest_panicked(guest))
     try:
         got = probe.readphys(gpa)
         hobs.guest_read_after_reset = ("read" if not isinstance(got, SigbusReport)
                                        else f"SIGBUS si_code {got.si_code} at {got.si_addr:#x}")
     except (ProbeError, SshError) as exc:
         hobs.guest_read_after_reset = f"{type(exc).__name__}: {exc}" + (
-            f" ({_panic_sentence(guest)})" if _panic_sentence(guest) else "")
+            f" ({guest_panicked(guest)})" if guest_panicked(guest) else "")
     finally:
         probe.close()
         probe.write_transcript(ev.dir / "probe-after-reset.jsonl")
@@ -493,46 +379,8 @@ def _pattern(mapping: Mapping, offset: int, size: int = 64) -> bytes:
     return bytes(mapping.expected_value(offset + i) for i in range(size))
 
 
-def _inject_from_host(spec: ScenarioSpec, guest: GuestRun, probe: ProbeClient, mapping: Mapping, *,
-                      poison: HostPoison, hexp: HostExpectation, obs: Observations) -> tuple[HostInjection, object]:
-    """Poison the host frame at the moment the row says, and let the probe do its part."""
-    reply: object
-    if spec.trigger is Trigger.WAIT:
-        probe.begin_wait(PROBE_WINDOW_S)
-        _wait_probe_sleeping(guest, probe.pid)
-        injection = poison.inject()
-        reply = probe.finish_wait(PROBE_WINDOW_S + 10)
-    else:
-        assert spec.touch_offset is not None
-        injection = poison.inject()
-        # The touch must come after QEMU forwarded the AO: before it, the guest's access would
-        # race QEMU's handler for the same frame.
-        poison.wait_qemu_sigbus(1, FORWARD_TIMEOUT_S)
-        with contextlib.suppress(MachineStateError, TimeoutError):
-            guest.machine.wait_event("MEMORY_FAILURE", timeout=FORWARD_TIMEOUT_S, since=injection.event_mark)
-        if hexp.guest_recovers_first:
-            _wait_recovery(guest, obs.hardware_corrupted_before_kb or 0)
-        reply = probe.touch(mapping.id, spec.touch_offset)
-    poison.wait_qemu_sigbus(len(hexp.qemu_sigbus), FORWARD_TIMEOUT_S)
-    return injection, reply
-
-
-def _await_reply_or_panic(guest: GuestRun, channel: Channel, injection: MceInjection, *, timeout: float) -> None:
-    """Wait until the probe has something to say, or the guest panicked instead.
-
-    Polling both keeps the host-side injection-to-SIGBUS time honest (the reply is read as soon
-    as it arrives) and ends the wait at once when the guest panics: the injection landed where
-    the row says (``inject_mce_at``), so a panic is the guest's answer, judged like any other.
-    """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not channel.recv_ready():
-        if any(e.name == "GUEST_PANICKED" for e in guest.machine.events[injection.event_mark:]):
-            return
-        time.sleep(0.002)
-
-
 def _observe_recovery(guest: GuestRun, probe: ProbeClient, mapping: Mapping | None, *, exp: Expectation,
-                      obs: Observations, ev: _Evidence) -> None:
+                      obs: Observations, ev: Evidence) -> None:
     meminfo = guest.guest_text("cat /proc/meminfo")
     ev.text("meminfo-after.txt", meminfo)
     obs.hardware_corrupted_after_kb = parse_hardware_corrupted_kb(meminfo)
@@ -551,13 +399,6 @@ def _observe_recovery(guest: GuestRun, probe: ProbeClient, mapping: Mapping | No
     ev.json("flags.json", asdict(flags))
     flagged = {f.pfn for f in flags.hwpoison_frames}
     obs.hwpoison_flag = all(pfn in flagged for pfn in exp.poison_pfns)
-
-
-def _panic_sentence(guest: GuestRun) -> str | None:
-    """Why waiting on the guest is pointless, or None while it has not panicked."""
-    if any(e.name == "GUEST_PANICKED" for e in guest.machine.events):
-        return "the guest panicked (QMP GUEST_PANICKED)"
-    return None
 
 
 def _observe_panic(guest: GuestRun, event_mark: int, obs: Observations) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from guests.profiles import GuestProfile
+from qmp_helpers.mce import MCE_KINDS
 
 
 class Trigger(Enum):
@@ -40,9 +41,11 @@ class KillPolicy(Enum):
     EARLY_SYSCTL = "early-sysctl"
 
 
+# The triggers a host-poison row can have (each has its act in gmemtest.acts.ACTS).
+HOST_TRIGGERS = (Trigger.TOUCH, Trigger.WAIT)
+
 # "free": a frame no process maps, found free in the guest's buddy allocator (KPF_BUDDY).
 PAGE_KINDS = ("anon4k", "thp", "hugetlb2m", "free")
-MCE_KINDS = ("SRAO", "SRAR")
 
 
 @dataclass(frozen=True)
@@ -78,18 +81,28 @@ class ScenarioSpec:
     reset_after: bool = False
 
     def __post_init__(self) -> None:
+        self._check_kinds()
+        self._check_offsets()
+        self._check_host_row()
+
+    def _check_kinds(self) -> None:
         if self.page_kind not in PAGE_KINDS:
             raise ValueError(f"scenario {self.name}: page kind {self.page_kind!r} is not one of {PAGE_KINDS}")
         if self.mce_kind not in MCE_KINDS:
-            raise ValueError(f"scenario {self.name}: MCE kind {self.mce_kind!r} is not one of {MCE_KINDS}")
+            raise ValueError(f"scenario {self.name}: MCE kind {self.mce_kind!r} is not one of {tuple(MCE_KINDS)}")
         if self.npages < 1:
             raise ValueError(f"scenario {self.name}: npages must be >= 1, got {self.npages}")
+        if (self.page_kind == "free") != (self.trigger is Trigger.NONE):
+            raise ValueError(f"scenario {self.name}: a free page goes with trigger 'none' and only with it")
+        if self.guest_mce_poll_s is not None and self.guest_mce_poll_s < 0:
+            raise ValueError(f"scenario {self.name}: guest_mce_poll_s must be >= 0 (0: no polling), "
+                             f"got {self.guest_mce_poll_s}")
+
+    def _check_offsets(self) -> None:
         if (self.trigger is Trigger.TOUCH) != (self.touch_offset is not None):
             raise ValueError(f"scenario {self.name}: a touch offset goes with trigger 'touch' and only with it")
         if self.poison_offset < 0 or (self.touch_offset is not None and self.touch_offset < 0):
             raise ValueError(f"scenario {self.name}: offsets must be >= 0")
-        if (self.page_kind == "free") != (self.trigger is Trigger.NONE):
-            raise ValueError(f"scenario {self.name}: a free page goes with trigger 'none' and only with it")
         if (self.second_poison_offset is None) != (self.second_touch_offset is None):
             raise ValueError(f"scenario {self.name}: a second poisoned page needs its touch offset, and only it")
         if self.second_poison_offset is not None:
@@ -97,22 +110,22 @@ class ScenarioSpec:
                 raise ValueError(f"scenario {self.name}: a second poisoned page is for 4 KiB late-kill touches")
             if self.second_poison_offset >> 12 == self.poison_offset >> 12:
                 raise ValueError(f"scenario {self.name}: the second poisoned page must be another page")
-        if self.guest_mce_poll_s is not None and self.guest_mce_poll_s < 0:
-            raise ValueError(f"scenario {self.name}: guest_mce_poll_s must be >= 0 (0: no polling), "
-                             f"got {self.guest_mce_poll_s}")
+
+    def _check_host_row(self) -> None:
         if self.reset_after and (self.source is not Source.HOST or self.trigger is not Trigger.TOUCH):
             raise ValueError(f"scenario {self.name}: a reset after the injection is for host-poison touch rows")
-        if self.source is Source.HOST:
-            # corrupt-pfn is an action-optional event for the host; what reaches the guest is
-            # QEMU's translation of it. One 4 KiB frame behind ordinary guest RAM, one injection.
-            if self.mce_kind != "SRAO" or self.page_kind not in ("anon4k", "thp") or self.broadcast \
-                    or self.second_poison_offset is not None:
-                raise ValueError(f"scenario {self.name}: a host-poison row poisons one frame behind a 4 KiB "
-                                 "piece of an anonymous guest page (mce_kind SRAO, page kind anon4k or thp, "
-                                 "no broadcast, one page)")
-            if self.trigger not in (Trigger.TOUCH, Trigger.WAIT, Trigger.SPIN):
-                raise ValueError(f"scenario {self.name}: a host-poison row needs trigger touch, wait or spin, "
-                                 f"got {self.trigger.value}")
+        if self.source is not Source.HOST:
+            return
+        # corrupt-pfn is an action-optional event for the host; what reaches the guest is QEMU's
+        # translation of it. One 4 KiB frame behind ordinary guest RAM, one injection.
+        if self.mce_kind != "SRAO" or self.page_kind not in ("anon4k", "thp") or self.broadcast \
+                or self.second_poison_offset is not None:
+            raise ValueError(f"scenario {self.name}: a host-poison row poisons one frame behind a 4 KiB "
+                             "piece of an anonymous guest page (mce_kind SRAO, page kind anon4k or thp, "
+                             "no broadcast, one page)")
+        if self.trigger not in HOST_TRIGGERS:
+            raise ValueError(f"scenario {self.name}: a host-poison row needs trigger "
+                             f"{' or '.join(t.value for t in HOST_TRIGGERS)}, got {self.trigger.value}")
 
     @property
     def expects_panic(self) -> bool:

@@ -24,6 +24,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, Protocol, Self
 
+from guests.errors import GuestError
+
 __all__ = [
     "MAP_KINDS",
     "ByteChannel",
@@ -69,12 +71,14 @@ class ByteChannel(Protocol):
 
     def recv(self, nbytes: int, /) -> bytes: ...
 
+    def recv_ready(self) -> bool: ...
+
     def settimeout(self, timeout: float | None, /) -> None: ...
 
     def close(self) -> None: ...
 
 
-class ProbeError(Exception):
+class ProbeError(GuestError):
     """Base of the client's errors; ``recent`` holds the last lines received."""
 
     def __init__(self, message: str, recent: list[str] | None = None) -> None:
@@ -380,6 +384,15 @@ class ProbeClient:
         reports = list(self._pending_sigbus)
         self._pending_sigbus.clear()
         return reports
+
+    def has_output(self) -> bool:
+        """Whether the probe has written something not read yet (nothing is read here)."""
+        return bool(self._buf) or self._channel.recv_ready()
+
+    def abandon(self) -> None:
+        """Close the channel without asking the probe to quit: nobody is left to answer (a panicked guest)."""
+        self._closed = True
+        self._channel.close()
 
     def close(self, timeout: float = 5.0) -> None:
         """Ask the probe to quit (best effort) and close the channel."""

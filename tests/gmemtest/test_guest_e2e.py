@@ -113,7 +113,7 @@ def test_sigkilled_avocado_job_leaves_no_qemu(image: GuestImage, tmp_path: Path)
     avocado = str(Path(sys.executable).with_name("avocado"))
     job = subprocess.Popen(
         [avocado, "run", "--max-parallel-tasks=1", "--job-results-dir", str(tmp_path),
-         "avocado_tests/guest/test_machine_checks.py:SraoLateKill.test_anon_4k"],
+         "avocado_tests/guest/test_machine_checks.py:MachineChecks.test_srao_late_touch_4k"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
@@ -183,15 +183,15 @@ def test_a_late_second_sigbus_is_judged(image: GuestImage, tmp_path: Path, monke
 def test_an_unexpected_panic_is_a_fail_verdict_with_the_panic_text(
         image: GuestImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A guest that panics where the scenario expects it to survive is judged, not an SSH timeout."""
-    from gmemtest import runner
+    from gmemtest import acts
 
-    original = runner._wait_recovery
+    original = acts.wait_recovery
 
     def recover_then_crash(guest: Any, before_kb: int, pages: int = 1) -> None:
         original(guest, before_kb, pages)
         guest.ssh.start("echo c > /proc/sysrq-trigger")  # never answers: the kernel is gone
 
-    monkeypatch.setattr(runner, "_wait_recovery", recover_then_crash)
+    monkeypatch.setattr(acts, "wait_recovery", recover_then_crash)
     spec = get_scenario("srao-late-touch-4k")
     with booted_guest(image, tmp_path, profile=spec.profile) as guest:
         result = run_scenario(spec, guest, tmp_path)

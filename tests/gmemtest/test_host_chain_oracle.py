@@ -162,7 +162,7 @@ def test_host_rows_are_validated_and_need_kvm_and_hwpoison_inject() -> None:
     assert unsupported_under(spec, get_profile("kvm-default")) is None
     base = dict(name="x", summary="", page_kind="anon4k", npages=1, mce_kind="SRAO", kill=spec.kill,
                 poison_offset=0, source=Source.HOST)
-    with pytest.raises(ValueError, match="needs trigger touch, wait or spin"):
+    with pytest.raises(ValueError, match="needs trigger touch or wait, got kernel"):
         ScenarioSpec(trigger=Trigger.KERNEL, **base)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="one frame behind a 4 KiB piece of an anonymous guest page"):
         ScenarioSpec(trigger=Trigger.WAIT, **{**base, "mce_kind": "SRAR"})  # type: ignore[arg-type]

@@ -191,7 +191,8 @@ def test_panic_console_parsed_and_judged() -> None:
 
 def test_the_probes_code_is_its_executable_mappings() -> None:
     """Where the user-mode SRAR may land: the probe's r-xp lines (text, vDSO), nothing else."""
-    from gmemtest.runner import ScenarioError, parse_probe_code
+    from gmemtest.acts import parse_probe_code
+    from gmemtest.errors import ScenarioError
     maps = ("00400000-00401000 r--p 00000000 00:02 313 /usr/bin/gmem-probe\n"
             "00401000-00482000 r-xp 00001000 00:02 313 /usr/bin/gmem-probe\n"
             "2f78f000-2f7b1000 rw-p 00000000 00:00 0 [heap]\n"
