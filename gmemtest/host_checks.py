@@ -17,8 +17,9 @@ from gmemtest.requirements import host_unmet
 from host_stack import gmem_uapi_cases, vmm
 from host_stack.capabilities import HostReport
 from host_stack.kvm import KvmSystem
+from host_stack.live_child import ChildCancelled
 from host_stack.poison_matrix import MATRIX_REQUIREMENTS, run_poison_matrix
-from host_stack.seed_regression import SEED_REQUIREMENTS, SeedCancelled, run_seed_regression
+from host_stack.seed_regression import SEED_REQUIREMENTS, run_seed_regression
 from outcome import Verdict
 
 __all__ = ["BACKING_ITEM", "HOST_CHECK_TABLE", "MAPPING_ITEM", "MATRIX_ITEM", "NOT_MEANINGFUL_ON_DECOY",
@@ -38,7 +39,7 @@ NOT_MEANINGFUL_ON_DECOY: Final = (MAPPING_ITEM, PUNCH_ITEM)
 
 @dataclass(frozen=True)
 class HostCheck:
-    """One host check of the qualification. ``run`` may raise ``SeedCancelled`` (CANNOT RUN)."""
+    """One host check of the qualification. ``run`` may raise ``ChildCancelled`` (CANNOT RUN)."""
 
     name: str
     requirements: tuple[str, ...]
@@ -47,17 +48,19 @@ class HostCheck:
     evidence: str  # the file the whole verdict is written to (beside the report, in the test's outputdir)
     all_checks: bool = False  # list every check in the item's details, not only the failed ones
     lines: Callable[[Verdict], list[str]] | None = None  # more detail lines (the matrix's rows)
+    key: str = ""  # its Avocado test method: test_<key> (gmemtest.avocado_files)
+    tags: tuple[str, ...] = ()  # its Avocado tags besides its class's
 
     def verdict(self, report: HostReport | None = None) -> Verdict:
         """Gate, then run. CANNOT RUN with the unmet requirement before anything runs (``report``:
         default this host's, probed), or with the child's own sentence when it finds what the
-        probe did not (``SeedCancelled``, the matrix's ``MatrixCancelled`` too)."""
+        probe did not (``ChildCancelled``, from the seed's or the matrix's child)."""
         reason = host_unmet(self.requirements, report)
         if reason is not None:
             return Verdict.did_not_run(self.name, "CANNOT RUN", reason)
         try:
             return self.run(report)
-        except SeedCancelled as exc:
+        except ChildCancelled as exc:
             return Verdict.did_not_run(self.name, "CANNOT RUN", exc.reason)
 
     def describe(self, verdict: Verdict) -> str:
@@ -106,18 +109,21 @@ def _matrix_rows(verdict: Verdict) -> list[str]:
 
 HOST_CHECK_TABLE: Final[tuple[HostCheck, ...]] = (
     HostCheck(UAPI_ITEM, gmem_uapi_cases.HOST_REQUIREMENTS, _on_kvm(gmem_uapi_cases.run_table), _uapi_summary,
-              "uapi_cases.json"),
+              "uapi_cases.json", key="gmem_uapi", tags=("gmem", "uapi")),
     HostCheck(MAPPING_ITEM, vmm.HOST_REQUIREMENTS, _on_kvm(vmm.run_oracle_mapping),
-              lambda v: f"{len(v.checks)} gfns read over {len(v.evidence['layout'])} slots", "oracle_mapping.json"),
+              lambda v: f"{len(v.checks)} gfns read over {len(v.evidence['layout'])} slots", "oracle_mapping.json",
+              key="tiny_vmm_oracle_mapping", tags=("gmem", "vmm")),
     HostCheck(PUNCH_ITEM, vmm.HOST_REQUIREMENTS, _on_kvm(lambda system: vmm.run_punch_hole(system, PUNCH_INDEX)),
-              lambda v: f"file index {PUNCH_INDEX} -> gfn {v.evidence['expected_gfn']:#x}", "punch_hole.json"),
+              lambda v: f"file index {PUNCH_INDEX} -> gfn {v.evidence['expected_gfn']:#x}", "punch_hole.json",
+              key="tiny_vmm_punch_hole", tags=("gmem", "vmm")),
     HostCheck(BACKING_ITEM, vmm.HOST_REQUIREMENTS, _on_kvm(vmm.run_backing_source),
-              lambda v: f"served from {v.evidence['behaviour']}", "backing_source.json"),
+              lambda v: f"served from {v.evidence['behaviour']}", "backing_source.json",
+              key="tiny_vmm_backing_source", tags=("gmem", "vmm")),
     # The whole record: the memory-fault exit's gpa/size/flags, the userspace SIGBUS, expectations.
     HostCheck(SEED_ITEM, SEED_REQUIREMENTS, lambda report: run_seed_regression(report=report), _seed_summary,
-              "seed_regression.json", all_checks=True),
+              "seed_regression.json", all_checks=True, key="seed_regression", tags=("gmem", "hwpoison", "seed")),
     HostCheck(MATRIX_ITEM, MATRIX_REQUIREMENTS, lambda report: run_poison_matrix(report=report), _matrix_summary,
-              "poison_matrix.json", lines=_matrix_rows),
+              "poison_matrix.json", lines=_matrix_rows, key="poison_matrix", tags=("gmem", "hwpoison", "matrix")),
 )
 
 

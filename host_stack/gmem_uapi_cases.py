@@ -61,7 +61,7 @@ MMAP_SHARED_FLAGS: Final = u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHA
 SLOT_GPA: Final = 0x100000
 OTHER_GPA: Final = 0x200000
 
-Contract = Literal["kernel", "host"]
+ErrnoSource = Literal["kernel", "host"]
 # Where a case's primary errno was measured, unless the case says otherwise.
 ALL_KERNELS: Final = "every kernel with guest_memfd seen so far (6.18 PVM, 7.3.4)"
 KERNEL_7_3_4: Final = "7.3.4 (Debian trixie-backports, measured in the lab host's L1)"
@@ -125,7 +125,7 @@ class UapiCase:
     id: str
     description: str
     expected_errno: int
-    contract: Contract
+    contract: ErrnoSource
     basis: str
     action: Callable[[CaseEnv], Outcome]
     requires_flags: int = 0  # guest_memfd creation flags the case needs from the host

@@ -13,9 +13,11 @@ import errno
 import pytest
 
 from host_stack import kvm_uapi as u
+from host_stack import live_child as lc
+from host_stack import matrix_oracle as mo
 from host_stack import mm_uapi as m
 from host_stack import poison_matrix as pm
-from host_stack import seed_regression as sr
+from host_stack import seed_oracle as so
 from host_stack.capabilities import HostReport
 from host_stack.vmm import DEFAULT_LAYOUT
 from host_stack.witness import SigbusRecord
@@ -24,10 +26,10 @@ from outcome import Check, Verdict
 SLOT_HVA = {1: 0x7F0000000000, 2: 0x7F0000100000, 3: 0x7F0000200000}
 GMEM_MAP = 0x7F1000000000
 HVA = GMEM_MAP + 9 * 0x1000
-EXP = sr.SeedExpectation.from_layout(DEFAULT_LAYOUT, 9, SLOT_HVA, GMEM_MAP)
+EXP = so.SeedExpectation.from_layout(DEFAULT_LAYOUT, 9, SLOT_HVA, GMEM_MAP)
 AR, AO = m.BUS_MCEERR_AR, m.BUS_MCEERR_AO
 TID = 7  # the vCPU thread of the recorded rows
-FAULT = sr.GuestAccessObservation(u.EHWPOISON, u.KVM_EXIT_MEMORY_FAULT, sr.MemoryFaultSeen(0x41000, 4096, 0), (), TID)
+FAULT = so.GuestAccessObservation(u.EHWPOISON, u.KVM_EXIT_MEMORY_FAULT, so.MemoryFaultSeen(0x41000, 4096, 0), (), TID)
 
 
 def _sig(code: int, addr: int, lsb: int, tid: int = TID) -> SigbusRecord:
@@ -35,8 +37,8 @@ def _sig(code: int, addr: int, lsb: int, tid: int = TID) -> SigbusRecord:
     return SigbusRecord(5, tid, m.SIGBUS, code, 0, addr, lsb, 1_000_000, 1_700_000_000_000_000_000)
 
 
-def _obs(row: pm.MatrixRow, injection: tuple[SigbusRecord, ...] = (), **kw: object) -> pm.RowObservation:
-    base = pm.RowObservation(
+def _obs(row: mo.MatrixRow, injection: tuple[SigbusRecord, ...] = (), **kw: object) -> mo.RowObservation:
+    base = mo.RowObservation(
         hva=HVA if row.mapped else None,
         pfn=0x1234,
         injection_signals=injection,
@@ -50,11 +52,11 @@ def _obs(row: pm.MatrixRow, injection: tuple[SigbusRecord, ...] = (), **kw: obje
 
 
 def test_the_table_holds_every_variant_once() -> None:
-    ids = [r.id for r in pm.ROWS]
+    ids = [r.id for r in mo.ROWS]
     assert len(ids) == 16 == len(set(ids))
-    assert pm.row_by_id("corrupt-pfn.early.mapped.dirty") == pm.MatrixRow("corrupt-pfn", "early", True, True)
+    assert mo.row_by_id("corrupt-pfn.early.mapped.dirty") == mo.MatrixRow("corrupt-pfn", "early", True, True)
     with pytest.raises(KeyError, match=r"madvise\.early\.mapped\.dirty"):
-        pm.row_by_id("nope")
+        mo.row_by_id("nope")
 
 
 @pytest.mark.parametrize(
@@ -71,32 +73,32 @@ def test_the_table_holds_every_variant_once() -> None:
     ],
 )
 def test_predictions_per_contract(row_id: str, kill_mappers: int | None, delayed: int | None) -> None:
-    row = pm.row_by_id(row_id)
-    got = (pm.predict(row, "kill_mappers").injection_signal, pm.predict(row, "delayed").injection_signal)
+    row = mo.row_by_id(row_id)
+    got = (mo.predict(row, "kill_mappers").injection_signal, mo.predict(row, "delayed").injection_signal)
     assert got == (kill_mappers, delayed), f"{row_id}: expected {(kill_mappers, delayed)}, got {got}"
     touch = AR if row.mapped else None
-    assert pm.predict(row, "kill_mappers").user_touch_signal == touch == pm.predict(row, "delayed").user_touch_signal
+    assert mo.predict(row, "kill_mappers").user_touch_signal == touch == mo.predict(row, "delayed").user_touch_signal
 
 
-def _judged(row: pm.MatrixRow, obs: pm.RowObservation) -> tuple[tuple[str, ...], list[str]]:
+def _judged(row: mo.MatrixRow, obs: mo.RowObservation) -> tuple[tuple[str, ...], list[str]]:
     """(matches, failed check lines) of a row judged on recorded observations."""
-    verdict = pm.judge_row(row, EXP, obs)
+    verdict = mo.judge_row(row, EXP, obs)
     return tuple(verdict.evidence["matches"]), [c.line() for c in verdict.failures]
 
 
 def test_an_ar_at_injection_is_kill_mappers_only() -> None:
-    row = pm.row_by_id("madvise.late.mapped.dirty")
+    row = mo.row_by_id("madvise.late.mapped.dirty")
     assert _judged(row, _obs(row, (_sig(AR, HVA, 12),))) == (("kill_mappers",), [])
 
 
 def test_no_signal_for_a_dirty_madvised_page_is_delayed_only() -> None:
-    row = pm.row_by_id("madvise.late.mapped.dirty")
+    row = mo.row_by_id("madvise.late.mapped.dirty")
     assert _judged(row, _obs(row)) == (("delayed",), [])
 
 
 def test_a_clean_row_does_not_tell_the_contracts_apart() -> None:
-    row = pm.row_by_id("corrupt-pfn.early.mapped.clean")
-    verdict = pm.judge_row(row, EXP, _obs(row))
+    row = mo.row_by_id("corrupt-pfn.early.mapped.clean")
+    verdict = mo.judge_row(row, EXP, _obs(row))
     assert verdict.status == "PASS" and verdict.evidence["matches"] == ["kill_mappers", "delayed"]
     assert verdict.evidence["table"]["matches"] == ["kill_mappers", "delayed"]
 
@@ -110,7 +112,7 @@ def test_a_clean_row_does_not_tell_the_contracts_apart() -> None:
     ],
 )
 def test_a_wrong_signal_matches_no_contract_and_says_why(sig: SigbusRecord, needle: str) -> None:
-    row = pm.row_by_id("corrupt-pfn.early.mapped.dirty")
+    row = mo.row_by_id("corrupt-pfn.early.mapped.dirty")
     matches, problems = _judged(row, _obs(row, (sig,)))
     assert matches == () and len(problems) == 1
     assert "actual matches no documented contract" in problems[0] and needle in problems[0], problems
@@ -118,47 +120,47 @@ def test_a_wrong_signal_matches_no_contract_and_says_why(sig: SigbusRecord, need
 
 
 def test_a_wrong_gpa_fails_every_contract_with_the_oracle() -> None:
-    row = pm.row_by_id("corrupt-pfn.late.unmapped.clean")
-    guest = dataclasses.replace(FAULT, memory_fault=sr.MemoryFaultSeen(0x9000, 4096, 0))
+    row = mo.row_by_id("corrupt-pfn.late.unmapped.clean")
+    guest = dataclasses.replace(FAULT, memory_fault=so.MemoryFaultSeen(0x9000, 4096, 0))
     _matches, problems = _judged(row, _obs(row, guest=guest))
     assert any("memory_fault.gpa: expected 0x41000" in p and "actual 0x9000" in p for p in problems), problems
 
 
 def test_a_vcpu_sigbus_instead_of_the_memory_fault_exit_fails() -> None:
-    row = pm.row_by_id("madvise.early.mapped.clean")
-    guest = sr.GuestAccessObservation(None, None, None, (_sig(AR, EXP.hva, 12, TID),), TID)
+    row = mo.row_by_id("madvise.early.mapped.clean")
+    guest = so.GuestAccessObservation(None, None, None, (_sig(AR, EXP.hva, 12, TID),), TID)
     _matches, problems = _judged(row, _obs(row, guest=guest))
     assert any("vCPU access: expected KVM_RUN -1/EHWPOISON with KVM_EXIT_MEMORY_FAULT at gpa 0x41000, actual sigbus"
                in p for p in problems), problems
 
 
 def test_an_unpoisoned_frame_fails_whatever_the_signals() -> None:
-    row = pm.row_by_id("madvise.early.mapped.clean")
+    row = mo.row_by_id("madvise.early.mapped.clean")
     _matches, problems = _judged(row, _obs(row, poisoned=False, hardware_corrupted_kib=(4, 4)))
     assert "FAIL KPF_HWPOISON on pfn 0x1234 after the injection: expected True, actual False" in problems, problems
     assert "FAIL HardwareCorrupted growth (kB): expected >= 4, actual +0" in problems, problems
 
 
-def _result(row_id: str, matches: tuple[pm.Contract, ...]) -> Verdict:
-    row = pm.row_by_id(row_id)
-    return pm.row_verdict(row, [Check("stand-in", "ok", "ok", True)], _obs(row), matches)
+def _result(row_id: str, matches: tuple[mo.Contract, ...]) -> Verdict:
+    row = mo.row_by_id(row_id)
+    return mo.row_verdict(row, [Check("stand-in", "ok", "ok", True)], _obs(row), matches)
 
 
 def test_the_matrix_names_the_one_contract_as_a_finding_with_the_table() -> None:
-    result = pm.judge_matrix([
+    result = mo.judge_matrix([
         _result("madvise.early.mapped.dirty", ("kill_mappers",)),
         _result("madvise.early.mapped.clean", ("kill_mappers", "delayed")),
     ])  # fmt: skip
     assert result.status == "PASS" and result.evidence["contract"] == "kill_mappers", result.summary()
     ids = [f.id for f in result.findings]
-    assert ids == [pm.CONTRACT_FINDING_ID, pm.EBUSY_FINDING_ID]
+    assert ids == [mo.CONTRACT_FINDING_ID, mo.EBUSY_FINDING_ID]
     assert len(result.findings[0].evidence["table"]) == 2
     assert result.evidence["table"][0]["row"] == "madvise.early.mapped.dirty"
-    assert f"matrix: {pm.CONTRACT_CHECK}" in [c.name for c in result.checks]
+    assert f"matrix: {mo.CONTRACT_CHECK}" in [c.name for c in result.checks]
 
 
 def test_rows_that_follow_different_contracts_fail_the_matrix() -> None:
-    result = pm.judge_matrix([
+    result = mo.judge_matrix([
         _result("madvise.early.mapped.dirty", ("kill_mappers",)),
         _result("madvise.late.mapped.dirty", ("delayed",)),
     ])  # fmt: skip
@@ -169,7 +171,7 @@ def test_rows_that_follow_different_contracts_fail_the_matrix() -> None:
 
 def test_a_row_that_cannot_run_is_listed_not_judged() -> None:
     idle = Verdict.did_not_run("corrupt-pfn.early.mapped.dirty", "CANNOT RUN", "no hwpoison-inject")
-    result = pm.judge_matrix([_result("madvise.early.mapped.dirty", ("kill_mappers",)), idle])
+    result = mo.judge_matrix([_result("madvise.early.mapped.dirty", ("kill_mappers",)), idle])
     assert result.status == "PASS"
     assert result.evidence["did_not_run"] == {"corrupt-pfn.early.mapped.dirty": "CANNOT RUN: no hwpoison-inject"}
     assert result.evidence["table"][1] == {"row": "corrupt-pfn.early.mapped.dirty", "status": "CANNOT RUN"}
@@ -187,7 +189,7 @@ def test_the_matrix_cancels_with_the_unmet_requirement(facts: dict[str, object],
     """A capability report that says no (recorded answers, so this runs on every host)."""
     report = HostReport(kernel_release="6.18.44", kvm_device=True, kvm_reason=None, kvm_vendor_module="kvm_pvm",
                         kvm_api_version=12, **facts)  # type: ignore[arg-type]
-    with pytest.raises(pm.MatrixCancelled) as exc:
+    with pytest.raises(lc.ChildCancelled) as exc:
         pm.run_poison_matrix(report=report)
     assert exc.value.reason == reason
 
@@ -198,4 +200,4 @@ def test_the_live_matrix_runs_clean() -> None:
     result = pm.run_poison_matrix()
     assert result.status == "PASS", result.summary()
     assert result.evidence["contract"] is not None and not result.warnings, result.warnings
-    assert result.findings[0].id == pm.CONTRACT_FINDING_ID
+    assert result.findings[0].id == mo.CONTRACT_FINDING_ID

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from host_stack import kvm_uapi as u
+from host_stack import live_child as lc
 from host_stack import mm_uapi as m
+from host_stack import seed_oracle as so
 from host_stack import seed_regression as sr
 from host_stack.capabilities import HostReport
 from host_stack.vmm import DEFAULT_LAYOUT
@@ -27,9 +29,9 @@ from outcome import Verdict
 
 SLOT_HVA = {1: 0x7F0000000000, 2: 0x7F0000100000, 3: 0x7F0000200000}
 GMEM_MAP = 0x7F1000000000
-EXP = sr.SeedExpectation.from_layout(DEFAULT_LAYOUT, 9, SLOT_HVA, GMEM_MAP)
-EXP_2M = sr.SeedExpectation.from_layout(DEFAULT_LAYOUT, 9, SLOT_HVA, GMEM_MAP, order=9)
-AR = sr.BUS_MCEERR_AR
+EXP = so.SeedExpectation.from_layout(DEFAULT_LAYOUT, 9, SLOT_HVA, GMEM_MAP)
+EXP_2M = so.SeedExpectation.from_layout(DEFAULT_LAYOUT, 9, SLOT_HVA, GMEM_MAP, order=9)
+AR = m.BUS_MCEERR_AR
 TID = 4242
 PID = 4240
 
@@ -48,12 +50,12 @@ def test_expectation_follows_the_layout() -> None:
 
 def _fault(
     gpa: int, *, err: int = u.EHWPOISON, flags: int = u.KVM_MEMORY_EXIT_FLAG_PRIVATE, size: int = 4096
-) -> sr.GuestAccessObservation:
-    return sr.GuestAccessObservation(err, u.KVM_EXIT_MEMORY_FAULT, sr.MemoryFaultSeen(gpa, size, flags), (), TID)
+) -> so.GuestAccessObservation:
+    return so.GuestAccessObservation(err, u.KVM_EXIT_MEMORY_FAULT, so.MemoryFaultSeen(gpa, size, flags), (), TID)
 
 
-def _signals(*sigs: SigbusRecord) -> sr.GuestAccessObservation:
-    return sr.GuestAccessObservation(None, None, None, sigs, TID)
+def _signals(*sigs: SigbusRecord) -> so.GuestAccessObservation:
+    return so.GuestAccessObservation(None, None, None, sigs, TID)
 
 
 def _lines(verdict: Verdict) -> str:
@@ -62,7 +64,7 @@ def _lines(verdict: Verdict) -> str:
 
 @pytest.mark.parametrize("flags", [0, u.KVM_MEMORY_EXIT_FLAG_PRIVATE])
 def test_memory_fault_exit_with_exact_gpa_passes(flags: int) -> None:
-    verdict = sr.judge_guest_access(EXP, _fault(0x41000, flags=flags))
+    verdict = so.judge_guest_access(EXP, _fault(0x41000, flags=flags))
     assert verdict.status == "PASS", verdict.summary()
     assert verdict.evidence["contract"] == "memory_fault_exit"
     assert [c.name for c in verdict.checks] == ["KVM_RUN errno", "memory_fault.gpa", "memory_fault.size",
@@ -70,7 +72,7 @@ def test_memory_fault_exit_with_exact_gpa_passes(flags: int) -> None:
 
 
 def test_sigbus_with_hva_and_lsb_passes() -> None:
-    verdict = sr.judge_guest_access(EXP, _signals(_sig(AR, EXP.hva, 12, TID)))
+    verdict = so.judge_guest_access(EXP, _signals(_sig(AR, EXP.hva, 12, TID)))
     assert verdict.status == "PASS", verdict.summary()
     assert verdict.evidence["contract"] == "sigbus"
 
@@ -78,12 +80,12 @@ def test_sigbus_with_hva_and_lsb_passes() -> None:
 def test_one_signal_for_a_2m_folio_passes_at_page_or_folio_start() -> None:
     folio_start = EXP_2M.hva & ~((1 << 21) - 1)
     for addr in (EXP_2M.hva, folio_start):
-        verdict = sr.judge_guest_access(EXP_2M, _signals(_sig(AR, addr, 21, TID)))
+        verdict = so.judge_guest_access(EXP_2M, _signals(_sig(AR, addr, 21, TID)))
         assert verdict.status == "PASS", verdict.summary()
 
 
 def test_seed_wrong_gfn_in_memory_fault_fails_naming_expected_and_actual() -> None:
-    verdict = sr.judge_guest_access(EXP, _fault(EXP.buggy_gfn << 12))
+    verdict = so.judge_guest_access(EXP, _fault(EXP.buggy_gfn << 12))
     (check,) = verdict.failures
     assert check.line() == ("FAIL memory_fault.gpa: expected 0x41000 (gfn 0x41 = base_gfn + index 9 - pgoff), "
                             "actual 0x9000 (the v11 RFC's gfn = file index)")
@@ -91,7 +93,7 @@ def test_seed_wrong_gfn_in_memory_fault_fails_naming_expected_and_actual() -> No
 
 def test_seed_wrong_gfn_in_sigbus_fails() -> None:
     wrong_hva = EXP.hva - ((EXP.gfn - EXP.buggy_gfn) << 12)
-    verdict = sr.judge_guest_access(EXP, _signals(_sig(AR, wrong_hva, 12, TID)))
+    verdict = so.judge_guest_access(EXP, _signals(_sig(AR, wrong_hva, 12, TID)))
     assert verdict.status == "FAIL"
     text = _lines(verdict)
     assert f"vCPU SIGBUS: si_addr: expected {EXP.hva:#x}, actual {wrong_hva:#x}" in text, text
@@ -101,7 +103,7 @@ def test_seed_wrong_gfn_in_sigbus_fails() -> None:
 def test_seed_per_page_signals_for_a_2m_folio_fail() -> None:
     base = EXP_2M.hva & ~((1 << 21) - 1)
     sigs = [_sig(AR, base + i * 4096, 12, TID) for i in range(512)]
-    verdict = sr.judge_guest_access(EXP_2M, _signals(*sigs))
+    verdict = so.judge_guest_access(EXP_2M, _signals(*sigs))
     assert verdict.status == "FAIL"
     text = _lines(verdict)
     assert f"SIGBUS count: expected 1 (BUS_MCEERR_AR at {EXP_2M.hva:#x}, lsb 21), actual 512 (lsb values [12])" in text
@@ -109,8 +111,8 @@ def test_seed_per_page_signals_for_a_2m_folio_fail() -> None:
 
 
 def test_a_vcpu_signal_without_a_known_vcpu_thread_is_not_judged_on_its_thread() -> None:
-    obs = sr.GuestAccessObservation(None, None, None, (_sig(AR, EXP.hva, 12, TID + 1),), None)
-    verdict = sr.judge_guest_access(EXP, obs)
+    obs = so.GuestAccessObservation(None, None, None, (_sig(AR, EXP.hva, 12, TID + 1),), None)
+    verdict = so.judge_guest_access(EXP, obs)
     assert verdict.status == "PASS", verdict.summary()
     assert "vCPU SIGBUS: receiving thread" not in [c.name for c in verdict.checks]
 
@@ -121,25 +123,25 @@ def test_a_vcpu_signal_without_a_known_vcpu_thread_is_not_judged_on_its_thread()
         (_fault(0x41000, err=14), "KVM_RUN errno: expected EHWPOISON (133), actual EFAULT (14)"),
         (_fault(0x41000, size=2 << 20), "memory_fault.size: expected 0x1000, actual 0x200000"),
         (_fault(0x41000, flags=0x10), "memory_fault.flags: expected 0 or PRIVATE (0x8), actual 0x10"),
-        (sr.GuestAccessObservation(None, u.KVM_EXIT_HLT, None), "actual KVM_RUN errno 0, exit HLT, 0 SIGBUS"),
-        (_signals(_sig(sr.BUS_MCEERR_AO, EXP.hva, 12, TID)), "si_code: expected 4 (BUS_MCEERR_AR), actual 5"),
+        (so.GuestAccessObservation(None, u.KVM_EXIT_HLT, None), "actual KVM_RUN errno 0, exit HLT, 0 SIGBUS"),
+        (_signals(_sig(m.BUS_MCEERR_AO, EXP.hva, 12, TID)), "si_code: expected 4 (BUS_MCEERR_AR), actual 5"),
         (_signals(_sig(AR, EXP.hva, 12, TID + 1)), "receiving thread: expected vCPU thread 4242, actual thread 4243"),
     ],
 )
-def test_other_wrong_answers_fail(obs: sr.GuestAccessObservation, needle: str) -> None:
-    verdict = sr.judge_guest_access(EXP, obs)
+def test_other_wrong_answers_fail(obs: so.GuestAccessObservation, needle: str) -> None:
+    verdict = so.judge_guest_access(EXP, obs)
     assert verdict.status == "FAIL"
     assert needle in _lines(verdict), _lines(verdict)
 
 
 def test_user_touch_verdicts() -> None:
-    good = sr.judge_user_touch(EXP, [_sig(AR, EXP.user_hva, 12)])
+    good = so.judge_user_touch(EXP, [_sig(AR, EXP.user_hva, 12)])
     assert good.status == "PASS", good.summary()
-    any_thread = sr.judge_user_touch(EXP, [_sig(AR, EXP.user_hva, 12, TID + 1)])
+    any_thread = so.judge_user_touch(EXP, [_sig(AR, EXP.user_hva, 12, TID + 1)])
     assert any_thread.status == "PASS", any_thread.summary()  # the toucher's thread is not judged
-    bad = sr.judge_user_touch(EXP, [_sig(AR, EXP.user_hva, 21)])
+    bad = so.judge_user_touch(EXP, [_sig(AR, EXP.user_hva, 21)])
     assert bad.status == "FAIL" and "si_addr_lsb: expected 12, actual 21" in _lines(bad)
-    none = sr.judge_user_touch(EXP, [])
+    none = so.judge_user_touch(EXP, [])
     assert none.status == "FAIL" and "actual 0 (lsb values [])" in _lines(none)
 
 
@@ -148,7 +150,7 @@ def test_live_regression_cancels_with_the_unmet_requirement() -> None:
     test cancels with names the requirement and the probed fact."""
     no_gmem = HostReport(kernel_release="6.18.44", kvm_device=True, kvm_reason=None, kvm_vendor_module="kvm_pvm",
                          kvm_api_version=12, cap_guest_memfd=0)
-    with pytest.raises(sr.SeedCancelled) as exc:
+    with pytest.raises(lc.ChildCancelled) as exc:
         sr.run_seed_regression(report=no_gmem)
     assert exc.value.reason == ("unmet host requirement guest_memfd: "
                                 "host KVM lacks guest_memfd: KVM_CAP_GUEST_MEMFD is 0")
@@ -159,7 +161,7 @@ def test_live_regression_cancels_with_the_unmet_requirement() -> None:
 def test_live_regression_runs_and_passes() -> None:
     verdict = sr.run_seed_regression()
     assert verdict.status == "PASS", verdict.summary()
-    assert verdict.checks[0].name.startswith(f"{sr.GUEST_ACCESS}: "), verdict.checks[0].name
+    assert verdict.checks[0].name.startswith(f"{so.GUEST_ACCESS}: "), verdict.checks[0].name
     assert verdict.warnings == (), f"expected every poisoned frame unpoisoned, got {verdict.warnings}"
 
 
@@ -180,7 +182,7 @@ def standin_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[C
     child's argv.
     """
     pidfile = tmp_path / "child.pid"
-    monkeypatch.setattr(sr, "CHILD_TIMEOUT", 2.0)
+    monkeypatch.setattr(lc, "CHILD_TIMEOUT", 2.0)
 
     def use(body: str, *, via_executable: bool = False) -> None:
         script = tmp_path / "child.sh"
@@ -218,7 +220,7 @@ def _observe_within(seconds: float, **kwargs: object) -> BaseException | sr._Chi
 def test_a_silent_child_times_out_with_its_stderr(standin_child: Callable[..., None]) -> None:
     standin_child("echo 'Traceback: TinyVm exploded' >&2\nexec sleep 600", via_executable=True)
     outcome = _observe_within(15)
-    assert isinstance(outcome, sr.SeedChildError), f"expected SeedChildError, got {outcome!r}"
+    assert isinstance(outcome, lc.ChildError), f"expected ChildError, got {outcome!r}"
     text = str(outcome)
     assert "expected a 'ready' event within 2.0s" in text and "Traceback: TinyVm exploded" in text
 
@@ -232,7 +234,7 @@ def test_a_child_that_hangs_after_injecting_is_still_unpoisoned(
     (debugfs / m.HWPOISON_UNPOISON_PFN).write_text("")
     standin_child(f"echo '{READY}'\nread go\necho '{INJECTED}'\nexec sleep 600")
     outcome = _observe_within(15, debugfs=debugfs)
-    assert isinstance(outcome, sr.SeedChildError), f"expected SeedChildError, got {outcome!r}"
+    assert isinstance(outcome, lc.ChildError), f"expected ChildError, got {outcome!r}"
     assert (debugfs / m.HWPOISON_UNPOISON_PFN).read_text() == "0x1234", "expected unpoison in finally"
 
 
@@ -248,7 +250,7 @@ def test_a_failed_unpoison_is_a_warning_of_the_run(standin_child: Callable[..., 
     # and when the run fails too, the warning rides on the exception
     standin_child(f"echo '{READY}'\nread go\necho '{INJECTED}'\necho 'not json'")
     outcome = _observe_within(15, debugfs=debugfs)
-    assert isinstance(outcome, sr.SeedChildError) and "not json" in str(outcome)
+    assert isinstance(outcome, lc.ChildError) and "not json" in str(outcome)
     assert any("unpoison-pfn 0x1234 failed" in note for note in getattr(outcome, "__notes__", []))
 
 
@@ -257,7 +259,7 @@ def test_a_host_without_mmap_init_shared_cancels_the_seed() -> None:
         kernel_release="7.3.4-amd64", kvm_device=True, kvm_reason=None, kvm_vendor_module="kvm_amd",
         kvm_api_version=12, cap_guest_memfd=1, guest_memfd_flags=0,
     )  # fmt: skip
-    with pytest.raises(sr.SeedCancelled) as exc:
+    with pytest.raises(lc.ChildCancelled) as exc:
         sr.run_seed_regression(report=flags_0)
     assert exc.value.reason == (
         "unmet host requirement guest_memfd_mmap: "
