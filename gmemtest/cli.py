@@ -580,11 +580,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_PASS
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gmemtest", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug (QMP wire traces)")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_preflight(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("preflight", help="what this host and its QEMU can do, probed")
     p.add_argument("--json", action="store_true")
     p.add_argument("--qemu", default=DEFAULT_QEMU, help="QEMU binary to ask")
@@ -592,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out the main job's plan (which Avocado test CANCELs here, and the host fact why)")
     p.set_defaults(func=_cmd_preflight)
 
+
+def _add_image(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("image", help="build (or reuse) the default guest image")
     p.add_argument("--cache", type=Path, default=None,
                    help="cache root (default: $GMEMTEST_CACHE or ~/.cache/gmemtest)")
@@ -599,10 +597,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_image)
 
+
+def _add_scenarios(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("scenarios", help="list the guest scenarios")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_scenarios)
 
+
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="boot a guest per scenario, inject, judge, keep the evidence")
     p.add_argument("scenario", nargs="*", help="scenario names (see 'gmemtest scenarios')")
     p.add_argument("--all", action="store_true", help="every scenario")
@@ -612,11 +614,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the guest up after the verdict and print how to reach it, until Ctrl-C")
     p.set_defaults(func=_cmd_run)
 
+
+def _add_ssh(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("ssh", help="log into the guest a 'gmemtest run --keep' holds (OpenSSH)")
     p.add_argument("--pid", type=int, help="the keeping gmemtest's pid (default: the newest kept guest)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="[--] COMMAND to run instead of a shell")
     p.set_defaults(func=_cmd_ssh)
 
+
+def _add_qmp(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("qmp", help="send one QMP command to the guest a 'gmemtest run --keep' holds")
     p.add_argument("--pid", type=int, help="the keeping gmemtest's pid (default: the newest kept guest)")
     p.add_argument("qmp_command", help="e.g. query-status, human-monitor-command")
@@ -624,6 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='its arguments as a JSON object, e.g. \'{"command-line": "info mtree"}\'')
     p.set_defaults(func=_cmd_qmp)
 
+
+def _add_qualify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("qualify", help="qualify this host stack: host checks, seed regression, guest scenarios")
     p.add_argument("scenario", nargs="*", help="guest scenarios to include (default: all)")
     p.add_argument("--no-guest", action="store_true", help="host-side checks only")
@@ -637,6 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kernel_options(p)
     p.set_defaults(func=_cmd_qualify)
 
+
+def _add_labhost(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("labhost", help="the lab host in a box: an L1 KVM host (kvm_amd, memory "
                        "failure, hwpoison_inject) under TCG")
     lab = p.add_subparsers(dest="labhost_command", required=True)
@@ -669,15 +679,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print the judged result as JSON")
     q.set_defaults(func=_cmd_labhost_test)
 
+
+def _add_snapshots(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("snapshots", help="list or clear the saved guest boots that tests restore from")
     p.add_argument("action", nargs="?", choices=("list", "clear"), default="list")
     p.add_argument("--cache", type=Path, default=None, help="cache root (default: $GMEMTEST_CACHE, ~/.cache/gmemtest)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_snapshots)
 
+
+def _add_reap(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("reap", help="kill QEMU processes left by a killed gmemtest run")
     p.set_defaults(func=_cmd_reap)
 
+
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("bench", help="measure image build, boot to SSH, injection to SIGBUS, suite time")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--out", default="bench-results/benchmark.json")
@@ -692,6 +708,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nested-scenario", default="host-ar-touch-4k", metavar="NAME",
                    help="the scenario each nested chain run judges (default: host-ar-touch-4k, the host-poison chain)")
     p.set_defaults(func=_cmd_bench)
+
+
+# One adder per subcommand, in the order 'gmemtest --help' lists them.
+_SUBCOMMANDS = (_add_preflight, _add_image, _add_scenarios, _add_run, _add_ssh, _add_qmp, _add_qualify, _add_labhost,
+                _add_snapshots, _add_reap, _add_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gmemtest", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug (QMP wire traces)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in _SUBCOMMANDS:
+        add(sub)
     return parser
 
 

@@ -24,6 +24,8 @@ from typing import Self
 
 import paramiko
 
+from guests.errors import GuestError
+
 __all__ = [
     "CommandFailedError",
     "CommandResult",
@@ -47,7 +49,7 @@ _NOT_READY_TEXTS = (
 )
 
 
-class SshError(Exception):
+class SshError(GuestError):
     """Base of every error raised by this module."""
 
 
@@ -122,6 +124,41 @@ class _LogEphemeralHostKey(paramiko.MissingHostKeyPolicy):
                  _fingerprint(key))
 
 
+def _load_key(key_path: Path) -> paramiko.PKey:
+    try:
+        return paramiko.PKey.from_path(key_path)
+    except (OSError, paramiko.SSHException, ValueError) as exc:
+        raise SshConnectError(f"cannot load SSH private key {key_path}: {exc}",
+                              attempts=0, last_error=exc, console_tail=[]) from exc
+
+
+def _pass_readiness_gate(ready: Callable[[float], object], remaining: float, where: str,
+                         console_log: Path | None) -> None:
+    """``ready`` (e.g. the console-marker wait) must return before any SSH attempt is made."""
+    try:
+        ready(remaining)
+    except Exception as exc:
+        tail = _console_tail(console_log)
+        raise SshConnectError(f"readiness gate for {where} failed before any SSH attempt: "
+                              f"{exc!r}" + _format_tail(console_log, tail),
+                              attempts=0, last_error=exc, console_tail=tail) from exc
+
+
+def _login_once(host: str, port: int, user: str, pkey: paramiko.PKey, per_try: float, *,
+                banner_timeout: float, auth_timeout: float) -> paramiko.SSHClient:
+    """One key-only login attempt; the client is closed again when it fails."""
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(_LogEphemeralHostKey())
+    try:
+        client.connect(host, port=port, username=user, pkey=pkey, timeout=per_try,
+                       banner_timeout=min(banner_timeout, per_try), auth_timeout=min(auth_timeout, per_try),
+                       allow_agent=False, look_for_keys=False)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
 class SshSession:
     """One logged-in SSH connection; use :meth:`connect` to make one."""
 
@@ -166,23 +203,9 @@ class SshSession:
             raise ValueError(f"port must be in 1..65535, got {port}")
         start = time.monotonic()
         deadline = start + deadline_s
-        try:
-            pkey = paramiko.PKey.from_path(key_path)
-        except (OSError, paramiko.SSHException, ValueError) as exc:
-            raise SshConnectError(
-                f"cannot load SSH private key {key_path}: {exc}",
-                attempts=0, last_error=exc, console_tail=[],
-            ) from exc
+        pkey = _load_key(key_path)
         if ready is not None:
-            try:
-                ready(deadline - time.monotonic())
-            except Exception as exc:
-                tail = _console_tail(console_log)
-                raise SshConnectError(
-                    f"readiness gate for {user}@{host}:{port} failed before any SSH attempt: "
-                    f"{exc!r}" + _format_tail(console_log, tail),
-                    attempts=0, last_error=exc, console_tail=tail,
-                ) from exc
+            _pass_readiness_gate(ready, deadline - time.monotonic(), f"{user}@{host}:{port}", console_log)
 
         attempts = 0
         last_error: BaseException | None = None
@@ -192,17 +215,10 @@ class SshSession:
                 break
             attempts += 1
             per_try = max(0.5, min(attempt_timeout_s, remaining))
-            client = paramiko.SSHClient()
-            client.set_missing_host_key_policy(_LogEphemeralHostKey())
             try:
-                client.connect(
-                    host, port=port, username=user, pkey=pkey, timeout=per_try,
-                    banner_timeout=min(banner_timeout, per_try),
-                    auth_timeout=min(auth_timeout, per_try),
-                    allow_agent=False, look_for_keys=False,
-                )
+                client = _login_once(host, port, user, pkey, per_try, banner_timeout=banner_timeout,
+                                     auth_timeout=auth_timeout)
             except Exception as exc:
-                client.close()
                 last_error = exc
                 if not is_not_ready_error(exc):
                     tail = _console_tail(console_log)
