@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -23,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gmemtest.errors import GmemtestError
+from gmemtest.evidence import set_aside
 from gmemtest.snapshots import Snapshot, SnapshotCache, SnapshotKey, snapshot_key
 from guests.profiles import GuestProfile, get_profile
 from guests.refresh import GuestRefresh, RefreshError, refresh_guest
 from guests.ssh import SshError, SshSession
-from images.boot_params import DEFAULT_KERNEL_ARGS
 from images.build import GuestImage
 from qmp_helpers import DEFAULT_QEMU, STUCK_RUN_STATES, MigrationError, QemuError, QemuMachine, load_state, save_state
 from qmp_helpers.memslots import MEMSLOT_TRACE_ARGS
@@ -132,14 +132,14 @@ class GuestRun:
 def guest_argv(image: GuestImage, profile: GuestProfile, extra_kernel_args: Sequence[str] = ()) -> list[str]:
     """The QEMU arguments a guest of ``profile`` is launched with (QMP, serial, netdev aside).
 
-    The profile owns machine, CPU and firmware; the image adds only its kernel arguments. Nothing
+    The profile owns machine, CPU, firmware and every kernel argument. Nothing
     is appended after the profile, because QEMU keeps the last ``-bios``/``-machine`` it is given.
     A KVM guest traces its memslot registrations from the start (``QemuMachine.memslots``): they
     happen before QMP exists.
     """
     trace = list(MEMSLOT_TRACE_ARGS) if profile.accel == "kvm" else []
     return [*trace, *profile.qemu_args(image.kernel, image.initrd,
-                                       extra_kernel_args=[*DEFAULT_KERNEL_ARGS, *extra_kernel_args])]
+                                       extra_kernel_args=extra_kernel_args)]
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ class _Launch:
                            nic_options=self.profile.nic_options)
 
 
-class RestoreFailed(Exception):
+class RestoreFailed(GmemtestError):
     """A restore from a snapshot did not give a usable guest; the caller boots instead."""
 
 
@@ -196,22 +196,6 @@ def _connect(machine: QemuMachine, image: GuestImage, deadline_s: float) -> SshS
 
 # What one QEMU run leaves in its work directory (QemuMachine's files).
 QEMU_EVIDENCE = ("console.log", "qmp.jsonl", "qemu-stderr.log")
-
-
-def set_aside(workdir: Path, name: str, why: str, *, only: Sequence[str] | None = None,
-              skip_prefixes: tuple[str, ...] = ()) -> None:
-    """Move the evidence of an abandoned attempt into ``workdir/name`` with a why.txt.
-
-    ``only`` names the entries to move (default: all); entries starting with ``skip_prefixes``
-    (earlier attempts set aside) stay where they are.
-    """
-    kept = workdir / name
-    kept.mkdir(parents=True, exist_ok=True)
-    for item in list(workdir.iterdir()):
-        if item == kept or item.name.startswith(skip_prefixes) or (only is not None and item.name not in only):
-            continue
-        shutil.move(str(item), kept / item.name)
-    (kept / "why.txt").write_text(why + "\n")
 
 
 def _restore(stack: ExitStack, snap: Snapshot, launch: _Launch, timeout_s: float

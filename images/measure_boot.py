@@ -22,7 +22,8 @@ from pathlib import Path
 
 import paramiko
 
-from images.boot_params import DEFAULT_KERNEL_ARGS, FAST_QEMU_ARGS
+from guests.profiles import BASE_KERNEL_ARGS
+from images.boot_params import FAST_QEMU_ARGS
 from images.build import GuestImage, build_default_image
 from qmp_helpers import DEFAULT_QEMU
 
@@ -100,8 +101,8 @@ def measure_once(image: GuestImage, append: str, extra: tuple[str, ...],
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m images.measure_boot")
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--append", default=" ".join(DEFAULT_KERNEL_ARGS),
-                        help="kernel command line (default: boot_params.DEFAULT_KERNEL_ARGS)")
+    parser.add_argument("--append", default=" ".join(BASE_KERNEL_ARGS),
+                        help="kernel command line (default: the profiles' guests.profiles.BASE_KERNEL_ARGS)")
     parser.add_argument("--no-fast", action="store_true", help="leave out FAST_QEMU_ARGS")
     parser.add_argument("--qemu-arg", action="append", default=[],
                         help="extra QEMU argument (repeatable; use --qemu-arg=-foo)")

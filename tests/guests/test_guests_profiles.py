@@ -9,7 +9,15 @@ from typing import Any
 
 import pytest
 
-from guests.profiles import DEFAULT_OVMF, PROFILES, GuestProfile, get_profile, kvm_sev_snp_profile, kvm_tdx_profile
+from guests.profiles import (
+    BASE_KERNEL_ARGS,
+    DEFAULT_OVMF,
+    PROFILES,
+    GuestProfile,
+    get_profile,
+    kvm_sev_snp_profile,
+    kvm_tdx_profile,
+)
 
 QEMU = "qemu-system-x86_64"
 KERNEL, INITRD = Path("/boot/k"), Path("/boot/i")
@@ -27,16 +35,18 @@ def test_tcg_default_is_the_recoverable_configuration() -> None:
     assert opt(args, "-smp") == ["1"] and opt(args, "-m") == ["512"]
     assert opt(args, "-device") == ["pvpanic"] and opt(args, "-action") == ["panic=none"]
     assert opt(args, "-kernel") == [str(KERNEL)] and opt(args, "-initrd") == [str(INITRD)]
-    assert opt(args, "-append") == ["console=ttyS0 panic=0 hugepages=16 transparent_hugepage=madvise"]
+    # The profile owns every kernel argument: the MCE contract first, then the fast-boot ones.
+    assert opt(args, "-append") == [" ".join(BASE_KERNEL_ARGS)]
+    assert BASE_KERNEL_ARGS[:4] == ("console=ttyS0", "panic=0", "hugepages=16", "transparent_hugepage=madvise")
     for owned_by_machine in ("-qmp", "-serial", "-netdev", "-chardev"):
         assert owned_by_machine not in args
 
 
 def test_extra_kernel_args_are_appended_without_duplicates() -> None:
     prof = get_profile("tcg-default")
-    as_tuple = prof.qemu_args(KERNEL, INITRD, extra_kernel_args=("console=ttyS0", "quiet", "tsc=reliable"))
-    as_str = prof.qemu_args(KERNEL, INITRD, extra_kernel_args="console=ttyS0 quiet tsc=reliable")
-    expected = "console=ttyS0 panic=0 hugepages=16 transparent_hugepage=madvise quiet tsc=reliable"
+    as_tuple = prof.qemu_args(KERNEL, INITRD, extra_kernel_args=("console=ttyS0", "gmemtest.hold=5", "quiet"))
+    as_str = prof.qemu_args(KERNEL, INITRD, extra_kernel_args="console=ttyS0 gmemtest.hold=5 quiet")
+    expected = " ".join((*BASE_KERNEL_ARGS, "gmemtest.hold=5"))
     assert opt(as_tuple, "-append") == opt(as_str, "-append") == [expected]
 
 
