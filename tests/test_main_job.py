@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 # The guest tests judged here; KvmLabProfiles (tagged guest too) are judged by their cancel reasons.
-GUEST_CLASSES = ("SraoLateKill.", "SraoEarlyKill.", "SrarAction", "SraoFreePage.", "GuestBoot.")
+GUEST_CLASSES = ("MachineChecks.", "GuestBoot.")
 # The rows the TCG guest tests run (the host-poison rows run in the lab host, HostPoisonChain).
 QMP_SCENARIOS = [s for s in SCENARIOS if s.source is Source.QMP]
 

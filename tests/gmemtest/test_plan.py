@@ -55,7 +55,7 @@ def test_every_avocado_test_is_planned_from_its_own_source() -> None:
     assert (uapi.function, uapi.args) == ("run_host_check", (UAPI_ITEM,))
     assert by_name["TinyVmm.test_punch_hole"][0].args == (PUNCH_ITEM,)
     assert host_check(UAPI_ITEM).requirements == gmem_uapi_cases.HOST_REQUIREMENTS
-    assert by_name["SraoLateKill.test_thp"][0].args == ("srao-late-touch-thp",)
+    assert by_name["MachineChecks.test_srao_late_touch_thp"][0].args == ("srao-late-touch-thp",)
     assert by_name["HostPoisonChain.test_ar_touch_kvm_gmem"][0].args == ("host-ar-touch-4k", "kvm-gmem")
 
 
@@ -128,11 +128,11 @@ def test_every_host_check_cancels_with_the_capability_before_running(check: Host
 
 
 def test_a_check_whose_child_finds_what_the_probe_did_not_cannot_run() -> None:
-    """SeedCancelled from the child (no memory failure after all) is CANNOT RUN, never ERROR."""
-    from host_stack.seed_regression import SeedCancelled
+    """ChildCancelled from the child (no memory failure after all) is CANNOT RUN, never ERROR."""
+    from host_stack.live_child import ChildCancelled
 
     def cancelled(_report: HostReport | None) -> Verdict:
-        raise SeedCancelled("host kernel lacks CONFIG_MEMORY_FAILURE: MADV_HWPOISON returned EINVAL")
+        raise ChildCancelled("host kernel lacks CONFIG_MEMORY_FAILURE: MADV_HWPOISON returned EINVAL")
 
     check = dataclasses.replace(host_check(SEED_ITEM), run=cancelled)
     verdict = check.verdict(FULL)
