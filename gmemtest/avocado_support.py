@@ -304,10 +304,8 @@ def run_labhost_item(test: AvocadoTestLike, name: str) -> None:
         checks = tuple(Check(label, str(want), str(host.get(key)), host.get(key) == want)
                        for label, key, want in _LABHOST_FACTS)
         verdict = Verdict(LABHOST_PREFLIGHT, checks)
-        test.whiteboard = verdict.to_json()
         (outdir / "verdict.txt").write_text(verdict.summary() + "\n")
-        if not verdict.passed:
-            test.fail("; ".join(c.line() for c in verdict.failures))
+        judge(test, verdict)
         return
     _judge_item(test, result.items.get(name), name, result)
 
@@ -332,23 +330,35 @@ def run_chain_item(test: AvocadoTestLike, scenario: str, variant: str) -> None:
     _judge_item(test, item, f"{scenario}/{variant}", result)
 
 
+def _item_verdict(item: dict[str, Any], name: str, result: LabhostQualification) -> Verdict:
+    """The verdict L1 judged for ``item``, read back whole from its evidence (a host check's verdict
+    file, a chain row's ``verdict.json``); an item L1 has no verdict file for (it could not run,
+    or broke) is the item's own status and why. Reasons say where they were found."""
+    evidence = item.get("evidence")
+    path = result.out / str(evidence) if evidence else None
+    if path is not None and path.is_dir():
+        path = path / "verdict.json"
+    if path is not None and path.is_file():
+        verdict = Verdict.from_json(path.read_text())
+    elif item["status"] in ("CANNOT RUN", "NOT MEANINGFUL", "ERROR"):
+        verdict = Verdict.did_not_run(name, item["status"], str(item["summary"]))
+    else:
+        verdict = Verdict.did_not_run(name, "ERROR", f"L1 reported {item['status']} for {name!r} but left no verdict "
+                                      f"file ({evidence})")
+    if verdict.reason is not None:
+        verdict = dataclasses.replace(verdict, reason=f"{name} inside the lab host: {verdict.reason}")
+    return verdict
+
+
 def _judge_item(test: AvocadoTestLike, item: dict[str, Any] | None, name: str, result: LabhostQualification) -> None:
     outdir = Path(test.outputdir)
     if item is None:
         test.fail(f"the lab host's qualification has no item {name!r}; it has: {', '.join(result.items)}")
-    findings = result.qualification.get("findings", [])
-    test.whiteboard = json.dumps({"item": item, "findings": findings}, indent=2)
-    (outdir / "item.json").write_text(test.whiteboard + "\n")
+    (outdir / "item.json").write_text(json.dumps(item, indent=2) + "\n")
     item_evidence = item.get("evidence")
     if item_evidence and (result.out / str(item_evidence)).is_file():
         (outdir / Path(str(item_evidence)).name).write_bytes((result.out / str(item_evidence)).read_bytes())
-    for finding in findings:
+    for finding in result.qualification.get("findings", []):
         # log() at WARNING level would make the test WARN; a finding is reported, not a failure.
         test.log.log(logging.INFO, "FINDING %s: %s", finding.get("id"), finding.get("summary", ""))
-    status, summary = item["status"], str(item["summary"])
-    details = "; ".join(str(d) for d in item.get("details", []))
-    if status == "PASS":
-        return
-    if status in ("CANNOT RUN", "NOT MEANINGFUL"):
-        test.cancel(f"{name} inside the lab host: {status}: {summary}")
-    test.fail(f"{name} inside the lab host: {status}: {summary}" + (f": {details}" if details else ""))
+    judge(test, _item_verdict(item, name, result))

@@ -36,6 +36,7 @@ from gmemtest.scenarios import SCENARIOS, Source, unsupported_under
 from guests.profiles import get_profile
 from images.build import build_lock
 from images.labhost import LabhostImage
+from outcome import Verdict
 
 __all__ = ["ChainVariant", "LabhostQualification", "chain_variants", "qualify_in_labhost",
            "shared_run"]
@@ -224,22 +225,25 @@ def qualify_once(image: LabhostImage, out: Path, *, timeout: float = INNER_TIMEO
 
 
 def chain_item(row: dict[str, Any], label: str, out: Path) -> Item:
-    """One chain row of ``gmemtest run``'s summary as a qualification item (section "chain")."""
+    """One chain row of ``gmemtest run``'s summary as a qualification item (section "chain"),
+    made from the row's verdict as L1 judged it (its ``verdict.json``), every check listed."""
     name = f"{row['scenario']}/{label}"
     evidence = f"{CHAIN_DIR}/{label}/{row['scenario']}"
-    if "unmet" in row:
-        return Item("chain", name, "CANNOT RUN", "; ".join(row["unmet"]))
-    if "error" in row:
-        return Item("chain", name, "ERROR", str(row["error"]), evidence=evidence)
     verdict_path = out / evidence / "verdict.json"
-    checks = json.loads(verdict_path.read_text()).get("checks", []) if verdict_path.is_file() else []
-    lines = [("ok   " if c["ok"] else "FAIL ") + (f"[{c['layer']}] " if c.get("layer") else "")
-             + f"{c['name']}: expected {c['expected']}, actual {c['actual']}" for c in checks]
-    passed = bool(row.get("passed")) and bool(checks)
-    qemu = row.get("setup", {}).get("qemu", {})
+    if "unmet" in row:
+        verdict = Verdict.did_not_run(name, "CANNOT RUN", "; ".join(row["unmet"]))
+        return Item.from_verdict("chain", name, verdict, "")
+    if "error" in row:
+        verdict = Verdict.did_not_run(name, "ERROR", str(row["error"]))
+    elif verdict_path.is_file():
+        verdict = Verdict.from_json(verdict_path.read_text())
+    else:
+        verdict = Verdict.did_not_run(name, "ERROR", f"gmemtest run passed={row.get('passed')} but left no "
+                                      f"{evidence}/verdict.json")
+    qemu = verdict.setup.get("qemu") or {}
     under = f" (QEMU {qemu.get('version')}, {qemu.get('package')})" if qemu else ""
-    return Item("chain", name, "PASS" if passed else "FAIL",
-                f"{len(checks)} checks at the host, QEMU and guest{under}", lines, evidence=evidence)
+    return Item.from_verdict("chain", name, verdict, f"{len(verdict.checks)} checks at the host, QEMU and guest{under}",
+                             evidence=evidence, all_checks=True)
 
 
 def _add_chain_items(qualification: dict[str, Any], out: Path, variants: Sequence[ChainVariant]) -> dict[str, Any]:

@@ -104,3 +104,32 @@ def test_a_host_check_cancels_before_running_when_the_host_lacks_its_requirement
 def test_an_unknown_row_names_the_rows_there_are() -> None:
     with pytest.raises(KeyError, match="guest_memfd uAPI cases"):
         host_checks.host_check("nope")
+
+
+def _l1_result(out: Path, items: list[dict[str, Any]]) -> Any:
+    from gmemtest.labhost_qualify import LabhostQualification
+
+    return LabhostQualification(out=out, kernel_release="7.3.4", image_manifest="m", preflight={},
+                                qualification={"items": items, "findings": []}, preflight_rc=0, qualify_rc=0,
+                                timings={})
+
+
+def test_a_lab_host_item_is_judged_from_the_verdict_l1_wrote(tmp_path: Path) -> None:
+    """The L1 -> job path reads the verdict back whole: the failed check's own line, not a re-rendering."""
+    (tmp_path / "chain" / "kvm-default" / "host-ar-touch-4k").mkdir(parents=True)
+    (tmp_path / "chain" / "kvm-default" / "host-ar-touch-4k" / "verdict.json").write_text(
+        Verdict("host-ar-touch-4k", (OK, BAD)).to_json())
+    name = "host-ar-touch-4k/kvm-default"
+    item = {"name": name, "status": "FAIL", "summary": "2 checks", "evidence": "chain/kvm-default/host-ar-touch-4k"}
+    with pytest.raises(Failed, match="FAIL si_addr_lsb: expected 21, actual 12"):
+        avocado_support._judge_item(FakeTest(tmp_path), item, name, _l1_result(tmp_path, [item]))  # type: ignore[arg-type]
+
+
+def test_a_lab_host_item_without_a_verdict_file_keeps_its_status_and_says_where(tmp_path: Path) -> None:
+    name = "host-ar-touch-4k/kvm-gmem"
+    cannot = {"name": name, "status": "CANNOT RUN", "summary": "QEMU has no 'guest-memfd' property"}
+    with pytest.raises(Cancelled, match=f"CANNOT RUN: {name} inside the lab host: QEMU has no 'guest-memfd'"):
+        avocado_support._judge_item(FakeTest(tmp_path), cannot, name, _l1_result(tmp_path, [cannot]))  # type: ignore[arg-type]
+    claimed = {"name": name, "status": "PASS", "summary": "", "evidence": "chain/kvm-gmem/host-ar-touch-4k"}
+    with pytest.raises(Failed, match=r"ERROR: .*L1 reported PASS .* but left no verdict file"):
+        avocado_support._judge_item(FakeTest(tmp_path), claimed, name, _l1_result(tmp_path, [claimed]))  # type: ignore[arg-type]

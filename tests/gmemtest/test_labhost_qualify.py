@@ -133,10 +133,14 @@ def test_chain_rows_become_report_items_per_profile(tmp_path: Path) -> None:
     assert "The whole chain" in html and "host-ar-touch-4k/kvm-gmem" in html
 
 
-def test_a_passed_row_without_checks_is_not_a_pass(tmp_path: Path) -> None:
-    (tmp_path / lq.CHAIN_DIR / "kvm-default" / "host-ar-touch-4k").mkdir(parents=True)
+def test_a_passed_row_without_a_verdict_is_not_a_pass(tmp_path: Path) -> None:
+    row = tmp_path / lq.CHAIN_DIR / "kvm-default" / "host-ar-touch-4k"
+    row.mkdir(parents=True)
     item = lq.chain_item({"scenario": "host-ar-touch-4k", "passed": True}, "kvm-default", tmp_path)
-    assert item.status == "FAIL"
+    assert item.status == "ERROR" and "left no chain/kvm-default/host-ar-touch-4k/verdict.json" in item.summary
+    (row / "verdict.json").write_text('{"scenario": "host-ar-touch-4k", "checks": []}')
+    item = lq.chain_item({"scenario": "host-ar-touch-4k", "passed": True}, "kvm-default", tmp_path)
+    assert item.status == "FAIL", "a verdict without checks decided nothing"
 
 
 def test_chain_command_keeps_qemu_logs_on_l1_tmpfs() -> None:
