@@ -23,7 +23,7 @@ from gmemtest.errors import ScenarioError
 from gmemtest.evidence import Evidence
 from gmemtest.guest_run import GuestRun
 from gmemtest.host_poison import HostInjection, HostPoison
-from gmemtest.observations import Observations, parse_hardware_corrupted_kb
+from gmemtest.observations import Observations, hardware_corrupted_kb
 from gmemtest.oracle import Expectation, HostExpectation, MappingLayout
 from gmemtest.scenarios import ScenarioSpec, Source, Trigger
 from guests.probe_client import Mapping, ProbeClient, SigbusReport
@@ -96,10 +96,6 @@ class Act:
 
 
 # ----- what the acts wait for in the guest ------------------------------------------------------
-
-def hardware_corrupted_kb(guest: GuestRun) -> int:
-    return parse_hardware_corrupted_kb(guest.guest_text("cat /proc/meminfo"))
-
 
 def wait_recovery(guest: GuestRun, before_kb: int, pages: int = 1) -> None:
     """Action-optional MCEs are handled from a work queue: wait until the guest counted the pages."""

@@ -1,19 +1,35 @@
-"""What the observers recorded, and the parsers that turn guest text into numbers.
+"""The observers of a guest row: what each reads, the parser that turns it into numbers, and
+the record they fill (``Observations``; a host row's ``HostObservations``).
 
 Every field is filled from evidence gathered during the run (probe JSON, QMP events, console,
-guest files); nothing here is computed from the layout.
+guest files); nothing here is computed from the layout. A new observable is a field, its parser
+and its read here, and its named check in ``gmemtest.verdict``.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 
-from guests.probe_client import SigbusReport
+from gmemtest.errors import GmemtestError
+from gmemtest.evidence import Evidence
+from gmemtest.guest_run import GuestRun
+from guests.probe_client import Mapping, ProbeClient, SigbusReport
+from host_stack import mm_uapi
 from host_stack.kvm_uapi import GMEM_PROC_NAMES
 from host_stack.signal_trace import GeneratedSignal
 from host_stack.witness import SigbusRecord
+from qmp_helpers import MachineStateError
 from qmp_helpers.trace_log import TRACE_PREFIX
+
+LOG = logging.getLogger(__name__)
+
+GUEST_TRACE_DIR = "/sys/kernel/tracing"
+# QEMU's KVM trace events (accel/kvm/trace-events) switched on over the injection window of a
+# KVM guest: which private/shared conversions and memory-fault exits happened, and how many exits.
+KVM_TRACE_EVENTS = ("kvm_convert_memory", "kvm_memory_fault", "kvm_run_exit")
 
 _MEMINFO_HWCORRUPTED = re.compile(r"^HardwareCorrupted:\s+(\d+)\s+kB$", re.MULTILINE)
 # mm/memory-failure.c: pr_fmt "Memory failure: " + "%#lx: recovery action for %s: %s"
@@ -192,3 +208,84 @@ def parse_kvm_trace(text: str) -> tuple[list[str], list[str], int]:
 def parse_recovery_text(lines: list[str]) -> list[RecoveryLine]:
     """The recovery lines among kernel log records (one record per entry)."""
     return parse_recovery_lines("\n".join(lines))
+
+
+# ----- the reads -------------------------------------------------------------------------------
+
+def read_kpageflags_words(guest: GuestRun, pfns: list[int]) -> dict[int, int]:
+    """The guest kernel's /proc/kpageflags word of each pfn, in one short SSH command (busybox dd, od)."""
+    script = (f"for p in {' '.join(map(str, pfns))}; do "
+              "dd if=/proc/kpageflags bs=8 skip=$p count=1 2>/dev/null | od -An -tx8; done")
+    words = guest.guest_text(script).split()
+    if len(words) != len(pfns):
+        raise GmemtestError(f"reading /proc/kpageflags of {len(pfns)} pfns gave {len(words)} words: {words[:4]}")
+    return {pfn: int(word, 16) for pfn, word in zip(pfns, words, strict=True)}
+
+
+def hardware_corrupted_kb(guest: GuestRun) -> int:
+    return parse_hardware_corrupted_kb(guest.guest_text("cat /proc/meminfo"))
+
+
+def kvm_trace(guest: GuestRun, *, on: bool) -> int | None:
+    """Switch QEMU's KVM trace events on (returns the stderr mark they start at) or off; None under TCG."""
+    if guest.profile.accel != "kvm":
+        return None
+    mark = guest.machine.stderr_mark()
+    for name in KVM_TRACE_EVENTS:
+        guest.machine.trace_event_set_state(name, on)
+    return mark
+
+
+def observe_recovery(guest: GuestRun, probe: ProbeClient, mapping: Mapping | None, *, poison_pfns: tuple[int, ...],
+                     obs: Observations, ev: Evidence) -> None:
+    """What a guest that survived says: meminfo, dmesg's recovery lines, the mce_record trace, KPF_HWPOISON."""
+    meminfo = guest.guest_text("cat /proc/meminfo")
+    ev.text("meminfo-after.txt", meminfo)
+    obs.hardware_corrupted_after_kb = parse_hardware_corrupted_kb(meminfo)
+    dmesg = guest.guest_text("dmesg")
+    ev.text("dmesg.txt", dmesg)
+    obs.recovery_lines = parse_recovery_lines(dmesg)
+    trace = guest.guest_text(f"cat {GUEST_TRACE_DIR}/trace")
+    ev.text("mce_record.trace", trace)
+    obs.mce_records = parse_mce_records(trace)
+    if mapping is None:  # nobody maps a free page: the guest kernel's own page flags say it
+        words = read_kpageflags_words(guest, list(poison_pfns))
+        ev.json("flags.json", {f"{pfn:#x}": f"{word:#x}" for pfn, word in words.items()})
+        obs.hwpoison_flag = all(word & (1 << mm_uapi.KPF_HWPOISON) for word in words.values())
+        return
+    flags = probe.flags(mapping.id)
+    ev.json("flags.json", asdict(flags))
+    flagged = {f.pfn for f in flags.hwpoison_frames}
+    obs.hwpoison_flag = all(pfn in flagged for pfn in poison_pfns)
+
+
+def observe_panic(guest: GuestRun, event_mark: int, obs: Observations) -> None:
+    """What a guest that panicked says: the GUEST_PANICKED event, the panic line, the console's MCE records."""
+    machine = guest.machine
+    event = machine.wait_event("GUEST_PANICKED", timeout=60.0, since=event_mark)
+    obs.guest_panicked_events.append(dict(event.data))
+    # The panic text follows the event on the serial line; wait for the whole line (a read in
+    # the middle of it gave 'Fatal local mach' once, inside the lab host).
+    try:
+        machine.wait_console(r"Kernel panic - not syncing[^\n]*\n", timeout=10.0)
+    except MachineStateError:  # absence is recorded and judged, not raised
+        LOG.warning("no panic line on the console after GUEST_PANICKED")
+    console = machine.console_text()
+    obs.panic_message = parse_panic_message(console)
+    obs.mce_records = parse_console_mce_records(console)
+    obs.mce_severity = parse_mce_severity(console)
+
+
+def collect_events(guest: GuestRun, event_mark: int, obs: Observations, *, expected: int) -> None:
+    """All MEMORY_FAILURE and GUEST_PANICKED events since the injection, extras included."""
+    machine = guest.machine
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        got = [e for e in machine.events[event_mark:] if e.name == "MEMORY_FAILURE"]
+        if len(got) >= expected:
+            break
+        time.sleep(0.05)
+    later = machine.events[event_mark:]
+    obs.memory_failure_events = [dict(e.data) for e in later if e.name == "MEMORY_FAILURE"]
+    if not obs.guest_panicked_events:
+        obs.guest_panicked_events = [dict(e.data) for e in later if e.name == "GUEST_PANICKED"]

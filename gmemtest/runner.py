@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,22 +22,22 @@ from gmemtest.acts import (
     act_for,
     act_name,
     guest_panicked,
-    hardware_corrupted_kb,
 )
 from gmemtest.errors import ScenarioError
 from gmemtest.evidence import Evidence, set_aside
 from gmemtest.guest_run import GuestRun, booted_guest
 from gmemtest.host_poison import HostPoison, resolve_host_frame
 from gmemtest.observations import (
+    GUEST_TRACE_DIR,
     HostObservations,
     Observations,
-    parse_console_mce_records,
-    parse_hardware_corrupted_kb,
+    collect_events,
+    hardware_corrupted_kb,
+    kvm_trace,
+    observe_panic,
+    observe_recovery,
     parse_kvm_trace,
-    parse_mce_records,
-    parse_mce_severity,
-    parse_panic_message,
-    parse_recovery_lines,
+    read_kpageflags_words,
 )
 from gmemtest.oracle import (
     Expectation,
@@ -58,7 +57,7 @@ from host_stack import mm_uapi
 from host_stack.kvm_uapi import KVM_EXIT_SHUTDOWN
 from images.build import GuestImage
 from outcome import Verdict
-from qmp_helpers import DEFAULT_QEMU, MachineStateError, MachineStuck, mce_kind
+from qmp_helpers import DEFAULT_QEMU, MachineStuck, mce_kind
 from qmp_helpers.trace_log import TRACE_PREFIX
 
 __all__ = ["ScenarioError", "ScenarioResult", "run_in_fresh_guest", "run_scenario"]
@@ -66,12 +65,8 @@ __all__ = ["ScenarioError", "ScenarioResult", "run_in_fresh_guest", "run_scenari
 LOG = logging.getLogger(__name__)
 
 PROBE_PATH = "/usr/bin/gmem-probe"
-TRACE_DIR = "/sys/kernel/tracing"
 # The guest's MCE poll interval (arch/x86/kernel/cpu/mce/core.c, check_interval; 0 = no polling).
 MCE_POLL_PATH = "/sys/devices/system/machinecheck/machinecheck0/check_interval"
-# QEMU's KVM trace events (accel/kvm/trace-events) switched on over the injection window of a
-# KVM guest: which private/shared conversions and memory-fault exits happened, and how many exits.
-KVM_TRACE_EVENTS = ("kvm_convert_memory", "kvm_memory_fault", "kvm_run_exit")
 # The bank QEMU's mce command writes and the oracle reads the record from (QEMU's last bank).
 MCE_BANK = 9
 # What the probe is asked (prctl PR_MCE_KILL) per kill policy; the sysctl policy asks the kernel.
@@ -96,16 +91,6 @@ def layout_of(mapping: Mapping) -> MappingLayout:
     )
 
 
-def _kpageflags(guest: GuestRun, pfns: list[int]) -> dict[int, int]:
-    """The guest kernel's /proc/kpageflags word of each pfn, in one short SSH command (busybox dd, od)."""
-    script = (f"for p in {' '.join(map(str, pfns))}; do "
-              "dd if=/proc/kpageflags bs=8 skip=$p count=1 2>/dev/null | od -An -tx8; done")
-    words = guest.guest_text(script).split()
-    if len(words) != len(pfns):
-        raise ScenarioError(f"reading /proc/kpageflags of {len(pfns)} pfns gave {len(words)} words: {words[:4]}")
-    return {pfn: int(word, 16) for pfn, word in zip(pfns, words, strict=True)}
-
-
 def _find_free_pfn(guest: GuestRun) -> int:
     """A frame at the head of a free buddy block (KPF_BUDDY) high in guest RAM, nothing else set.
 
@@ -114,7 +99,7 @@ def _find_free_pfn(guest: GuestRun) -> int:
     """
     top = guest.profile.memory_mib << (20 - 12)
     candidates = list(range(top - 512, top // 2, -512))[:32]
-    for pfn, flags in _kpageflags(guest, candidates).items():
+    for pfn, flags in read_kpageflags_words(guest, candidates).items():
         if flags == 1 << mm_uapi.KPF_BUDDY:
             return pfn
     raise ScenarioError(f"no free buddy block head among pfns {candidates[-1]:#x}..{candidates[0]:#x} "
@@ -162,7 +147,7 @@ def _prepare_guest(spec: ScenarioSpec, guest: GuestRun, ev: Evidence) -> dict[st
     if spec.guest_mce_poll_s is not None:
         guest.guest_text(f"echo {spec.guest_mce_poll_s} > {MCE_POLL_PATH}")
         setup["guest_mce_poll_s"] = int(guest.guest_text(f"cat {MCE_POLL_PATH}").strip())
-    guest.guest_text(f"echo > {TRACE_DIR}/trace")
+    guest.guest_text(f"echo > {GUEST_TRACE_DIR}/trace")
     setup["guest_cpu_vendor"] = _cpu_vendor(guest)
     return setup
 
@@ -191,7 +176,7 @@ def _interlock(st: Stage) -> None:
             assert spec.second_poison_offset is not None
             _confirm_pattern_at_gpa(st.guest, st.mapping, spec.second_poison_offset, exp.more_poison[0][0], st.ev)
         return
-    flags = _kpageflags(st.guest, [exp.poison_pfn])[exp.poison_pfn]
+    flags = read_kpageflags_words(st.guest, [exp.poison_pfn])[exp.poison_pfn]
     st.ev.json("free-page.json", {"pfn": exp.poison_pfn, "kpageflags": flags})
     if flags != 1 << mm_uapi.KPF_BUDDY:
         raise ScenarioError(f"{spec.name}: pfn {exp.poison_pfn:#x} was allocated before the injection "
@@ -243,7 +228,7 @@ def _act_and_observe(st: Stage) -> None:
     act = act_for(spec, exp)
     st.setup["act"] = act_name(act)
     st.ev.json("setup.json", st.setup)
-    trace_mark = _kvm_trace(guest, on=True)
+    trace_mark = kvm_trace(guest, on=True)
     try:
         reply = act.run(st)
         injection = st.injection
@@ -254,9 +239,9 @@ def _act_and_observe(st: Stage) -> None:
         if isinstance(reply, SigbusReport):
             obs.injection_to_sigbus_ms = (reply.host_monotonic - injection.t_mono_after) * 1000.0
         if exp.panic:
-            _observe_panic(guest, injection.event_mark, obs)
+            observe_panic(guest, injection.event_mark, obs)
         else:
-            _observe_recovery(guest, st.probe, st.mapping, exp=exp, obs=obs, ev=st.ev)
+            observe_recovery(guest, st.probe, st.mapping, poison_pfns=exp.poison_pfns, obs=obs, ev=st.ev)
             # 'quit' is answered only after every line the probe wrote before it: a late SIGBUS
             # (one the probe reported after its last reply) is read here, not lost.
             st.probe.close()
@@ -265,9 +250,9 @@ def _act_and_observe(st: Stage) -> None:
     except (ProbeError, SshError) as exc:
         _judge_unexpected_panic(st, exc)
     assert st.injection is not None
-    _collect_events(guest, st.injection, obs, expected=len(exp.memory_failure_events))
+    collect_events(guest, st.injection.event_mark, obs, expected=len(exp.memory_failure_events))
     if trace_mark is not None and guest_panicked(guest) is None:
-        _kvm_trace(guest, on=False)
+        kvm_trace(guest, on=False)
         text = guest.machine.stderr_since(trace_mark)
         st.ev.text("qemu-kvm-trace.txt", text)
         obs.conversions, obs.memory_faults, obs.run_exits = parse_kvm_trace(text)
@@ -289,7 +274,7 @@ def _judge_unexpected_panic(st: Stage, exc: ProbeError | SshError) -> None:
         raise exc
     LOG.warning("%s: the guest panicked after the injection (%s); judging what was observed", st.spec.name, exc)
     st.ev.text("unexpected-panic.txt", f"{type(exc).__name__}: {exc}\n")
-    _observe_panic(st.guest, st.injection.event_mark, st.obs)
+    observe_panic(st.guest, st.injection.event_mark, st.obs)
 
 
 def _observe_host(st: Stage, poison: HostPoison) -> None:
@@ -363,73 +348,10 @@ def _reset_and_reread(guest: GuestRun, poison: HostPoison, ev: Evidence) -> None
              "none" if hobs.pfn_after_reset is None else hex(hobs.pfn_after_reset))
 
 
-def _kvm_trace(guest: GuestRun, *, on: bool) -> int | None:
-    """Switch QEMU's KVM trace events on (returns the stderr mark they start at) or off; None under TCG."""
-    if guest.profile.accel != "kvm":
-        return None
-    mark = guest.machine.stderr_mark()
-    for name in KVM_TRACE_EVENTS:
-        guest.machine.trace_event_set_state(name, on)
-    return mark
-
-
 def _pattern(mapping: Mapping, offset: int, size: int = 64) -> bytes:
     """The bytes the probe wrote from ``offset`` on, up to the end of that page."""
     size = min(size, mapping.size - offset, 4096 - (offset & 0xFFF))
     return bytes(mapping.expected_value(offset + i) for i in range(size))
-
-
-def _observe_recovery(guest: GuestRun, probe: ProbeClient, mapping: Mapping | None, *, exp: Expectation,
-                      obs: Observations, ev: Evidence) -> None:
-    meminfo = guest.guest_text("cat /proc/meminfo")
-    ev.text("meminfo-after.txt", meminfo)
-    obs.hardware_corrupted_after_kb = parse_hardware_corrupted_kb(meminfo)
-    dmesg = guest.guest_text("dmesg")
-    ev.text("dmesg.txt", dmesg)
-    obs.recovery_lines = parse_recovery_lines(dmesg)
-    trace = guest.guest_text(f"cat {TRACE_DIR}/trace")
-    ev.text("mce_record.trace", trace)
-    obs.mce_records = parse_mce_records(trace)
-    if mapping is None:  # nobody maps a free page: the guest kernel's own page flags say it
-        words = _kpageflags(guest, list(exp.poison_pfns))
-        ev.json("flags.json", {f"{pfn:#x}": f"{word:#x}" for pfn, word in words.items()})
-        obs.hwpoison_flag = all(word & (1 << mm_uapi.KPF_HWPOISON) for word in words.values())
-        return
-    flags = probe.flags(mapping.id)
-    ev.json("flags.json", asdict(flags))
-    flagged = {f.pfn for f in flags.hwpoison_frames}
-    obs.hwpoison_flag = all(pfn in flagged for pfn in exp.poison_pfns)
-
-
-def _observe_panic(guest: GuestRun, event_mark: int, obs: Observations) -> None:
-    machine = guest.machine
-    event = machine.wait_event("GUEST_PANICKED", timeout=60.0, since=event_mark)
-    obs.guest_panicked_events.append(dict(event.data))
-    # The panic text follows the event on the serial line; wait for the whole line (a read in
-    # the middle of it gave 'Fatal local mach' once, inside the lab host).
-    try:
-        machine.wait_console(r"Kernel panic - not syncing[^\n]*\n", timeout=10.0)
-    except MachineStateError:  # absence is recorded and judged, not raised
-        LOG.warning("no panic line on the console after GUEST_PANICKED")
-    console = machine.console_text()
-    obs.panic_message = parse_panic_message(console)
-    obs.mce_records = parse_console_mce_records(console)
-    obs.mce_severity = parse_mce_severity(console)
-
-
-def _collect_events(guest: GuestRun, injection: Injection, obs: Observations, *, expected: int) -> None:
-    """All MEMORY_FAILURE and GUEST_PANICKED events since the injection, extras included."""
-    machine = guest.machine
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline:
-        got = [e for e in machine.events[injection.event_mark:] if e.name == "MEMORY_FAILURE"]
-        if len(got) >= expected:
-            break
-        time.sleep(0.05)
-    later = machine.events[injection.event_mark:]
-    obs.memory_failure_events = [dict(e.data) for e in later if e.name == "MEMORY_FAILURE"]
-    if not obs.guest_panicked_events:
-        obs.guest_panicked_events = [dict(e.data) for e in later if e.name == "GUEST_PANICKED"]
 
 
 _ATTEMPT_PREFIXES = ("stuck-attempt-", "guest-reset-attempt-")

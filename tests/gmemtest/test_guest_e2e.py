@@ -165,13 +165,13 @@ def test_a_late_second_sigbus_is_judged(image: GuestImage, tmp_path: Path, monke
     """
     from gmemtest import runner
 
-    original = runner._observe_recovery
+    original = runner.observe_recovery
 
     def observe_then_signal(guest: Any, probe: Any, *args: Any, **kwargs: Any) -> None:
         original(guest, probe, *args, **kwargs)
         guest.guest_text(f"kill -BUS {probe.pid}")
 
-    monkeypatch.setattr(runner, "_observe_recovery", observe_then_signal)
+    monkeypatch.setattr(runner, "observe_recovery", observe_then_signal)
     spec = get_scenario("srao-late-touch-4k")
     with booted_guest(image, tmp_path, profile=spec.profile) as guest:
         result = run_scenario(spec, guest, tmp_path)
