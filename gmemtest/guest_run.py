@@ -28,13 +28,12 @@ from gmemtest.snapshots import Snapshot, SnapshotCache, SnapshotKey, snapshot_ke
 from guests.profiles import GuestProfile, get_profile
 from guests.refresh import GuestRefresh, RefreshError, refresh_guest
 from guests.ssh import SshError, SshSession
-from images.build import GuestImage
+from images.build import READY_MARKER, GuestImage
 from qmp_helpers import DEFAULT_QEMU, STUCK_RUN_STATES, MigrationError, QemuError, QemuMachine, load_state, save_state
 from qmp_helpers.memslots import MEMSLOT_TRACE_ARGS
 
 LOG = logging.getLogger(__name__)
 
-READY_MARKER = "GMEMTEST-READY"
 # A booting guest prints its first console line within seconds (about 5 s for a KVM guest in the
 # lab host, 25 s under full load); one that has printed nothing for this long runs but does not
 # progress (seen once in the lab host, its next boot fine): MachineStuck, retried once.

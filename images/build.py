@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
 __all__ = [
+    "READY_MARKER",
     "USERLAND_PACKAGES",
     "BuildError",
     "GuestImage",
@@ -53,7 +54,10 @@ USERLAND_PACKAGES: tuple[str, ...] = (
 KERNEL_NAME = "kernel"
 INITRD_NAME = "initrd.img"
 SSH_KEY_NAME = "id_ecdsa"
-# "none" or "gzip": measured by measure_boot.py, see boot_params.py.
+# The line the image's init (files/rcS) prints on the first serial port once dropbear listens on
+# TCP 22 and eth0 is configured: the image's half of the guest contract (docs/architecture.md).
+READY_MARKER = "GMEMTEST-READY"
+# "none" or "gzip": measured by measure_boot.py (guests/profiles.py has the figures).
 INITRD_COMPRESSION = "none"
 _CACHE_ENV = "GMEMTEST_CACHE"
 

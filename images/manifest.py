@@ -38,7 +38,7 @@ SCHEMA = 1
 
 
 # The modules whose code decides the image bytes; tools next to them (the CLI,
-# measure_boot, boot_params) do not, and editing them must not invalidate the cache.
+# measure_boot) do not, and editing them must not invalidate the cache.
 BUILDER_MODULES: tuple[str, ...] = (
     "build.py", "cpio.py", "debs.py", "initramfs.py", "kconfig.py", "keys.py", "kmod.py",
     "manifest.py", "vmlinux.py",
