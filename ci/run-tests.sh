@@ -32,7 +32,7 @@ phase images
 echo "== ruff"
 ruff check .
 echo "== mypy --strict (library packages)"
-mypy outcome host_stack qmp_helpers guests images gmemtest
+mypy outcome polling host_stack qmp_helpers guests images gmemtest
 phase lint
 echo "== pytest"
 export GMEMTEST_PHASES="${phases# }"

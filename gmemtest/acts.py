@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,6 +27,7 @@ from gmemtest.oracle import Expectation, HostExpectation, MappingLayout
 from gmemtest.scenarios import ScenarioSpec, Source, Trigger
 from guests.probe_client import Mapping, ProbeClient, SigbusReport
 from host_stack import mm_uapi
+from polling import poll_until
 from qmp_helpers import MachineStateError, MceInjection, MceKind, VcpuState
 
 LOG = logging.getLogger(__name__)
@@ -99,24 +99,24 @@ class Act:
 
 def wait_recovery(guest: GuestRun, before_kb: int, pages: int = 1) -> None:
     """Action-optional MCEs are handled from a work queue: wait until the guest counted the pages."""
-    deadline = time.monotonic() + RECOVERY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if hardware_corrupted_kb(guest) >= before_kb + pages * 4:
-            return
-        time.sleep(0.05)
+    if poll_until(lambda: hardware_corrupted_kb(guest) >= before_kb + pages * 4, timeout=RECOVERY_TIMEOUT_S,
+                  interval=0.05):
+        return
     LOG.warning("guest did not count %d corrupted page(s) within %.0fs; going on", pages, RECOVERY_TIMEOUT_S)
 
 
 def _wait_probe_syscall(guest: GuestRun, pid: int, accept: Callable[[str], bool], *, doing: str, expected: str,
                         timeout: float = 10.0) -> None:
     """Poll the guest's /proc/PID/syscall of the probe until ``accept`` takes what it says."""
-    deadline = time.monotonic() + timeout
-    state = ""
-    while time.monotonic() < deadline:
-        state = guest.guest_text(f"cat /proc/{pid}/syscall").strip()
-        if accept(state):
-            return
-        time.sleep(0.02)
+    seen = [""]
+
+    def accepted() -> bool:
+        seen[0] = guest.guest_text(f"cat /proc/{pid}/syscall").strip()
+        return accept(seen[0])
+
+    if poll_until(accepted, timeout=timeout, interval=0.02):
+        return
+    state = seen[0]
     raise ScenarioError(f"the probe (pid {pid}) did not {doing} within {timeout:.0f}s: "
                         f"/proc/{pid}/syscall last said {state!r}, expected {expected}")
 
@@ -183,11 +183,8 @@ def _await_reply_or_panic(st: Stage, *, timeout: float) -> None:
     """
     assert st.injection is not None
     mark = st.injection.event_mark
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not st.probe.has_output():
-        if any(e.name == "GUEST_PANICKED" for e in st.guest.machine.events[mark:]):
-            return
-        time.sleep(0.002)
+    poll_until(lambda: st.probe.has_output() or any(e.name == "GUEST_PANICKED" for e in st.guest.machine.events[mark:]),
+               timeout=timeout, interval=0.002)
 
 
 def _check_intact(st: Stage, mapping: Mapping) -> None:

@@ -29,6 +29,7 @@ from guests.profiles import GuestProfile, get_profile
 from guests.refresh import GuestRefresh, RefreshError, refresh_guest
 from guests.ssh import SshError, SshSession
 from images.build import READY_MARKER, GuestImage
+from polling import poll_until
 from qmp_helpers import DEFAULT_QEMU, STUCK_RUN_STATES, MigrationError, QemuError, QemuMachine, load_state, save_state
 from qmp_helpers.memslots import MEMSLOT_TRACE_ARGS
 
@@ -175,17 +176,17 @@ def _wait_no_guest_connection(machine: QemuMachine, port: int, timeout: float = 
     Saving while dropbear still serves a connection would restore a guest with a session
     whose peer is gone; ``info usernet`` lists slirp's connections with their TCP state.
     """
-    deadline = time.monotonic() + timeout
-    while True:
+    open_: list[str] = []
+
+    def closed() -> bool:
         text = machine.hmp("info usernet")
-        open_ = [m.group(0).strip() for m in _USERNET_GUEST_TCP.finditer(text)
-                 if int(m["gport"]) == port and m["state"] not in _CLOSED_TCP_STATES]
-        if not open_:
-            return
-        if time.monotonic() > deadline:
-            raise MigrationError(f"expected no TCP connection to guest port {port} before saving, "
-                                 f"still open after {timeout:.1f} s: {open_}", status="not-started")
-        time.sleep(0.02)
+        open_[:] = [m.group(0).strip() for m in _USERNET_GUEST_TCP.finditer(text)
+                    if int(m["gport"]) == port and m["state"] not in _CLOSED_TCP_STATES]
+        return not open_
+
+    if not poll_until(closed, timeout=timeout, interval=0.02):
+        raise MigrationError(f"expected no TCP connection to guest port {port} before saving, "
+                             f"still open after {timeout:.1f} s: {open_}", status="not-started")
 
 
 def _connect(machine: QemuMachine, image: GuestImage, deadline_s: float) -> SshSession:

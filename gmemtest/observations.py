@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from dataclasses import asdict, dataclass, field
 
 from gmemtest.errors import GmemtestError
@@ -21,6 +20,7 @@ from host_stack import mm_uapi
 from host_stack.kvm_uapi import GMEM_PROC_NAMES
 from host_stack.signal_trace import GeneratedSignal
 from host_stack.witness import SigbusRecord
+from polling import poll_until
 from qmp_helpers import MachineStateError
 from qmp_helpers.trace_log import TRACE_PREFIX
 
@@ -279,12 +279,8 @@ def observe_panic(guest: GuestRun, event_mark: int, obs: Observations) -> None:
 def collect_events(guest: GuestRun, event_mark: int, obs: Observations, *, expected: int) -> None:
     """All MEMORY_FAILURE and GUEST_PANICKED events since the injection, extras included."""
     machine = guest.machine
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline:
-        got = [e for e in machine.events[event_mark:] if e.name == "MEMORY_FAILURE"]
-        if len(got) >= expected:
-            break
-        time.sleep(0.05)
+    poll_until(lambda: sum(e.name == "MEMORY_FAILURE" for e in machine.events[event_mark:]) >= expected,
+               timeout=5.0, interval=0.05)
     later = machine.events[event_mark:]
     obs.memory_failure_events = [dict(e.data) for e in later if e.name == "MEMORY_FAILURE"]
     if not obs.guest_panicked_events:

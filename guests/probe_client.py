@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import Any, Final, Literal, Protocol, Self
 
 from guests.errors import GuestError
+from polling import poll_until
 
 __all__ = [
     "MAP_KINDS",
@@ -413,9 +414,8 @@ class ProbeClient:
             # After 'bye' the probe exits and the server closes the channel itself; closing from
             # our side at that moment trips a dropbear assertion that drops the whole connection
             # (see guests.ssh._await_server_close).
-            deadline = time.monotonic() + min(timeout, 2.0)
-            while said_bye and not getattr(self._channel, "closed", True) and time.monotonic() < deadline:
-                time.sleep(0.002)
+            if said_bye:
+                poll_until(lambda: getattr(self._channel, "closed", True), timeout=min(timeout, 2.0), interval=0.002)
             self._channel.close()
 
     def write_transcript(self, path: Path) -> Path:

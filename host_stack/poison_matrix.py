@@ -38,6 +38,7 @@ from host_stack.pagemap import find_vma, read_pagemap
 from host_stack.seed_oracle import SEED_INDEX, GuestAccessObservation, MemoryFaultSeen, SeedExpectation
 from host_stack.vmm import HOST_REQUIREMENTS
 from outcome import Check, Verdict
+from polling import poll_until
 
 if TYPE_CHECKING:
     from host_stack.injectors import InjectionRecord
@@ -71,15 +72,15 @@ def _wait_gone(pid: int | None, timeout: float = 10.0) -> None:
     """The mapper is not our child: wait until it no longer holds the page (gone or zombie)."""
     if pid is None:
         return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def gone() -> bool:
         try:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except (FileNotFoundError, ProcessLookupError, IndexError):
-            return
-        if state in ("Z", "X"):
-            return
-        time.sleep(0.01)
+            return True
+        return state in ("Z", "X")
+
+    if poll_until(gone, timeout=timeout, interval=0.01):
+        return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, 9)
 

@@ -22,11 +22,12 @@ import re
 import signal
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO
+
+from polling import poll_until
 
 from ._uapi import PR_SET_PDEATHSIG
 
@@ -200,9 +201,6 @@ def reap_orphans(timeout: float = 5.0, *, only: Iterable[int] | None = None) -> 
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
-    deadline = time.monotonic() + timeout
-    while killed and time.monotonic() < deadline:
-        if not any(_alive(pid) for pid in killed):
-            break
-        time.sleep(0.05)
+    if killed:
+        poll_until(lambda: not any(_alive(pid) for pid in killed), timeout=timeout, interval=0.05)
     return killed

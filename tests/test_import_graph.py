@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Lowest first, as docs/architecture.md orders them: a package may import only the ones before it.
-PACKAGES = ("outcome", "host_stack", "qmp_helpers", "guests", "images", "gmemtest")
+PACKAGES = ("outcome", "polling", "host_stack", "qmp_helpers", "guests", "images", "gmemtest")
 
 
 def _module(path: Path) -> str:
