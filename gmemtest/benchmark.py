@@ -6,6 +6,7 @@ Nothing here asserts a bound: tests judge behaviour, this script reports speed.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -179,13 +180,20 @@ def _labhost(runs: int, workdir: Path) -> dict[str, Any]:
 NESTED_SCENARIO = "host-ar-touch-4k"
 
 
+def _record_retry(into: list[str], exc: BaseException) -> None:
+    """A frozen or dead L1's first line, for the benchmark's record of retried attempts."""
+    into.append(str(exc).splitlines()[0])
+
+
 def _nested(runs: int, workdir: Path, scenario: str = NESTED_SCENARIO) -> dict[str, Any]:
     """``runs`` chain runs, each its own L1: boot L1, boot a kvm-default L2 in it, inject, judge.
 
     What counts is how often a run ends any other way than with a verdict: a VM stuck at boot
     (retried once by the runner, kept as stuck-attempt-N), or L1 itself failing or timing out.
     """
+    from gmemtest.evidence import retry_once
     from gmemtest.labhost import LabhostDied, LabhostError, LabhostFrozen, run_in_labhost
+    from gmemtest.labhost_qualify import l1_attempt_name
     from images.labhost import build_labhost_image
 
     l1_image = build_labhost_image()
@@ -197,22 +205,17 @@ def _nested(runs: int, workdir: Path, scenario: str = NESTED_SCENARIO) -> dict[s
         rundir = workdir / f"nested-{i}"
         t0 = time.monotonic()
         record: dict[str, Any] = {"run": i, "l1_retried_attempts": []}
-        for attempt in (1, 2):  # a frozen or dead L1 is retried once, as the shared lab-host run does
-            try:
-                result, timings = run_in_labhost(l1_image, ["sh", "-c", inner], rundir, timeout=400,
-                                                 cwd=Path.cwd())
-                record.update(rc=result.returncode, l1_ready_s=timings.ready_s)
-            except (LabhostFrozen, LabhostDied) as exc:
-                record["l1_retried_attempts"].append(str(exc).splitlines()[0])
-                if attempt == 1:
-                    from gmemtest.evidence import set_aside
-
-                    set_aside(rundir, f"{'frozen' if isinstance(exc, LabhostFrozen) else 'died'}-attempt-1", str(exc))
-                    continue
-                record.update(rc=None, l1_error=f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
-            except LabhostError as exc:  # LabhostTimeout included: L1 failed
-                record.update(rc=None, l1_error=f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
-            break
+        retried: list[str] = record["l1_retried_attempts"]
+        try:  # a frozen or dead L1 is retried once, as the shared lab-host run does
+            result, timings = retry_once(
+                functools.partial(run_in_labhost, l1_image, ["sh", "-c", inner], rundir, timeout=400, cwd=Path.cwd()),
+                retry_on=(LabhostFrozen, LabhostDied), workdir=rundir, set_aside_as=l1_attempt_name,
+                on_retry=functools.partial(_record_retry, retried))
+            record.update(rc=result.returncode, l1_ready_s=timings.ready_s)
+        except LabhostError as exc:  # LabhostTimeout included: L1 failed (twice, if it froze or died)
+            if isinstance(exc, (LabhostFrozen, LabhostDied)):
+                _record_retry(retried, exc)
+            record.update(rc=None, l1_error=f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
         record["wall_s"] = round(time.monotonic() - t0, 2)
         evidence = rundir / "results" / "run" / scenario
         verdict = evidence / "verdict.json"

@@ -8,13 +8,17 @@ attempt that was retried keeps its evidence beside the final one with a ``why.tx
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["Evidence", "atomic_write", "set_aside", "to_json_text"]
+__all__ = ["Evidence", "atomic_write", "retry_once", "set_aside", "to_json_text"]
+
+LOG = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -63,3 +67,21 @@ def set_aside(workdir: Path, name: str, why: str, *, only: Sequence[str] | None 
             continue
         shutil.move(str(item), kept / item.name)
     atomic_write(kept / "why.txt", why + "\n")
+
+
+def retry_once(attempt: Callable[[], T], *, retry_on: tuple[type[BaseException], ...], workdir: Path,
+               set_aside_as: Callable[[BaseException], str], only: Sequence[str] | None = None,
+               on_retry: Callable[[BaseException], None] | None = None) -> T:
+    """``attempt()``; if it raises one of ``retry_on`` (a failure of the machinery, not a verdict),
+    its evidence in ``workdir`` is set aside as ``set_aside_as(exc)`` with a why.txt and the attempt
+    runs once more, whose exception, if any, is the caller's."""
+    try:
+        return attempt()
+    except retry_on as exc:
+        name = set_aside_as(exc)
+        LOG.warning("%s (%s); retrying once, the failed attempt's evidence in %s", type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "", workdir / name)
+        set_aside(workdir, name, str(exc), only=only)
+        if on_retry is not None:
+            on_retry(exc)
+        return attempt()

@@ -156,17 +156,17 @@ def qualify_in_labhost(image: LabhostImage, out: Path, *, timeout: float = INNER
     that ran beside the TCG guest tests). The failed attempt's evidence (L1 console with the oops,
     output, ``labhost/frozen.txt`` for a freeze) is kept in ``out/<frozen|died>-attempt-1/``.
     """
-    from gmemtest.evidence import set_aside
+    from gmemtest.evidence import retry_once
 
-    try:
-        return qualify_once(image, out, timeout=timeout, on_output=on_output, guest_manifest=guest_manifest,
-                            variants=variants)
-    except (LabhostFrozen, LabhostDied) as exc:
-        kind = "frozen" if isinstance(exc, LabhostFrozen) else "died"
-        LOG.warning("L1 %s (%s); retrying once in a fresh L1", kind, str(exc).splitlines()[0])
-        set_aside(out.absolute(), f"{kind}-attempt-1", str(exc), only=["labhost", "l1-results"])
-        return qualify_once(image, out, timeout=timeout, on_output=on_output, guest_manifest=guest_manifest,
-                            variants=variants)
+    return retry_once(lambda: qualify_once(image, out, timeout=timeout, on_output=on_output,
+                                           guest_manifest=guest_manifest, variants=variants),
+                      retry_on=(LabhostFrozen, LabhostDied), workdir=out.absolute(),
+                      set_aside_as=l1_attempt_name, only=["labhost", "l1-results"])
+
+
+def l1_attempt_name(exc: BaseException) -> str:
+    """Where a frozen or dead L1's evidence is kept before the retry."""
+    return f"{'frozen' if isinstance(exc, LabhostFrozen) else 'died'}-attempt-1"
 
 
 def qualify_once(image: LabhostImage, out: Path, *, timeout: float = INNER_TIMEOUT_S,
