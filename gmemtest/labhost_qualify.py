@@ -254,8 +254,9 @@ def _add_chain_items(qualification: dict[str, Any], out: Path, variants: Sequenc
     for variant in variants:
         path = out / CHAIN_DIR / variant.label / "summary.json"
         if not path.is_file():
-            q.items.append(Item("chain", f"chain/{variant.label}", "ERROR",
-                                f"gmemtest run inside L1 left no {path.name}"))
+            broke = Verdict.did_not_run(f"chain/{variant.label}", "ERROR",
+                                        f"gmemtest run inside L1 left no {path.name}")
+            q.items.append(Item.from_verdict("chain", broke.scenario, broke, ""))
             continue
         q.items.extend(chain_item(row, variant.label, out) for row in json.loads(path.read_text()))
     doc = q.to_json()

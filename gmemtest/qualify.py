@@ -29,6 +29,7 @@ from gmemtest.scenarios import ScenarioSpec
 from gmemtest.under_test import UnderTest
 from host_stack.capabilities import HostReport
 from images.build import GuestImage
+from outcome import Verdict
 from qmp_helpers import DEFAULT_QEMU
 
 _LOG = logging.getLogger(__name__)
@@ -62,8 +63,9 @@ class _Report:
             item = check()
         except Exception as exc:  # one broken check must not take the report with it
             _LOG.exception("qualification check %r raised", name)
-            item = Item(section, name, "ERROR", f"{type(exc).__name__}: {exc}",
-                        traceback.format_exception_only(exc), evidence=evidence)
+            broke = Verdict.did_not_run(name, "ERROR", f"{type(exc).__name__}: {exc}")
+            item = Item.from_verdict(section, name, broke, "", evidence=evidence)
+            item.details = traceback.format_exception_only(exc)
         if item is not None:
             if item.duration_s is None:
                 item.duration_s = round(time.monotonic() - started, 2)
@@ -100,13 +102,13 @@ def _guest(r: _Report, specs: Sequence[ScenarioSpec], image: GuestImage, binary:
             profile = under.profile_for(spec)
             unmet = scenario_unmet(spec, profile, binary=binary)
             if unmet:
-                return Item("guest", spec.name, "CANNOT RUN", "; ".join(unmet))
+                return Item.from_verdict("guest", spec.name, Verdict.did_not_run(spec.name, "CANNOT RUN",
+                                                                                 "; ".join(unmet)), "")
             verdict = run_in_fresh_guest(spec, image, outdir, binary=binary, profile=profile,
                                          snapshot=under.snapshot).verdict
             r.q.setups[spec.name] = verdict.setup
-            return Item("guest", spec.name, "PASS" if verdict.passed else "FAIL",
-                        f"{spec.summary} ({len(verdict.checks)} checks)",
-                        [c.line() for c in verdict.checks], evidence=evidence)
+            return Item.from_verdict("guest", spec.name, verdict, f"{spec.summary} ({len(verdict.checks)} checks)",
+                                     evidence=evidence, all_checks=True)
 
         r.guarded("guest", spec.name, check, evidence=evidence)
 
@@ -132,7 +134,8 @@ def qualify(out: Path, *, specs: Sequence[ScenarioSpec], image: GuestImage | Non
         q.preflight = preflight_report(binary)
     except Exception as exc:
         _LOG.exception("preflight raised")
-        r.add(Item("host", "preflight", "ERROR", f"{type(exc).__name__}: {exc}"))
+        r.add(Item.from_verdict("host", "preflight", Verdict.did_not_run("preflight", "ERROR",
+                                                                          f"{type(exc).__name__}: {exc}"), ""))
     r.save()
     _host_checks(r, host)
     if specs:
