@@ -128,8 +128,7 @@ def _run(test: AvocadoTestLike, chosen: UnderTest, spec: ScenarioSpec, *, guest_
     (outdir / "image.json").write_text(json.dumps(image.as_json(), indent=2) + "\n")
     (outdir / "under-test.json").write_text(json.dumps(chosen.as_json(), indent=2) + "\n")
     test.log.info("scenario %s/%s: %s", spec.name, guest_profile.name, spec.summary)
-    return run_in_fresh_guest(spec, image, outdir, binary=chosen.qemu, profile=guest_profile,
-                              snapshot=chosen.snapshot)
+    return run_in_fresh_guest(spec, image, outdir, under=chosen)
 
 
 def run_guest_scenario(test: AvocadoTestLike, name: str) -> ScenarioResult:

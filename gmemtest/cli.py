@@ -7,6 +7,7 @@ Avocado tests use, with the evidence left in a directory the engineer names.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -146,8 +147,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.keep:
             return _run_kept(spec, image, outdir, chosen, profile)
         try:
-            result = run_in_fresh_guest(spec, image, outdir, binary=chosen.qemu, profile=profile,
-                                        snapshot=chosen.snapshot)
+            result = run_in_fresh_guest(spec, image, outdir, under=chosen)
         except scenario_errors as exc:  # one scenario's error must not hide the others' verdicts
             logging.getLogger("gmemtest.cli").exception("%s/%s: error", spec.name, profile.name)
             print(f"{spec.name}/{profile.name}: ERROR: {type(exc).__name__}: {exc}")
@@ -237,8 +237,8 @@ def _run_kept(spec: ScenarioSpec, image: GuestImage, outdir: Path, chosen: Under
 
     try:
         # No snapshot: the kept guest's own QMP socket is a per-run path in its argv.
-        run_in_fresh_guest(spec, image, outdir, binary=chosen.qemu, profile=profile,
-                           extra_qemu_args=user_qmp_args(user_qmp), snapshot=False, after_verdict=keep_result)
+        run_in_fresh_guest(spec, image, outdir, under=dataclasses.replace(chosen, snapshot_value="off"),
+                           extra_qemu_args=user_qmp_args(user_qmp), after_verdict=keep_result)
     except KeyboardInterrupt:
         print("\nstopped: the kept guest's QEMU is gone", flush=True)
     finally:

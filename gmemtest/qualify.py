@@ -104,8 +104,7 @@ def _guest(r: _Report, specs: Sequence[ScenarioSpec], image: GuestImage, binary:
             if unmet:
                 return Item.from_verdict("guest", spec.name, Verdict.did_not_run(spec.name, "CANNOT RUN",
                                                                                  "; ".join(unmet)), "")
-            verdict = run_in_fresh_guest(spec, image, outdir, binary=binary, profile=profile,
-                                         snapshot=under.snapshot).verdict
+            verdict = run_in_fresh_guest(spec, image, outdir, under=under).verdict
             r.q.setups[spec.name] = verdict.setup
             return Item.from_verdict("guest", spec.name, verdict, f"{spec.summary} ({len(verdict.checks)} checks)",
                                      evidence=evidence, all_checks=True)

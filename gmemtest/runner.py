@@ -49,15 +49,15 @@ from gmemtest.oracle import (
     free_page_layout,
 )
 from gmemtest.scenarios import KillPolicy, ScenarioSpec, Source
+from gmemtest.under_test import UnderTest
 from gmemtest.verdict import judge
 from guests.probe_client import Mapping, ProbeClient, ProbeError, SigbusReport
-from guests.profiles import GuestProfile
 from guests.ssh import SshError
 from host_stack import mm_uapi
 from host_stack.kvm_uapi import KVM_EXIT_SHUTDOWN
 from images.build import GuestImage
 from outcome import Verdict
-from qmp_helpers import DEFAULT_QEMU, MachineStuck, mce_kind
+from qmp_helpers import MachineStuck, mce_kind
 from qmp_helpers.trace_log import TRACE_PREFIX
 
 __all__ = ["ScenarioError", "ScenarioResult", "run_in_fresh_guest", "run_scenario"]
@@ -381,15 +381,14 @@ def guest_reset_itself(guest: GuestRun) -> str | None:
 
 
 def run_in_fresh_guest(spec: ScenarioSpec, image: GuestImage, outdir: Path, *,
-                       binary: str = DEFAULT_QEMU,
-                       profile: GuestProfile | None = None,
+                       under: UnderTest | None = None,
                        extra_qemu_args: Sequence[str] = (),
-                       snapshot: bool = True,
                        after_verdict: Callable[[GuestRun, ScenarioResult], None] | None = None) -> ScenarioResult:
     """Boot a guest for `spec`, run it, tear the guest down; retry only a VM stuck at boot.
 
-    `profile` replaces the scenario's own (a lab's profile choice, its firmware); `snapshot`
-    is booted_guest's (False: boot, never restore);
+    `under` is what the lab chose, whole (default: the built-in choices): its QEMU, the profile
+    for the row (its own or the lab's, with the lab's firmware) and whether a guest may be
+    restored from a saved boot;
     `after_verdict` runs while the judged guest is still up (``gmemtest run --keep`` holds it
     there until Ctrl-C; whatever it raises still tears the guest down). The evidence
     of the final attempt is in `outdir`; a stuck VM's (retried once) in `outdir/stuck-attempt-N/`
@@ -397,12 +396,13 @@ def run_in_fresh_guest(spec: ScenarioSpec, image: GuestImage, outdir: Path, *,
     retried once) in `outdir/guest-reset-attempt-N/`. An SRAR is injected where its row says
     (``inject_mce_at``): there is no missed landing to retry.
     """
+    under = UnderTest() if under is None else under
     attempt = stuck = resets = 0
     while True:
         attempt += 1
         try:
-            with booted_guest(image, outdir, profile=profile or spec.profile, binary=binary,
-                              extra_qemu_args=extra_qemu_args, snapshot=snapshot) as guest:
+            with booted_guest(image, outdir, profile=under.profile_for(spec), binary=under.qemu,
+                              extra_qemu_args=extra_qemu_args, snapshot=under.snapshot) as guest:
                 try:
                     result = run_scenario(spec, guest, outdir)
                 except Exception as exc:

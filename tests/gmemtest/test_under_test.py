@@ -290,7 +290,7 @@ def test_the_lab_class_runs_every_scenario_under_its_profile_leaving_out_only_th
     ran: list[tuple[str, str]] = []
 
     def fake_run(spec: Any, image: Any, outdir: Path, **kwargs: Any) -> Any:
-        ran.append((spec.name, kwargs["profile"].name))
+        ran.append((spec.name, kwargs["under"].profile_for(spec).name))
         verdict = Verdict(spec.name, (Check("c", "1", "1", True),))
         return type("R", (), {"verdict": verdict, "spec": spec})()
 
