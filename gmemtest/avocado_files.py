@@ -9,7 +9,7 @@ changed and the files were not written again::
     python -m gmemtest.avocado_files --check  # exit 1 and name the stale files
 
 The registries: the guest scenarios (``gmemtest.scenarios.SCENARIOS``), the chain's rows and
-variants (host-poison scenarios x ``labhost_qualify.chain_variants``), the lab profiles
+variants (host-poison scenarios x ``lab.qualify.chain_variants``), the lab profiles
 (``guests.profiles.PROFILES``) and the host-check table (``gmemtest.host_checks``). A new row
 there is a new test here after one run of this module; nothing else is edited by hand.
 """
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gmemtest.host_checks import HOST_CHECK_TABLE
-from gmemtest.labhost_qualify import chain_variants
+from gmemtest.lab.qualify import chain_variants
 from gmemtest.scenarios import SCENARIOS, Source, unsupported_under
 from guests.profiles import PROFILES, get_profile
 

@@ -23,7 +23,7 @@ from images.build import BuildError, GuestImage
 from outcome import Check, Verdict
 
 if TYPE_CHECKING:
-    from gmemtest.labhost_qualify import LabhostQualification
+    from gmemtest.lab.qualify import LabhostQualification
 
 # Avocado's per-test timeout for a guest scenario: three boot-and-run attempts (a missed
 # user-mode SRAR is retried) of about 10 s each here, with room for a loaded machine.
@@ -260,7 +260,7 @@ def _labhost_run(test: AvocadoTestLike) -> LabhostQualification:
     The L1 run also carries the chain (host-poison rows under each KVM profile, L2 guests from
     the job's guest image), whichever lab-host test happens to start it.
     """
-    from gmemtest.labhost_qualify import chain_variants, shared_run
+    from gmemtest.lab.qualify import chain_variants, shared_run
     from images.debs import PackageError
     from images.kconfig import KernelConfigError
     from images.labhost import DEFAULT_SUITE, DebianKernel, build_labhost_image
@@ -291,7 +291,7 @@ def _labhost_run(test: AvocadoTestLike) -> LabhostQualification:
 def run_labhost_item(test: AvocadoTestLike, name: str) -> None:
     """Judge one check of the lab host's qualification as this Avocado test.
 
-    The checks run inside L1 (one shared run per job, see gmemtest.labhost_qualify); this test
+    The checks run inside L1 (one shared run per job, see gmemtest.lab.qualify); this test
     takes its own item, keeps it and the shared evidence in its outputdir, and maps the status:
     PASS passes, FAIL and ERROR fail with the details, CANNOT RUN and NOT MEANINGFUL cancel with
     their reason. Findings (documented divergences) are logged and listed on the whiteboard.
@@ -317,7 +317,7 @@ def run_chain_item(test: AvocadoTestLike, scenario: str, variant: str) -> None:
     the lab host cannot run (e.g. kvm-gmem without a QEMU that has guest-memfd) CANCELs with the
     reason probed inside L1.
     """
-    from gmemtest.labhost_qualify import CHAIN_DIR
+    from gmemtest.lab.qualify import CHAIN_DIR
 
     result = _labhost_run(test)
     item = result.items.get(f"{scenario}/{variant}")

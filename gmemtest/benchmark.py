@@ -140,7 +140,7 @@ def _cpu_model() -> str:
 
 def _labhost(runs: int, workdir: Path) -> dict[str, Any]:
     """L1 boot to /dev/kvm usable (READY), warm lab-host image builds, the labhost Avocado tests."""
-    from gmemtest.labhost import booted_labhost
+    from gmemtest.lab.host import booted_labhost
     from images.labhost import build_labhost_image
 
     build = [sys.executable, "-m", "gmemtest.cli", "labhost", "image", "--json"]
@@ -156,7 +156,7 @@ def _labhost(runs: int, workdir: Path) -> dict[str, Any]:
             if run.timings.guest_uptime_at_ready_s is not None:
                 uptime.append(run.timings.guest_uptime_at_ready_s)
             first_command.append(run.run(["true"], 60).seconds)
-    from gmemtest.labhost_snapshot import labhost_snapshot_trial
+    from gmemtest.lab.snapshot import labhost_snapshot_trial
 
     snapshot = labhost_snapshot_trial(image, workdir / "snapshot", restores=runs)
     avocado = str(Path(sys.executable).with_name("avocado"))
@@ -192,8 +192,8 @@ def _nested(runs: int, workdir: Path, scenario: str = NESTED_SCENARIO) -> dict[s
     (retried once by the runner, kept as stuck-attempt-N), or L1 itself failing or timing out.
     """
     from gmemtest.evidence import retry_once
-    from gmemtest.labhost import LabhostDied, LabhostError, LabhostFrozen, run_in_labhost
-    from gmemtest.labhost_qualify import l1_attempt_name
+    from gmemtest.lab.host import LabhostDied, LabhostError, LabhostFrozen, run_in_labhost
+    from gmemtest.lab.qualify import l1_attempt_name
     from images.labhost import build_labhost_image
 
     l1_image = build_labhost_image()

@@ -295,8 +295,8 @@ def _cmd_qmp(args: argparse.Namespace) -> int:
 
 
 def _cmd_qualify_labhost(args: argparse.Namespace) -> int:
-    from gmemtest.labhost import LabhostError
-    from gmemtest.labhost_qualify import chain_variants, qualify_in_labhost
+    from gmemtest.lab.host import LabhostError
+    from gmemtest.lab.qualify import chain_variants, qualify_in_labhost
     from images.qemu_root import build_qemu_root
 
     if args.scenario:
@@ -426,7 +426,7 @@ def _cmd_labhost_image(args: argparse.Namespace) -> int:
 
 
 def _cmd_labhost_run(args: argparse.Namespace) -> int:
-    from gmemtest.labhost import LabhostError, LabhostTimeout, run_in_labhost
+    from gmemtest.lab.host import LabhostError, LabhostTimeout, run_in_labhost
     from images.build import BuildError
     from images.debs import PackageError
     from images.kconfig import KernelConfigError
@@ -485,7 +485,7 @@ def _cmd_labhost_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_labhost_test(args: argparse.Namespace) -> int:
-    from gmemtest.labhost_batch import DEFAULT_PATHS, run_batch
+    from gmemtest.lab.batch import DEFAULT_PATHS, run_batch
     from images.build import BuildError
     from images.debs import PackageError
     from images.kconfig import KernelConfigError

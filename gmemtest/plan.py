@@ -185,7 +185,7 @@ def _guest_boot(ctx: _Context, **_kwargs: object) -> str | None:
 def _chain(ctx: _Context, scenario: str, variant: str) -> str | None:
     """A chain row runs in L1, which has KVM and memory failure; only its QEMU can lack something,
     and what QOM says of a binary does not depend on the host that asks (L1 runs the same files)."""
-    from gmemtest.labhost_qualify import chain_variants
+    from gmemtest.lab.qualify import chain_variants
 
     newer = ctx.newer_qemu()
     chosen = {v.label: v for v in chain_variants(Path(newer) if newer else None)}.get(variant)

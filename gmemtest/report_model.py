@@ -1,6 +1,6 @@
 """The qualification report's model: its items, their one status vocabulary, and how it is saved.
 
-``gmemtest.qualify`` fills it, ``gmemtest.report_html`` renders it and ``gmemtest.labhost_qualify``
+``gmemtest.qualify`` fills it, ``gmemtest.report_html`` renders it and ``gmemtest.lab.qualify``
 reads it back from L1; none of them imports another for it.
 """
 

@@ -5,7 +5,7 @@
 only the facts those names depend on) and the test is skipped with
 ``unmet host requirement <name>: <sentence>`` when one is unmet. The reason names the
 requirement, so a run can be read back by requirement: the lab-host batch
-(``gmemtest.labhost_batch``) fails on any such skip for what the lab host guarantees.
+(``gmemtest.lab.batch``) fails on any such skip for what the lab host guarantees.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from run_summary import add_phase, add_summary_line
 
-from gmemtest.labhost_batch import LABHOST_GUARANTEES, BatchResult, parse_junit, run_batch
+from gmemtest.lab.batch import LABHOST_GUARANTEES, BatchResult, parse_junit, run_batch
 from host_stack.capabilities import unmet_line
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>

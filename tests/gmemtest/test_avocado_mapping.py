@@ -107,7 +107,7 @@ def test_an_unknown_row_names_the_rows_there_are() -> None:
 
 
 def _l1_result(out: Path, items: list[dict[str, Any]]) -> Any:
-    from gmemtest.labhost_qualify import LabhostQualification
+    from gmemtest.lab.qualify import LabhostQualification
 
     return LabhostQualification(out=out, kernel_release="7.3.4", image_manifest="m", preflight={},
                                 qualification={"items": items, "findings": []}, preflight_rc=0, qualify_rc=0,

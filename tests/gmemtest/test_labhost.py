@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gmemtest.labhost import (
+from gmemtest.lab.host import (
     EXIT_FRAME,
     EXIT_MARKER,
     LabhostFrozen,
@@ -256,7 +256,7 @@ def test_sigkilled_runner_leaves_no_qemu(tmp_path: Path, labhost_image: LabhostI
 @pytest.mark.timeout(180)
 def test_a_cwd_under_tmp_is_the_commands_cwd_in_l1(tmp_path: Path, labhost_image: LabhostImage) -> None:
     """L1 mounts its own tmpfs on /tmp; a checkout there (as a CI clone may be) must still be seen."""
-    from gmemtest.labhost import run_in_labhost
+    from gmemtest.lab.host import run_in_labhost
 
     work = tmp_path / "checkout"
     work.mkdir()

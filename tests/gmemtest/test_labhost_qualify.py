@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from gmemtest import labhost_qualify as lq
 from gmemtest.avocado_support import _job_dir
 from gmemtest.cli import main as cli_main
+from gmemtest.lab import qualify as lq
 
 
 class _Image:
@@ -164,7 +164,7 @@ def test_chain_variants_run_gmem_under_the_newer_qemu_only() -> None:
 
 
 def test_a_frozen_l1_is_retried_once_keeping_its_evidence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gmemtest.labhost import LabhostFrozen
+    from gmemtest.lab.host import LabhostFrozen
 
     calls: list[Path] = []
     good = _fake_run([])
@@ -197,7 +197,7 @@ def test_a_frozen_l1_is_retried_once_keeping_its_evidence(tmp_path: Path, monkey
 
 
 def test_an_l1_that_died_is_retried_once_keeping_its_oops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gmemtest.labhost import LabhostDied
+    from gmemtest.lab.host import LabhostDied
 
     calls: list[Path] = []
     good = _fake_run([])

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gmemtest.labhost import booted_labhost
-from gmemtest.labhost_snapshot import labhost_snapshot_trial
+from gmemtest.lab.host import booted_labhost
+from gmemtest.lab.snapshot import labhost_snapshot_trial
 from images.labhost import LabhostImage, build_labhost_image
 from qmp_helpers import MigrationError, find_tagged_qemus, save_state
 

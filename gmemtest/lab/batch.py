@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gmemtest.labhost import RESULTS_IN_L1, LabhostError, run_in_labhost
+from gmemtest.lab.host import RESULTS_IN_L1, LabhostError, run_in_labhost
 from host_stack.capabilities import parse_unmet_line
 from images.labhost import LabhostImage
 

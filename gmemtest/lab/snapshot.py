@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gmemtest.labhost import STATE_RE, LabhostRun, LabhostTimings, fresh_ctl, labhost_qemu_args
+from gmemtest.lab.host import STATE_RE, LabhostRun, LabhostTimings, fresh_ctl, labhost_qemu_args
 from guests.profiles import GuestProfile, get_profile
 from images.labhost import LabhostImage
 from qmp_helpers import DEFAULT_QEMU, QemuMachine, load_state, save_state

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gmemtest.labhost import (
+from gmemtest.lab.host import (
     RESULTS_IN_L1,
     LabhostDied,
     LabhostError,
