@@ -62,3 +62,18 @@ def test_check_mode_names_the_stale_file(tmp_path: Path, monkeypatch: pytest.Mon
     assert avocado_files.main(["--check"]) == 1
     assert "avocado_tests/guest/test_machine_checks.py: stale; run python -m gmemtest.avocado_files" in \
         capsys.readouterr().err
+
+
+def test_every_host_check_has_one_test_on_this_host_too() -> None:
+    """avocado_tests/host/ is written by hand (its IDs are the README's); it must still hold one
+    run_host_check per row of the table, no more, no less."""
+    from gmemtest import host_checks
+
+    named = []
+    for path in sorted((avocado_files.ROOT / "avocado_tests" / "host").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "run_host_check":
+                arg = node.args[1]
+                assert isinstance(arg, ast.Name), ast.unparse(node)
+                named.append(getattr(host_checks, arg.id))
+    assert sorted(named) == sorted(c.name for c in HOST_CHECK_TABLE)
