@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gmemtest.scenarios import SCENARIOS, get_scenario, scenario_names
+from outcome import Verdict
 from qmp_helpers import DEFAULT_QEMU
 
 if TYPE_CHECKING:
@@ -109,6 +110,12 @@ def _scenario_errors() -> tuple[type[BaseException], ...]:
     return (ScenarioError, HostPoisonError, InjectionRefused, ProbeError, SshError, QemuError, OSError)
 
 
+def _row(verdict: Verdict) -> dict[str, Any]:
+    """A verdict as summary.json holds it: the same document as its verdict.json."""
+    row: dict[str, Any] = json.loads(verdict.to_json())
+    return row
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from gmemtest.requirements import scenario_unmet
     from gmemtest.runner import run_in_fresh_guest
@@ -140,7 +147,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         unmet = scenario_unmet(spec, profile, binary=chosen.qemu)
         if unmet:
             print(f"{spec.name}/{profile.name}: UNMET: {'; '.join(unmet)}")
-            summary.append({"scenario": spec.name, "profile": profile.name, "unmet": unmet})
+            summary.append({"scenario": spec.name, "profile": profile.name,
+                            "verdict": _row(Verdict.did_not_run(spec.name, "CANNOT RUN", "; ".join(unmet)))})
             status = status if status == EXIT_FAIL else EXIT_UNMET
             continue
         outdir = out_root / spec.name
@@ -151,16 +159,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except scenario_errors as exc:  # one scenario's error must not hide the others' verdicts
             logging.getLogger("gmemtest.cli").exception("%s/%s: error", spec.name, profile.name)
             print(f"{spec.name}/{profile.name}: ERROR: {type(exc).__name__}: {exc}")
+            broke = Verdict.did_not_run(spec.name, "ERROR", f"{type(exc).__name__}: {exc}")
             summary.append({"scenario": spec.name, "profile": profile.name, "evidence": str(outdir),
-                            "error": f"{type(exc).__name__}: {exc}"})
+                            "verdict": _row(broke)})
             status = EXIT_FAIL
             continue
         print(result.verdict.summary())
         print(f"  evidence: {outdir}")
-        summary.append({"scenario": spec.name, "profile": profile.name, "passed": result.verdict.passed,
-                        "evidence": str(outdir),
+        summary.append({"scenario": spec.name, "profile": profile.name, "evidence": str(outdir),
                         "injection_to_sigbus_ms": result.observations.injection_to_sigbus_ms,
-                        "setup": result.verdict.setup})
+                        "verdict": _row(result.verdict)})
         if not result.verdict.passed:
             status = EXIT_FAIL  # a failed verdict outranks an unmet requirement elsewhere
     out_root.mkdir(parents=True, exist_ok=True)

@@ -226,20 +226,16 @@ def qualify_once(image: LabhostImage, out: Path, *, timeout: float = INNER_TIMEO
 
 def chain_item(row: dict[str, Any], label: str, out: Path) -> Item:
     """One chain row of ``gmemtest run``'s summary as a qualification item (section "chain"),
-    made from the row's verdict as L1 judged it (its ``verdict.json``), every check listed."""
+    made from the row's verdict as L1 judged it, every check listed; its evidence (beside it in
+    ``verdict.json``) is linked unless the row could not run."""
     name = f"{row['scenario']}/{label}"
     evidence = f"{CHAIN_DIR}/{label}/{row['scenario']}"
-    verdict_path = out / evidence / "verdict.json"
-    if "unmet" in row:
-        verdict = Verdict.did_not_run(name, "CANNOT RUN", "; ".join(row["unmet"]))
-        return Item.from_verdict("chain", name, verdict, "")
-    if "error" in row:
-        verdict = Verdict.did_not_run(name, "ERROR", str(row["error"]))
-    elif verdict_path.is_file():
-        verdict = Verdict.from_json(verdict_path.read_text())
+    if "verdict" not in row:
+        verdict = Verdict.did_not_run(name, "ERROR", f"gmemtest run's summary row has no verdict: {row}")
     else:
-        verdict = Verdict.did_not_run(name, "ERROR", f"gmemtest run passed={row.get('passed')} but left no "
-                                      f"{evidence}/verdict.json")
+        verdict = Verdict.from_dict(row["verdict"])
+    if verdict.not_run == "CANNOT RUN":
+        return Item.from_verdict("chain", name, verdict, "")
     qemu = verdict.setup.get("qemu") or {}
     under = f" (QEMU {qemu.get('version')}, {qemu.get('package')})" if qemu else ""
     return Item.from_verdict("chain", name, verdict, f"{len(verdict.checks)} checks at the host, QEMU and guest{under}",

@@ -105,7 +105,8 @@ def test_cli_run_by_hand_keeps_evidence(image: GuestImage, tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "srao-early-kill-prctl-4k: PASS" in proc.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary[0]["passed"] is True and summary[0]["injection_to_sigbus_ms"] > 0
+    assert summary[0]["verdict"]["status"] == "PASS" and summary[0]["injection_to_sigbus_ms"] > 0
+    assert summary[0]["verdict"] == json.loads((tmp_path / "srao-early-kill-prctl-4k" / "verdict.json").read_text())
 
 
 def test_sigkilled_avocado_job_leaves_no_qemu(image: GuestImage, tmp_path: Path) -> None:

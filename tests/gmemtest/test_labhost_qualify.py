@@ -12,6 +12,7 @@ import pytest
 from gmemtest.avocado_support import _job_dir
 from gmemtest.cli import main as cli_main
 from gmemtest.lab import qualify as lq
+from outcome import Check, Verdict
 
 
 class _Image:
@@ -101,20 +102,20 @@ def _chain_tree(out: Path) -> None:
     """What `gmemtest run` of the chain left in out/chain/<profile>/ (shapes of a real L1 run)."""
     default = out / lq.CHAIN_DIR / "kvm-default"
     (default / "host-ar-touch-4k").mkdir(parents=True)
-    (default / "host-ar-touch-4k" / "verdict.json").write_text(json.dumps({"scenario": "host-ar-touch-4k",
-        "passed": True, "checks": [
-            {"name": "KPF_HWPOISON on host pfn 0x117961", "expected": "True", "actual": "True", "ok": True,
-             "layer": "host"},
-            {"name": "si_code", "expected": "4 (BUS_MCEERR_AR)", "actual": "4 (BUS_MCEERR_AR)", "ok": True,
-             "layer": "guest"}]}))
+    judged = Verdict("host-ar-touch-4k", (
+        Check("KPF_HWPOISON on host pfn 0x117961", "True", "True", True, "host"),
+        Check("si_code", "4 (BUS_MCEERR_AR)", "4 (BUS_MCEERR_AR)", True, "guest")))
+    (default / "host-ar-touch-4k" / "verdict.json").write_text(judged.to_json())
+    broke = Verdict.did_not_run("host-ao-late-touch-4k", "ERROR", "HostPoisonError: refusing")
     (default / "summary.json").write_text(json.dumps([
-        {"scenario": "host-ar-touch-4k", "profile": "kvm-default", "passed": True},
-        {"scenario": "host-ao-late-touch-4k", "profile": "kvm-default", "error": "HostPoisonError: refusing"}]))
+        {"scenario": "host-ar-touch-4k", "profile": "kvm-default", "verdict": judged.to_dict()},
+        {"scenario": "host-ao-late-touch-4k", "profile": "kvm-default", "verdict": broke.to_dict()}]))
     gmem = out / lq.CHAIN_DIR / "kvm-gmem"
     gmem.mkdir(parents=True)
+    cannot = Verdict.did_not_run("host-ar-touch-4k", "CANNOT RUN",
+                                 "/usr/bin/qemu-system-x86_64 (QEMU 10.0.2) has no 'guest-memfd' property")
     (gmem / "summary.json").write_text(json.dumps([
-        {"scenario": "host-ar-touch-4k", "profile": "kvm-gmem",
-         "unmet": ["/usr/bin/qemu-system-x86_64 (QEMU 10.0.2) has no 'guest-memfd' property"]}]))
+        {"scenario": "host-ar-touch-4k", "profile": "kvm-gmem", "verdict": cannot.to_dict()}]))
 
 
 def test_chain_rows_become_report_items_per_profile(tmp_path: Path) -> None:
@@ -133,13 +134,11 @@ def test_chain_rows_become_report_items_per_profile(tmp_path: Path) -> None:
     assert "The whole chain" in html and "host-ar-touch-4k/kvm-gmem" in html
 
 
-def test_a_passed_row_without_a_verdict_is_not_a_pass(tmp_path: Path) -> None:
-    row = tmp_path / lq.CHAIN_DIR / "kvm-default" / "host-ar-touch-4k"
-    row.mkdir(parents=True)
+def test_a_row_without_a_verdict_or_checks_is_not_a_pass(tmp_path: Path) -> None:
     item = lq.chain_item({"scenario": "host-ar-touch-4k", "passed": True}, "kvm-default", tmp_path)
-    assert item.status == "ERROR" and "left no chain/kvm-default/host-ar-touch-4k/verdict.json" in item.summary
-    (row / "verdict.json").write_text('{"scenario": "host-ar-touch-4k", "checks": []}')
-    item = lq.chain_item({"scenario": "host-ar-touch-4k", "passed": True}, "kvm-default", tmp_path)
+    assert item.status == "ERROR" and "summary row has no verdict" in item.summary
+    empty = Verdict("host-ar-touch-4k").to_dict()
+    item = lq.chain_item({"scenario": "host-ar-touch-4k", "verdict": empty}, "kvm-default", tmp_path)
     assert item.status == "FAIL", "a verdict without checks decided nothing"
 
 
