@@ -28,7 +28,7 @@ from images.labhost import LabhostImage
 
 __all__ = ["DEFAULT_PATHS", "LABHOST_GUARANTEES", "BatchResult", "TestOutcomes", "parse_junit", "run_batch"]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # gmemtest/lab/batch.py -> the checkout
 DEFAULT_PATHS = ("tests/host_stack",)
 # What the lab host is built to offer (its preflight test proves these): a skip for one of them
 # inside L1 is a failure of the batch, never a quiet gap in coverage.

@@ -43,7 +43,7 @@ __all__ = ["ChainVariant", "LabhostQualification", "chain_variants", "qualify_in
 
 LOG = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # gmemtest/lab/qualify.py -> the checkout
 PREFLIGHT_NAME = "preflight.json"
 QUAL_DIR = "qual"
 RESULT_NAME = "labhost-qualification.json"

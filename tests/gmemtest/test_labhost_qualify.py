@@ -214,3 +214,11 @@ def test_an_l1_that_died_is_retried_once_keeping_its_oops(tmp_path: Path, monkey
     kept = tmp_path / "run" / "died-attempt-1"
     assert "stack guard page" in (kept / "labhost" / "console.log").read_text()
     assert len(calls) == 2
+
+
+def test_the_lab_modules_name_the_checkout_they_run_from() -> None:
+    """L1 sees the checkout through the work share at REPO: a wrong REPO hides the venv from it."""
+    from gmemtest.lab import batch
+
+    for repo in (lq.REPO, batch.REPO):
+        assert (repo / "setup.cfg").is_file() and (repo / "gmemtest" / "lab").is_dir(), repo
