@@ -63,7 +63,9 @@ SRC
 ensure_packages() {
     local need=()
     local pkg
-    for pkg in gcc libc6-dev make cpio python3-venv ca-certificates dropbear-bin openssh-client zstd debian-archive-keyring; do
+    # flex, bison, bc, libssl-dev, xz-utils: building the lab host's KVM modules from Debian's source.
+    for pkg in gcc libc6-dev make cpio python3-venv ca-certificates dropbear-bin openssh-client zstd debian-archive-keyring \
+               flex bison bc libssl-dev xz-utils libelf1; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need+=("$pkg")
     done
     if [ "$(qemu_major)" -lt "$qemu_min_major" ]; then

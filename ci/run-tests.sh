@@ -26,7 +26,7 @@ export PATH="$venv/bin:$PATH"
 
 echo "== images (guest, lab host)"
 python -m images build --json >/dev/null
-gmemtest labhost image --json >/dev/null
+gmemtest labhost image --kvm sw-protected --json >/dev/null  # and its KVM rebuilt for private memory
 python -m images qemu --json >/dev/null  # Debian's newest QEMU in its own root (the chain runs under it)
 phase images
 echo "== ruff"

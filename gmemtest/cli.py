@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gmemtest.lab.kvm import KVM_CHOICES, STOCK, SW_PROTECTED
 from gmemtest.scenarios import SCENARIOS, get_scenario, scenario_names
 from outcome import Verdict
 from qmp_helpers import DEFAULT_QEMU
@@ -416,25 +417,37 @@ def _cmd_labhost_image(args: argparse.Namespace) -> int:
     from images.build import BuildError
     from images.debs import PackageError
     from images.kconfig import KernelConfigError
+    from images.kvm_modules import build_kvm_modules
 
     t0 = time.monotonic()
     try:
         image = _labhost_image(args)
+        kvm = (build_kvm_modules(image.kernel_release, progress=lambda line: print(line, file=sys.stderr))
+               if args.kvm == SW_PROTECTED else None)
     except (BuildError, PackageError, KernelConfigError) as exc:
         print(f"gmemtest labhost image: {exc}", file=sys.stderr)
         return EXIT_LABHOST_ERROR
     if args.json:
-        print(json.dumps(image.as_json(), indent=2))
+        doc = image.as_json()
+        if kvm is not None:
+            doc["kvm_modules"] = {"option": kvm.option, "package_version": kvm.package_version,
+                                  "modules": [str(p) for p in kvm.modules], "manifest": str(kvm.manifest),
+                                  "cache_hit": kvm.cache_hit}
+        print(json.dumps(doc, indent=2))
     else:
         state = "cache hit" if image.cache_hit else "built"
         print(f"{state} in {time.monotonic() - t0:.2f}s: kernel {image.kernel_release} "
               f"({image.kernel_source})\n  kernel   {image.kernel}\n  initrd   {image.initrd}\n"
               f"  manifest {image.manifest}\n  modules  {' '.join(image.modules)}")
+        if kvm is not None:
+            print(f"  KVM      rebuilt with CONFIG_{kvm.option}=y from {kvm.package_version}: "
+                  f"{' '.join(str(p) for p in kvm.modules)}")
     return EXIT_PASS
 
 
 def _cmd_labhost_run(args: argparse.Namespace) -> int:
     from gmemtest.lab.host import LabhostError, LabhostTimeout, run_in_labhost
+    from gmemtest.lab.kvm import kvm_command
     from images.build import BuildError
     from images.debs import PackageError
     from images.kconfig import KernelConfigError
@@ -460,13 +473,18 @@ def _cmd_labhost_run(args: argparse.Namespace) -> int:
         print(f"gmemtest labhost run: image: {exc}", file=sys.stderr)
         return EXIT_LABHOST_ERROR
     t_image = time.monotonic() - t0
+    try:
+        argv = kvm_command(args.kvm, argv, image.kernel_release, progress=lambda line: print(line, file=sys.stderr))
+    except BuildError as exc:
+        print(f"gmemtest labhost run: --kvm {args.kvm}: {exc}", file=sys.stderr)
+        return EXIT_LABHOST_ERROR
 
     def stream(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
     summary: dict[str, Any] = {"argv": argv, "image_s": round(t_image, 3),
-                               "kernel_release": image.kernel_release}
+                               "kernel_release": image.kernel_release, "kvm": args.kvm}
     status = EXIT_LABHOST_ERROR
     try:
         result, timings = run_in_labhost(
@@ -660,6 +678,8 @@ def _add_labhost(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     lab = p.add_subparsers(dest="labhost_command", required=True)
     q = lab.add_parser("image", help="build (or reuse) the lab-host image")
     _add_kernel_options(q)
+    q.add_argument("--kvm", choices=KVM_CHOICES, default=STOCK,
+                   help="with sw-protected, also build (or reuse) the KVM modules rebuilt for its kernel")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_cmd_labhost_image)
     q = lab.add_parser("run", help="boot L1, run COMMAND in a chroot of this machine's root, "
@@ -674,6 +694,9 @@ def _add_labhost(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     q.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="add to the command's otherwise clean environment (repeatable)")
     q.add_argument("--qemu", default=DEFAULT_QEMU, help="QEMU binary")
+    q.add_argument("--kvm", choices=KVM_CHOICES, default=STOCK,
+                   help="L1's KVM: Debian's stock modules, or the pair rebuilt with CONFIG_KVM_SW_PROTECTED_VM "
+                        "(built for L1's kernel on first use, then cached), swapped in before COMMAND")
     q.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
     q.set_defaults(func=_cmd_labhost_run)
     q = lab.add_parser("test", help="run the project's host-side pytest files inside L1 (real guest_memfd "

@@ -48,6 +48,7 @@ REQUIREMENTS: Final = (
     "guest_memfd_mmap",
     "guest_memfd_init_shared",
     "private_memory",
+    "sw_protected_vm",
     "pre_fault",
     "hwpoison",
     "hwpoison_inject",
@@ -81,6 +82,13 @@ class HostReport:
     supported_vm_types: tuple[int, ...] = ()
     vm_type_errors: tuple[tuple[int, str], ...] = ()
     private_memory_vm_types: tuple[int, ...] = ()
+    # Per VM type KVM_CREATE_VM accepted: (type, KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_GUEST_MEMFD_FLAGS)
+    # asked of that VM's fd (/dev/kvm answers for no VM in particular).
+    vm_type_caps: tuple[tuple[int, int, int], ...] = ()
+    # The taint letters of the loaded kvm module (/sys/module/kvm/taint): empty for Debian's signed,
+    # in-tree module; "OE" for one built out of tree and unsigned (the lab host's rebuilt KVM).
+    kvm_module_taint: str = ""
+    kernel_taint: int = 0
     kvm_boots_linux: bool | None = None
     kvm_boots_linux_reason: str = "not probed"
     hwpoison: bool = False
@@ -96,6 +104,22 @@ class HostReport:
     uprobes: bool = False
     uprobes_reason: str = "not probed"
     notes: tuple[str, ...] = field(default=())
+
+    @property
+    def kvm_rebuilt(self) -> bool:
+        """Whether the loaded KVM is not the distribution's own (built out of tree: taint O)."""
+        return "O" in self.kvm_module_taint
+
+    def kvm_modules_line(self) -> str:
+        if not self.kvm_device:
+            return "none loaded"
+        return (f"rebuilt (kvm taint {self.kvm_module_taint}, kernel taint {self.kernel_taint})" if self.kvm_rebuilt
+                else f"stock (kernel taint {self.kernel_taint})")
+
+    def vm_type_caps_line(self) -> str:
+        names = u.VM_TYPE_NAMES
+        return "; ".join(f"{names.get(t, str(t))}: attributes {a:#x}, gmem flags {g:#x}"
+                         for t, a, g in self.vm_type_caps) or "none"
 
     @property
     def guest_memfd_mmap(self) -> bool:
@@ -135,6 +159,8 @@ class HostReport:
              ", ".join(names.get(t, str(t)) for t in self.supported_vm_types) or "none"),
             ("private memory VM types",
              ", ".join(names.get(t, str(t)) for t in self.private_memory_vm_types) or "none"),
+            ("per VM type (asked of the VM)", self.vm_type_caps_line()),
+            ("KVM modules", self.kvm_modules_line()),
             ("KVM boots Linux", self.kvm_boots_linux_reason),
             ("hwpoison (MADV_HWPOISON)", self.hwpoison_reason),
             ("debugfs", "yes" if self.debugfs else "no"),
@@ -178,6 +204,11 @@ class HostReport:
                 flags.format(what="create guest_memfd shared from the start (a gmem-only slot)",
                              flags=self.guest_memfd_flags, flag="GUEST_MEMFD_FLAG_INIT_SHARED")
                 if self.cap_guest_memfd > 0 else "host KVM lacks guest_memfd: KVM_CAP_GUEST_MEMFD is 0",
+            ),
+            "sw_protected_vm": lambda: (
+                u.KVM_X86_SW_PROTECTED_VM in self.private_memory_vm_types,
+                "host KVM cannot create a software-protected VM with private memory: KVM_CAP_VM_TYPES "
+                f"{self.vm_types_mask:#x} (CONFIG_KVM_SW_PROTECTED_VM is off; the lab host's rebuilt KVM has it)",
             ),
             "private_memory": lambda: (
                 bool(self.private_memory_vm_types),
@@ -260,6 +291,7 @@ def _probe_kvm() -> dict[str, Any]:
         supported: list[int] = []
         errors: list[tuple[int, str]] = []
         private: list[int] = []
+        type_caps: list[tuple[int, int, int]] = []
         for vm_type in sorted(u.VM_TYPE_NAMES):
             try:
                 vm = system.create_vm(vm_type)
@@ -269,14 +301,30 @@ def _probe_kvm() -> dict[str, Any]:
             with vm:
                 supported.append(vm_type)
                 attrs = vm.check_extension(u.KVM_CAP_MEMORY_ATTRIBUTES)
+                type_caps.append((vm_type, attrs, vm.check_extension(u.KVM_CAP_GUEST_MEMFD_FLAGS)))
                 if attrs & u.KVM_MEMORY_ATTRIBUTE_PRIVATE:
                     private.append(vm_type)
         fields.update(
             supported_vm_types=tuple(supported),
             vm_type_errors=tuple(errors),
             private_memory_vm_types=tuple(private),
+            vm_type_caps=tuple(type_caps),
+            **_kvm_taint(),
         )
     return fields
+
+
+def _kvm_taint() -> dict[str, Any]:
+    """The kvm module's taint letters and the kernel's taint mask (both empty/0 if unreadable)."""
+    try:
+        module = (_SYS_MODULE / "kvm" / "taint").read_text().strip()
+    except OSError:
+        module = ""
+    try:
+        kernel = int(Path("/proc/sys/kernel/tainted").read_text().strip() or 0)
+    except (OSError, ValueError):
+        kernel = 0
+    return {"kvm_module_taint": module, "kernel_taint": kernel}
 
 
 def _probe_linux_boot() -> dict[str, Any]:
@@ -447,7 +495,8 @@ PROBE_GROUPS: Final = tuple(_PROBES)
 _GROUP_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "kvm": ("kvm_device", "kvm_reason", "kvm_api_version", "cap_guest_memfd", "guest_memfd_flags",
             "cap_user_memory2", "cap_memory_fault_info", "cap_memory_attributes", "vm_types_mask",
-            "cap_pre_fault_memory", "supported_vm_types", "vm_type_errors", "private_memory_vm_types"),
+            "cap_pre_fault_memory", "supported_vm_types", "vm_type_errors", "private_memory_vm_types",
+            "vm_type_caps", "kvm_module_taint", "kernel_taint"),
     "kvm_boots_linux": ("kvm_boots_linux", "kvm_boots_linux_reason"),
     "debugfs": ("debugfs", "hwpoison_inject", "einj", "einj_error_types"),
     "hwpoison": ("hwpoison", "hwpoison_errno", "hwpoison_reason"),

@@ -135,6 +135,9 @@ P_PID: Final = 1
 # issues clock_nanosleep.
 SYS_NANOSLEEP: Final = 35
 SYS_CLOCK_NANOSLEEP: Final = 230
+SYS_DELETE_MODULE: Final = 176  # delete_module(name, flags)
+SYS_FINIT_MODULE: Final = 313  # finit_module(fd, param_values, flags)
+O_NONBLOCK: Final = 0o4000  # delete_module: fail with EWOULDBLOCK instead of waiting for users to go
 
 # --- include/uapi/linux/capability.h ------------------------------------------------------------
 CAP_SYS_ADMIN: Final = 21

@@ -152,8 +152,13 @@ def newest_kernel_version(names: Sequence[str], major: int = DEFAULT_KERNEL_MAJO
     return max(wanted, key=_version_key)
 
 
-def _private_apt(root: Path, suite: str) -> debs.AptConfig:
+def _private_apt(root: Path, suite: str, *, fresh_for_s: float = 0.0) -> debs.AptConfig:
+    """The private apt configuration of ``suite``, its index updated unless it is younger than
+    ``fresh_for_s`` seconds (0: always updated)."""
     apt = debs.private_apt(root / "apt" / suite, suite)
+    lists = list((root / "apt" / suite / "lists").glob("*_Packages*"))
+    if fresh_for_s > 0 and lists and time.time() - max(p.stat().st_mtime for p in lists) < fresh_for_s:
+        return apt
     try:
         debs.update(apt)
     except debs.PackageError as exc:

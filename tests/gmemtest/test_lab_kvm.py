@@ -1,0 +1,67 @@
+"""The lab host's choice of KVM, for real: Debian's stock modules, or the pair rebuilt with
+CONFIG_KVM_SW_PROTECTED_VM and swapped in before the command (one L1 boot each)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from gmemtest.cli import main
+from host_stack.kvm_uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_X86_DEFAULT_VM, KVM_X86_SW_PROTECTED_VM
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+
+
+def _json_documents(text: str) -> list[dict[str, object]]:
+    """Every JSON object in L1's output, in order (its stdout and stderr share one console)."""
+    decoder, docs, at = json.JSONDecoder(), [], 0
+    while (start := text.find("{", at)) >= 0:
+        doc, at = decoder.raw_decode(text, start)
+        docs.append(doc)
+    return docs
+
+
+def _preflight_in_l1(tmp_path: Path, choice: str, capfd: pytest.CaptureFixture[str],
+                     ) -> tuple[list[dict[str, object]], dict[str, object]]:
+    """The swap records (none for the stock KVM) and the host part of L1's preflight."""
+    rc = main(["labhost", "run", "--kvm", choice, "--results", str(tmp_path), "--timeout", "300",
+               "--", sys.executable, "-m", "gmemtest.cli", "preflight", "--json", "--no-plan"])
+    out, err = capfd.readouterr()
+    assert rc == 0, err[-3000:]
+    *swaps, preflight = _json_documents(out)
+    host = preflight["host"]
+    assert isinstance(host, dict)
+    return swaps, host
+
+
+@pytest.mark.timeout(900)
+def test_the_rebuilt_kvm_creates_private_memory_vms_and_the_stock_one_does_not(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    swaps, stock = _preflight_in_l1(tmp_path / "stock", "stock", capfd)
+    assert swaps == []
+    assert stock["vm_types_mask"] == 1 << KVM_X86_DEFAULT_VM, stock["vm_types_mask"]
+    assert stock["kvm_module_taint"] == "" and stock["private_memory_vm_types"] == []
+
+    (swap,), rebuilt = _preflight_in_l1(tmp_path / "sw", "sw-protected", capfd)
+    assert swap["unloaded"] == ["kvm_amd", "kvm"] and swap["kvm_taint"] == "OE", swap
+    assert rebuilt["vm_types_mask"] == (1 << KVM_X86_DEFAULT_VM) | (1 << KVM_X86_SW_PROTECTED_VM)
+    caps = {t: (attrs, flags) for t, attrs, flags in rebuilt["vm_type_caps"]}  # type: ignore[attr-defined]
+    # Asked of each VM: private memory and MMAP-only guest_memfd on the software-protected type,
+    # neither private memory nor a change of the default type's MMAP|INIT_SHARED.
+    assert caps[KVM_X86_SW_PROTECTED_VM] == (KVM_MEMORY_ATTRIBUTE_PRIVATE, 0x1), caps
+    assert caps[KVM_X86_DEFAULT_VM] == (0, 0x3), caps
+    assert "O" in str(rebuilt["kvm_module_taint"]) and rebuilt["private_memory_vm_types"] == [KVM_X86_SW_PROTECTED_VM]
+    summary = json.loads((tmp_path / "sw" / "summary.json").read_text())
+    assert summary["kvm"] == "sw-protected"
+
+
+def test_a_kernel_whose_source_is_not_served_is_refused_by_name() -> None:
+    from images.build import BuildError
+    from images.kvm_modules import build_kvm_modules
+
+    with pytest.raises(BuildError, match=r"does not serve linux-source-7\.99 or linux-headers-7\.99\.1\+deb13-amd64 "
+                                         r"for kernel 7\.99\.1\+deb13-amd64; its sources: .*linux-source-7\.3"):
+        build_kvm_modules("7.99.1+deb13-amd64")
