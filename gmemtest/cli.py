@@ -523,8 +523,12 @@ def _cmd_labhost_test(args: argparse.Namespace) -> int:
     except (BuildError, PackageError, KernelConfigError) as exc:
         print(f"gmemtest labhost test: image: {exc}", file=sys.stderr)
         return EXIT_LABHOST_ERROR
-    result = run_batch(image, out.absolute(), tuple(args.paths or DEFAULT_PATHS), timeout=args.timeout,
-                       on_output=None if args.quiet or args.json else _stream)
+    try:
+        result = run_batch(image, out.absolute(), tuple(args.paths or DEFAULT_PATHS), timeout=args.timeout,
+                           on_output=None if args.quiet or args.json else _stream, kvm=args.kvm)
+    except BuildError as exc:
+        print(f"gmemtest labhost test: --kvm {args.kvm}: {exc}", file=sys.stderr)
+        return EXIT_LABHOST_ERROR
     out.mkdir(parents=True, exist_ok=True)
     doc = json.dumps(result.to_json(), indent=2)
     (out / "batch.json").write_text(doc + "\n")
@@ -708,6 +712,9 @@ def _add_labhost(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     q.add_argument("--results", help="evidence directory (default: ./gmemtest-labhost-runs/test-<timestamp>)")
     q.add_argument("--quiet", action="store_true", help="do not stream L1's output")
     q.add_argument("--json", action="store_true", help="print the judged result as JSON")
+    q.add_argument("--kvm", choices=KVM_CHOICES, default=STOCK,
+                   help="L1's KVM (see 'labhost run'); under sw-protected a skip for a software-protected VM "
+                        "fails the batch too")
     q.set_defaults(func=_cmd_labhost_test)
 
 

@@ -391,19 +391,7 @@ def _rebind_after_delete(env: CaseEnv) -> Outcome:
 
 
 def _set_private(env: CaseEnv) -> Outcome:
-    from host_stack.kvm import _ioctl  # the raw ioctl: no typed wrapper for an absent feature
-
-    attrs = u.KvmMemoryAttributes(address=SLOT_GPA, size=P, attributes=u.KVM_MEMORY_ATTRIBUTE_PRIVATE, flags=0)
-    return Outcome(
-        attempt(
-            lambda: _ioctl(
-                env.vm.fd,
-                u.KVM_SET_MEMORY_ATTRIBUTES,
-                attrs,
-                {"address": SLOT_GPA, "size": P, "attributes": u.KVM_MEMORY_ATTRIBUTE_PRIVATE},
-            )
-        )
-    )
+    return Outcome(attempt(lambda: env.vm.set_memory_attributes(SLOT_GPA, P, u.KVM_MEMORY_ATTRIBUTE_PRIVATE)))
 
 
 def _attributes_absent(env: CaseEnv) -> str | None:

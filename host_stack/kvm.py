@@ -307,6 +307,12 @@ class Vm(_FdOwner):
     def set_tss_addr(self, addr: int) -> None:
         _ioctl(self.fd, u.KVM_SET_TSS_ADDR, addr, {"addr": addr})
 
+    def set_memory_attributes(self, gpa: int, size: int, attributes: int) -> None:
+        """``KVM_SET_MEMORY_ATTRIBUTES`` on ``[gpa, gpa+size)``: 0 shared, ``KVM_MEMORY_ATTRIBUTE_PRIVATE``
+        private. KVM copies nothing: which memory serves the range changes, its contents do not."""
+        attrs = u.KvmMemoryAttributes(address=gpa, size=size, attributes=attributes, flags=0)
+        _ioctl(self.fd, u.KVM_SET_MEMORY_ATTRIBUTES, attrs, {"address": gpa, "size": size, "attributes": attributes})
+
     def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
         return GuestMemfd.create(self, size, flags)
 

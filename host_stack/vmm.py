@@ -88,6 +88,13 @@ DEFAULT_LAYOUT: Final = (
     gl.SlotLayout(slot=3, base_gfn=0x70, npages=6, gmem_pgoff=16),
 )
 DEFAULT_GMEM_PAGES: Final = 32
+# The guest_memfd flags a VM type's tiny VMM asks for by default: a default VM's is mapped and
+# shared from the start (a gmem-only slot); a software-protected VM takes no INIT_SHARED (7.3.4
+# says EINVAL) and, without MMAP, its slots are served from userspace_addr while shared.
+DEFAULT_GMEM_FLAGS: Final[dict[int, int]] = {
+    u.KVM_X86_DEFAULT_VM: u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED,
+    u.KVM_X86_SW_PROTECTED_VM: 0,
+}
 # What the scenarios need from the host (capabilities.HostReport.missing names): a test that
 # lacks one CANCELs with the report's sentence instead of erroring in TinyVm.
 HOST_REQUIREMENTS: Final = ("kvm", "guest_memfd", "guest_memfd_mmap", "guest_memfd_init_shared")
@@ -121,16 +128,18 @@ def anon_marker(index: int) -> int:
     return 0x414E0000 | (index & 0xFFFF)
 
 
-def build_read_payload(gfns: Sequence[int]) -> bytes:
-    """Hand-assembled 16-bit real-mode code: for each gfn, report it and its first dword.
+def build_payload(steps: Sequence[tuple[int, int | None]]) -> bytes:
+    """Hand-assembled 16-bit real-mode code: for each (gfn, write) step, optionally store the
+    dword ``write`` at offset 0 of the gfn, then report the gfn and its first dword.
 
-    Per gfn (21 bytes)::
+    Per step (21 bytes, 30 with a write)::
 
         B8 lo hi        mov ax, gfn          ; the gfn itself
         BA E0 00        mov dx, PORT_GFN
         EF              out dx, ax           ; 2-byte OUT -> KVM_EXIT_IO
         B8 lo hi        mov ax, gfn << 8     ; real-mode segment of the page (gfn*4096/16)
         8E D8           mov ds, ax
+        66 C7 06 00 00 imm32                 ; (write only) mov dword [0x0000], imm32
         66 A1 00 00     mov eax, [0x0000]    ; 32-bit load of ds:0 = gfn*4096
         BA E4 00        mov dx, PORT_VALUE
         66 EF           out dx, eax          ; 4-byte OUT -> KVM_EXIT_IO
@@ -138,19 +147,28 @@ def build_read_payload(gfns: Sequence[int]) -> bytes:
     then ``F4 hlt`` (KVM_EXIT_HLT) and ``EB FE jmp $`` in case HLT ever resumes.
     """
     code = bytearray()
-    for gfn in gfns:
+    for gfn, write in steps:
         if not 0 <= gfn <= REAL_MODE_MAX_GFN:
             raise ValueError(f"gfn {gfn:#x} outside real-mode reach [0, {REAL_MODE_MAX_GFN:#x}]")
+        if write is not None and not 0 <= write <= 0xFFFFFFFF:
+            raise ValueError(f"value {write:#x} to write at gfn {gfn:#x} is not a dword")
         seg = gfn << 8
         code += bytes([0xB8, gfn & 0xFF, gfn >> 8])
         code += bytes([0xBA, PORT_GFN, 0x00, 0xEF])
         code += bytes([0xB8, seg & 0xFF, seg >> 8, 0x8E, 0xD8])
+        if write is not None:
+            code += bytes([0x66, 0xC7, 0x06, 0x00, 0x00]) + write.to_bytes(4, "little")
         code += bytes([0x66, 0xA1, 0x00, 0x00])
         code += bytes([0xBA, PORT_VALUE, 0x00, 0x66, 0xEF])
     code += bytes([0xF4, 0xEB, 0xFE])
     if len(code) > gl.PAGE_SIZE:
-        raise ValueError(f"payload of {len(code)} bytes exceeds one page ({len(gfns)} gfns)")
+        raise ValueError(f"payload of {len(code)} bytes exceeds one page ({len(steps)} steps)")
     return bytes(code)
+
+
+def build_read_payload(gfns: Sequence[int]) -> bytes:
+    """The payload that reports the first dword of each gfn (no writes)."""
+    return build_payload([(gfn, None) for gfn in gfns])
 
 
 @dataclass(frozen=True)
@@ -172,6 +190,12 @@ class TinyVm:
     filled with ``anon_marker`` values (tells which view the host serves the guest from).
     ``markers=False`` leaves every guest_memfd page unallocated and untouched, for callers
     that decide per page whether it is mapped, clean or dirty (the poison matrix).
+
+    ``vm_type`` and ``gmem_flags``: a default VM's guest_memfd is MMAP|INIT_SHARED (mapped, and
+    its markers written through the mapping); a software-protected VM (type 1) takes no
+    INIT_SHARED, and without MMAP its guest_memfd has no host mapping at all: its pages start
+    zeroed, ``markers`` must be off, and each slot is served from ``userspace_addr`` (the decoy)
+    while shared and from the guest_memfd once ``set_private`` made it private.
     """
 
     def __init__(
@@ -182,8 +206,16 @@ class TinyVm:
         gmem_pages: int = DEFAULT_GMEM_PAGES,
         backing: BackingMode = "gmem_mmap",
         markers: bool = True,
+        vm_type: int = u.KVM_X86_DEFAULT_VM,
+        gmem_flags: int | None = None,
     ) -> None:
         self.layout = gl.check_no_overlap(layout)
+        self.vm_type = vm_type
+        self.gmem_flags = DEFAULT_GMEM_FLAGS.get(vm_type, 0) if gmem_flags is None else gmem_flags
+        mapped = bool(self.gmem_flags & u.GUEST_MEMFD_FLAG_MMAP)
+        if not mapped and (markers or backing == "gmem_mmap"):
+            raise ValueError(f"guest_memfd flags {self.gmem_flags:#x} have no MMAP: nothing can write its markers "
+                             "or serve as a slot's userspace_addr (use markers=False, backing='decoy')")
         self.backing = backing
         self.markers = markers
         self.gmem_pages = gmem_pages
@@ -205,19 +237,19 @@ class TinyVm:
         return obj
 
     def _build(self, system: KvmSystem) -> None:
-        wanted = u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED
-        self.vm = self._own(system.create_vm(u.KVM_X86_DEFAULT_VM))
+        wanted = self.gmem_flags
+        self.vm = self._own(system.create_vm(self.vm_type))
         supported = self.vm.check_extension(u.KVM_CAP_GUEST_MEMFD_FLAGS)
         if self.vm.check_extension(u.KVM_CAP_GUEST_MEMFD) <= 0 or supported & wanted != wanted:
             raise GmemUnsupported(
-                f"guest_memfd with MMAP|INIT_SHARED not offered: KVM_CAP_GUEST_MEMFD="
+                f"guest_memfd with flags {wanted:#x} not offered to VM type {self.vm_type}: KVM_CAP_GUEST_MEMFD="
                 f"{self.vm.check_extension(u.KVM_CAP_GUEST_MEMFD)}, "
                 f"KVM_CAP_GUEST_MEMFD_FLAGS={supported:#x} (need {wanted:#x})"
             )
         if self.vm.check_extension(u.KVM_CAP_SET_TSS_ADDR) > 0:
             self.vm.set_tss_addr(TSS_ADDR)
         self.gmem = self._own(self.vm.create_guest_memfd(self.gmem_pages * gl.PAGE_SIZE, wanted))
-        self.gmem_map = self._own(self.gmem.mmap())
+        self._gmem_map = self._own(self.gmem.mmap()) if wanted & u.GUEST_MEMFD_FLAG_MMAP else None
         for index in range(self.gmem_pages if self.markers else 0):
             self.gmem_map.write_u32(index * gl.PAGE_SIZE, gmem_marker(index))
         self.code = self._own(HostMapping.anonymous(gl.PAGE_SIZE, "payload code"))
@@ -243,12 +275,35 @@ class TinyVm:
             )
         self.vcpu = self._own(self.vm.create_vcpu(0))
 
+    @property
+    def gmem_map(self) -> HostMapping:
+        """The host mapping of the guest_memfd (MMAP flag only)."""
+        if self._gmem_map is None:
+            raise ValueError(f"this VM's guest_memfd (flags {self.gmem_flags:#x}) has no MMAP flag: no host mapping")
+        return self._gmem_map
+
     def all_gfns(self) -> list[int]:
         return [gfn for s in self.layout for gfn in range(s.base_gfn, s.gfn_end)]
 
+    def set_private(self, gfns: Sequence[int], private: bool = True) -> None:
+        """Convert each gfn to private (served from the guest_memfd) or back to shared."""
+        attributes = u.KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0
+        for gfn in gfns:
+            self.vm.set_memory_attributes(gfn << gl.PAGE_SHIFT, gl.PAGE_SIZE, attributes)
+
     def read_gfns(self, gfns: Sequence[int]) -> list[GuestRead]:
         """Load the payload for ``gfns``, reset the vCPU to real mode at it, run to HLT."""
-        self.code.write(0, build_read_payload(gfns))
+        return self.run_steps([(gfn, None) for gfn in gfns])
+
+    def write_gfns(self, values: Sequence[tuple[int, int]]) -> list[GuestRead]:
+        """The guest stores each dword at its gfn and reads it back (the reports)."""
+        return self.run_steps(list(values))
+
+    def run_steps(self, steps: Sequence[tuple[int, int | None]]) -> list[GuestRead]:
+        """Run ``build_payload(steps)`` on the vCPU from real mode to HLT; a memory-fault exit (a
+        private gfn without guest_memfd behind it, a poisoned page) raises ``PayloadError`` with it."""
+        gfns = [gfn for gfn, _ in steps]
+        self.code.write(0, build_payload(steps))
         sregs = self.vcpu.get_sregs()
         sregs.cs.base = CODE_GFN << gl.PAGE_SHIFT
         sregs.cs.selector = CODE_GFN << 8

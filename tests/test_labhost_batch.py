@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from run_summary import add_phase, add_summary_line
 
-from gmemtest.lab.batch import LABHOST_GUARANTEES, BatchResult, parse_junit, run_batch
+from gmemtest.lab.batch import LABHOST_GUARANTEES, PRIVATE_PATHS, BatchResult, parse_junit, run_batch
 from host_stack.capabilities import unmet_line
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>
@@ -76,3 +76,20 @@ def test_host_stack_suite_passes_inside_the_lab_host(tmp_path: Path, request: py
     for test, reason in result.outcomes.skipped:
         add_summary_line(request.config, f"  skipped in L1: {test}: {reason}")
     assert result.ok, "\n".join(result.problems())
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_private_memory_suite_passes_inside_the_lab_host_with_the_rebuilt_kvm(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The type-1 tests under the KVM rebuilt with CONFIG_KVM_SW_PROTECTED_VM (swapped in first):
+    a skip for a software-protected VM fails it, as a skip for guest_memfd fails the stock batch."""
+    from images.labhost import build_labhost_image
+
+    result = run_batch(build_labhost_image(), tmp_path / "batch", PRIVATE_PATHS, timeout=600, kvm="sw-protected")
+    add_summary_line(request.config, result.summary_line())
+    add_phase(request.config, "lab-host private batch", result.wall_s)
+    assert "sw_protected_vm" in result.guarantees
+    assert result.ok, "\n".join(result.problems())
+    assert result.outcomes.passed and not result.outcomes.skipped, result.outcomes

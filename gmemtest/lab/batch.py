@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from gmemtest.lab.host import RESULTS_IN_L1, LabhostError, run_in_labhost
+from gmemtest.lab.kvm import STOCK, SW_PROTECTED, kvm_command
 from host_stack.capabilities import parse_unmet_line
 from images.labhost import LabhostImage
 
-__all__ = ["DEFAULT_PATHS", "LABHOST_GUARANTEES", "BatchResult", "TestOutcomes", "parse_junit", "run_batch"]
+__all__ = ["DEFAULT_PATHS", "LABHOST_GUARANTEES", "PRIVATE_PATHS", "SW_PROTECTED_GUARANTEES", "BatchResult",
+           "TestOutcomes", "parse_junit", "run_batch"]
 
 REPO = Path(__file__).resolve().parents[2]  # gmemtest/lab/batch.py -> the checkout
 DEFAULT_PATHS = ("tests/host_stack",)
@@ -34,6 +36,10 @@ DEFAULT_PATHS = ("tests/host_stack",)
 # inside L1 is a failure of the batch, never a quiet gap in coverage.
 LABHOST_GUARANTEES = ("kvm", "kvm_boots_linux", "guest_memfd", "guest_memfd_mmap", "guest_memfd_init_shared",
                       "hwpoison", "hwpoison_inject")
+# ... and with the rebuilt KVM (gmemtest.lab.kvm), a software-protected VM with private memory.
+SW_PROTECTED_GUARANTEES = (*LABHOST_GUARANTEES, "sw_protected_vm", "private_memory")
+# The host-side tests of private memory, run in a batch of their own under the rebuilt KVM.
+PRIVATE_PATHS = ("tests/host_stack/test_conversion_cases.py",)
 JUNIT = "junit.xml"
 _OUTPUT_TAIL = 3000
 
@@ -89,6 +95,8 @@ class BatchResult:
     evidence: Path
     error: str | None = None  # L1 itself failed (boot, freeze, timeout): nothing is judged
     output_tail: str = ""
+    kvm: str = STOCK
+    guarantees: tuple[str, ...] = LABHOST_GUARANTEES
 
     @property
     def refused_skips(self) -> list[tuple[str, str, str]]:
@@ -96,7 +104,7 @@ class BatchResult:
         refused = []
         for test, reason in self.outcomes.skipped:
             unmet = parse_unmet_line(reason)
-            if unmet is not None and unmet[0] in LABHOST_GUARANTEES:
+            if unmet is not None and unmet[0] in self.guarantees:
                 refused.append((test, *unmet))
         return refused
 
@@ -108,7 +116,7 @@ class BatchResult:
     def summary_line(self) -> str:
         o = self.outcomes
         state = "PASS" if self.ok else "FAIL"
-        return (f"lab-host batch ({' '.join(self.paths)}) in L1 {self.kernel_release}: {state}: "
+        return (f"lab-host batch ({' '.join(self.paths)}) in L1 {self.kernel_release}, {self.kvm} KVM: {state}: "
                 f"{len(o.passed)} passed, {len(o.failed)} failed, {len(o.skipped)} skipped "
                 f"({len(self.refused_skips)} for what the lab host guarantees); L1 ready "
                 f"{self.l1_ready_s if self.l1_ready_s is not None else '-'} s, {self.wall_s:.1f} s in all; "
@@ -138,16 +146,18 @@ class BatchResult:
 
 def run_batch(image: LabhostImage, out: Path, paths: Sequence[str] = DEFAULT_PATHS, *,
               python: str = sys.executable, timeout: float = 900.0, extra_args: Sequence[str] = (),
-              on_output: Callable[[str], None] | None = None) -> BatchResult:
+              on_output: Callable[[str], None] | None = None, kvm: str = STOCK) -> BatchResult:
     """Boot L1, run ``pytest paths`` in this checkout there, power off, judge the JUnit XML.
 
     ``python`` is the interpreter of the project's venv: L1 chroots into this machine's root,
-    so the same path runs the same venv. Evidence: ``out/labhost`` (console, output, dmesg) and
-    ``out/results/junit.xml``.
+    so the same path runs the same venv. ``kvm`` chooses L1's KVM (``gmemtest.lab.kvm``); under
+    the rebuilt one a skip for a software-protected VM is refused too. Evidence: ``out/labhost``
+    (console, output, dmesg) and ``out/results/junit.xml``.
     """
     share = out / "results"
-    argv = [python, "-m", "pytest", *paths, "-p", "no:cacheprovider", "-q", "-rs",
-            f"--junitxml={RESULTS_IN_L1}/{JUNIT}", *extra_args]
+    argv = kvm_command(kvm, [python, "-m", "pytest", *paths, "-p", "no:cacheprovider", "-q", "-rs",
+                             f"--junitxml={RESULTS_IN_L1}/{JUNIT}", *extra_args], image.kernel_release,
+                       python=python)
     started = time.monotonic()
     chunks: list[str] = []
 
@@ -170,4 +180,5 @@ def run_batch(image: LabhostImage, out: Path, paths: Sequence[str] = DEFAULT_PAT
     if error is None and not junit.is_file():
         error = f"pytest in L1 left no {JUNIT} (exit {returncode})"
     return BatchResult(tuple(paths), image.kernel_release, returncode, outcomes, time.monotonic() - started,
-                       ready, out, error, "".join(chunks)[-_OUTPUT_TAIL:])
+                       ready, out, error, "".join(chunks)[-_OUTPUT_TAIL:], kvm=kvm,
+                       guarantees=SW_PROTECTED_GUARANTEES if kvm == SW_PROTECTED else LABHOST_GUARANTEES)

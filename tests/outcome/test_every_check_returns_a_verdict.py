@@ -1,5 +1,5 @@
 """Every check table returns ``outcome.Verdict``: the uAPI cases, the tiny VMM, the seed
-regression, the poison matrix, and every guest and chain row of ``gmemtest.scenarios``.
+regression, the poison matrix, the conversions, and every guest and chain row of ``gmemtest.scenarios``.
 
 Judged on recorded or empty observations, so it holds on every host: the shape is the point,
 not the status (an empty observation of a guest row is a FAIL, and still a Verdict).
@@ -15,6 +15,7 @@ from gmemtest.observations import HostObservations, Observations
 from gmemtest.oracle import INTEL, MappingLayout, PageLayout, expect, expect_host, free_page_layout
 from gmemtest.scenarios import SCENARIOS, ScenarioSpec, Source
 from gmemtest.verdict import judge
+from host_stack import conversion_cases as cc
 from host_stack import gmem_uapi_cases as uapi
 from host_stack import matrix_oracle as mo
 from host_stack import seed_oracle as so
@@ -75,6 +76,7 @@ TABLES: dict[str, Callable[[], list[Verdict]]] = {
     "seed": lambda: [so.judge_guest_access(EXP, so.GuestAccessObservation(None, None, None)),
                      so.judge_user_touch(EXP, [])],
     "poison matrix": _matrix,
+    "conversions": lambda: [cc.judge_case(case, cc.Seen(dict(case.expect()))) for case in cc.CASES],
     "guest rows": lambda: [_guest_row(s) for s in SCENARIOS if s.source is Source.QMP],
     "chain rows": lambda: [_chain_row(s) for s in SCENARIOS if s.source is Source.HOST],
 }
