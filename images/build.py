@@ -39,6 +39,7 @@ __all__ = [
     "default_cache_root",
     "default_probe_source",
     "image_from_manifest",
+    "indexed_apt",
 ]
 
 _log = logging.getLogger(__name__)
@@ -117,6 +118,23 @@ def build_lock(lock_path: Path) -> Iterator[None]:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def indexed_apt(where: Path, suite: str, *, base: tuple[str, ...] = (), fresh_for_s: float = 0.0) -> debs.AptConfig:
+    """A private apt configuration of ``suite`` under ``where`` with its package index: updated
+    unless younger than ``fresh_for_s`` seconds (0: always); when the update fails, the lists from
+    before serve, and without any a ``BuildError`` says so."""
+    apt = debs.private_apt(where, suite, base=base)
+    lists = list((where / "lists").glob("*_Packages*"))
+    if fresh_for_s > 0 and lists and time.time() - max(p.stat().st_mtime for p in lists) < fresh_for_s:
+        return apt
+    try:
+        debs.update(apt)
+    except debs.PackageError as exc:
+        if not any((where / "lists").glob("*_Packages*")):
+            raise BuildError(f"cannot read the {suite} index: {exc}") from exc
+        _log.warning("apt-get update of %s failed, using the lists from before: %s", suite, exc)
+    return apt
 
 
 def cached_build(root: Path, key: str, build: Callable[[Path, Path], dict[str, Any]], *,

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from images import debs, manifest
-from images.build import BuildError, cached_build, default_cache_root
+from images.build import BuildError, cached_build, default_cache_root, indexed_apt
 from images.labhost import DEFAULT_SUITE
 
 __all__ = ["OPTION", "KvmModules", "abi_gate", "build_kvm_modules", "changed_symbols", "config_symbols",
@@ -151,9 +151,7 @@ def _toolchain(work: Path, libelf_dev: Path, pahole_version: int) -> dict[str, s
 
 
 def _resolve(root: Path, suite: str, release: str) -> tuple[debs.AptConfig, tuple[debs.PackagePin, ...]]:
-    from images.labhost import _private_apt
-
-    apt = _private_apt(root, suite, fresh_for_s=INDEX_FRESH_S)
+    apt = indexed_apt(root / "apt" / suite, suite, fresh_for_s=INDEX_FRESH_S)
     source = source_package_for(release)
     headers = f"linux-headers-{release}"
     names = set(debs.package_names("linux-", apt))
@@ -168,10 +166,10 @@ def _resolve(root: Path, suite: str, release: str) -> tuple[debs.AptConfig, tupl
     return apt, pins
 
 
-def _libelf_dev(root: Path) -> debs.PackagePin:
-    from images.labhost import _private_apt
-
-    return debs.resolve(["libelf-dev"], _private_apt(root, "sid", fresh_for_s=INDEX_FRESH_S))[0]
+def _libelf_dev(root: Path) -> tuple[debs.AptConfig, debs.PackagePin]:
+    """sid's libelf-dev (objtool's headers; the host's are too old), with the apt that serves it."""
+    apt = indexed_apt(root / "apt" / "sid", "sid", fresh_for_s=INDEX_FRESH_S)
+    return apt, debs.resolve(["libelf-dev"], apt)[0]
 
 
 def build_kvm_modules(kernel_release: str, cache_root: Path | None = None, *, suite: str = DEFAULT_SUITE,
@@ -181,7 +179,7 @@ def build_kvm_modules(kernel_release: str, cache_root: Path | None = None, *, su
     say = progress or (lambda line: _log.info("%s", line))
     root = (cache_root if cache_root is not None else default_cache_root()).absolute()
     apt, (source_pin, headers_pin) = _resolve(root, suite, kernel_release)
-    libelf_pin = _libelf_dev(root)
+    libelf_apt, libelf_pin = _libelf_dev(root)
     builder = manifest.builder_source_hashes(BUILDER_MODULES, ())
     extra = {"image": "kvm-modules", "option": OPTION, "release": kernel_release}
     key = manifest.cache_key((source_pin, headers_pin, libelf_pin), builder, "", extra)
@@ -193,7 +191,7 @@ def build_kvm_modules(kernel_release: str, cache_root: Path | None = None, *, su
                              "(ci/bootstrap-host.sh installs them)")
         for notice in stale_builds(root, kernel_release):
             say(notice)
-        return _build(work, out, root=root, apt=apt, pins=(source_pin, headers_pin, libelf_pin),
+        return _build(work, out, root=root, apts=(apt, libelf_apt), pins=(source_pin, headers_pin, libelf_pin),
                       release=kernel_release, say=say)
 
     out_dir, doc, hit = cached_build(root, key, build, force=force, started=started)
@@ -220,13 +218,14 @@ def stale_builds(root: Path, kernel_release: str) -> list[str]:
     return notices
 
 
-def _build(work: Path, out: Path, *, root: Path, apt: debs.AptConfig, pins: tuple[debs.PackagePin, ...],
-           release: str, say: Callable[[str], None]) -> dict[str, Any]:
-    source_pin, headers_pin, libelf_pin = pins
+def _build(work: Path, out: Path, *, root: Path, apts: tuple[debs.AptConfig, debs.AptConfig],
+           pins: tuple[debs.PackagePin, ...], release: str, say: Callable[[str], None]) -> dict[str, Any]:
+    """``apts``: the kernel's suite (source, headers) and sid (libelf-dev)."""
+    (apt, libelf_apt), (source_pin, headers_pin, libelf_pin) = apts, pins
     log = out / "build.log"
     say(f"kvm modules: downloading {source_pin.name} {source_pin.version} and the kernel's headers")
     paths = debs.download((source_pin, headers_pin), root / "debs", apt)
-    libelf = debs.download((libelf_pin,), root / "debs", debs.private_apt(root / "apt" / "sid", "sid"))
+    libelf = debs.download((libelf_pin,), root / "debs", libelf_apt)
     for deb in (*paths.values(), *libelf.values()):
         debs.extract(deb, work / "debs")
     headers = work / "debs" / "usr" / "src" / headers_pin.name

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from images import debs, kconfig, kmod, manifest, vmlinux
-from images.build import BuildError, cached_build, default_cache_root
+from images.build import BuildError, cached_build, default_cache_root, indexed_apt
 from images.cpio import NewcWriter
 from images.initramfs import busybox_applets
 
@@ -152,25 +152,9 @@ def newest_kernel_version(names: Sequence[str], major: int = DEFAULT_KERNEL_MAJO
     return max(wanted, key=_version_key)
 
 
-def _private_apt(root: Path, suite: str, *, fresh_for_s: float = 0.0) -> debs.AptConfig:
-    """The private apt configuration of ``suite``, its index updated unless it is younger than
-    ``fresh_for_s`` seconds (0: always updated)."""
-    apt = debs.private_apt(root / "apt" / suite, suite)
-    lists = list((root / "apt" / suite / "lists").glob("*_Packages*"))
-    if fresh_for_s > 0 and lists and time.time() - max(p.stat().st_mtime for p in lists) < fresh_for_s:
-        return apt
-    try:
-        debs.update(apt)
-    except debs.PackageError as exc:
-        if not any((root / "apt" / suite / "lists").glob("*_Packages*")):
-            raise BuildError(f"cannot read the {suite} index: {exc}") from exc
-        _log.warning("apt-get update of %s failed, using the lists from before: %s", suite, exc)
-    return apt
-
-
 def _resolve_debian(root: Path, source: DebianKernel) -> tuple[debs.AptConfig, tuple[debs.PackagePin, ...]]:
     """Pins of the three packages the 7.x metapackage stands for (unsigned binary)."""
-    apt = _private_apt(root, source.suite)
+    apt = indexed_apt(root / "apt" / source.suite, source.suite)
     names = debs.package_names("linux-image-", apt)
     if source.version is None:
         version = newest_kernel_version(names)

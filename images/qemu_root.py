@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from images import debs, manifest
-from images.build import BuildError, cached_build, default_cache_root
+from images.build import BuildError, cached_build, default_cache_root, indexed_apt
 
 __all__ = ["QEMU_SUITE", "QemuRoot", "build_qemu_root"]
 
@@ -58,23 +58,11 @@ class QemuRoot:
                 "manifest": str(self.manifest), "cache_hit": self.cache_hit}
 
 
-def _private_apt(root: Path, suite: str) -> debs.AptConfig:
-    where = root / "apt" / f"qemu-{suite}"
-    apt = debs.private_apt(where, suite, base=QEMU_BASE_SUITES)
-    try:
-        debs.update(apt)
-    except debs.PackageError as exc:
-        if not any((where / "lists").glob("*_Packages*")):
-            raise BuildError(f"cannot read the {suite} index: {exc}") from exc
-        _log.warning("apt-get update of %s failed, using the lists from before: %s", suite, exc)
-    return apt
-
-
 def build_qemu_root(cache_root: Path | None = None, *, suite: str = QEMU_SUITE, force: bool = False) -> QemuRoot:
     """The QEMU of ``suite`` (with ``trixie`` beneath it) unpacked into a cached root."""
     started = time.monotonic()
     root = (cache_root if cache_root is not None else default_cache_root()).absolute()
-    apt = _private_apt(root, suite)
+    apt = indexed_apt(root / "apt" / f"qemu-{suite}", suite, base=QEMU_BASE_SUITES)
     pins = debs.install_closure([QEMU_PACKAGE], apt)
     qemu_pin = next(p for p in pins if p.name == QEMU_PACKAGE)
     builder = manifest.builder_source_hashes(_BUILDER_MODULES, ())

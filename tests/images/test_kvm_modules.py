@@ -59,3 +59,25 @@ def test_a_cached_rebuild_for_another_kernel_is_named_stale(tmp_path: Path) -> N
         manifest.write_manifest(tmp_path / "images" / name / manifest.MANIFEST_NAME, doc)
     (notice,) = stale_builds(tmp_path, "7.3.4+deb13-amd64")
     assert "rebuilt for 7.2.12+deb13-amd64; the lab kernel is now 7.3.4+deb13-amd64" in notice, notice
+
+
+def test_a_fresh_package_index_is_not_fetched_again_and_a_missing_one_is_an_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from images import debs
+    from images.build import indexed_apt
+
+    updates: list[str] = []
+    monkeypatch.setattr(debs, "update", lambda apt: updates.append(apt.label))
+    (tmp_path / "lists").mkdir(parents=True)
+    (tmp_path / "lists" / "x_sid_main_binary-amd64_Packages").write_text("")
+    indexed_apt(tmp_path, "sid", fresh_for_s=3600)
+    assert updates == []
+    indexed_apt(tmp_path, "sid")
+    assert updates == ["private apt (sid)"]
+
+    def offline(apt: debs.AptConfig) -> None:
+        raise debs.PackageError("no network")
+
+    monkeypatch.setattr(debs, "update", offline)
+    with pytest.raises(BuildError, match="cannot read the sid index: no network"):
+        indexed_apt(tmp_path / "empty", "sid")
