@@ -32,6 +32,7 @@ from typing import Any, Final
 from host_stack import kvm_uapi as u
 from host_stack import mm_uapi as m
 from host_stack.injectors import madvise_failure_sentence
+from host_stack.kernel_modules import kernel_taint, module_taint
 from host_stack.kernelfs import DEBUGFS, TRACEFS, mounted
 from host_stack.pagemap import PAGE_SIZE
 
@@ -309,22 +310,10 @@ def _probe_kvm() -> dict[str, Any]:
             vm_type_errors=tuple(errors),
             private_memory_vm_types=tuple(private),
             vm_type_caps=tuple(type_caps),
-            **_kvm_taint(),
+            kvm_module_taint=module_taint("kvm"),
+            kernel_taint=kernel_taint(),
         )
     return fields
-
-
-def _kvm_taint() -> dict[str, Any]:
-    """The kvm module's taint letters and the kernel's taint mask (both empty/0 if unreadable)."""
-    try:
-        module = (_SYS_MODULE / "kvm" / "taint").read_text().strip()
-    except OSError:
-        module = ""
-    try:
-        kernel = int(Path("/proc/sys/kernel/tainted").read_text().strip() or 0)
-    except (OSError, ValueError):
-        kernel = 0
-    return {"kvm_module_taint": module, "kernel_taint": kernel}
 
 
 def _probe_linux_boot() -> dict[str, Any]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from host_stack import mm_uapi as m
 from host_stack.errors import HostStackError
 
-__all__ = ["ModuleSwap", "ModuleSwapError", "loaded", "swap_kvm"]
+__all__ = ["ModuleSwap", "ModuleSwapError", "kernel_taint", "loaded", "module_taint", "swap_kvm"]
 
 _SYS_MODULE = Path("/sys/module")
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -53,8 +53,21 @@ def loaded(name: str) -> bool:
         return False
 
 
-def _kernel_taint() -> int:
-    return int(Path("/proc/sys/kernel/tainted").read_text().strip() or 0)
+def module_taint(name: str) -> str:
+    """The taint letters of module ``name`` (/sys/module/NAME/taint): "" for a signed, in-tree module
+    (or one not loaded), e.g. "OE" for one built out of tree and unsigned."""
+    try:
+        return (_SYS_MODULE / name / "taint").read_text().strip()
+    except OSError:
+        return ""
+
+
+def kernel_taint() -> int:
+    """The kernel's taint mask (/proc/sys/kernel/tainted; 0 if unreadable)."""
+    try:
+        return int(Path("/proc/sys/kernel/tainted").read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def _unload(name: str) -> None:
@@ -84,15 +97,14 @@ def swap_kvm(kvm_ko: Path, vendor_ko: Path) -> ModuleSwap:
     if vendor not in ("kvm_amd", "kvm_intel"):
         raise ModuleSwapError(errno.EINVAL, f"{vendor_ko.name} is not a KVM vendor module (kvm-amd.ko or kvm-intel.ko)")
     t0 = time.monotonic()
-    before = _kernel_taint()
+    before = kernel_taint()
     gone = tuple(name for name in (vendor, "kvm") if loaded(name))
     for name in gone:
         _unload(name)
     _load(kvm_ko)
     _load(vendor_ko)
-    taint = (_SYS_MODULE / "kvm" / "taint").read_text().strip()
-    return ModuleSwap(unloaded=gone, loaded=("kvm", vendor), kvm_taint=taint, kernel_taint_before=before,
-                      kernel_taint_after=_kernel_taint(), seconds=round(time.monotonic() - t0, 3))
+    return ModuleSwap(unloaded=gone, loaded=("kvm", vendor), kvm_taint=module_taint("kvm"), kernel_taint_before=before,
+                      kernel_taint_after=kernel_taint(), seconds=round(time.monotonic() - t0, 3))
 
 
 def main(argv: list[str]) -> int:
