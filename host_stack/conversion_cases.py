@@ -22,7 +22,7 @@ from typing import Any, Final
 from host_stack import gmem_layout as gl
 from host_stack import kvm_uapi as u
 from host_stack import vmm
-from host_stack.gmem_uapi_cases import KERNEL_7_3_4, ErrnoSource
+from host_stack.gmem_uapi_cases import KERNEL_7_3_4, ErrnoSource, attempt
 from host_stack.kvm import KvmSystem, MemoryFaultExit
 from outcome import Check, Verdict
 
@@ -63,12 +63,12 @@ def _decoy(gfn: int) -> int:
     return vmm.anon_marker(index)
 
 
-def _hex_reads(reads: Sequence[vmm.GuestRead]) -> str:
-    return ", ".join(f"{r.gfn:#x}={r.value:#x}" for r in reads)
-
-
 def _hex_values(values: dict[int, int]) -> str:
     return ", ".join(f"{gfn:#x}={value:#x}" for gfn, value in values.items())
+
+
+def _hex_reads(reads: Sequence[vmm.GuestRead]) -> str:
+    return _hex_values({r.gfn: r.value for r in reads})
 
 
 def _tvm(system: KvmSystem, **kw: Any) -> vmm.TinyVm:
@@ -160,11 +160,9 @@ def _expect_no_gmem() -> dict[str, str]:
 
 
 def _errno_of(fn: Callable[[], object]) -> str:
-    try:
-        fn()
-    except OSError as exc:
-        return errno.errorcode.get(exc.errno or 0, str(exc.errno))
-    return "success"
+    """The errno name of the operation (``gmem_uapi_cases.attempt``), or "success"."""
+    err = attempt(fn)
+    return "success" if err == 0 else errno.errorcode.get(err, str(err))
 
 
 def _bad_attributes(system: KvmSystem) -> Seen:
@@ -173,7 +171,7 @@ def _bad_attributes(system: KvmSystem) -> Seen:
         unknown = _errno_of(lambda: vm.set_memory_attributes(0x20000, gl.PAGE_SIZE, 1 << 0))
         empty = _errno_of(lambda: vm.set_memory_attributes(0x20000, 0, u.KVM_MEMORY_ATTRIBUTE_PRIVATE))
         init_shared = _errno_of(lambda: vm.create_guest_memfd(
-            gl.PAGE_SIZE, u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED).close())
+            gl.PAGE_SIZE, u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED))
     return Seen({"unaligned gpa": unaligned, "unknown attribute bit 0": unknown, "size 0": empty,
                  "guest_memfd MMAP|INIT_SHARED": init_shared})
 

@@ -2,7 +2,7 @@
 
 The layout is the shape the seed's bug needs: slots at non-trivial base gfns bound to the
 guest_memfd at non-zero offsets, so ``gfn != file index`` everywhere. A 16-bit real-mode
-payload (hand-assembled, see ``build_read_payload``) reads the first dword of each listed gfn
+payload (hand-assembled, see ``build_payload``) reads the first dword of each listed gfn
 and reports ``(gfn, value)`` through port I/O, then HLTs. Scenarios compare what the guest read
 with the oracle (``gmem_layout``) and markers written through the guest_memfd mmap.
 
@@ -59,7 +59,7 @@ __all__ = [
     "PayloadError",
     "TinyVm",
     "anon_marker",
-    "build_read_payload",
+    "build_payload",
     "gmem_marker",
     "judge_oracle_mapping",
     "judge_punch_hole",
@@ -166,11 +166,6 @@ def build_payload(steps: Sequence[tuple[int, int | None]]) -> bytes:
     return bytes(code)
 
 
-def build_read_payload(gfns: Sequence[int]) -> bytes:
-    """The payload that reports the first dword of each gfn (no writes)."""
-    return build_payload([(gfn, None) for gfn in gfns])
-
-
 @dataclass(frozen=True)
 class GuestRead:
     """One report of the payload: the dword at offset 0 of ``gfn``."""
@@ -191,11 +186,11 @@ class TinyVm:
     ``markers=False`` leaves every guest_memfd page unallocated and untouched, for callers
     that decide per page whether it is mapped, clean or dirty (the poison matrix).
 
-    ``vm_type`` and ``gmem_flags``: a default VM's guest_memfd is MMAP|INIT_SHARED (mapped, and
-    its markers written through the mapping); a software-protected VM (type 1) takes no
-    INIT_SHARED, and without MMAP its guest_memfd has no host mapping at all: its pages start
-    zeroed, ``markers`` must be off, and each slot is served from ``userspace_addr`` (the decoy)
-    while shared and from the guest_memfd once ``set_private`` made it private.
+    ``vm_type`` chooses the guest_memfd flags (``DEFAULT_GMEM_FLAGS``): a default VM's is
+    MMAP|INIT_SHARED (mapped, and its markers written through the mapping); a software-protected
+    VM's (type 1) has neither, so it has no host mapping at all: its pages start zeroed,
+    ``markers`` must be off, and each slot is served from ``userspace_addr`` (the decoy) while
+    shared and from the guest_memfd once ``set_private`` made it private.
     """
 
     def __init__(
@@ -207,11 +202,10 @@ class TinyVm:
         backing: BackingMode = "gmem_mmap",
         markers: bool = True,
         vm_type: int = u.KVM_X86_DEFAULT_VM,
-        gmem_flags: int | None = None,
     ) -> None:
         self.layout = gl.check_no_overlap(layout)
         self.vm_type = vm_type
-        self.gmem_flags = DEFAULT_GMEM_FLAGS.get(vm_type, 0) if gmem_flags is None else gmem_flags
+        self.gmem_flags = DEFAULT_GMEM_FLAGS.get(vm_type, 0)
         mapped = bool(self.gmem_flags & u.GUEST_MEMFD_FLAG_MMAP)
         if not mapped and (markers or backing == "gmem_mmap"):
             raise ValueError(f"guest_memfd flags {self.gmem_flags:#x} have no MMAP: nothing can write its markers "

@@ -15,16 +15,16 @@ from host_stack.kvm import KvmSystem
 
 
 def test_payload_encodes_each_gfn_segment_and_ends_in_hlt() -> None:
-    code = vmm.build_read_payload([0x41])
+    code = vmm.build_payload([(0x41, None)])
     assert code[:3] == bytes([0xB8, 0x41, 0x00])  # mov ax, gfn
     assert code[7:12] == bytes([0xB8, 0x00, 0x41, 0x8E, 0xD8])  # mov ax, 0x4100; mov ds, ax
     assert code[-3:] == bytes([0xF4, 0xEB, 0xFE])
-    assert len(vmm.build_read_payload([1, 2, 3])) == 3 * 21 + 3
+    assert len(vmm.build_payload([(1, None), (2, None), (3, None)])) == 3 * 21 + 3
 
 
 def test_payload_refuses_gfns_beyond_real_mode() -> None:
     with pytest.raises(ValueError, match="real-mode reach"):
-        vmm.build_read_payload([0x100])
+        vmm.build_payload([(0x100, None)])
 
 
 def _reads(values: dict[int, int]) -> list[vmm.GuestRead]:
