@@ -422,7 +422,7 @@ def _cmd_labhost_image(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
         image = _labhost_image(args)
-        kvm = (build_kvm_modules(image.kernel_release, progress=lambda line: print(line, file=sys.stderr))
+        kvm = (build_kvm_modules(image.kernel_release, progress=_progress)
                if args.kvm == SW_PROTECTED else None)
     except (BuildError, PackageError, KernelConfigError) as exc:
         print(f"gmemtest labhost image: {exc}", file=sys.stderr)
@@ -474,7 +474,7 @@ def _cmd_labhost_run(args: argparse.Namespace) -> int:
         return EXIT_LABHOST_ERROR
     t_image = time.monotonic() - t0
     try:
-        argv = kvm_command(args.kvm, argv, image.kernel_release, progress=lambda line: print(line, file=sys.stderr))
+        argv = kvm_command(args.kvm, argv, image.kernel_release, progress=_progress)
     except BuildError as exc:
         print(f"gmemtest labhost run: --kvm {args.kvm}: {exc}", file=sys.stderr)
         return EXIT_LABHOST_ERROR
@@ -541,6 +541,15 @@ def _cmd_labhost_test(args: argparse.Namespace) -> int:
     if result.error is not None:
         return EXIT_LABHOST_ERROR
     return EXIT_PASS if result.ok else EXIT_FAIL
+
+
+def _add_kvm_option(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--kvm", choices=KVM_CHOICES, default=STOCK, help=help_text)
+
+
+def _progress(line: str) -> None:
+    """A build step's progress line, on stderr (stdout holds the command's own output)."""
+    print(line, file=sys.stderr)
 
 
 def _add_kernel_options(p: argparse.ArgumentParser) -> None:
@@ -682,8 +691,7 @@ def _add_labhost(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     lab = p.add_subparsers(dest="labhost_command", required=True)
     q = lab.add_parser("image", help="build (or reuse) the lab-host image")
     _add_kernel_options(q)
-    q.add_argument("--kvm", choices=KVM_CHOICES, default=STOCK,
-                   help="with sw-protected, also build (or reuse) the KVM modules rebuilt for its kernel")
+    _add_kvm_option(q, "with sw-protected, also build (or reuse) the KVM modules rebuilt for its kernel")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_cmd_labhost_image)
     q = lab.add_parser("run", help="boot L1, run COMMAND in a chroot of this machine's root, "
@@ -698,9 +706,8 @@ def _add_labhost(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     q.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="add to the command's otherwise clean environment (repeatable)")
     q.add_argument("--qemu", default=DEFAULT_QEMU, help="QEMU binary")
-    q.add_argument("--kvm", choices=KVM_CHOICES, default=STOCK,
-                   help="L1's KVM: Debian's stock modules, or the pair rebuilt with CONFIG_KVM_SW_PROTECTED_VM "
-                        "(built for L1's kernel on first use, then cached), swapped in before COMMAND")
+    _add_kvm_option(q, "L1's KVM: Debian's stock modules, or the pair rebuilt with CONFIG_KVM_SW_PROTECTED_VM "
+                       "(built for L1's kernel on first use, then cached), swapped in before COMMAND")
     q.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
     q.set_defaults(func=_cmd_labhost_run)
     q = lab.add_parser("test", help="run the project's host-side pytest files inside L1 (real guest_memfd "
@@ -712,9 +719,8 @@ def _add_labhost(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     q.add_argument("--results", help="evidence directory (default: ./gmemtest-labhost-runs/test-<timestamp>)")
     q.add_argument("--quiet", action="store_true", help="do not stream L1's output")
     q.add_argument("--json", action="store_true", help="print the judged result as JSON")
-    q.add_argument("--kvm", choices=KVM_CHOICES, default=STOCK,
-                   help="L1's KVM (see 'labhost run'); under sw-protected a skip for a software-protected VM "
-                        "fails the batch too")
+    _add_kvm_option(q, "L1's KVM (see 'labhost run'); under sw-protected a skip for a software-protected VM "
+                       "fails the batch too")
     q.set_defaults(func=_cmd_labhost_test)
 
 

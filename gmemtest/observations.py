@@ -12,7 +12,7 @@ import logging
 import re
 from dataclasses import asdict, dataclass, field
 
-from gmemtest.errors import GmemtestError
+from gmemtest.errors import ScenarioError
 from gmemtest.evidence import Evidence
 from gmemtest.guest_run import GuestRun
 from guests.probe_client import Mapping, ProbeClient, SigbusReport
@@ -218,7 +218,7 @@ def read_kpageflags_words(guest: GuestRun, pfns: list[int]) -> dict[int, int]:
               "dd if=/proc/kpageflags bs=8 skip=$p count=1 2>/dev/null | od -An -tx8; done")
     words = guest.guest_text(script).split()
     if len(words) != len(pfns):
-        raise GmemtestError(f"reading /proc/kpageflags of {len(pfns)} pfns gave {len(words)} words: {words[:4]}")
+        raise ScenarioError(f"reading /proc/kpageflags of {len(pfns)} pfns gave {len(words)} words: {words[:4]}")
     return {pfn: int(word, 16) for pfn, word in zip(pfns, words, strict=True)}
 
 

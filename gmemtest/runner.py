@@ -57,7 +57,7 @@ from host_stack import mm_uapi
 from host_stack.kvm_uapi import KVM_EXIT_SHUTDOWN
 from images.build import GuestImage
 from outcome import Verdict
-from qmp_helpers import MachineStuck, mce_kind
+from qmp_helpers import MachineStuck, MceInjection, mce_kind
 from qmp_helpers.trace_log import TRACE_PREFIX
 
 __all__ = ["ScenarioError", "ScenarioResult", "run_in_fresh_guest", "run_scenario"]
@@ -149,6 +149,7 @@ def _prepare_guest(spec: ScenarioSpec, guest: GuestRun, ev: Evidence) -> dict[st
         setup["guest_mce_poll_s"] = int(guest.guest_text(f"cat {MCE_POLL_PATH}").strip())
     guest.guest_text(f"echo > {GUEST_TRACE_DIR}/trace")
     setup["guest_cpu_vendor"] = _cpu_vendor(guest)
+    ev.json("setup.json", setup)
     return setup
 
 
@@ -261,8 +262,10 @@ def _act_and_observe(st: Stage) -> None:
 
 
 def _landing(injection: Injection) -> str:
-    landing = getattr(injection, "landing", None)
-    return "" if landing is None else f" into {landing.where()} (stop {getattr(injection, 'landing_tries', '?')})"
+    """Where an SRAR landed (``inject_mce_at``), for the log; nothing for other injections."""
+    if not isinstance(injection, MceInjection) or injection.landing is None:
+        return ""
+    return f" into {injection.landing.where()} (stop {injection.landing_tries})"
 
 
 def _judge_unexpected_panic(st: Stage, exc: ProbeError | SshError) -> None:
@@ -296,7 +299,6 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
     ev = Evidence(evidence_dir)
     setup = _prepare_guest(spec, guest, ev)
     obs = Observations(hardware_corrupted_before_kb=hardware_corrupted_kb(guest))
-    ev.json("setup.json", setup)
     probe = ProbeClient(guest.ssh.start(PROBE_PATH), abort=lambda: guest_panicked(guest))
     with contextlib.ExitStack() as stack:
         stack.callback(_close_probe, guest, probe, evidence_dir / "probe.jsonl")

@@ -96,7 +96,11 @@ class BatchResult:
     error: str | None = None  # L1 itself failed (boot, freeze, timeout): nothing is judged
     output_tail: str = ""
     kvm: str = STOCK
-    guarantees: tuple[str, ...] = LABHOST_GUARANTEES
+
+    @property
+    def guarantees(self) -> tuple[str, ...]:
+        """The requirements L1 under this KVM meets: a skip for one of them is refused."""
+        return SW_PROTECTED_GUARANTEES if self.kvm == SW_PROTECTED else LABHOST_GUARANTEES
 
     @property
     def refused_skips(self) -> list[tuple[str, str, str]]:
@@ -180,5 +184,4 @@ def run_batch(image: LabhostImage, out: Path, paths: Sequence[str] = DEFAULT_PAT
     if error is None and not junit.is_file():
         error = f"pytest in L1 left no {JUNIT} (exit {returncode})"
     return BatchResult(tuple(paths), image.kernel_release, returncode, outcomes, time.monotonic() - started,
-                       ready, out, error, "".join(chunks)[-_OUTPUT_TAIL:], kvm=kvm,
-                       guarantees=SW_PROTECTED_GUARANTEES if kvm == SW_PROTECTED else LABHOST_GUARANTEES)
+                       ready, out, error, "".join(chunks)[-_OUTPUT_TAIL:], kvm=kvm)
