@@ -32,8 +32,7 @@ __all__ = ["CASES", "HOST_REQUIREMENTS", "TABLE_NAME", "ConversionCase", "Seen",
 HOST_REQUIREMENTS: Final = ("kvm", "sw_protected_vm")
 TABLE_NAME: Final = "private/shared conversions (software-protected VM)"
 LAYOUT: Final = vmm.DEFAULT_LAYOUT
-# One gfn of each slot, not its first, so every private page is at a non-zero slot offset.
-PRIVATE: Final = tuple(s.base_gfn + 1 for s in LAYOUT)
+PRIVATE: Final = vmm.private_gfns(LAYOUT)
 SW: Final = u.KVM_X86_SW_PROTECTED_VM
 _SOURCE: Final = "virt/kvm/kvm_main.c, arch/x86/kvm/mmu/mmu.c"
 
@@ -91,14 +90,10 @@ def _expect_serving() -> dict[str, str]:
             "after converting one gfn per slot": _hex_values({g: 0 if g in PRIVATE else _decoy(g) for g in gfns})}
 
 
-def _pattern(gfn: int) -> int:
-    return 0x50520000 | gfn
-
-
 def _round_trip(system: KvmSystem) -> Seen:
     with _tvm(system) as tvm:
         tvm.set_private(PRIVATE)
-        written = tvm.write_gfns([(g, _pattern(g)) for g in PRIVATE])
+        written = tvm.write_gfns([(g, vmm.guest_pattern(g)) for g in PRIVATE])
         tvm.set_private(PRIVATE, private=False)
         shared = tvm.read_gfns(PRIVATE)
         tvm.set_private(PRIVATE)
@@ -108,7 +103,7 @@ def _round_trip(system: KvmSystem) -> Seen:
 
 
 def _expect_round_trip() -> dict[str, str]:
-    pattern = _hex_values({g: _pattern(g) for g in PRIVATE})
+    pattern = _hex_values({g: vmm.guest_pattern(g) for g in PRIVATE})
     return {"written while private": pattern, "read once shared": _hex_values({g: _decoy(g) for g in PRIVATE}),
             "read once private again": pattern}
 
@@ -119,7 +114,7 @@ def _oracle_index(system: KvmSystem) -> Seen:
     values: dict[str, str] = {}
     with _tvm(system) as tvm:
         tvm.set_private(PRIVATE)
-        tvm.write_gfns([(g, _pattern(g)) for g in PRIVATE])
+        tvm.write_gfns([(g, vmm.guest_pattern(g)) for g in PRIVATE])
         for gfn in PRIVATE:
             index = gl.index_for_gfn(LAYOUT, gfn)
             assert index is not None, gfn
@@ -133,7 +128,7 @@ def _expect_oracle_index() -> dict[str, str]:
     for gfn in PRIVATE:
         punched.add(gfn)
         expected[f"after punching page {gl.index_for_gfn(LAYOUT, gfn)} (gfn {gfn:#x})"] = _hex_values(
-            {g: 0 if g in punched else _pattern(g) for g in PRIVATE})
+            {g: 0 if g in punched else vmm.guest_pattern(g) for g in PRIVATE})
     return expected
 
 

@@ -63,10 +63,12 @@ __all__ = [
     "PoisonState",
     "ProvenFrame",
     "RefusalReason",
+    "check_forbidden_flags",
     "check_frame_flags",
     "cleanup_warnings",
     "judge_poison_state",
     "prove_frame",
+    "unpoison_pfn",
 ]
 
 _log = logging.getLogger(__name__)
@@ -88,6 +90,9 @@ RefusalReason = Literal[
     "not-user-mapped",
     "already-poisoned",
     "moved",
+    "not-proven",
+    "user-mapped",
+    "not-guest-memfd",
 ]
 
 # kpageflags bits that make a frame unsafe to poison, with the reason each one gives.
@@ -156,6 +161,12 @@ class InjectionRecord:
     hardware_corrupted_kib: tuple[int | None, int | None] = (None, None)  # before, after
     sigbus_during_call: int = 0  # SIGBUS delivered to the caller while the call ran
     cleanup_failed: bool = False  # a frame stays poisoned after cleanup
+    gpa: int | None = None  # a private guest page (no user mapping: ``va`` is 0), by guest address
+
+    @property
+    def target(self) -> str:
+        """Where the poisoned page is, in the words of its owner: a user address or a private gpa."""
+        return f"pid {self.pid} gpa {self.gpa:#x}" if self.gpa is not None else f"pid {self.pid} va {self.va:#x}"
 
     @property
     def poisoned_pfns(self) -> tuple[int, ...]:
@@ -170,7 +181,7 @@ class InjectionRecord:
 def cleanup_warnings(records: Sequence[InjectionRecord]) -> list[str]:
     """One sentence per record whose frames stay poisoned after cleanup (for results/verdicts)."""
     return [
-        f"cleanup of {r.method} poison (pid {r.pid} va {r.va:#x} pfn "
+        f"cleanup of {r.method} poison ({r.target} pfn "
         f"{','.join(f'{p:#x}' for p in r.poisoned_pfns)}) failed: {r.cleanup}"
         for r in records
         if r.cleanup_failed
@@ -232,8 +243,8 @@ def _sigbus_tolerated() -> Iterator[list[int]]:
             previous(signal.SIGBUS, None)  # the caller's own handler still hears of it
 
 
-def check_frame_flags(flags: PageFlags) -> None:
-    """Refuse a frame whose flags say it is not an ordinary page mapped by a user process."""
+def check_forbidden_flags(flags: PageFlags) -> None:
+    """Refuse a frame whose flags say it is kernel memory, free, a hole or already poisoned."""
     for bit, reason, why in _FORBIDDEN_FLAGS:
         if flags.has(bit):
             raise InjectionRefused(
@@ -241,6 +252,11 @@ def check_frame_flags(flags: PageFlags) -> None:
                 f"refusing to poison pfn {flags.pfn:#x}: {why} (kpageflags {flags.raw:#x}: "
                 f"{','.join(flags.names) or 'none'})",
             )
+
+
+def check_frame_flags(flags: PageFlags) -> None:
+    """Refuse a frame whose flags say it is not an ordinary page mapped by a user process."""
+    check_forbidden_flags(flags)
     if not flags.mapped_to_user:
         raise InjectionRefused(
             "not-user-mapped",
@@ -293,6 +309,15 @@ def _write_sysfs(path: Path, value: str) -> None:
         os.close(fd)
 
 
+def unpoison_pfn(path: Path, pfn: int) -> int:
+    """Write ``pfn`` to debugfs ``hwpoison/unpoison-pfn`` at ``path``: 0, or the errno it answered."""
+    try:
+        _write_sysfs(path, f"{pfn:#x}")
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    return 0
+
+
 class _Injector:
     """Records and clean-up shared by all injectors."""
 
@@ -329,16 +354,15 @@ class _Injector:
                 outcomes = []
                 failed = False
                 for pfn in rec.poisoned_pfns:
-                    try:
-                        _write_sysfs(unpoison, f"{pfn:#x}")
-                        outcomes.append(f"unpoisoned pfn {pfn:#x}")
-                    except OSError as exc:
-                        failed = True
-                        outcomes.append(f"unpoison-pfn {pfn:#x} failed: {exc}")
+                    err = unpoison_pfn(unpoison, pfn)
+                    failed = failed or err != 0
+                    outcomes.append(f"unpoisoned pfn {pfn:#x}" if err == 0
+                                    else f"unpoison-pfn {pfn:#x} failed: {errno.errorcode.get(err, err)} "
+                                         f"({os.strerror(err)})")
                 done.append(rec.with_cleanup("; ".join(outcomes), failed=failed))
         for rec in done:
             level = logging.WARNING if rec.cleanup_failed else logging.INFO
-            _log.log(level, "cleanup %s pid %d va %#x: %s", rec.method, rec.pid, rec.va, rec.cleanup)
+            _log.log(level, "cleanup %s %s: %s", rec.method, rec.target, rec.cleanup)
         self.records = done
         return done
 
@@ -457,42 +481,57 @@ class CorruptPfnInjector(_Injector):
         return self.corrupt_path
 
     def inject(self, pid: int, va: int, expected_pfn: int | None = None) -> InjectionRecord:
-        path = self.require()
+        """Poison the frame proven (``prove_frame``) to back ``va`` of ``pid``."""
+        self.require()
         frame = prove_frame(pid, va, expected_pfn)
-        _recheck(frame)
+        return self._write(frame.pfn, pid=pid, va=va, flags_before=frame.flags.names,
+                           recheck=lambda: _recheck(frame))
+
+    def inject_private(self, pfn: int, *, pid: int, gpa: int, recheck: Callable[[], None]) -> InjectionRecord:
+        """Poison ``pfn``, already proven to back private ``gpa`` of the VM ``pid`` runs
+        (``private_frames.prove_private_frame``); ``recheck`` raises ``InjectionRefused`` if
+        that no longer holds, right before the write."""
+        self.require()
+        return self._write(pfn, pid=pid, va=0, gpa=gpa, flags_before=read_kpageflags(pfn).names, recheck=recheck)
+
+    def _write(self, pfn: int, *, pid: int, va: int, flags_before: tuple[str, ...], recheck: Callable[[], None],
+               gpa: int | None = None) -> InjectionRecord:
+        path = self.require()
+        recheck()
         hc_before = hardware_corrupted_kib()
         t_wall = time.time_ns()
         t0 = time.monotonic_ns()
         err = 0
         try:
-            _write_sysfs(path, f"{frame.pfn:#x}")
+            _write_sysfs(path, f"{pfn:#x}")
         except OSError as exc:
             err = exc.errno or errno.EIO
             failure: OSError | None = exc
         else:
             failure = None
         t1 = time.monotonic_ns()
-        state = _poison_state([frame.pfn], hc_before)
+        state = _poison_state([pfn], hc_before)
         if failure is not None and not state.poisoned:
             raise failure
         record = InjectionRecord(
             method="corrupt-pfn",
             pid=pid,
             va=va,
-            pfn=frame.pfn,
+            gpa=gpa,
+            pfn=pfn,
             length=PAGE_SIZE,
             t_start_ns=t0,
             t_end_ns=t1,
             t_wall_ns=t_wall,
-            flags_before=frame.flags.names,
-            detail=f"wrote {frame.pfn:#x} to {path}"
+            flags_before=flags_before,
+            detail=f"wrote {pfn:#x} to {path}"
             + (f" ({errno.errorcode.get(err, err)})" if err else "")
             + f"; {state.sentence()}",
             poisoned=state.poisoned,
             call_errno=err,
             hardware_corrupted_kib=state.hardware_corrupted_kib,
         )
-        _log.info("corrupt-pfn pid %d va %#x pfn %#x", pid, va, frame.pfn)
+        _log.info("corrupt-pfn pid %d %s pfn %#x", pid, f"gpa {gpa:#x}" if gpa is not None else f"va {va:#x}", pfn)
         self.records.append(record)
         return record
 

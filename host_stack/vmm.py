@@ -61,9 +61,11 @@ __all__ = [
     "anon_marker",
     "build_payload",
     "gmem_marker",
+    "guest_pattern",
     "judge_oracle_mapping",
     "judge_punch_hole",
     "not_meaningful_reason",
+    "private_gfns",
     "run_backing_source",
     "run_oracle_mapping",
     "run_punch_hole",
@@ -126,6 +128,17 @@ def gmem_marker(index: int) -> int:
 def anon_marker(index: int) -> int:
     """Marker in the decoy anonymous buffer at the page the slot maps for ``index``."""
     return 0x414E0000 | (index & 0xFFFF)
+
+
+def private_gfns(layout: Sequence[gl.SlotLayout]) -> tuple[int, ...]:
+    """One gfn of each slot, not its first, so every private page sits at a non-zero slot offset
+    (with ``DEFAULT_LAYOUT`` it includes the seed's gfn 0x41, file index 9 behind slot 2)."""
+    return tuple(s.base_gfn + 1 for s in layout)
+
+
+def guest_pattern(gfn: int) -> int:
+    """What the guest writes to a private gfn, so a read tells its page from a zeroed or decoy one."""
+    return 0x50520000 | gfn
 
 
 def build_payload(steps: Sequence[tuple[int, int | None]]) -> bytes:
