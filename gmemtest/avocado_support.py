@@ -278,7 +278,7 @@ def _labhost_run(test: AvocadoTestLike) -> LabhostQualification:
     guest = chosen.guest_image(_job_dir(outdir))
     newer = build_qemu_root()  # Debian's newest QEMU, in its own root: the chain also runs under it
     result = shared_run(image, _job_dir(outdir) / "labhost", guest_manifest=Path(guest.manifest),
-                        variants=chain_variants(newer.binary))
+                        variants=chain_variants(newer.binary), private_kvm=chosen.labhost_kvm)
     for evidence in ("qualification.json", "qualification.html", "preflight.json", "labhost-qualification.json"):
         src = result.out / evidence
         if src.is_file():

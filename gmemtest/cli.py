@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gmemtest.host_checks import MEMORY_KINDS
 from gmemtest.lab.kvm import KVM_CHOICES, STOCK, SW_PROTECTED
 from gmemtest.scenarios import SCENARIOS, get_scenario, scenario_names
 from outcome import Verdict
@@ -327,7 +328,8 @@ def _cmd_qualify_labhost(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         result = qualify_in_labhost(image, out, on_output=None if args.quiet else _stream,
-                                    guest_manifest=Path(guest.manifest), variants=chain_variants(newer.binary))
+                                    guest_manifest=Path(guest.manifest), variants=chain_variants(newer.binary),
+                                    private_kvm=args.kvm)
     except LabhostError as exc:
         print(f"gmemtest qualify --labhost: {exc}", file=sys.stderr)
         return EXIT_LABHOST_ERROR
@@ -375,7 +377,7 @@ def _cmd_qualify(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return EXIT_USAGE
     out = Path(args.out)
-    q = qualify(out, specs=specs, image=image, binary=chosen.qemu, under=chosen, compare_with=old)
+    q = qualify(out, specs=specs, image=image, binary=chosen.qemu, under=chosen, compare_with=old, memory=args.memory)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(q.counts().items()))
     print(f"{q.outcome}: {counts}; findings: {len(q.findings)}")
     for finding in q.findings:
@@ -543,8 +545,8 @@ def _cmd_labhost_test(args: argparse.Namespace) -> int:
     return EXIT_PASS if result.ok else EXIT_FAIL
 
 
-def _add_kvm_option(p: argparse.ArgumentParser, help_text: str) -> None:
-    p.add_argument("--kvm", choices=KVM_CHOICES, default=STOCK, help=help_text)
+def _add_kvm_option(p: argparse.ArgumentParser, help_text: str, default: str = STOCK) -> None:
+    p.add_argument("--kvm", choices=KVM_CHOICES, default=default, help=help_text)
 
 
 def _progress(line: str) -> None:
@@ -679,6 +681,11 @@ def _add_qualify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--labhost", action="store_true",
                    help="qualify the kernel inside the lab host (an L1 KVM host under TCG) instead of this host")
     p.add_argument("--quiet", action="store_true", help="with --labhost: do not stream L1's output")
+    p.add_argument("--memory", choices=MEMORY_KINDS, default="all",
+                   help="which host checks: of shared guest_memfd memory, of private memory, or all (default)")
+    _add_kvm_option(p, "with --labhost: L1's KVM for the private-memory section (the shared-memory checks always "
+                    "run under Debian's stock modules first); under stock the private checks cannot run",
+                    default=SW_PROTECTED)
     p.add_argument("--compare", metavar="OLD.json",
                    help="an older qualification.json: report new FAILs, fixes, findings and timings that changed")
     _add_kernel_options(p)

@@ -14,16 +14,19 @@ from dataclasses import dataclass
 from typing import Final
 
 from gmemtest.requirements import host_unmet
-from host_stack import gmem_uapi_cases, vmm
+from host_stack import conversion_cases, gmem_uapi_cases, vmm
 from host_stack.capabilities import HostReport
 from host_stack.kvm import KvmSystem
 from host_stack.live_child import ChildCancelled
 from host_stack.poison_matrix import MATRIX_REQUIREMENTS, run_poison_matrix
+from host_stack.private_oracle import PRIVATE_SEED_NAME
+from host_stack.private_poison import PRIVATE_REQUIREMENTS, run_private_matrix, run_private_seed
 from host_stack.seed_regression import SEED_REQUIREMENTS, run_seed_regression
 from outcome import Verdict
 
-__all__ = ["BACKING_ITEM", "HOST_CHECK_TABLE", "MAPPING_ITEM", "MATRIX_ITEM", "NOT_MEANINGFUL_ON_DECOY",
-           "PUNCH_ITEM", "SEED_ITEM", "UAPI_ITEM", "HostCheck", "host_check"]
+__all__ = ["BACKING_ITEM", "CONVERSION_ITEM", "HOST_CHECK_TABLE", "MAPPING_ITEM", "MATRIX_ITEM", "MEMORY_KINDS",
+           "NOT_MEANINGFUL_ON_DECOY", "PRIVATE_MATRIX_ITEM", "PRIVATE_SEED_ITEM", "PUNCH_ITEM", "SEED_ITEM",
+           "UAPI_ITEM", "HostCheck", "host_check", "host_checks_of"]
 
 UAPI_ITEM: Final = "guest_memfd uAPI cases"
 MAPPING_ITEM: Final = "tiny VMM: slots map the oracle's indexes"
@@ -31,6 +34,12 @@ PUNCH_ITEM: Final = "tiny VMM: punch hole seen at the oracle's gfn"
 BACKING_ITEM: Final = "tiny VMM: memory serving gmem slots"
 SEED_ITEM: Final = "seed regression: poison behind a slot with pgoff > 0"
 MATRIX_ITEM: Final = "poison matrix: shared guest_memfd page (injector x kill policy x mapped x dirty)"
+CONVERSION_ITEM: Final = "private/shared conversions of a software-protected VM"
+PRIVATE_SEED_ITEM: Final = f"{PRIVATE_SEED_NAME}: poison behind a private gfn of a slot with pgoff > 0"
+PRIVATE_MATRIX_ITEM: Final = "poison matrix: private guest_memfd page (injector x kill policy)"
+# Which host checks a qualification runs: of shared guest_memfd memory (any KVM), of private
+# memory (a KVM that creates software-protected VMs), or all.
+MEMORY_KINDS: Final = ("all", "shared", "private")
 PUNCH_INDEX: Final = vmm.DEFAULT_LAYOUT[1].gmem_pgoff + 1  # file index 9 -> gfn 0x41
 # The oracle checks that prove nothing where gmem slots are served from userspace_addr (vmm's
 # NOT MEANINGFUL): the main job's plan predicts their CANCEL from the backing-source finding.
@@ -50,6 +59,7 @@ class HostCheck:
     lines: Callable[[Verdict], list[str]] | None = None  # more detail lines (the matrix's rows)
     key: str = ""  # its Avocado test method: test_<key> (gmemtest.avocado_files)
     tags: tuple[str, ...] = ()  # its Avocado tags besides its class's
+    private: bool = False  # it needs private memory: the lab host runs it under the rebuilt KVM
 
     def verdict(self, report: HostReport | None = None) -> Verdict:
         """Gate, then run. CANNOT RUN with the unmet requirement before anything runs (``report``:
@@ -107,6 +117,13 @@ def _matrix_rows(verdict: Verdict) -> list[str]:
     return lines
 
 
+def _private_seed_summary(verdict: Verdict) -> str:
+    mf = (verdict.evidence.get("observation") or {}).get("memory_fault") or {}
+    exit_text = (f"memory-fault exit at gpa {mf['gpa']:#x} flags {mf['flags']:#x}" if mf else "no memory-fault exit")
+    warned = f"; {len(verdict.warnings)} clean-up warning(s)" if verdict.warnings else ""
+    return f"{exit_text}, {len(verdict.checks)} checks, {len(verdict.findings)} findings{warned}"
+
+
 HOST_CHECK_TABLE: Final[tuple[HostCheck, ...]] = (
     HostCheck(UAPI_ITEM, gmem_uapi_cases.HOST_REQUIREMENTS, _on_kvm(gmem_uapi_cases.run_table), _uapi_summary,
               "uapi_cases.json", key="gmem_uapi", tags=("gmem", "uapi")),
@@ -124,7 +141,23 @@ HOST_CHECK_TABLE: Final[tuple[HostCheck, ...]] = (
               "seed_regression.json", all_checks=True, key="seed_regression", tags=("gmem", "hwpoison", "seed")),
     HostCheck(MATRIX_ITEM, MATRIX_REQUIREMENTS, lambda report: run_poison_matrix(report=report), _matrix_summary,
               "poison_matrix.json", lines=_matrix_rows, key="poison_matrix", tags=("gmem", "hwpoison", "matrix")),
+    HostCheck(CONVERSION_ITEM, conversion_cases.HOST_REQUIREMENTS, _on_kvm(conversion_cases.run_table),
+              lambda v: f"{len(v.checks)} values over {len(conversion_cases.CASES)} cases", "conversion_cases.json",
+              all_checks=True, key="conversion_table", tags=("gmem", "private", "conversion"), private=True),
+    HostCheck(PRIVATE_SEED_ITEM, PRIVATE_REQUIREMENTS, lambda report: run_private_seed(report=report),
+              _private_seed_summary, "private_seed_regression.json", all_checks=True, key="private_seed_regression",
+              tags=("gmem", "private", "hwpoison", "seed"), private=True),
+    HostCheck(PRIVATE_MATRIX_ITEM, PRIVATE_REQUIREMENTS, lambda report: run_private_matrix(report=report),
+              _matrix_summary, "private_poison_matrix.json", lines=_matrix_rows, key="private_poison_matrix",
+              tags=("gmem", "private", "hwpoison", "matrix"), private=True),
 )
+
+
+def host_checks_of(memory: str) -> tuple[HostCheck, ...]:
+    """The rows of ``memory`` (one of ``MEMORY_KINDS``); a ValueError names the valid kinds."""
+    if memory not in MEMORY_KINDS:
+        raise ValueError(f"memory kind {memory!r} is not one of {', '.join(MEMORY_KINDS)}")
+    return tuple(c for c in HOST_CHECK_TABLE if memory == "all" or c.private == (memory == "private"))
 
 
 def host_check(name: str) -> HostCheck:

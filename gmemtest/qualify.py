@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gmemtest.evidence import atomic_write
-from gmemtest.host_checks import HOST_CHECK_TABLE, HostCheck
+from gmemtest.host_checks import HostCheck, host_checks_of
 from gmemtest.preflight import preflight_report
 from gmemtest.report_html import render
 from gmemtest.report_model import Item, Qualification
@@ -72,10 +72,10 @@ class _Report:
             self.add(item)
 
 
-def _host_checks(r: _Report, report: HostReport | None) -> None:
-    """Every row of ``HOST_CHECK_TABLE`` as an item: CANNOT RUN with the probed requirement when
-    the host lacks it (``report``: default this host's), never an ERROR; else its verdict."""
-    for check in HOST_CHECK_TABLE:
+def _host_checks(r: _Report, report: HostReport | None, memory: str) -> None:
+    """Every row of ``HOST_CHECK_TABLE`` of ``memory`` as an item: CANNOT RUN with the probed
+    requirement when the host lacks it (``report``: default this host's), never an ERROR; else its verdict."""
+    for check in host_checks_of(memory):
         r.guarded("host", check.name, functools.partial(_host_item, r, check, report), evidence=check.evidence)
 
 
@@ -114,7 +114,8 @@ def _guest(r: _Report, specs: Sequence[ScenarioSpec], image: GuestImage, binary:
 
 def qualify(out: Path, *, specs: Sequence[ScenarioSpec], image: GuestImage | None,
             binary: str = DEFAULT_QEMU, under: UnderTest | None = None,
-            compare_with: dict[str, Any] | None = None, host: HostReport | None = None) -> Qualification:
+            compare_with: dict[str, Any] | None = None, host: HostReport | None = None,
+            memory: str = "all") -> Qualification:
     """Run every check, writing qualification.json and .html after each item.
 
     `under` is what the lab chose (profile, firmware, guest image...); it is recorded in the
@@ -122,7 +123,10 @@ def qualify(out: Path, *, specs: Sequence[ScenarioSpec], image: GuestImage | Non
     `compare_with` is an older qualification.json: what changed goes into both reports.
     `host` stands in for this host's probed report in the host checks' gates (a report that
     says a capability is 0 shows what a host without it gets); default: probed here.
+    `memory` picks the host checks (``host_checks.MEMORY_KINDS``): the lab host runs the shared
+    ones under Debian's KVM and the private ones under the rebuilt one.
     """
+    host_checks_of(memory)  # a bad kind fails before anything runs
     under = under if under is not None else UnderTest(qemu=binary)
     if specs and image is None:
         raise ValueError("guest scenarios were asked for, but no guest image was given")
@@ -136,7 +140,7 @@ def qualify(out: Path, *, specs: Sequence[ScenarioSpec], image: GuestImage | Non
         r.add(Item.from_verdict("host", "preflight", Verdict.did_not_run("preflight", "ERROR",
                                                                           f"{type(exc).__name__}: {exc}"), ""))
     r.save()
-    _host_checks(r, host)
+    _host_checks(r, host, memory)
     if specs:
         assert image is not None
         _guest(r, specs, image, binary, under)

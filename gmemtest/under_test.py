@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gmemtest.lab.kvm import KVM_CHOICES, SW_PROTECTED
 from gmemtest.scenarios import ScenarioSpec
 from guests.profiles import PROFILES, GuestProfile, get_profile
 from images.build import BuildError, GuestImage, build_default_image, build_lock, image_from_manifest
@@ -51,6 +52,8 @@ PARAMETERS: dict[str, str] = {
     "guest_manifest": f"a built guest image's manifest.json (default: ${MANIFEST_ENV})",
     "labhost_kernel_version": "the lab host's Debian kernel version like 7.3.4+deb13",
     "labhost_kernel_suite": "the Debian suite the lab host's kernel comes from",
+    "labhost_kvm": "the lab host's KVM for its private-memory checks: sw-protected (default; Debian's modules "
+                   "rebuilt with CONFIG_KVM_SW_PROTECTED_VM) or stock (they cannot run)",
     "snapshot": "on (default): restore guests from a saved boot where one exists; off: boot every guest",
 }
 _SWITCH = {"on": True, "true": True, "yes": True, "1": True, "off": False, "false": False, "no": False, "0": False}
@@ -81,6 +84,7 @@ class UnderTest:
     guest_manifest: Path | None = None
     labhost_kernel_version: str | None = None
     labhost_kernel_suite: str | None = None
+    labhost_kvm: str = SW_PROTECTED
     snapshot_value: str | None = None  # the raw parameter ("on"/"off"...), named when it is bad
 
     @classmethod
@@ -94,6 +98,7 @@ class UnderTest:
             guest_kernel_version=_text(get("guest_kernel_version")), guest_manifest=manifest,
             labhost_kernel_version=_text(get("labhost_kernel_version")),
             labhost_kernel_suite=_text(get("labhost_kernel_suite")),
+            labhost_kvm=_text(get("labhost_kvm")) or SW_PROTECTED,
             snapshot_value=_text(get("snapshot")),
         )
 
@@ -117,6 +122,8 @@ class UnderTest:
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 found.append(f"{name.replace('_', ' ')} file {str(path)!r} ({name}) does not exist")
+        if self.labhost_kvm not in KVM_CHOICES:
+            found.append(f"lab host KVM {self.labhost_kvm!r} (labhost_kvm) is not one of {', '.join(KVM_CHOICES)}")
         if self.snapshot_value is not None and self.snapshot_value.lower() not in _SWITCH:
             found.append(f"snapshot {self.snapshot_value!r} (snapshot) is not a switch; valid: on, off")
         if self.guest_kernel_version is not None:

@@ -62,10 +62,14 @@ def test_main_job_passes_every_guest_scenario(tmp_path: Path) -> None:
             assert cancel in why, f"{name}: expected the planned host fact {cancel!r} in {why!r}"
 
     # The host half for real inside the lab host: every check PASSes there, none cancels for
-    # missing hardware, and the backing-source finding of this host is absent there.
+    # missing hardware, and the backing-source finding of this host is absent there. The private-
+    # memory checks ran under the rebuilt KVM: KVM alone reported the poisoned private gfn.
     labhost = {n: s for n, s in status.items() if n.startswith("LabhostHostChecks.")}
-    assert len(labhost) == 7, f"expected 7 lab-host tests:\n{report}"
+    assert len(labhost) == 10, f"expected 10 lab-host tests:\n{report}"
     assert all(st == "PASS" for st, _ in labhost.values()), report
+    seed = next(t for t in results["tests"] if t["name"].endswith("LabhostHostChecks.test_private_seed_regression"))
+    board = json.loads(seed["whiteboard"])
+    assert board["evidence"]["observation"]["memory_fault"]["flags"] == 0x8 and not board.get("warnings"), board
     backing = next(t for t in results["tests"] if t["name"].endswith("LabhostHostChecks.test_tiny_vmm_backing_source"))
     board = json.loads(backing["whiteboard"])  # the verdict L1 judged, read back whole
     assert board["status"] == "PASS" and board["evidence"]["behaviour"] == "guest_memfd", board

@@ -69,3 +69,24 @@ class LabhostHostChecks(Test):  # type: ignore[misc]  # avocado is untyped
         :avocado: tags=gmem,hwpoison,matrix
         """
         run_labhost_item(self, "poison matrix: shared guest_memfd page (injector x kill policy x mapped x dirty)")
+
+    def test_conversion_table(self) -> None:
+        """Private/shared conversions of a software-protected VM.
+
+        :avocado: tags=gmem,private,conversion
+        """
+        run_labhost_item(self, "private/shared conversions of a software-protected VM")
+
+    def test_private_seed_regression(self) -> None:
+        """Private seed regression: poison behind a private gfn of a slot with pgoff > 0.
+
+        :avocado: tags=gmem,private,hwpoison,seed
+        """
+        run_labhost_item(self, "private seed regression: poison behind a private gfn of a slot with pgoff > 0")
+
+    def test_private_poison_matrix(self) -> None:
+        """Poison matrix: private guest_memfd page (injector x kill policy).
+
+        :avocado: tags=gmem,private,hwpoison,matrix
+        """
+        run_labhost_item(self, "poison matrix: private guest_memfd page (injector x kill policy)")

@@ -1,10 +1,15 @@
 """Qualify the kernel inside the lab host: the host-side checks, run for real in L1.
 
 One L1 boot runs commands of this very checkout inside L1 (the same code a real lab host
-runs): ``gmemtest preflight --json``, ``gmemtest qualify --no-guest`` and, given a guest image,
-the whole chain (``gmemtest run`` of every host-poison row under each KVM profile, each L2
-guest a QEMU inside L1). Their files come back through L1's results share; the qualification
-of the L1 kernel is then read here like any other, the chain per profile from ``chain/<profile>/``.
+runs): ``gmemtest preflight --json``, ``gmemtest qualify --no-guest --memory shared`` and, given
+a guest image, the whole chain (``gmemtest run`` of every host-poison row under each KVM profile,
+each L2 guest a QEMU inside L1), all under Debian's stock KVM modules. Then the private-memory
+section: L1 swaps its KVM for the pair rebuilt with ``CONFIG_KVM_SW_PROTECTED_VM``
+(``gmemtest.lab.kvm``; about 1 s) and runs ``preflight`` and ``qualify --memory private`` again.
+One boot serves both, so the stock kernel's qualification never runs on the rebuilt modules.
+Their files come back through L1's results share; the qualification of the L1 kernel is then
+read here like any other (the private section's items added to it), the chain per profile from
+``chain/<profile>/``.
 
 The Avocado lab-host tests share one such run per job and per L1 image (:func:`shared_run`):
 L1 costs a boot of about 7 s and every check inside it cleans up after itself (unpoisoning what it
@@ -31,6 +36,7 @@ from gmemtest.lab.host import (
     LabhostTimings,
     booted_labhost,
 )
+from gmemtest.lab.kvm import SW_PROTECTED, kvm_command
 from gmemtest.report_model import Item, Qualification
 from gmemtest.scenarios import SCENARIOS, Source, unsupported_under
 from guests.profiles import get_profile
@@ -46,6 +52,8 @@ LOG = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]  # gmemtest/lab/qualify.py -> the checkout
 PREFLIGHT_NAME = "preflight.json"
 QUAL_DIR = "qual"
+PRIVATE_QUAL_DIR = "qual-private"
+PRIVATE_PREFLIGHT_NAME = "preflight-private.json"
 RESULT_NAME = "labhost-qualification.json"
 # Inside L1 (TCG, 2 vCPUs) the host checks and the seed regression take well under a minute.
 INNER_TIMEOUT_S = 600.0
@@ -97,6 +105,8 @@ class LabhostQualification:
     qualify_rc: int
     timings: dict[str, Any]
     chain_rc: dict[str, int] | None = None
+    private_kvm: str = SW_PROTECTED  # L1's KVM for the private-memory section
+    private_rc: int | None = None
 
     @property
     def items(self) -> dict[str, dict[str, Any]]:
@@ -106,6 +116,7 @@ class LabhostQualification:
         return {"kernel_release": self.kernel_release, "image_manifest": self.image_manifest,
                 "preflight_rc": self.preflight_rc, "qualify_rc": self.qualify_rc,
                 "timings": self.timings, "out": str(self.out), "chain_rc": self.chain_rc,
+                "private_kvm": self.private_kvm, "private_rc": self.private_rc,
                 "outcome": self.qualification.get("outcome")}
 
     @classmethod
@@ -115,7 +126,8 @@ class LabhostQualification:
                    preflight=json.loads((out / PREFLIGHT_NAME).read_text()),
                    qualification=json.loads((out / "qualification.json").read_text()),
                    preflight_rc=doc["preflight_rc"], qualify_rc=doc["qualify_rc"], timings=doc["timings"],
-                   chain_rc=doc.get("chain_rc"))
+                   chain_rc=doc.get("chain_rc"), private_kvm=doc.get("private_kvm", SW_PROTECTED),
+                   private_rc=doc.get("private_rc"))
 
 
 def _read_json(path: Path, what: str, output: str) -> dict[str, Any]:
@@ -144,10 +156,17 @@ def _chain_command(variant: ChainVariant, guest_manifest: Path) -> list[str]:
             *qemu, "--guest-manifest", str(guest_manifest), *variant.scenarios]
 
 
+def _private_command(kvm: str, kernel_release: str) -> list[str]:
+    """Under ``kvm``: preflight (which KVM L1 now runs, its VM types) and the private-memory checks."""
+    inner = (f'"$@" preflight --json --no-plan > {RESULTS_IN_L1}/{PRIVATE_PREFLIGHT_NAME}; '
+             f'exec "$@" qualify --no-guest --memory private --out {RESULTS_IN_L1}/{PRIVATE_QUAL_DIR}')
+    return kvm_command(kvm, ["sh", "-c", inner, "sh", sys.executable, "-m", "gmemtest.cli"], kernel_release)
+
+
 def qualify_in_labhost(image: LabhostImage, out: Path, *, timeout: float = INNER_TIMEOUT_S,
                        on_output: Callable[[str], None] | None = None,
                        guest_manifest: Path | None = None,
-                       variants: Sequence[ChainVariant] = ()) -> LabhostQualification:
+                       variants: Sequence[ChainVariant] = (), private_kvm: str = SW_PROTECTED) -> LabhostQualification:
     """:func:`qualify_once`, retried once in a fresh L1 if the first one froze or its kernel died.
 
     Both are failures of the nested stack under TCG, not of the host under test (seen: an L1
@@ -159,7 +178,8 @@ def qualify_in_labhost(image: LabhostImage, out: Path, *, timeout: float = INNER
     from gmemtest.evidence import retry_once
 
     return retry_once(lambda: qualify_once(image, out, timeout=timeout, on_output=on_output,
-                                           guest_manifest=guest_manifest, variants=variants),
+                                           guest_manifest=guest_manifest, variants=variants,
+                                           private_kvm=private_kvm),
                       retry_on=(LabhostFrozen, LabhostDied), workdir=out.absolute(),
                       set_aside_as=l1_attempt_name, only=["labhost", "l1-results"])
 
@@ -172,13 +192,15 @@ def l1_attempt_name(exc: BaseException) -> str:
 def qualify_once(image: LabhostImage, out: Path, *, timeout: float = INNER_TIMEOUT_S,
                  on_output: Callable[[str], None] | None = None,
                  guest_manifest: Path | None = None,
-                 variants: Sequence[ChainVariant] = ()) -> LabhostQualification:
+                 variants: Sequence[ChainVariant] = (), private_kvm: str = SW_PROTECTED) -> LabhostQualification:
     """Boot L1 from ``image``, run preflight and the host qualification in it, keep everything in ``out``.
 
     ``out`` gets ``qualification.json``/``.html`` (the L1 kernel's qualification), ``preflight.json``,
     ``labhost/`` (L1 console, command output, dmesg) and ``labhost-qualification.json``; with a
-    ``guest_manifest`` (the L2 guest image) also ``chain/<label>/`` for every chain variant.
+    ``guest_manifest`` (the L2 guest image) also ``chain/<label>/`` for every chain variant. The
+    private-memory section runs last under ``private_kvm`` (its preflight in ``preflight-private.json``).
     """
+    private_argv = _private_command(private_kvm, image.kernel_release)  # builds the modules before L1 boots
     out = out.absolute()
     share = out / "l1-results"
     workdir = out / "labhost"
@@ -190,38 +212,31 @@ def qualify_once(image: LabhostImage, out: Path, *, timeout: float = INNER_TIMEO
     with booted_labhost(image, workdir, share_dir=share, cwd=REPO) as run:
         pre = run.run(["sh", "-c", f'exec "$@" > {RESULTS_IN_L1}/{PREFLIGHT_NAME}', "sh",
                        *python, "preflight", "--json", "--no-plan"], timeout, on_output=on_output)
-        qual = run.run([*python, "qualify", "--no-guest", "--out", inner_qual], timeout, on_output=on_output)
+        qual = run.run([*python, "qualify", "--no-guest", "--memory", "shared", "--out", inner_qual], timeout,
+                       on_output=on_output)
         chain_rc: dict[str, int] | None = None
         if guest_manifest is not None:
             chain_rc = {}
             for variant in variants:
                 chain = run.run(_chain_command(variant, guest_manifest.absolute()), timeout, on_output=on_output)
                 chain_rc[variant.label] = chain.returncode
+        private = run.run(private_argv, timeout, on_output=on_output)
         timings = run.timings
     preflight = _read_json(share / PREFLIGHT_NAME, "gmemtest preflight", pre.output)
     qualification = _read_json(share / QUAL_DIR / "qualification.json", "gmemtest qualify", qual.output)
     for name in ("qualification.json", "qualification.html"):
         shutil.copyfile(share / QUAL_DIR / name, out / name)
-    shutil.copyfile(share / PREFLIGHT_NAME, out / PREFLIGHT_NAME)
-    if (share / CHAIN_DIR).is_dir():
-        shutil.copytree(share / CHAIN_DIR, out / CHAIN_DIR, dirs_exist_ok=True)
-    for extra in (share / QUAL_DIR).iterdir():  # evidence the checks wrote next to the report
-        if extra.name not in ("qualification.json", "qualification.html"):
-            dest = out / extra.name
-            if extra.is_dir():
-                shutil.copytree(extra, dest, dirs_exist_ok=True)
-            else:
-                shutil.copyfile(extra, dest)
-    if chain_rc is not None:
-        qualification = _add_chain_items(qualification, out, variants)
+    _copy_back(share, out)
+    private_items = _private_section(share, out, private.output, private_kvm)
+    qualification = _merge(qualification, out, variants if chain_rc is not None else (), private_items)
     result = LabhostQualification(
         out=out, kernel_release=image.kernel_release, image_manifest=str(image.manifest),
         preflight=preflight, qualification=qualification, preflight_rc=pre.returncode,
-        qualify_rc=qual.returncode, chain_rc=chain_rc,
-        timings={**timings.as_json(), "preflight_s": round(pre.seconds, 2), "qualify_s": round(qual.seconds, 2)})
+        qualify_rc=qual.returncode, chain_rc=chain_rc, private_kvm=private_kvm, private_rc=private.returncode,
+        timings={**timings.as_json(), "preflight_s": round(pre.seconds, 2), "qualify_s": round(qual.seconds, 2),
+                 "private_s": round(private.seconds, 2)})
     (out / RESULT_NAME).write_text(json.dumps(result.to_json(), indent=2) + "\n")
     return result
-
 
 
 def chain_item(row: dict[str, Any], label: str, out: Path) -> Item:
@@ -242,11 +257,49 @@ def chain_item(row: dict[str, Any], label: str, out: Path) -> Item:
                              evidence=evidence, all_checks=True)
 
 
-def _add_chain_items(qualification: dict[str, Any], out: Path, variants: Sequence[ChainVariant]) -> dict[str, Any]:
-    """The L1 kernel's qualification with one item per chain row and variant, report re-rendered."""
+def _copy_back(share: Path, out: Path) -> None:
+    """The stock section's preflight, chain and the evidence its checks wrote next to the report."""
+    shutil.copyfile(share / PREFLIGHT_NAME, out / PREFLIGHT_NAME)
+    if (share / CHAIN_DIR).is_dir():
+        shutil.copytree(share / CHAIN_DIR, out / CHAIN_DIR, dirs_exist_ok=True)
+    for extra in (share / QUAL_DIR).iterdir():
+        if extra.name not in ("qualification.json", "qualification.html"):
+            dest = out / extra.name
+            if extra.is_dir():
+                shutil.copytree(extra, dest, dirs_exist_ok=True)
+            else:
+                shutil.copyfile(extra, dest)
+
+
+def _private_section(share: Path, out: Path, output: str, kvm: str) -> Qualification:
+    """The private-memory section's qualification, its evidence and preflight copied into ``out``,
+    each item's summary naming L1's ``kvm``; a section that left no report is one ERROR item saying so."""
+    where = share / PRIVATE_QUAL_DIR
+    if (share / PRIVATE_PREFLIGHT_NAME).is_file():
+        shutil.copyfile(share / PRIVATE_PREFLIGHT_NAME, out / PRIVATE_PREFLIGHT_NAME)
+    try:
+        doc = _read_json(where / "qualification.json", "gmemtest qualify --memory private", output)
+    except LabhostError as exc:
+        broke = Verdict.did_not_run("private-memory section", "ERROR", str(exc)[:1500])
+        return Qualification(started="", items=[Item.from_verdict("host", broke.scenario, broke, "")])
+    for extra in where.iterdir():
+        if extra.is_file() and extra.name not in ("qualification.json", "qualification.html"):
+            shutil.copyfile(extra, out / extra.name)
+    section = Qualification.from_json(doc)
+    for item in section.items:
+        item.summary = f"{item.summary} [L1 KVM: {kvm}]"
+    return section
+
+
+def _merge(qualification: dict[str, Any], out: Path, variants: Sequence[ChainVariant],
+           private: Qualification) -> dict[str, Any]:
+    """The L1 kernel's qualification with the private section's items and findings and one item
+    per chain row and variant; the report re-rendered."""
     from gmemtest.report_html import render
 
     q = Qualification.from_json(qualification)
+    q.items.extend(private.items)
+    q.findings.extend(private.findings)
     for variant in variants:
         path = out / CHAIN_DIR / variant.label / "summary.json"
         if not path.is_file():
@@ -267,7 +320,7 @@ SHARED_RUN_ATTEMPTS = 2
 
 
 def shared_run(image: LabhostImage, batch_root: Path, guest_manifest: Path | None = None,
-               variants: Sequence[ChainVariant] = ()) -> LabhostQualification:
+               variants: Sequence[ChainVariant] = (), private_kvm: str = SW_PROTECTED) -> LabhostQualification:
     """The L1 run of ``image`` under ``batch_root``: made by the first caller, read by the others.
 
     Callers are the lab-host tests of one Avocado job (separate processes): a lock serialises
@@ -277,7 +330,7 @@ def shared_run(image: LabhostImage, batch_root: Path, guest_manifest: Path | Non
     """
     from gmemtest.evidence import set_aside
 
-    key = Path(image.manifest).parent.name
+    key = Path(image.manifest).parent.name + ("" if private_kvm == SW_PROTECTED else f"-{private_kvm}")
     out = batch_root / f"labhost-{key}"
     with build_lock(batch_root / f".labhost-{key}.lock"):
         if (out / RESULT_NAME).is_file():
@@ -289,7 +342,8 @@ def shared_run(image: LabhostImage, batch_root: Path, guest_manifest: Path | Non
                                f"{failed[-1].read_text()[:1500]} (evidence in {failed[-1].parent})")
         t0 = time.monotonic()
         try:
-            result = qualify_in_labhost(image, out, guest_manifest=guest_manifest, variants=variants)
+            result = qualify_in_labhost(image, out, guest_manifest=guest_manifest, variants=variants,
+                                        private_kvm=private_kvm)
         except LabhostError as exc:
             set_aside(out, f"failed-attempt-{len(failed) + 1}", f"{type(exc).__name__}: {exc}",
                       only=["labhost", "l1-results"])

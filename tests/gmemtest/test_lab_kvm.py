@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from gmemtest.cli import main
+from gmemtest.host_checks import host_checks_of
 from host_stack.kvm_uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_X86_DEFAULT_VM, KVM_X86_SW_PROTECTED_VM
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
@@ -24,28 +25,41 @@ def _json_documents(text: str) -> list[dict[str, object]]:
     return docs
 
 
-def _preflight_in_l1(tmp_path: Path, choice: str, capfd: pytest.CaptureFixture[str],
-                     ) -> tuple[list[dict[str, object]], dict[str, object]]:
-    """The swap records (none for the stock KVM) and the host part of L1's preflight."""
+# After preflight, under the stock KVM: the private-memory section of a qualification, its report
+# printed whole (L1's /tmp is its own).
+_PRIVATE_SECTION = ('; "$@" qualify --no-guest --memory private --out /tmp/private > /dev/null; '
+                    'cat /tmp/private/qualification.json')
+
+
+def _preflight_in_l1(tmp_path: Path, choice: str, capfd: pytest.CaptureFixture[str], then: str = "",
+                     ) -> tuple[list[dict[str, object]], dict[str, object], list[dict[str, object]]]:
+    """The swap records (none for the stock KVM), the host part of L1's preflight and what ``then``
+    (more shell after it) printed as JSON."""
     rc = main(["labhost", "run", "--kvm", choice, "--results", str(tmp_path), "--timeout", "300",
-               "--", sys.executable, "-m", "gmemtest.cli", "preflight", "--json", "--no-plan"])
+               "--", "sh", "-c", '"$@" preflight --json --no-plan' + then, "sh", sys.executable, "-m", "gmemtest.cli"])
     out, err = capfd.readouterr()
     assert rc == 0, err[-3000:]
-    *swaps, preflight = _json_documents(out)
-    host = preflight["host"]
+    docs = _json_documents(out)
+    at = next(i for i, doc in enumerate(docs) if "host" in doc)
+    host = docs[at]["host"]
     assert isinstance(host, dict)
-    return swaps, host
+    return docs[:at], host, docs[at + 1:]
 
 
 @pytest.mark.timeout(900)
 def test_the_rebuilt_kvm_creates_private_memory_vms_and_the_stock_one_does_not(
         tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    swaps, stock = _preflight_in_l1(tmp_path / "stock", "stock", capfd)
+    swaps, stock, (private,) = _preflight_in_l1(tmp_path / "stock", "stock", capfd, _PRIVATE_SECTION)
     assert swaps == []
     assert stock["vm_types_mask"] == 1 << KVM_X86_DEFAULT_VM, stock["vm_types_mask"]
     assert stock["kvm_module_taint"] == "" and stock["private_memory_vm_types"] == []
+    # Run by hand under the stock KVM, the private-memory checks cannot run, with the probed reason.
+    items = {i["name"]: (i["status"], i["summary"]) for i in private["items"]}  # type: ignore[attr-defined]
+    assert set(items) == {c.name for c in host_checks_of("private")}, items
+    assert all(st == "CANNOT RUN" and "sw_protected_vm" in why and "KVM_CAP_VM_TYPES 0x1" in why
+               for st, why in items.values()), items
 
-    (swap,), rebuilt = _preflight_in_l1(tmp_path / "sw", "sw-protected", capfd)
+    (swap,), rebuilt, _ = _preflight_in_l1(tmp_path / "sw", "sw-protected", capfd)
     assert swap["unloaded"] == ["kvm_amd", "kvm"] and swap["kvm_taint"] == "OE", swap
     assert rebuilt["vm_types_mask"] == (1 << KVM_X86_DEFAULT_VM) | (1 << KVM_X86_SW_PROTECTED_VM)
     caps = {t: (attrs, flags) for t, attrs, flags in rebuilt["vm_type_caps"]}  # type: ignore[attr-defined]

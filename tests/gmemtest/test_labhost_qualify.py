@@ -12,6 +12,7 @@ import pytest
 from gmemtest.avocado_support import _job_dir
 from gmemtest.cli import main as cli_main
 from gmemtest.lab import qualify as lq
+from gmemtest.report_model import Qualification
 from outcome import Check, Verdict
 
 
@@ -122,7 +123,7 @@ def test_chain_rows_become_report_items_per_profile(tmp_path: Path) -> None:
     _chain_tree(tmp_path)
     qual = {"started": "now", "items": [{"section": "host", "name": "x", "status": "PASS", "summary": "",
                                          "details": []}], "preflight": {}}
-    doc = lq._add_chain_items(qual, tmp_path, lq.chain_variants(None))
+    doc = lq._merge(qual, tmp_path, lq.chain_variants(None), Qualification(started=""))
     items = {i["name"]: i for i in doc["items"] if i["section"] == "chain"}
     assert items["host-ar-touch-4k/kvm-default"]["status"] == "PASS"
     assert items["host-ar-touch-4k/kvm-default"]["details"][0].startswith("ok   [host] KPF_HWPOISON")
@@ -132,6 +133,41 @@ def test_chain_rows_become_report_items_per_profile(tmp_path: Path) -> None:
     assert doc["outcome"] == "FAILED"  # the ERROR row outranks the others
     html = (tmp_path / "qualification.html").read_text()
     assert "The whole chain" in html and "host-ar-touch-4k/kvm-gmem" in html
+
+
+def _private_share(share: Path, *, report: bool) -> None:
+    where = share / lq.PRIVATE_QUAL_DIR
+    where.mkdir(parents=True)
+    (share / lq.PRIVATE_PREFLIGHT_NAME).write_text('{"host": {"vm_types_mask": 3}}')
+    if report:
+        verdict = Verdict("private seed regression", (Check("memory_fault.flags", "0x8", "0x8", True),))
+        (where / "private_seed_regression.json").write_text(verdict.to_json())
+        (where / "qualification.json").write_text(json.dumps({
+            "started": "now", "findings": [{"id": "private-unpoison-needs-punch", "severity": "info", "text": "t"}],
+            "items": [{"section": "host", "name": "private seed", "status": "PASS", "summary": "13 checks",
+                       "details": [], "evidence": "private_seed_regression.json"}]}))
+
+
+def test_the_private_section_adds_its_items_findings_and_evidence_naming_l1s_kvm(tmp_path: Path) -> None:
+    share, out = tmp_path / "share", tmp_path / "out"
+    out.mkdir()
+    _private_share(share, report=True)
+    section = lq._private_section(share, out, "", "sw-protected")
+    qual = {"started": "now", "items": [{"section": "host", "name": "x", "status": "PASS", "summary": "",
+                                         "details": []}], "preflight": {}}
+    doc = lq._merge(qual, out, (), section)
+    item = next(i for i in doc["items"] if i["name"] == "private seed")
+    assert item["status"] == "PASS" and item["summary"].endswith("[L1 KVM: sw-protected]")
+    assert [f["id"] for f in doc["findings"]] == ["private-unpoison-needs-punch"]
+    assert (out / "private_seed_regression.json").is_file() and (out / lq.PRIVATE_PREFLIGHT_NAME).is_file()
+
+
+def test_a_private_section_that_left_no_report_is_an_error_item(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    _private_share(share, report=False)
+    section = lq._private_section(share, tmp_path, "swap failed", "sw-protected")
+    (item,) = section.items
+    assert item.status == "ERROR" and "no readable qualification.json" in item.summary, item
 
 
 def test_a_row_without_a_verdict_or_checks_is_not_a_pass(tmp_path: Path) -> None:

@@ -34,9 +34,14 @@ ZERO = HostReport(kernel_release="6.18.44-fc", kvm_device=True, kvm_reason=None,
                   kvm_api_version=12, cap_guest_memfd=0, guest_memfd_flags=0, cap_user_memory2=1,
                   supported_vm_types=(0,), hwpoison_reason="host kernel lacks CONFIG_MEMORY_FAILURE: "
                   "MADV_HWPOISON returned EINVAL")
+NO_SW_PROTECTED = ("unmet host requirement sw_protected_vm: host KVM cannot create a software-protected VM with "
+                   "private memory: KVM_CAP_VM_TYPES 0x0 (CONFIG_KVM_SW_PROTECTED_VM is off; the lab host's rebuilt "
+                   "KVM has it)")
 FULL = dataclasses.replace(ZERO, kernel_release="7.3.4+deb13-amd64", kvm_vendor_module="kvm_amd", cap_guest_memfd=1,
-                           guest_memfd_flags=3, hwpoison=True, hwpoison_reason="MADV_HWPOISON poisoned a page")
-HOST_CLASSES = ("GmemUapi.", "TinyVmm.", "SeedRegression.", "PoisonMatrix.")
+                           guest_memfd_flags=3, hwpoison=True, hwpoison_reason="MADV_HWPOISON poisoned a page",
+                           vm_types_mask=0x3, supported_vm_types=(0, 1), private_memory_vm_types=(1,),
+                           debugfs=True, hwpoison_inject=True)
+HOST_CLASSES = ("GmemUapi.", "TinyVmm.", "SeedRegression.", "PoisonMatrix.", "PrivateMemory.")
 
 
 def _plan(report: HostReport) -> dict[str, str | None]:
@@ -62,8 +67,10 @@ def test_every_avocado_test_is_planned_from_its_own_source() -> None:
 def test_a_host_without_guest_memfd_cancels_every_host_check_with_the_capability() -> None:
     planned = _plan(ZERO)
     host = {name: cancel for name, cancel in planned.items() if name.startswith(HOST_CLASSES)}
-    assert len(host) == 6, host
-    assert set(host.values()) == {NO_GMEM}, host
+    assert len(host) == 9, host
+    private = {name for name in host if name.startswith("PrivateMemory.")}
+    assert len(private) == 3 and {host[name] for name in private} == {NO_SW_PROTECTED}, host
+    assert {cancel for name, cancel in host.items() if name not in private} == {NO_GMEM}, host
 
 
 def test_a_host_with_guest_memfd_and_memory_failure_runs_every_host_check() -> None:
@@ -75,7 +82,8 @@ def test_a_host_with_guest_memfd_and_memory_failure_runs_every_host_check() -> N
 def test_guest_memfd_without_memory_failure_cancels_only_the_poisoning_checks() -> None:
     no_mf = dataclasses.replace(FULL, hwpoison=False, hwpoison_reason=ZERO.hwpoison_reason)
     planned = _plan(no_mf)
-    poisoning = {"SeedRegression.test_poisoned_gmem_page", "PoisonMatrix.test_matrix"}
+    poisoning = {"SeedRegression.test_poisoned_gmem_page", "PoisonMatrix.test_matrix",
+                 "PrivateMemory.test_private_seed_regression", "PrivateMemory.test_private_poison_matrix"}
     assert {n for n, c in planned.items() if n.startswith(HOST_CLASSES) and c} == poisoning
     assert planned["PoisonMatrix.test_matrix"] == (
         "unmet host requirement hwpoison: host kernel lacks CONFIG_MEMORY_FAILURE: MADV_HWPOISON returned EINVAL")
@@ -122,7 +130,7 @@ def test_every_host_check_cancels_with_the_capability_before_running(check: Host
         return Verdict(check.name)
 
     verdict = dataclasses.replace(check, run=must_not_run).verdict()
-    assert (verdict.status, verdict.reason, ran) == ("CANNOT RUN", NO_GMEM, [])
+    assert (verdict.status, verdict.reason, ran) == ("CANNOT RUN", NO_SW_PROTECTED if check.private else NO_GMEM, [])
     monkeypatch.setattr(req, "host_report", lambda: FULL)
     assert req.host_unmet(check.requirements) is None
 
@@ -152,7 +160,7 @@ def test_qualify_says_cannot_run_for_every_host_check_without_guest_memfd(tmp_pa
     got: dict[str, Any] = {i.name: (i.status, i.summary) for i in host}
     expected = [check.name for check in HOST_CHECK_TABLE]
     assert list(got) == expected, got
-    assert all(v == ("CANNOT RUN", NO_GMEM) for v in got.values()), got
+    assert all(v == ("CANNOT RUN", NO_SW_PROTECTED if host_check(n).private else NO_GMEM) for n, v in got.items()), got
     assert q.outcome == "INCOMPLETE" and not q.failed
 
 

@@ -63,13 +63,13 @@ def _stand_in(name: str, run: Callable[[HostReport | None], Verdict] | None = No
 def test_a_check_that_raises_is_an_error_item_and_the_report_is_still_written(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """One broken check must not take the report with it: its exception is that item's ERROR."""
-    from gmemtest import qualify as qualify_module
+    from gmemtest import host_checks
 
     def broken(_report: HostReport | None) -> Verdict:
         raise RuntimeError("forced failure of the seed regression")
 
     table = (_stand_in("first"), _stand_in(SEED_ITEM, broken), _stand_in("last"))
-    monkeypatch.setattr(qualify_module, "HOST_CHECK_TABLE", table)
+    monkeypatch.setattr(host_checks, "HOST_CHECK_TABLE", table)
     status = cli_main(["qualify", "--no-guest", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "qualification.json").read_text())
     items = {i["name"]: i for i in report["items"]}
@@ -84,13 +84,14 @@ def test_a_check_that_raises_is_an_error_item_and_the_report_is_still_written(
 
 def test_the_report_is_written_as_it_goes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A crash after two host checks (here: a KeyboardInterrupt) still leaves their items on disk."""
+    from gmemtest import host_checks
     from gmemtest import qualify as qualify_module
 
     def interrupted(_report: HostReport | None) -> Verdict:
         raise KeyboardInterrupt
 
     table = (_stand_in("one"), _stand_in("two"), _stand_in("three", interrupted))
-    monkeypatch.setattr(qualify_module, "HOST_CHECK_TABLE", table)
+    monkeypatch.setattr(host_checks, "HOST_CHECK_TABLE", table)
     with pytest.raises(KeyboardInterrupt):
         qualify_module.qualify(tmp_path, specs=[], image=None)
     report = json.loads((tmp_path / "qualification.json").read_text())
