@@ -84,7 +84,7 @@ def _host_item(r: _Report, check: HostCheck, report: HostReport | None) -> Item:
     (r.out / check.evidence).write_text(verdict.to_json() + "\n")
     # Documented divergences (an errno of another kernel, the backing source, the matrix's
     # contract): listed in the report's findings, never folded into a PASS.
-    r.q.findings.extend(f.to_json() for f in verdict.findings)
+    r.q.add_findings(f.to_json() for f in verdict.findings)
     item = Item.from_verdict("host", check.name, verdict, check.describe(verdict), evidence=check.evidence,
                              all_checks=check.all_checks)
     if check.lines is not None:

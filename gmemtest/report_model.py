@@ -6,6 +6,7 @@ reads it back from L1; none of them imports another for it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,16 @@ class Qualification:
                    preflight=doc.get("preflight", {}), items=[Item(**i) for i in doc.get("items", [])],
                    findings=doc.get("findings", []), under_test=doc.get("under_test", {}),
                    setups=doc.get("setups", {}), comparison=doc.get("comparison"))
+
+    def add_findings(self, findings: Iterable[dict[str, Any]]) -> None:
+        """Add findings (``Finding.to_json()``), each said once: two checks that found the same thing
+        (same id and text: the private seed and a matrix row on one kernel) list it once."""
+        seen = {(f.get("id"), f.get("text")) for f in self.findings}
+        for finding in findings:
+            key = (finding.get("id"), finding.get("text"))
+            if key not in seen:
+                seen.add(key)
+                self.findings.append(finding)
 
     @property
     def failed(self) -> bool:

@@ -299,7 +299,7 @@ def _merge(qualification: dict[str, Any], out: Path, variants: Sequence[ChainVar
 
     q = Qualification.from_json(qualification)
     q.items.extend(private.items)
-    q.findings.extend(private.findings)
+    q.add_findings(private.findings)
     for variant in variants:
         path = out / CHAIN_DIR / variant.label / "summary.json"
         if not path.is_file():
