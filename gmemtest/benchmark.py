@@ -138,8 +138,37 @@ def _cpu_model() -> str:
     return "unknown"
 
 
-def _labhost(runs: int, workdir: Path) -> dict[str, Any]:
-    """L1 boot to /dev/kvm usable (READY), warm lab-host image builds, the labhost Avocado tests."""
+def _kvm_modules(kernel_release: str, runs: int, cold: bool) -> dict[str, Any]:
+    """The rebuilt KVM pair: cached look-ups, and with ``cold`` one forced rebuild (packages cached)."""
+    from images.kvm_modules import build_kvm_modules
+
+    def timed(force: bool) -> float:
+        t0 = time.monotonic()
+        build_kvm_modules(kernel_release, force=force)
+        return time.monotonic() - t0
+
+    timed(False)  # built or fetched once, so the cached figures are cached
+    return {"cached_s": _stats([timed(False) for _ in range(runs)]),
+            **({"forced_rebuild_s": round(timed(True), 2)} if cold else {})}
+
+
+def _private_section(job: Path) -> dict[str, Any]:
+    """What the job's shared L1 run spent on private memory: the whole section (module swap,
+    preflight, qualify start-up) and each private check, from its own records."""
+    found = sorted(job.glob("latest/labhost/labhost-*/labhost-qualification.json"))
+    if not found:
+        return {"error": f"no labhost-qualification.json under {job}"}
+    timings = json.loads(found[-1].read_text())["timings"]
+    items = json.loads((found[-1].parent / "qualification.json").read_text())["items"]
+    checks = {i["name"]: i.get("duration_s") for i in items if str(i.get("summary", "")).endswith("]")
+              and "[L1 KVM:" in str(i.get("summary", ""))}
+    return {"section_s": timings.get("private_s"), "checks_s": checks,
+            "checks_total_s": round(sum(v or 0 for v in checks.values()), 2)}
+
+
+def _labhost(runs: int, workdir: Path, cold: bool = False) -> dict[str, Any]:
+    """L1 boot to /dev/kvm usable (READY), warm lab-host image builds, the rebuilt KVM modules, the
+    labhost Avocado tests and the private-memory section of their shared L1 run."""
     from gmemtest.lab.host import booted_labhost
     from images.labhost import build_labhost_image
 
@@ -147,6 +176,7 @@ def _labhost(runs: int, workdir: Path) -> dict[str, Any]:
     _timed(build)
     warm = [_timed(build) for _ in range(runs)]
     image = build_labhost_image()
+    modules = _kvm_modules(image.kernel_release, runs, cold)
     ready: list[float] = []
     uptime: list[float] = []
     first_command: list[float] = []
@@ -173,6 +203,8 @@ def _labhost(runs: int, workdir: Path) -> dict[str, Any]:
         "restore_to_ready_s": _stats([r["ready_s"] for r in snapshot["restores"]]),
         "labhost_tests": {"wall_s": round(time.monotonic() - t0, 2), "exit_status": proc.returncode,
                           "tail": proc.stdout.strip().splitlines()[-4:]},
+        "kvm_modules": modules,
+        "private_section": _private_section(workdir / "avocado"),
     }
 
 
@@ -276,7 +308,7 @@ def run_benchmark(*, runs: int, out: Path, suite: bool, cold: bool, labhost: boo
             results["suite"] = _suite(Path(tmp) / "avocado")
             summary["guest_suite_wall_s"] = {k: v["wall_s"] for k, v in results["suite"].items()}
         if labhost:
-            results["labhost"] = lab = _labhost(runs, Path(tmp) / "labhost")
+            results["labhost"] = lab = _labhost(runs, Path(tmp) / "labhost", cold)
             summary.update({
                 "labhost_image_build_warm_median_s": lab["image_build_warm_s"]["median"],
                 "labhost_launch_to_ready_median_s": lab["launch_to_ready_s"]["median"],
@@ -284,6 +316,10 @@ def run_benchmark(*, runs: int, out: Path, suite: bool, cold: bool, labhost: boo
                 "labhost_save_s": lab["snapshot_trial"]["save_s"],
                 "labhost_tests_wall_s": lab["labhost_tests"]["wall_s"],
                 "labhost_tests_exit_status": lab["labhost_tests"]["exit_status"],
+                "kvm_modules_cached_median_s": lab["kvm_modules"]["cached_s"]["median"],
+                "kvm_modules_forced_rebuild_s": lab["kvm_modules"].get("forced_rebuild_s"),
+                "private_section_s": lab["private_section"].get("section_s"),
+                "private_checks_total_s": lab["private_section"].get("checks_total_s"),
             })
         if nested:
             results["nested"] = chain = _nested(nested, Path(tmp) / "nested", nested_scenario)

@@ -749,9 +749,11 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--out", default="bench-results/benchmark.json")
     p.add_argument("--suite", action="store_true", help="also time the guest Avocado tests, snapshots on and off")
-    p.add_argument("--cold", action="store_true", help="also time a cold image build in a scratch cache")
+    p.add_argument("--cold", action="store_true", help="also time a cold image build in a scratch cache (with "
+                   "--labhost also a forced rebuild of the KVM modules, their packages cached)")
     p.add_argument("--labhost", action="store_true",
-                   help="also time the lab host: L1 boot to /dev/kvm ready, warm image build, the labhost tests")
+                   help="also time the lab host: L1 boot to /dev/kvm ready, warm image build, the rebuilt KVM "
+                        "modules (cached), the labhost tests and the private-memory section of their L1 run")
     p.add_argument("--no-guest", action="store_true", help="skip the guest boots and injections")
     p.add_argument("--nested", type=int, default=0, metavar="N",
                    help="also N chain runs, each its own L1 with a kvm-default guest (how often one ends "
