@@ -21,6 +21,7 @@ import contextlib
 import errno
 import logging
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -198,6 +199,9 @@ def _observe(kill: str, debugfs: Path) -> tuple[_Run, list[str]]:
             warnings = cleanup_warnings([done])
             for warning in warnings:
                 _log.warning("private poison (%s): %s", kill, warning)
+            in_flight = sys.exc_info()[1]
+            if in_flight is not None and warnings:
+                in_flight.add_note("cleanup: " + "; ".join(warnings))
     return run, warnings
 
 
@@ -223,7 +227,8 @@ def _judged(name: str, kill: str, debugfs: Path, row: bool) -> Verdict:
     except ChildCancelled:
         raise
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        return Verdict.did_not_run(name, "ERROR", f"{type(exc).__name__}: {exc}")
+        notes = tuple(getattr(exc, "__notes__", ()))  # a frame the clean-up left poisoned, named
+        return Verdict.did_not_run(name, "ERROR", f"{type(exc).__name__}: {exc}", warnings=notes)
     if run.frame is None:
         return Verdict(name, (Check("interlock: the frame behind the private gfn is proven", "proven",
                                     str(run.refusal), False),), evidence={"ready": run.ready})

@@ -133,3 +133,18 @@ def test_a_lab_host_item_without_a_verdict_file_keeps_its_status_and_says_where(
     claimed = {"name": name, "status": "PASS", "summary": "", "evidence": "chain/kvm-gmem/host-ar-touch-4k"}
     with pytest.raises(Failed, match=r"ERROR: .*L1 reported PASS .* but left no verdict file"):
         avocado_support._judge_item(FakeTest(tmp_path), claimed, name, _l1_result(tmp_path, [claimed]))  # type: ignore[arg-type]
+
+
+def test_a_lab_host_item_whose_clean_up_left_a_frame_poisoned_warns_naming_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A PASS inside L1 whose clean-up failed is a WARN in the job (the private seed's frame, by gpa)."""
+    left = "cleanup of corrupt-pfn poison (pid 140 gpa 0x41000 pfn 0x126fbb) failed: EBUSY"
+    (tmp_path / "private_seed_regression.json").write_text(
+        Verdict("private seed regression", (OK,), warnings=(left,)).to_json())
+    name = "private seed regression: poison behind a private gfn of a slot with pgoff > 0"
+    item = {"name": name, "status": "PASS", "summary": "13 checks", "evidence": "private_seed_regression.json"}
+    test = FakeTest(tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    with caplog.at_level(logging.INFO, logger=test.log.name):
+        avocado_support._judge_item(test, item, name, _l1_result(tmp_path, [item]))  # type: ignore[arg-type]
+    assert ("WARNING", f"CLEANUP {left}") in {(r.levelname, r.getMessage()) for r in caplog.records}

@@ -183,3 +183,19 @@ def test_the_private_column_of_the_poison_matrix_holds_under_both_kill_policies(
     verdict = run_private_matrix()
     assert verdict.passed, verdict.summary()
     assert not verdict.warnings, verdict.warnings
+
+
+def test_a_run_that_broke_after_poisoning_is_an_error_that_still_names_the_frame_left_poisoned(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import host_stack.private_poison as pp
+    from host_stack.live_child import ChildError
+
+    def broke(_kill: str, _debugfs: Path) -> tuple[object, list[str]]:
+        exc = ChildError("private-poison child (default): expected a 'punched' event within 60.0s")
+        exc.add_note(f"cleanup: cleanup of corrupt-pfn poison (pid 140 gpa 0x41000 pfn {PFN:#x}) failed: EISDIR")
+        raise exc
+
+    monkeypatch.setattr(pp, "_observe", broke)
+    verdict = pp._judged(po.PRIVATE_SEED_NAME, "default", tmp_path, row=False)
+    assert verdict.status == "ERROR" and "'punched'" in str(verdict.reason)
+    assert len(verdict.warnings) == 1 and f"pfn {PFN:#x}" in verdict.warnings[0], verdict.warnings
