@@ -125,11 +125,15 @@ def indexed_apt(where: Path, suite: str, *, base: tuple[str, ...] = (), fresh_fo
     unless younger than ``fresh_for_s`` seconds (0: always); when the update fails, the lists from
     before serve, and without any a ``BuildError`` says so."""
     apt = debs.private_apt(where, suite, base=base)
+    # When the index was last brought up to date: apt keeps a list's mtime when the mirror answers
+    # "not modified", so the lists' own times say when the suite last changed, not when it was read.
+    stamp = where / "updated.stamp"
     lists = list((where / "lists").glob("*_Packages*"))
-    if fresh_for_s > 0 and lists and time.time() - max(p.stat().st_mtime for p in lists) < fresh_for_s:
+    if fresh_for_s > 0 and lists and stamp.is_file() and time.time() - stamp.stat().st_mtime < fresh_for_s:
         return apt
     try:
         debs.update(apt)
+        stamp.touch()
     except debs.PackageError as exc:
         if not any((where / "lists").glob("*_Packages*")):
             raise BuildError(f"cannot read the {suite} index: {exc}") from exc

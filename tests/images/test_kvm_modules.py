@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -69,11 +70,15 @@ def test_a_fresh_package_index_is_not_fetched_again_and_a_missing_one_is_an_erro
     updates: list[str] = []
     monkeypatch.setattr(debs, "update", lambda apt: updates.append(apt.label))
     (tmp_path / "lists").mkdir(parents=True)
-    (tmp_path / "lists" / "x_sid_main_binary-amd64_Packages").write_text("")
+    listed = tmp_path / "lists" / "x_sid_main_binary-amd64_Packages"
+    listed.write_text("")
+    os.utime(listed, (0, 0))  # the suite last changed long ago: apt keeps that mtime on "not modified"
     indexed_apt(tmp_path, "sid", fresh_for_s=3600)
-    assert updates == []
+    assert updates == ["private apt (sid)"], "never read here before: read now"
+    indexed_apt(tmp_path, "sid", fresh_for_s=3600)
+    assert updates == ["private apt (sid)"], "read a moment ago: fresh, whatever the lists' mtime"
     indexed_apt(tmp_path, "sid")
-    assert updates == ["private apt (sid)"]
+    assert updates == ["private apt (sid)"] * 2
 
     def offline(apt: debs.AptConfig) -> None:
         raise debs.PackageError("no network")
