@@ -64,8 +64,10 @@ ensure_packages() {
     local need=()
     local pkg
     # flex, bison, bc, libssl-dev, xz-utils: building the lab host's KVM modules from Debian's source.
+    # ninja-build .. dpkg-dev: building the project's QEMU from Debian's source (images/qemu_build.py).
     for pkg in gcc libc6-dev make cpio python3-venv ca-certificates dropbear-bin openssh-client zstd debian-archive-keyring \
-               flex bison bc libssl-dev xz-utils libelf1; do
+               flex bison bc libssl-dev xz-utils libelf1 \
+               ninja-build pkg-config libglib2.0-dev zlib1g-dev libpixman-1-dev libslirp-dev patch perl dpkg-dev; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need+=("$pkg")
     done
     if [ "$(qemu_major)" -lt "$qemu_min_major" ]; then

@@ -28,6 +28,7 @@ echo "== images (guest, lab host)"
 python -m images build --json >/dev/null
 gmemtest labhost image --kvm sw-protected --json >/dev/null  # and its KVM rebuilt for private memory
 python -m images qemu --json >/dev/null  # Debian's newest QEMU in its own root (the chain runs under it)
+python -m images qemu-build --json >/dev/null  # the project's QEMU: Debian's source + images/patches/qemu
 phase images
 echo "== ruff"
 ruff check .

@@ -25,8 +25,25 @@ def preflight_report(binary: str = DEFAULT_QEMU) -> dict[str, Any]:
         "host": host.to_dict(),
         "host_rows": [list(row) for row in host.rows()],
         "qemu": caps if isinstance(caps, str) else caps.to_dict(),
+        "project_qemu": _project_qemu(),
         "profiles": profiles,
     }
+
+
+def _project_qemu() -> dict[str, Any] | str:
+    """The project's QEMU (images.qemu_build) as the cache holds it; never built here."""
+    from images.build import BuildError
+    from images.qemu_build import built_in_cache, patch_series
+
+    try:
+        series = patch_series()
+        built = built_in_cache(series=series)
+    except (BuildError, OSError) as exc:
+        return f"its patch series cannot be read: {exc}"
+    if built is None:
+        return (f"not built yet for series {series.identity} ({len(series.patches)} patches): "
+                "python -m images qemu-build")
+    return built.as_json()
 
 
 def _qemu_rows(qemu: dict[str, Any] | str) -> list[tuple[str, str]]:
@@ -40,10 +57,20 @@ def _qemu_rows(qemu: dict[str, Any] | str) -> list[tuple[str, str]]:
     return rows
 
 
+def _project_qemu_rows(built: dict[str, Any] | str | None) -> list[tuple[str, str]]:
+    if built is None:
+        return []
+    if isinstance(built, str):
+        return [("project QEMU", built)]
+    return [("project QEMU", str(built["binary"])),
+            ("  source, package version", f"Debian {built['source_version']}; {built['pkgversion']}"),
+            ("  patch series", ", ".join(built["series"]))]
+
+
 def render_table(report: dict[str, Any]) -> str:
     sections: list[tuple[str, list[tuple[str, str]]]] = [
         ("host", [(str(k), str(v)) for k, v in report["host_rows"]]),
-        ("qemu", _qemu_rows(report["qemu"])),
+        ("qemu", _qemu_rows(report["qemu"]) + _project_qemu_rows(report.get("project_qemu"))),
         ("profiles", [(name, "runnable" if p["runnable"] else "CANNOT RUN: " + "; ".join(p["unmet"]))
                       for name, p in report["profiles"].items()]),
     ]

@@ -120,22 +120,25 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def indexed_apt(where: Path, suite: str, *, base: tuple[str, ...] = (), fresh_for_s: float = 0.0) -> debs.AptConfig:
-    """A private apt configuration of ``suite`` under ``where`` with its package index: updated
+def indexed_apt(where: Path, suite: str, *, base: tuple[str, ...] = (), fresh_for_s: float = 0.0,
+                source: bool = False) -> debs.AptConfig:
+    """A private apt configuration of ``suite`` under ``where`` with its package index (``source``:
+    its source index): updated
     unless younger than ``fresh_for_s`` seconds (0: always); when the update fails, the lists from
     before serve, and without any a ``BuildError`` says so."""
-    apt = debs.private_apt(where, suite, base=base)
+    apt = debs.private_apt(where, suite, base=base, source=source)
+    index = "*_Sources*" if source else "*_Packages*"
     # When the index was last brought up to date: apt keeps a list's mtime when the mirror answers
     # "not modified", so the lists' own times say when the suite last changed, not when it was read.
     stamp = where / "updated.stamp"
-    lists = list((where / "lists").glob("*_Packages*"))
+    lists = list((where / "lists").glob(index))
     if fresh_for_s > 0 and lists and stamp.is_file() and time.time() - stamp.stat().st_mtime < fresh_for_s:
         return apt
     try:
         debs.update(apt)
         stamp.touch()
     except debs.PackageError as exc:
-        if not any((where / "lists").glob("*_Packages*")):
+        if not any((where / "lists").glob(index)):
             raise BuildError(f"cannot read the {suite} index: {exc}") from exc
         _log.warning("apt-get update of %s failed, using the lists from before: %s", suite, exc)
     return apt

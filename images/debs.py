@@ -11,6 +11,7 @@ no chroot, no maintainer scripts.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -171,14 +172,15 @@ def debian_uri(etc_apt: Path = Path("/etc/apt"), suite: str = "bookworm") -> str
 
 def private_apt(root: Path, suite: str, *, uri: str | None = None,
                 components: Sequence[str] = ("main",), keyring: str = _DEBIAN_KEYRING,
-                base: Sequence[str] = ()) -> AptConfig:
+                base: Sequence[str] = (), source: bool = False) -> AptConfig:
     """An apt configuration under ``root`` that lists only ``suite`` of ``uri`` (and ``base``).
 
     Sources, lists, cache, preferences and the dpkg status all live under ``root``,
     so the candidate depends on those suites alone (not on what the host has installed
     or pinned) and ``/etc/apt`` is never written. ``base`` suites (e.g. trixie under
     trixie-backports) supply dependencies; ``suite`` is pinned above them, so its
-    version is the candidate wherever it has one.
+    version is the candidate wherever it has one. ``source`` lists the suites' source
+    packages (``deb-src``) instead of their binaries.
     """
     for name in (suite, *base):
         if not _SUITE_RE.match(name):
@@ -189,7 +191,8 @@ def private_apt(root: Path, suite: str, *, uri: str | None = None,
     for sub in ("etc/sources.list.d", "etc/preferences.d", "lists/partial", "cache/archives/partial"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     sources = root / "etc" / "sources.list"
-    line = "".join(f"deb [signed-by={keyring}] {uri} {name} {' '.join(components)}\n" for name in (suite, *base))
+    kind = "deb-src" if source else "deb"
+    line = "".join(f"{kind} [signed-by={keyring}] {uri} {name} {' '.join(components)}\n" for name in (suite, *base))
     if not sources.is_file() or sources.read_text() != line:
         sources.write_text(line)
     preferences = root / "etc" / "preferences"
@@ -335,6 +338,36 @@ def download(pins: Iterable[PackagePin], deb_dir: Path,
             paths[pin.name].unlink()
             raise PackageError(f"{pin.filename}: sha256 {actual}, apt index says {pin.sha256}")
     return paths
+
+
+def source_versions(package: str, apt: AptConfig) -> list[str]:
+    """Every version of source ``package`` the configuration's Sources list, newest first."""
+    text = _run(["apt-cache", *apt.args(), "showsrc", package])
+    versions = {rec["Version"] for rec in _records(text) if rec.get("Package") == package and "Version" in rec}
+    if not versions:
+        raise PackageError(f"{apt.label} lists no source package {package!r}")
+
+    def compare(a: str, b: str) -> int:
+        newer = subprocess.run(["dpkg", "--compare-versions", a, "gt", b], check=False).returncode == 0
+        return 1 if newer else (0 if a == b else -1)
+
+    return sorted(versions, key=functools.cmp_to_key(compare), reverse=True)
+
+
+def download_source(package: str, version: str, dest: Path, apt: AptConfig) -> list[Path]:
+    """``apt-get source --download-only package=version`` into ``dest`` (apt checks every file
+    against the Sources index); the .dsc first. A file the archive does not serve (it has
+    listed sources whose files answer 404) is a ``PackageError`` naming the version."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".dl-") as tmp:
+        try:
+            _run(["apt-get", *apt.args(), "-q", "source", "--download-only", f"{package}={version}"], cwd=Path(tmp))
+        except PackageError as exc:
+            raise PackageError(f"source {package} {version} does not download: {exc}") from exc
+        got = sorted(Path(tmp).iterdir(), key=lambda p: (not p.name.endswith(".dsc"), p.name))
+        for path in got:
+            os.replace(path, dest / path.name)
+    return [dest / path.name for path in got]
 
 
 def extract(deb: Path, dest: Path) -> None:
