@@ -262,11 +262,10 @@ def _labhost_run(test: AvocadoTestLike) -> LabhostQualification:
     The L1 run also carries the chain (host-poison rows under each KVM profile, L2 guests from
     the job's guest image), whichever lab-host test happens to start it.
     """
-    from gmemtest.lab.qualify import chain_variants, shared_run
+    from gmemtest.lab.qualify import lab_chain_variants, shared_run
     from images.debs import PackageError
     from images.kconfig import KernelConfigError
     from images.labhost import DEFAULT_SUITE, DebianKernel, build_labhost_image
-    from images.qemu_root import build_qemu_root
 
     chosen = under_test(test)
     kernel = DebianKernel(chosen.labhost_kernel_suite or DEFAULT_SUITE, chosen.labhost_kernel_version)
@@ -278,9 +277,9 @@ def _labhost_run(test: AvocadoTestLike) -> LabhostQualification:
         test.cancel(f"lab host kernel {kernel.describe()} (labhost_kernel_version/suite): {exc}")
     outdir = Path(test.outputdir)
     guest = chosen.guest_image(_job_dir(outdir))
-    newer = build_qemu_root()  # Debian's newest QEMU, in its own root: the chain also runs under it
+    # Debian's newest QEMU in its own root, and the project's own: the chain also runs under them.
     result = shared_run(image, _job_dir(outdir) / "labhost", guest_manifest=Path(guest.manifest),
-                        variants=chain_variants(newer.binary), private_kvm=chosen.labhost_kvm)
+                        variants=lab_chain_variants(), private_kvm=chosen.labhost_kvm)
     for evidence in ("qualification.json", "qualification.html", "preflight.json", "labhost-qualification.json"):
         src = result.out / evidence
         if src.is_file():

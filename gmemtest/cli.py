@@ -306,8 +306,7 @@ def _cmd_qmp(args: argparse.Namespace) -> int:
 
 def _cmd_qualify_labhost(args: argparse.Namespace) -> int:
     from gmemtest.lab.host import LabhostError
-    from gmemtest.lab.qualify import chain_variants, qualify_in_labhost
-    from images.qemu_root import build_qemu_root
+    from gmemtest.lab.qualify import lab_chain_variants, qualify_in_labhost
 
     if args.scenario:
         print("gmemtest qualify --labhost: the lab host runs the chain rows (host poison) itself; "
@@ -321,14 +320,14 @@ def _cmd_qualify_labhost(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         image = _labhost_image(args)
-        newer = build_qemu_root()
+        variants = lab_chain_variants()
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"gmemtest qualify --labhost: image: {exc}", file=sys.stderr)
         return EXIT_LABHOST_ERROR
     out = Path(args.out)
     try:
         result = qualify_in_labhost(image, out, on_output=None if args.quiet else _stream,
-                                    guest_manifest=Path(guest.manifest), variants=chain_variants(newer.binary),
+                                    guest_manifest=Path(guest.manifest), variants=variants,
                                     private_kvm=args.kvm)
     except LabhostError as exc:
         print(f"gmemtest qualify --labhost: {exc}", file=sys.stderr)

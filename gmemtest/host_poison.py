@@ -8,8 +8,10 @@ it: QEMU's own ``gpa2hva`` names the same hva, QEMU's memory at that hva holds e
 the guest program wrote (read through ``/proc/PID/mem``), and the frame's flags say it is an
 ordinary user page (host_stack.injectors.prove_frame). QEMU's fd table and maps then say whether
 KVM serves the page from a guest_memfd (``read_ram_backing``). While it runs, a ptrace witness
-records every SIGBUS QEMU gets, a /dev/kmsg cursor the host kernel's lines, and meminfo the
-HardwareCorrupted count.
+records every SIGBUS delivered to a QEMU handler, kprobes on the kernel's mceerr senders every
+SIGBUS sent to any QEMU thread with its si_addr and si_addr_lsb (host_stack.mceerr_trace: the AO
+to QEMU's main thread is read from a signalfd, so no witness sees it), a /dev/kmsg cursor the
+host kernel's lines, and meminfo the HardwareCorrupted count.
 On exit the frame is unpoisoned and the witness detached, also when the row failed.
 
 It runs on the host that runs QEMU: a real lab host, or the lab host in a box (L1).
@@ -35,6 +37,7 @@ from host_stack.injectors import CorruptPfnInjector, InjectionRecord, prove_fram
 from host_stack.kernelfs import DEBUGFS, mounted
 from host_stack.kmsg import KmsgCursor
 from host_stack.kvm_uapi import GMEM_PROC_NAMES
+from host_stack.mceerr_trace import MceerrTrace
 from host_stack.mm_uapi import SIGBUS
 from host_stack.pagemap import find_vma, hardware_corrupted_kib, read_kpageflags, read_memory, read_pagemap
 from host_stack.signal_trace import GeneratedSignal, SignalTrace
@@ -119,6 +122,7 @@ class HostPoison:
         self._witness: SigbusWitness | None = None
         self._kmsg: KmsgCursor | None = None
         self._signals: SignalTrace | None = None
+        self._mceerr: MceerrTrace | None = None
         self._stderr_mark = 0
         self.injection: HostInjection | None = None  # set once the frame is poisoned
 
@@ -129,6 +133,7 @@ class HostPoison:
             self._injector.require()
             self._kmsg = self._stack.enter_context(KmsgCursor())
             self._signals = self._stack.enter_context(SignalTrace(SIGBUS))
+            self._mceerr = self._stack.enter_context(MceerrTrace())
             self._witness = self._stack.enter_context(SigbusWitness(self.machine.pid))
         except BaseException:
             self._stack.close()
@@ -177,7 +182,12 @@ class HostPoison:
         obs = self.obs
         obs.qemu_pid = self.frame.qemu_pid
         obs.vcpu_tids = sorted(int(cpu["thread-id"]) for cpu in self.machine.qmp("query-cpus-fast"))
+        version = self.machine.qmp("query-version")
+        q = version["qemu"]
+        obs.qemu_version = f"{q['major']}.{q['minor']}.{q['micro']} ({str(version.get('package', '')).strip()})"
         obs.generated = self._generated()
+        tids = self._qemu_tids()
+        obs.sent = [s for s in self._mceerr.records() if s.tid in tids] if self._mceerr is not None else []
         obs.qemu_sigbus = self._witness.records
         obs.forwarded = [(f.code, f.hva, f.gpa) for f in parse_forwarded_lines(self.forwarded_text())]
         obs.hardware_corrupted_after_kb = hardware_corrupted_kib()
@@ -199,12 +209,15 @@ class HostPoison:
         A hugetlb page is poisoned as a whole (the flag is on its head) and stays busy while
         QEMU maps it: QEMU is stopped first (the row's guest part is over by then) and the head
         pfn is unpoisoned, which also gives the huge page back to the pool (measured on 7.3.4:
-        unpoisoning the raw pfn says "page was already unpoisoned" and fails with EBUSY).
+        unpoisoning the raw pfn says "page was already unpoisoned" and fails with EBUSY). A
+        guest_memfd page stays in guest_memfd's page cache (MF_DELAYED) and unpoison answers
+        EBUSY until it leaves: QEMU is stopped first, which releases the file.
         """
         if self._injector is None or not self._injector.records:
             return
         huge = self.frame.host_page_shift > PAGE_SHIFT
-        if huge:
+        gmem = self.obs.ram_backing is not None and self.obs.ram_backing.kind() == "guest_memfd"
+        if huge or gmem:
             self.machine.shutdown()
             head = self.frame.pfn & ~((1 << (self.frame.host_page_shift - PAGE_SHIFT)) - 1)
             self._injector.records = [dataclasses.replace(r, pfn=head, pfns=(head,)) for r in self._injector.records]

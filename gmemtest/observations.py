@@ -18,6 +18,7 @@ from gmemtest.guest_run import GuestRun
 from guests.probe_client import Mapping, ProbeClient, SigbusReport
 from host_stack import mm_uapi
 from host_stack.kvm_uapi import GMEM_PROC_NAMES
+from host_stack.mceerr_trace import SentMceerr
 from host_stack.signal_trace import GeneratedSignal
 from host_stack.witness import SigbusRecord
 from polling import poll_until
@@ -142,15 +143,21 @@ class RamBacking:
     hva_mapping: str  # path of QEMU's VMA holding the hva ("" for anonymous memory)
 
     def kind(self) -> str:
-        """"guest_memfd", "userspace memory", or why the slot's fd is neither."""
+        """"guest_memfd", "userspace memory", or why the slot's fd is neither.
+
+        A slot without a guest_memfd is still served from one when its hva lies in a mapping of
+        a guest_memfd: upstream QEMU's ``memory-backend-memfd,guest-memfd=on`` (11.2, and this
+        project's QEMU series) registers the mapping with KVM, not the fd.
+        """
         if self.slot_guest_memfd < 0:
-            return "userspace memory"
+            return "guest_memfd" if self.hva_mapping in GMEM_PROC_NAMES else "userspace memory"
         if self.slot_fd_target in GMEM_PROC_NAMES:
             return "guest_memfd"
         return f"fd {self.slot_guest_memfd} of the slot is {self.slot_fd_target!r}, not a guest_memfd"
 
     def summary(self) -> str:
-        return (f"{self.kind()} ({self.memslot}; QEMU holds {len(self.qemu_guest_memfds)} guest_memfd fd(s); "
+        how = ", registered by its mapping" if self.slot_guest_memfd < 0 and self.kind() == "guest_memfd" else ""
+        return (f"{self.kind()}{how} ({self.memslot}; QEMU holds {len(self.qemu_guest_memfds)} guest_memfd fd(s); "
                 f"hva in {self.hva_mapping or 'an anonymous mapping'})")
 
 
@@ -162,7 +169,10 @@ class HostObservations:
     # witness saw delivered (with its siginfo); QEMU's vCPU thread ids (QMP query-cpus-fast).
     generated: list[GeneratedSignal] = field(default_factory=list)
     qemu_sigbus: list[SigbusRecord] = field(default_factory=list)
+    # Every mceerr SIGBUS the kernel sent a QEMU thread, with si_addr and si_addr_lsb (kprobes).
+    sent: list[SentMceerr] = field(default_factory=list)
     qemu_pid: int = 0
+    qemu_version: str = ""  # query-version: "<major>.<minor>.<micro> (<package>)"
     vcpu_tids: list[int] = field(default_factory=list)
     # (code, hva, gpa) of each "Guest MCE Memory Error ... injected" line of QEMU's stderr.
     forwarded: list[tuple[str, int, int]] = field(default_factory=list)

@@ -141,6 +141,7 @@ class _Context:
     report: HostReport | None
     qemu: str
     newer_qemu: Callable[[], str | None]
+    built_qemu: Callable[[], str | None] = lambda: None
 
     def host(self) -> HostReport:
         return self.report if self.report is not None else host_report()
@@ -185,10 +186,12 @@ def _guest_boot(ctx: _Context, **_kwargs: object) -> str | None:
 def _chain(ctx: _Context, scenario: str, variant: str) -> str | None:
     """A chain row runs in L1, which has KVM and memory failure; only its QEMU can lack something,
     and what QOM says of a binary does not depend on the host that asks (L1 runs the same files)."""
-    from gmemtest.lab.qualify import chain_variants
+    from gmemtest.lab.qualify import GMEM_VARIANT, chain_variants
 
     newer = ctx.newer_qemu()
-    chosen = {v.label: v for v in chain_variants(Path(newer) if newer else None)}.get(variant)
+    built = ctx.built_qemu() if variant == GMEM_VARIANT else None  # only kvm-gmem needs the project's QEMU
+    chosen = {v.label: v for v in chain_variants(Path(newer) if newer else None,
+                                                 Path(built) if built else None)}.get(variant)
     if chosen is None:
         raise PlanError(f"chain variant {variant!r} of {scenario} is not one of chain_variants()")
     binary = str(chosen.qemu) if chosen.qemu is not None else ctx.qemu
@@ -227,12 +230,13 @@ _PREDICT: dict[str, Callable[..., str | None]] = {
 
 
 def plan_main_job(root: Path = AVOCADO_TESTS, *, report: HostReport | None = None, qemu: str = DEFAULT_QEMU,
-                  newer_qemu: str | None = None) -> list[PlannedTest]:
+                  newer_qemu: str | None = None, built_qemu: str | None = None) -> list[PlannedTest]:
     """Every test under ``root`` with its predicted CANCEL (None: it runs here).
 
     ``report`` stands in for this host's probed report (a report that says a capability is 0
     plans a host without it); ``newer_qemu`` is the chain's Debian-newest QEMU (default: the
-    cached root of ``images.qemu_root``, built if it is not there yet).
+    cached root of ``images.qemu_root``, built if it is not there yet), ``built_qemu`` the
+    project's own (default: ``images.qemu_build``'s, built if it is not there yet).
     """
 
     @functools.cache
@@ -249,7 +253,21 @@ def plan_main_job(root: Path = AVOCADO_TESTS, *, report: HostReport | None = Non
             raise PlanError(f"the chain rows run under Debian's newest QEMU, which could not be had to ask "
                             f"(python -m images qemu): {exc}") from exc
 
-    ctx = _Context(report, qemu, newer)
+    @functools.cache
+    def built() -> str | None:
+        if built_qemu is not None:
+            return built_qemu
+        from images.build import BuildError
+        from images.debs import PackageError
+        from images.qemu_build import build_qemu
+
+        try:
+            return str(build_qemu().binary)
+        except (BuildError, PackageError) as exc:
+            raise PlanError(f"kvm-gmem's chain rows run under the project's QEMU, which could not be had to "
+                            f"ask (python -m images qemu-build): {exc}") from exc
+
+    ctx = _Context(report, qemu, newer, built)
     planned: list[PlannedTest] = []
     for name, path, calls in discover(root):
         try:

@@ -134,7 +134,8 @@ class ScenarioSpec:
     @property
     def requirements(self) -> tuple[str, ...]:
         """Host capabilities the row needs besides its profile's (host_stack.capabilities names)."""
-        return ("hwpoison_inject",) if self.source is Source.HOST else ()
+        # kprobes: every SIGBUS sent to QEMU is judged with its address and order (mceerr_trace)
+        return ("hwpoison_inject", "kprobes") if self.source is Source.HOST else ()
 
 
 _MIB = 1 << 20

@@ -6,13 +6,16 @@ failure message reads like the kernel selftests': what should have been there an
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from dataclasses import replace
-from typing import Any
+from typing import Any, Final
 
 from gmemtest.observations import HostObservations, Observations
 from gmemtest.oracle import SI_CODE_NAMES, Expectation, HostExpectation
-from outcome import Check, Verdict
+from host_stack.gmem_layout import PAGE_SHIFT
+from outcome import Check, Finding, Verdict
 
 
 def _code(code: int | None) -> str:
@@ -42,7 +45,8 @@ def judge(exp: Expectation, obs: Observations, host: tuple[HostExpectation, Host
         return Verdict(exp.scenario, tuple(guest))
     qemu_events = [c for c in guest if c.name == "MEMORY_FAILURE events"]
     rest = [c for c in guest if c.name != "MEMORY_FAILURE events"]
-    return Verdict(exp.scenario, (*judge_host(*host), *_layered(qemu_events, "qemu"), *_layered(rest, "guest")))
+    return Verdict(exp.scenario, (*judge_host(*host), *_layered(qemu_events, "qemu"), *_layered(rest, "guest")),
+                   findings=tuple(host_findings(*host)))
 
 
 def _sigbus_line(code: int, addr: int, lsb: int, thread: str | None) -> str:
@@ -62,11 +66,14 @@ def judge_host(hexp: HostExpectation, hobs: HostObservations) -> list[Check]:
         _check("host HardwareCorrupted delta (kB)", hexp.host_hardware_corrupted_delta_kb,
                None if hobs.hardware_corrupted_before_kb is None or hobs.hardware_corrupted_after_kb is None
                else hobs.hardware_corrupted_after_kb - hobs.hardware_corrupted_before_kb, layer="host"),
-        _check("host kernel recovery line (pfn, result)", [(hex(hexp.host_recovery[0]), hexp.host_recovery[1])],
-               [(hex(r.pfn), r.result) for r in hobs.recovery_lines], layer="host"),
+        _recovery_check(hexp, hobs),
         _check("SIGBUS generated for QEMU (signal_generate: code, thread)",
                [f"{_code(s.si_code)} to the {s.thread} thread" for s in hexp.qemu_sigbus],
                [f"{_code(g.code)} to the {hobs.thread_role(g.tid)} thread" for g in hobs.generated],
+               fmt=lambda v: "[" + "; ".join(v) + "]", layer="host"),
+        _check("SIGBUS sent to QEMU (kprobes on force/send_sig_mceerr: code, si_addr, si_addr_lsb, thread)",
+               [_sigbus_line(s.si_code, s.si_addr, s.si_addr_lsb, s.thread) for s in hexp.qemu_sigbus],
+               [_sigbus_line(r.si_code, r.si_addr, r.si_addr_lsb, hobs.thread_role(r.tid)) for r in hobs.sent],
                fmt=lambda v: "[" + "; ".join(v) + "]", layer="host"),
         _check("SIGBUS delivered to a QEMU handler (witness siginfo)",
                [_sigbus_line(s.si_code, s.si_addr, s.si_addr_lsb, s.thread) for s in hexp.qemu_sigbus if s.delivered],
@@ -88,6 +95,47 @@ def judge_host(hexp: HostExpectation, hobs: HostObservations) -> list[Check]:
         checks.append(_check(f"rebooted guest's kernel reads gpa {frame.gpa:#x} (/proc/kcore)", "read",
                              hobs.guest_read_after_reset, layer="guest"))
     return checks
+
+
+def _recovery_check(hexp: HostExpectation, hobs: HostObservations) -> Check:
+    """One "Memory failure" line for the frame, with a result the RAM's kind allows."""
+    pfn, accepted = hexp.host_recovery
+    seen = [(hex(r.pfn), r.result) for r in hobs.recovery_lines]
+    ok = len(seen) == 1 and seen[0][0] == hex(pfn) and seen[0][1] in accepted
+    return Check("host kernel recovery line (pfn, result)", f"[('{pfn:#x}', {' or '.join(map(repr, accepted))})]",
+                 str(seen), ok, "host")
+
+
+GMEM_DELAYED_FINDING: Final = "gmem-memory-failure-counts-delayed-as-failed"
+QEMU_LSB_FINDING: Final = "qemu-forwards-4k-of-a-larger-poisoned-page"
+
+
+def host_findings(hexp: HostExpectation, hobs: HostObservations) -> list[Finding]:
+    """What the host stack did that is understood but differs from the design, with the versions."""
+    release = os.uname().release
+    findings = []
+    failed = [r for r in hobs.recovery_lines if r.pfn == hexp.frame.pfn and r.result == "Failed"]
+    if hexp.ram_guest_memfd and failed:
+        errno_name = errno.errorcode.get(hobs.injection_errno, str(hobs.injection_errno))
+        findings.append(Finding(GMEM_DELAYED_FINDING, "divergence", (
+            f"Memory failure of a guest_memfd page of QEMU's RAM ends 'Failed' (kernel {release}): "
+            "kvm_gmem_error_folio keeps the folio and returns MF_DELAYED, which truncate_error_folio counts as a "
+            f"failure (\"Failed to punch page\"); corrupt-pfn answered {errno_name} although the frame is "
+            "poisoned. The mappers were signalled as for any file page, and the page stays in guest_memfd's "
+            "page cache until it is punched out or the file is released"),
+            {"pfn": hex(hexp.frame.pfn), "injection_errno": errno_name}))
+    forwarded = {h for _c, h, _g in hobs.forwarded}
+    for sent in hobs.sent:
+        if sent.si_addr_lsb > PAGE_SHIFT and sent.si_addr in forwarded:
+            findings.append(Finding(QEMU_LSB_FINDING, "divergence", (
+                f"QEMU {hobs.qemu_version or '(version not read)'} received {_code(sent.si_code)} for hva "
+                f"{sent.si_addr:#x} with si_addr_lsb {sent.si_addr_lsb} ({1 << (sent.si_addr_lsb - 10)} KiB lost "
+                "on the host) and forwarded one machine check for one 4 KiB guest page: kvm_on_sigbus*() and "
+                "kvm_arch_on_sigbus_vcpu() take only si_addr, so the guest never learns of the rest of the "
+                f"{1 << (sent.si_addr_lsb - 10)} KiB (host kernel {release})"),
+                {"hva": hex(sent.si_addr), "lsb": sent.si_addr_lsb, "code": sent.si_code}))
+            break
+    return findings
 
 
 def _judge_guest(exp: Expectation, obs: Observations) -> list[Check]:

@@ -49,7 +49,8 @@ TARGET: Final = "qemu-system-x86_64"
 CONFIGURE: Final = (
     "--target-list=x86_64-softmmu", "--enable-kvm", "--disable-tcg", "--enable-slirp", "--disable-docs",
     "--disable-tools", "--disable-user", "--disable-werror", "--disable-download", "--disable-install-blobs",
-    "--prefix=/usr", "--firmwarepath=/usr/share/qemu:/usr/share/seabios:/usr/lib/ipxe/qemu",
+    "--prefix=/usr", "--disable-relocatable",
+    "--firmwarepath=/usr/share/qemu:/usr/share/seabios:/usr/lib/ipxe/qemu",
 )
 BUILD_DEPS: Final = ("ninja", "pkg-config", "gcc", "make", "patch", "perl", "dpkg-source", "flex", "bison")
 NOT_SERVED_RETRY_S: Final = 86400.0

@@ -35,7 +35,7 @@ DEFAULT_PATHS = ("tests/host_stack",)
 # What the lab host is built to offer (its preflight test proves these): a skip for one of them
 # inside L1 is a failure of the batch, never a quiet gap in coverage.
 LABHOST_GUARANTEES = ("kvm", "kvm_boots_linux", "guest_memfd", "guest_memfd_mmap", "guest_memfd_init_shared",
-                      "hwpoison", "hwpoison_inject")
+                      "hwpoison", "hwpoison_inject", "kprobes")
 # ... and with the rebuilt KVM (gmemtest.lab.kvm), a software-protected VM with private memory.
 SW_PROTECTED_GUARANTEES = (*LABHOST_GUARANTEES, "sw_protected_vm", "private_memory")
 # The host-side tests of private memory, run in a batch of their own under the rebuilt KVM.

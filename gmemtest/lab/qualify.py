@@ -44,8 +44,8 @@ from images.build import build_lock
 from images.labhost import LabhostImage
 from outcome import Verdict
 
-__all__ = ["ChainVariant", "LabhostQualification", "chain_variants", "qualify_in_labhost",
-           "shared_run"]
+__all__ = ["ChainVariant", "LabhostQualification", "chain_variants", "gmem_qemu", "lab_chain_variants",
+           "qualify_in_labhost", "shared_run"]
 
 LOG = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ RESULT_NAME = "labhost-qualification.json"
 INNER_TIMEOUT_S = 600.0
 CHAIN_DIR = "chain"
 NEWER_QEMU = "newer-qemu"
+GMEM_VARIANT = "kvm-gmem"  # the chain variant on guest_memfd RAM, under the first QEMU that offers it
 
 
 @dataclass(frozen=True)
@@ -80,16 +81,40 @@ class ChainVariant:
         return tuple(s.name for s in SCENARIOS if s.source is Source.HOST and unsupported_under(s, profile) is None)
 
 
-def chain_variants(newer_qemu: Path | None) -> tuple[ChainVariant, ...]:
+def chain_variants(newer_qemu: Path | None, built_qemu: Path | None = None) -> tuple[ChainVariant, ...]:
     """Every KVM profile a plain lab host can have (plain RAM, RAM on the host's 2 MiB hugetlb
-    pages, guest_memfd RAM); with a newer QEMU (images.qemu_root) also kvm-default under it, and
-    kvm-gmem only under it (the newest QEMU is its only chance)."""
+    pages, guest_memfd RAM); with a newer QEMU (images.qemu_root) also kvm-default under it.
+    kvm-gmem runs under the first QEMU that offers ``guest-memfd`` (QOM, probed here: L1 runs the
+    same files): the project's own (images.qemu_build), Debian's newest, L1's; with none, under
+    Debian's newest, whose lack of it the row then reports."""
     variants = [ChainVariant("kvm-default", "kvm-default")]
     if newer_qemu is not None:
         variants.append(ChainVariant(f"kvm-default+{NEWER_QEMU}", "kvm-default", newer_qemu))
     variants.append(ChainVariant("kvm-hugetlb", "kvm-hugetlb"))
-    variants.append(ChainVariant("kvm-gmem", "kvm-gmem", newer_qemu))
+    variants.append(ChainVariant(GMEM_VARIANT, "kvm-gmem", gmem_qemu((built_qemu, newer_qemu), newer_qemu)))
     return tuple(variants)
+
+
+def lab_chain_variants() -> tuple[ChainVariant, ...]:
+    """``chain_variants`` with the QEMUs the project provides: Debian's newest in its own root and
+    the project's own build (both cached; built here when they are not)."""
+    from images.qemu_build import build_qemu
+    from images.qemu_root import build_qemu_root
+
+    return chain_variants(build_qemu_root().binary, build_qemu().binary)
+
+
+def gmem_qemu(candidates: Sequence[Path | None], fallback: Path | None) -> Path | None:
+    """The first of ``candidates`` whose QOM offers ``guest-memfd`` on a memory backend, else ``fallback``."""
+    from gmemtest.requirements import qemu_missing, qemu_report
+
+    for qemu in candidates:
+        if qemu is None:
+            continue
+        caps = qemu_report(str(qemu))
+        if not isinstance(caps, str) and qemu_missing("guest-memfd", caps) is None:
+            return qemu
+    return fallback
 
 
 @dataclass(frozen=True)

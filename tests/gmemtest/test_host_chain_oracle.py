@@ -16,6 +16,7 @@ from gmemtest.oracle import AMD, INTEL, HostFrameLayout, MappingLayout, PageLayo
 from gmemtest.scenarios import ScenarioSpec, Source, Trigger, get_scenario, unsupported_under
 from gmemtest.verdict import judge
 from guests.profiles import get_profile
+from host_stack.mceerr_trace import SentMceerr
 from host_stack.mm_uapi import BUS_MCEERR_AO, BUS_MCEERR_AR, SIGBUS
 from host_stack.signal_trace import GeneratedSignal
 from host_stack.witness import SigbusRecord
@@ -100,6 +101,9 @@ def _observed() -> tuple[Observations, HostObservations]:
         generated=[GeneratedSignal(SIGBUS, BUS_MCEERR_AO, 207, "qemu-system-x86", False, "delivered"),
                    GeneratedSignal(SIGBUS, BUS_MCEERR_AR, VCPU_TID, "qemu-system-x86", False, "delivered")],
         qemu_sigbus=[SigbusRecord(207, VCPU_TID, SIGBUS, BUS_MCEERR_AR, 0, 0x7F8692761000, 12, 1, 1)],
+        # memory failure's AO kill of QEMU's main thread (sent by the injector), KVM's AR to the vCPU
+        sent=[SentMceerr("send", 207, BUS_MCEERR_AO, 0x7F8692761000, 12, 1234),
+              SentMceerr("send", VCPU_TID, BUS_MCEERR_AR, 0x7F8692761000, 12, VCPU_TID)],
         qemu_pid=207, vcpu_tids=[VCPU_TID],
         forwarded=[("BUS_MCEERR_AO", 0x7F8692761000, 0x2961000), ("BUS_MCEERR_AR", 0x7F8692761000, 0x2961000)],
         hardware_corrupted_before_kb=0, hardware_corrupted_after_kb=4, hwpoison_flag=True,
@@ -113,6 +117,7 @@ USERSPACE_RAM = RamBacking(memslot=FRAME.memslot.describe(), slot_guest_memfd=-1
 GMEM_RAM = RamBacking(memslot=memslot(FRAME.gpa, FRAME.hva, 27).describe(), slot_guest_memfd=27,
                       slot_fd_target="/[kvm-gmem] (deleted)", qemu_guest_memfds=(27,),
                       hva_mapping="/[kvm-gmem] (deleted)")
+SENT = "SIGBUS sent to QEMU (kprobes on force/send_sig_mceerr: code, si_addr, si_addr_lsb, thread)"
 BACKING_CHECK = f"KVM serves gpa {FRAME.gpa:#x} from (memslot QEMU registered, QEMU's fd table)"
 
 
@@ -134,7 +139,12 @@ def test_verdict_names_every_layer_and_passes_the_recorded_run() -> None:
      "SIGBUS delivered to a QEMU handler (witness siginfo)"),
     (lambda o, h: h.generated.pop(0), "SIGBUS generated for QEMU (signal_generate: code, thread)"),
     (lambda o, h: setattr(h, "vcpu_tids", []), "SIGBUS generated for QEMU (signal_generate: code, thread)"
-                                                 "|SIGBUS delivered to a QEMU handler (witness siginfo)"),
+                                                 f"|{SENT}|SIGBUS delivered to a QEMU handler (witness siginfo)"),
+    # What the kernel sent, with address and order: the AO to the main thread no witness can see
+    # (a deliberately wrong order fails), a page-by-page AR, an AO that never came.
+    (lambda o, h: h.sent.__setitem__(0, dataclasses.replace(h.sent[0], si_addr_lsb=21)), SENT),
+    (lambda o, h: h.sent.__setitem__(0, dataclasses.replace(h.sent[0], si_addr=0x7F8692760000)), SENT),
+    (lambda o, h: h.sent.pop(0), SENT),
     (lambda o, h: h.forwarded.pop(), "QEMU forwarded (stderr: code, hva, gpa)"),
     (lambda o, h: setattr(h, "hwpoison_flag", False), "KPF_HWPOISON on host pfn 0x117961"),
     (lambda o, h: setattr(h, "recovery_lines", []), "host kernel recovery line (pfn, result)"),
@@ -153,9 +163,9 @@ def test_verdict_fails_each_broken_observable(broken: object, failing: str) -> N
     assert [c.name for c in verdict.failures] == failing.split("|"), verdict.summary()
 
 
-def test_host_rows_are_validated_and_need_kvm_and_hwpoison_inject() -> None:
+def test_host_rows_are_validated_and_need_kvm_hwpoison_inject_and_kprobes() -> None:
     spec = get_scenario("host-ao-late-touch-4k")
-    assert spec.source is Source.HOST and spec.requirements == ("hwpoison_inject",)
+    assert spec.source is Source.HOST and spec.requirements == ("hwpoison_inject", "kprobes")
     assert get_scenario("srao-late-touch-4k").requirements == ()
     reason = unsupported_under(spec, get_profile("tcg-default"))
     assert reason is not None and "only KVM does" in reason and "tcg-default runs under tcg" in reason
@@ -240,8 +250,55 @@ def test_the_backing_check_wants_what_the_profile_backs_ram_with() -> None:
     ok, actual = check(dataclasses.replace(GMEM_RAM, slot_fd_target="/memfd:ram0 (deleted)"))
     assert not ok and "fd 27 of the slot is '/memfd:ram0 (deleted)', not a guest_memfd" in actual
     assert check(dataclasses.replace(GMEM_RAM, slot_fd_target="anon_inode:[kvm-gmem]"))[0]  # 6.18's name
+    # Upstream's guest-memfd=on registers the guest_memfd's mapping, not the fd: the slot has none,
+    # the VMA behind its hva is the guest_memfd file. A memfd's mapping is userspace memory.
+    mapped = RamBacking(memslot=FRAME.memslot.describe(), slot_guest_memfd=-1, slot_fd_target=None,
+                        qemu_guest_memfds=(31,), hva_mapping="/[kvm-gmem] (deleted)")
+    ok, actual = check(mapped)
+    assert ok and actual.startswith("guest_memfd, registered by its mapping"), actual
+    assert not check(dataclasses.replace(mapped, hva_mapping="/memfd:ram0 (deleted)"))[0]
 
 
 def test_a_frame_whose_hva_is_not_the_memslots_is_refused() -> None:
     with pytest.raises(ValueError, match=r"hva 0x7f8692762040 of gpa 0x2961040 is not the memslot's 0x7f8692761040"):
         dataclasses.replace(FRAME, hva=0x7F8692762040)
+
+
+def test_guest_memfd_ram_may_end_delayed_or_failed_and_failed_is_a_finding_with_the_kernel() -> None:
+    """kvm-gmem: guest_memfd keeps the poisoned folio (MF_DELAYED); 7.3.4 counts that as 'Failed'
+    and answers EBUSY. Plain RAM must still recover."""
+    import errno
+    import os
+
+    from gmemtest.verdict import GMEM_DELAYED_FINDING
+
+    exp, host = expect_host(get_scenario("host-ar-touch-4k"), LAYOUT, FRAME, vendor=AMD, mce_bank=9,
+                            ram_guest_memfd=True)
+    obs, hobs = _observed()
+    mapped = RamBacking(memslot=FRAME.memslot.describe(), slot_guest_memfd=-1, slot_fd_target=None,
+                        qemu_guest_memfds=(31,), hva_mapping="/[kvm-gmem] (deleted)")
+    hobs = dataclasses.replace(hobs, ram_backing=mapped, injection_errno=errno.EBUSY,
+                               recovery_lines=[RecoveryLine(FRAME.pfn, "dirty LRU page", "Failed")])
+    verdict = judge(exp, obs, (host, hobs))
+    assert verdict.passed, verdict.summary()
+    (finding,) = verdict.findings
+    assert finding.id == GMEM_DELAYED_FINDING and os.uname().release in finding.text and "EBUSY" in finding.text
+    delayed = judge(exp, obs, (host, dataclasses.replace(
+        hobs, recovery_lines=[RecoveryLine(FRAME.pfn, "dirty LRU page", "Delayed")])))
+    assert delayed.passed and not delayed.findings, "MF_DELAYED reported as designed is no finding"
+    plain_exp, plain_host = expect_host(get_scenario("host-ar-touch-4k"), LAYOUT, FRAME, vendor=AMD, mce_bank=9)
+    plain = judge(plain_exp, obs, (plain_host, dataclasses.replace(
+        _observed()[1], recovery_lines=[RecoveryLine(FRAME.pfn, "dirty LRU page", "Failed")])))
+    assert [c.name for c in plain.failures] == ["host kernel recovery line (pfn, result)"]
+
+
+def test_qemu_forwarding_4k_of_a_2m_poisoned_page_is_a_finding_naming_its_version() -> None:
+    from gmemtest.verdict import QEMU_LSB_FINDING, host_findings
+
+    _, host = expect_host(get_scenario("host-ar-touch-4k"), LAYOUT, FRAME, vendor=AMD, mce_bank=9)
+    _, hobs = _observed()
+    huge = dataclasses.replace(hobs, qemu_version="10.0.2 (Debian 1:10.0.2+ds-2)", sent=[
+        SentMceerr("send", 207, BUS_MCEERR_AO, 0x7F8692761000, 21, 1234)])
+    (finding,) = host_findings(host, huge)
+    assert finding.id == QEMU_LSB_FINDING and "QEMU 10.0.2 (Debian" in finding.text and "2048 KiB" in finding.text
+    assert not host_findings(host, hobs), "lsb 12 forwarded as 4 KiB is what it should be"

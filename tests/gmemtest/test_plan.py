@@ -45,7 +45,7 @@ HOST_CLASSES = ("GmemUapi.", "TinyVmm.", "SeedRegression.", "PoisonMatrix.", "Pr
 
 
 def _plan(report: HostReport) -> dict[str, str | None]:
-    planned = plan.plan_main_job(report=report, newer_qemu="qemu-system-x86_64")
+    planned = plan.plan_main_job(report=report, newer_qemu="qemu-system-x86_64", built_qemu="qemu-system-x86_64")
     assert not [p for p in planned if p.unknown], [p.to_json() for p in planned if p.unknown]
     return {p.test: p.cancel for p in planned}
 
@@ -173,8 +173,24 @@ def test_a_missing_newer_qemu_leaves_only_the_chain_rows_unplanned(monkeypatch: 
         raise BuildError("no network here")
 
     monkeypatch.setattr(images.qemu_root, "build_qemu_root", unavailable)
-    planned = plan.plan_main_job(report=ZERO)
+    planned = plan.plan_main_job(report=ZERO, built_qemu="qemu-system-x86_64")
     unknown = {p.test for p in planned if p.unknown}
     assert unknown == {p.test for p in planned if p.test.startswith("HostPoisonChain.")}, unknown
     assert all("no network here" in str(p.unknown) for p in planned if p.unknown)
     assert {p.test: p.cancel for p in planned}["GmemUapi.test_cases"] == NO_GMEM
+
+
+def test_a_missing_project_qemu_leaves_only_the_kvm_gmem_chain_rows_unplanned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kvm-gmem runs under the first QEMU that offers guest-memfd, the project's own first: when it
+    cannot be had, its rows say so and the rest is planned."""
+    import images.qemu_build
+    from images.build import BuildError
+
+    def unavailable() -> None:
+        raise BuildError("no QEMU source downloads")
+
+    monkeypatch.setattr(images.qemu_build, "build_qemu", unavailable)
+    planned = plan.plan_main_job(report=ZERO, newer_qemu="qemu-system-x86_64")
+    unknown = {p.test for p in planned if p.unknown}
+    assert unknown == {p.test for p in planned if p.test.startswith("HostPoisonChain.") and "kvm_gmem" in p.test}
+    assert unknown and all("python -m images qemu-build" in str(p.unknown) for p in planned if p.unknown)
