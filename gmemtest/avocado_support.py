@@ -235,8 +235,9 @@ def run_every_scenario_under(test: AvocadoTestLike, profile: str) -> list[Scenar
 
 # The lab-host tests share one L1 run per job: the first one waits for the whole run (L1 boot,
 # the stock kernel's host checks, the chain under three QEMU/profile variants and the private-
-# memory section: 4 min 30 s here alone, more while guest tests load both cores).
-LABHOST_TEST_TIMEOUT_S = 900
+# memory section, and the four kvm-gmem rows that each boot their guest: 7 min here alone, more
+# while guest tests load both cores).
+LABHOST_TEST_TIMEOUT_S = 1200
 LABHOST_PREFLIGHT = "preflight inside the lab host"
 # What preflight must prove inside L1: that it is the standard KVM host with memory failure it is
 # built to be (FACTS section 5). A user-supplied kernel that lacks one of these fails here.

@@ -152,9 +152,29 @@ def _kvm_modules(kernel_release: str, runs: int, cold: bool) -> dict[str, Any]:
             **({"forced_rebuild_s": round(timed(True), 2)} if cold else {})}
 
 
-def _private_section(job: Path) -> dict[str, Any]:
-    """What the job's shared L1 run spent on private memory: the whole section (module swap,
-    preflight, qualify start-up) and each private check, from its own records."""
+def _project_qemu(runs: int, cold: bool) -> dict[str, Any]:
+    """The project's QEMU (images.qemu_build): cached look-ups, and with ``cold`` one forced rebuild
+    (its source cached), with the per-patch build times the manifest records."""
+    from images.qemu_build import build_qemu
+
+    def timed(force: bool) -> float:
+        t0 = time.monotonic()
+        build_qemu(force=force)
+        return time.monotonic() - t0
+
+    timed(False)
+    doc: dict[str, Any] = {"cached_s": _stats([timed(False) for _ in range(runs)])}
+    if cold:
+        doc["forced_rebuild_s"] = round(timed(True), 2)
+        built = build_qemu()
+        doc["patches"] = json.loads(built.manifest.read_text())["patches"]
+        doc["binary_bytes"] = built.binary.stat().st_size
+    return doc
+
+
+def _shared_run_figures(job: Path) -> dict[str, Any]:
+    """From the job's shared L1 run's own records: the private-memory section (module swap,
+    preflight, qualify start-up) and each private check, and each chain variant's run."""
     found = sorted(job.glob("latest/labhost/labhost-*/labhost-qualification.json"))
     if not found:
         return {"error": f"no labhost-qualification.json under {job}"}
@@ -163,7 +183,7 @@ def _private_section(job: Path) -> dict[str, Any]:
     checks = {i["name"]: i.get("duration_s") for i in items if str(i.get("summary", "")).endswith("]")
               and "[L1 KVM:" in str(i.get("summary", ""))}
     return {"section_s": timings.get("private_s"), "checks_s": checks,
-            "checks_total_s": round(sum(v or 0 for v in checks.values()), 2)}
+            "checks_total_s": round(sum(v or 0 for v in checks.values()), 2), "chain_s": timings.get("chain_s", {})}
 
 
 def _labhost(runs: int, workdir: Path, cold: bool = False) -> dict[str, Any]:
@@ -177,6 +197,7 @@ def _labhost(runs: int, workdir: Path, cold: bool = False) -> dict[str, Any]:
     warm = [_timed(build) for _ in range(runs)]
     image = build_labhost_image()
     modules = _kvm_modules(image.kernel_release, runs, cold)
+    qemu = _project_qemu(runs, cold)
     ready: list[float] = []
     uptime: list[float] = []
     first_command: list[float] = []
@@ -204,7 +225,8 @@ def _labhost(runs: int, workdir: Path, cold: bool = False) -> dict[str, Any]:
         "labhost_tests": {"wall_s": round(time.monotonic() - t0, 2), "exit_status": proc.returncode,
                           "tail": proc.stdout.strip().splitlines()[-4:]},
         "kvm_modules": modules,
-        "private_section": _private_section(workdir / "avocado"),
+        "project_qemu": qemu,
+        "shared_run": _shared_run_figures(workdir / "avocado"),
     }
 
 
@@ -318,8 +340,11 @@ def run_benchmark(*, runs: int, out: Path, suite: bool, cold: bool, labhost: boo
                 "labhost_tests_exit_status": lab["labhost_tests"]["exit_status"],
                 "kvm_modules_cached_median_s": lab["kvm_modules"]["cached_s"]["median"],
                 "kvm_modules_forced_rebuild_s": lab["kvm_modules"].get("forced_rebuild_s"),
-                "private_section_s": lab["private_section"].get("section_s"),
-                "private_checks_total_s": lab["private_section"].get("checks_total_s"),
+                "private_section_s": lab["shared_run"].get("section_s"),
+                "private_checks_total_s": lab["shared_run"].get("checks_total_s"),
+                "project_qemu_cached_median_s": lab["project_qemu"]["cached_s"]["median"],
+                "project_qemu_forced_rebuild_s": lab["project_qemu"].get("forced_rebuild_s"),
+                "chain_variant_s": lab["shared_run"].get("chain_s"),
             })
         if nested:
             results["nested"] = chain = _nested(nested, Path(tmp) / "nested", nested_scenario)

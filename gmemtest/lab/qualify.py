@@ -240,11 +240,13 @@ def qualify_once(image: LabhostImage, out: Path, *, timeout: float = INNER_TIMEO
         qual = run.run([*python, "qualify", "--no-guest", "--memory", "shared", "--out", inner_qual], timeout,
                        on_output=on_output)
         chain_rc: dict[str, int] | None = None
+        chain_s: dict[str, float] = {}
         if guest_manifest is not None:
             chain_rc = {}
             for variant in variants:
                 chain = run.run(_chain_command(variant, guest_manifest.absolute()), timeout, on_output=on_output)
                 chain_rc[variant.label] = chain.returncode
+                chain_s[variant.label] = round(chain.seconds, 2)
         private = run.run(private_argv, timeout, on_output=on_output)
         timings = run.timings
     preflight = _read_json(share / PREFLIGHT_NAME, "gmemtest preflight", pre.output)
@@ -259,7 +261,7 @@ def qualify_once(image: LabhostImage, out: Path, *, timeout: float = INNER_TIMEO
         preflight=preflight, qualification=qualification, preflight_rc=pre.returncode,
         qualify_rc=qual.returncode, chain_rc=chain_rc, private_kvm=private_kvm, private_rc=private.returncode,
         timings={**timings.as_json(), "preflight_s": round(pre.seconds, 2), "qualify_s": round(qual.seconds, 2),
-                 "private_s": round(private.seconds, 2)})
+                 "private_s": round(private.seconds, 2), "chain_s": chain_s})
     (out / RESULT_NAME).write_text(json.dumps(result.to_json(), indent=2) + "\n")
     return result
 
@@ -332,7 +334,10 @@ def _merge(qualification: dict[str, Any], out: Path, variants: Sequence[ChainVar
                                         f"gmemtest run inside L1 left no {path.name}")
             q.items.append(Item.from_verdict("chain", broke.scenario, broke, ""))
             continue
-        q.items.extend(chain_item(row, variant.label, out) for row in json.loads(path.read_text()))
+        rows = json.loads(path.read_text())
+        q.items.extend(chain_item(row, variant.label, out) for row in rows)
+        # What the chain found (guest_memfd's delayed recovery, QEMU dropping the lsb): in the report too.
+        q.add_findings(f for row in rows for f in (row.get("verdict") or {}).get("findings", []))
     doc = q.to_json()
     (out / "qualification.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out / "qualification.html").write_text(render(q))

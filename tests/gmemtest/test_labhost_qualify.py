@@ -13,7 +13,7 @@ from gmemtest.avocado_support import _job_dir
 from gmemtest.cli import main as cli_main
 from gmemtest.lab import qualify as lq
 from gmemtest.report_model import Qualification
-from outcome import Check, Verdict
+from outcome import Check, Finding, Verdict
 
 
 class _Image:
@@ -105,7 +105,8 @@ def _chain_tree(out: Path) -> None:
     (default / "host-ar-touch-4k").mkdir(parents=True)
     judged = Verdict("host-ar-touch-4k", (
         Check("KPF_HWPOISON on host pfn 0x117961", "True", "True", True, "host"),
-        Check("si_code", "4 (BUS_MCEERR_AR)", "4 (BUS_MCEERR_AR)", True, "guest")))
+        Check("si_code", "4 (BUS_MCEERR_AR)", "4 (BUS_MCEERR_AR)", True, "guest")),
+        findings=(Finding("qemu-forwards-4k-of-a-larger-poisoned-page", "divergence", "QEMU 10.0.2 ..."),))
     (default / "host-ar-touch-4k" / "verdict.json").write_text(judged.to_json())
     broke = Verdict.did_not_run("host-ao-late-touch-4k", "ERROR", "HostPoisonError: refusing")
     (default / "summary.json").write_text(json.dumps([
@@ -131,6 +132,7 @@ def test_chain_rows_become_report_items_per_profile(tmp_path: Path) -> None:
     assert items["host-ar-touch-4k/kvm-gmem"]["status"] == "CANNOT RUN"
     assert "guest-memfd" in items["host-ar-touch-4k/kvm-gmem"]["summary"]
     assert doc["outcome"] == "FAILED"  # the ERROR row outranks the others
+    assert [f["id"] for f in doc["findings"]] == ["qemu-forwards-4k-of-a-larger-poisoned-page"]  # the chain's too
     html = (tmp_path / "qualification.html").read_text()
     assert "The whole chain" in html and "host-ar-touch-4k/kvm-gmem" in html
 
