@@ -302,3 +302,17 @@ def test_qemu_forwarding_4k_of_a_2m_poisoned_page_is_a_finding_naming_its_versio
     (finding,) = host_findings(host, huge)
     assert finding.id == QEMU_LSB_FINDING and "QEMU 10.0.2 (Debian" in finding.text and "2048 KiB" in finding.text
     assert not host_findings(host, hobs), "lsb 12 forwarded as 4 KiB is what it should be"
+
+
+def test_a_deliberately_wrong_expected_lsb_fails_the_row_on_what_the_kernel_sent() -> None:
+    """The AO the kernel sends QEMU's main thread is judged on its order: an oracle that expects a
+    2 MiB order for the 4 KiB page of a kvm-default row fails that check, and only that one."""
+    exp, host = expect_host(get_scenario("host-ar-touch-4k"), LAYOUT, FRAME, vendor=AMD, mce_bank=9)
+    ao = host.qemu_sigbus[0]
+    assert (ao.si_code, ao.thread, ao.si_addr_lsb) == (BUS_MCEERR_AO, "main", 12)
+    wrong = dataclasses.replace(host, qemu_sigbus=(dataclasses.replace(ao, si_addr_lsb=21), *host.qemu_sigbus[1:]))
+    obs, hobs = _observed()
+    verdict = judge(exp, obs, (wrong, hobs))
+    assert [c.name for c in verdict.failures] == [SENT], verdict.summary()
+    (failed,) = verdict.failures
+    assert "lsb 21 to the main thread" in failed.expected and "lsb 12 to the main thread" in failed.actual
