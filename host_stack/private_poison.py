@@ -23,8 +23,8 @@ import logging
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -233,7 +233,7 @@ def _judged(name: str, kill: str, debugfs: Path, row: bool) -> Verdict:
         return Verdict(name, (Check("interlock: the frame behind the private gfn is proven", "proven",
                                     str(run.refusal), False),), evidence={"ready": run.ready})
     exp, obs = _expect(run.ready), _observation(run)
-    evidence = {"events": run.events, "record": None if run.record is None else run.record.__dict__}
+    evidence = {"events": run.events, "record": None if run.record is None else asdict(run.record)}
     if not row:
         verdict = judge_private(name, exp, obs)
     else:
@@ -244,7 +244,7 @@ def _judged(name: str, kill: str, debugfs: Path, row: bool) -> Verdict:
 
 
 @contextlib.contextmanager
-def _gate(report: HostReport | None, debugfs: Path | None) -> Any:
+def _gate(report: HostReport | None, debugfs: Path | None) -> Iterator[Path]:
     reason = unmet_reason(report if report is not None else probe_host(), PRIVATE_REQUIREMENTS)
     if reason is not None:
         raise ChildCancelled(reason)
