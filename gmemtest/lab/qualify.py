@@ -251,9 +251,7 @@ def qualify_once(image: LabhostImage, out: Path, *, timeout: float = INNER_TIMEO
         timings = run.timings
     preflight = _read_json(share / PREFLIGHT_NAME, "gmemtest preflight", pre.output)
     qualification = _read_json(share / QUAL_DIR / "qualification.json", "gmemtest qualify", qual.output)
-    for name in ("qualification.json", "qualification.html"):
-        shutil.copyfile(share / QUAL_DIR / name, out / name)
-    _copy_back(share, out)
+    _copy_back(share, out)  # the report itself is written by _merge, with the other sections in it
     private_items = _private_section(share, out, private.output, private_kvm)
     qualification = _merge(qualification, out, variants if chain_rc is not None else (), private_items)
     result = LabhostQualification(
@@ -284,18 +282,23 @@ def chain_item(row: dict[str, Any], label: str, out: Path) -> Item:
                              evidence=evidence, all_checks=True)
 
 
-def _copy_back(share: Path, out: Path) -> None:
-    """The stock section's preflight, chain and the evidence its checks wrote next to the report."""
-    shutil.copyfile(share / PREFLIGHT_NAME, out / PREFLIGHT_NAME)
-    if (share / CHAIN_DIR).is_dir():
-        shutil.copytree(share / CHAIN_DIR, out / CHAIN_DIR, dirs_exist_ok=True)
-    for extra in (share / QUAL_DIR).iterdir():
+def _copy_evidence(report_dir: Path, out: Path) -> None:
+    """What the checks of a ``qualify`` run wrote next to its report (the report itself is merged)."""
+    for extra in report_dir.iterdir():
         if extra.name not in ("qualification.json", "qualification.html"):
             dest = out / extra.name
             if extra.is_dir():
                 shutil.copytree(extra, dest, dirs_exist_ok=True)
             else:
                 shutil.copyfile(extra, dest)
+
+
+def _copy_back(share: Path, out: Path) -> None:
+    """The stock section's preflight, chain and the evidence its checks wrote next to the report."""
+    shutil.copyfile(share / PREFLIGHT_NAME, out / PREFLIGHT_NAME)
+    if (share / CHAIN_DIR).is_dir():
+        shutil.copytree(share / CHAIN_DIR, out / CHAIN_DIR, dirs_exist_ok=True)
+    _copy_evidence(share / QUAL_DIR, out)
 
 
 def _private_section(share: Path, out: Path, output: str, kvm: str) -> Qualification:
@@ -309,9 +312,7 @@ def _private_section(share: Path, out: Path, output: str, kvm: str) -> Qualifica
     except LabhostError as exc:
         broke = Verdict.did_not_run("private-memory section", "ERROR", str(exc)[:1500])
         return Qualification(started="", items=[Item.from_verdict("host", broke.scenario, broke, "")])
-    for extra in where.iterdir():
-        if extra.is_file() and extra.name not in ("qualification.json", "qualification.html"):
-            shutil.copyfile(extra, out / extra.name)
+    _copy_evidence(where, out)
     section = Qualification.from_json(doc)
     for item in section.items:
         item.summary = f"{item.summary} [L1 KVM: {kvm}]"
