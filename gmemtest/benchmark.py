@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -138,18 +139,25 @@ def _cpu_model() -> str:
     return "unknown"
 
 
+def _cached_and_rebuilt(build: Callable[[bool], object], runs: int, cold: bool) -> dict[str, Any]:
+    """A cached build's look-ups (``runs`` of them, after one that builds or fetches it), and with
+    ``cold`` one forced rebuild; ``build(force)`` is the recipe."""
+
+    def timed(force: bool) -> float:
+        t0 = time.monotonic()
+        build(force)
+        return time.monotonic() - t0
+
+    timed(False)
+    return {"cached_s": _stats([timed(False) for _ in range(runs)]),
+            **({"forced_rebuild_s": round(timed(True), 2)} if cold else {})}
+
+
 def _kvm_modules(kernel_release: str, runs: int, cold: bool) -> dict[str, Any]:
     """The rebuilt KVM pair: cached look-ups, and with ``cold`` one forced rebuild (packages cached)."""
     from images.kvm_modules import build_kvm_modules
 
-    def timed(force: bool) -> float:
-        t0 = time.monotonic()
-        build_kvm_modules(kernel_release, force=force)
-        return time.monotonic() - t0
-
-    timed(False)  # built or fetched once, so the cached figures are cached
-    return {"cached_s": _stats([timed(False) for _ in range(runs)]),
-            **({"forced_rebuild_s": round(timed(True), 2)} if cold else {})}
+    return _cached_and_rebuilt(lambda force: build_kvm_modules(kernel_release, force=force), runs, cold)
 
 
 def _project_qemu(runs: int, cold: bool) -> dict[str, Any]:
@@ -157,15 +165,8 @@ def _project_qemu(runs: int, cold: bool) -> dict[str, Any]:
     (its source cached), with the per-patch build times the manifest records."""
     from images.qemu_build import build_qemu
 
-    def timed(force: bool) -> float:
-        t0 = time.monotonic()
-        build_qemu(force=force)
-        return time.monotonic() - t0
-
-    timed(False)
-    doc: dict[str, Any] = {"cached_s": _stats([timed(False) for _ in range(runs)])}
+    doc = _cached_and_rebuilt(lambda force: build_qemu(force=force), runs, cold)
     if cold:
-        doc["forced_rebuild_s"] = round(timed(True), 2)
         built = build_qemu()
         doc["patches"] = json.loads(built.manifest.read_text())["patches"]
         doc["binary_bytes"] = built.binary.stat().st_size
@@ -175,13 +176,15 @@ def _project_qemu(runs: int, cold: bool) -> dict[str, Any]:
 def _shared_run_figures(job: Path) -> dict[str, Any]:
     """From the job's shared L1 run's own records: the private-memory section (module swap,
     preflight, qualify start-up) and each private check, and each chain variant's run."""
+    from gmemtest.host_checks import host_checks_of
+
     found = sorted(job.glob("latest/labhost/labhost-*/labhost-qualification.json"))
     if not found:
         return {"error": f"no labhost-qualification.json under {job}"}
     timings = json.loads(found[-1].read_text())["timings"]
     items = json.loads((found[-1].parent / "qualification.json").read_text())["items"]
-    checks = {i["name"]: i.get("duration_s") for i in items if str(i.get("summary", "")).endswith("]")
-              and "[L1 KVM:" in str(i.get("summary", ""))}
+    private = {check.name for check in host_checks_of("private")}
+    checks = {i["name"]: i.get("duration_s") for i in items if i["name"] in private}
     return {"section_s": timings.get("private_s"), "checks_s": checks,
             "checks_total_s": round(sum(v or 0 for v in checks.values()), 2), "chain_s": timings.get("chain_s", {})}
 

@@ -229,6 +229,25 @@ _PREDICT: dict[str, Callable[..., str | None]] = {
 }
 
 
+def _lazy_binary(given: str | None, build: Callable[[], Path], unavailable: str) -> Callable[[], str | None]:
+    """``given``, else the binary ``build`` makes (cached; asked once, and only when a test needs it);
+    a build that fails is a ``PlanError`` of that test, ``unavailable`` saying why it was wanted."""
+
+    @functools.cache
+    def binary() -> str | None:
+        if given is not None:
+            return given
+        from images.build import BuildError
+        from images.debs import PackageError
+
+        try:
+            return str(build())
+        except (BuildError, PackageError) as exc:
+            raise PlanError(f"{unavailable}: {exc}") from exc
+
+    return binary
+
+
 def plan_main_job(root: Path = AVOCADO_TESTS, *, report: HostReport | None = None, qemu: str = DEFAULT_QEMU,
                   newer_qemu: str | None = None, built_qemu: str | None = None) -> list[PlannedTest]:
     """Every test under ``root`` with its predicted CANCEL (None: it runs here).
@@ -239,34 +258,20 @@ def plan_main_job(root: Path = AVOCADO_TESTS, *, report: HostReport | None = Non
     project's own (default: ``images.qemu_build``'s, built if it is not there yet).
     """
 
-    @functools.cache
-    def newer() -> str | None:
-        if newer_qemu is not None:
-            return newer_qemu
-        from images.build import BuildError
-        from images.debs import PackageError
+    def newer_root() -> Path:
         from images.qemu_root import build_qemu_root
 
-        try:
-            return str(build_qemu_root().binary)
-        except (BuildError, PackageError) as exc:
-            raise PlanError(f"the chain rows run under Debian's newest QEMU, which could not be had to ask "
-                            f"(python -m images qemu): {exc}") from exc
+        return build_qemu_root().binary
 
-    @functools.cache
-    def built() -> str | None:
-        if built_qemu is not None:
-            return built_qemu
-        from images.build import BuildError
-        from images.debs import PackageError
+    def project_build() -> Path:
         from images.qemu_build import build_qemu
 
-        try:
-            return str(build_qemu().binary)
-        except (BuildError, PackageError) as exc:
-            raise PlanError(f"kvm-gmem's chain rows run under the project's QEMU, which could not be had to "
-                            f"ask (python -m images qemu-build): {exc}") from exc
+        return build_qemu().binary
 
+    newer = _lazy_binary(newer_qemu, newer_root, "the chain rows run under Debian's newest QEMU, which could not "
+                         "be had to ask (python -m images qemu)")
+    built = _lazy_binary(built_qemu, project_build, "kvm-gmem's chain rows run under the project's QEMU, which "
+                         "could not be had to ask (python -m images qemu-build)")
     ctx = _Context(report, qemu, newer, built)
     planned: list[PlannedTest] = []
     for name, path, calls in discover(root):
