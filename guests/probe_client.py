@@ -29,11 +29,14 @@ from polling import poll_until
 
 __all__ = [
     "MAP_KINDS",
+    "PAGE_4K",
     "ByteChannel",
     "FlagsReport",
     "KillResult",
     "LocateResult",
+    "LockResult",
     "Mapping",
+    "PageCheck",
     "PageInfo",
     "PoisonedFrame",
     "ProbeAbortedError",
@@ -47,6 +50,8 @@ __all__ = [
     "TouchResult",
     "UnexpectedSigbusError",
     "WaitResult",
+    "fill_byte",
+    "fill_page",
     "pattern_byte",
 ]
 
@@ -60,9 +65,22 @@ RECENT_LINES = 12
 ABORT_POLL_S: Final = 0.2
 
 
+PAGE_4K: Final = 4096
+
+
 def pattern_byte(mapping_id: int, offset: int) -> int:
     """The byte the probe writes at ``offset`` of mapping ``mapping_id`` (see gmem_probe.c)."""
     return (mapping_id * 17 + offset % 251) & 0xFF
+
+
+def fill_byte(seed: int, index: int) -> int:
+    """The byte ``fill`` writes at ``index`` of a 4 KiB page for ``seed`` (see gmem_probe.c)."""
+    return (seed ^ (index * 7 + (index >> 8))) & 0xFF
+
+
+def fill_page(seed: int) -> bytes:
+    """The whole 4 KiB page ``fill`` writes for ``seed``: what a host must (not) see at the gpa."""
+    return bytes(fill_byte(seed, i) for i in range(PAGE_4K))
 
 
 class ByteChannel(Protocol):
@@ -187,6 +205,43 @@ class LocateResult:
     pfn: int
     gpa: int
     flags: int | None
+
+
+@dataclass(frozen=True)
+class LockResult:
+    """``lock``: the mapping is mlocked; ``moved`` of its 4 KiB pages had another frame than when mapped."""
+
+    id: int
+    pages: int
+    moved: int
+
+
+@dataclass(frozen=True)
+class PageCheck:
+    """``check``: one 4 KiB page read back and compared with ``fill``'s bytes for ``seed``."""
+
+    id: int
+    offset: int  # of the page in the mapping
+    seed: int
+    matches: int  # bytes that hold fill_byte(seed, i)
+    zeros: int
+    first: int  # the page's first 8 bytes, little endian
+
+    @property
+    def holds_fill(self) -> bool:
+        return self.matches == PAGE_4K
+
+    @property
+    def all_zero(self) -> bool:
+        return self.zeros == PAGE_4K
+
+    def describe(self) -> str:
+        if self.holds_fill:
+            return f"the fill of seed {self.seed}"
+        if self.all_zero:
+            return "zeros"
+        return (f"{self.matches} of {PAGE_4K} bytes of seed {self.seed}'s fill, {self.zeros} zero bytes, "
+                f"first bytes {self.first.to_bytes(8, 'little').hex()}")
 
 
 @dataclass(frozen=True)
@@ -317,6 +372,23 @@ class ProbeClient:
                        for f in obj.get("hwpoison_frames", []))
         return FlagsReport(id=_int(obj, "id"), pages=tuple(_page(p) for p in obj.get("pages", [])),
                            hwpoison_frames=frames)
+
+    def lock(self, mapping_id: int) -> LockResult:
+        """mlock the mapping, so its guest-physical pages stay put while the host converts them."""
+        obj = self._command(f"lock {int(mapping_id)}", ("locked",))
+        return LockResult(id=_int(obj, "id"), pages=_int(obj, "pages"), moved=_int(obj, "moved"))
+
+    def fill(self, mapping_id: int, offset: int, seed: int) -> None:
+        """Write :func:`fill_byte` of ``seed`` (1-255) over the 4 KiB page that holds ``offset``."""
+        self._command(f"fill {int(mapping_id)} {int(offset)} {int(seed)}", ("filled",))
+
+    def check(self, mapping_id: int, offset: int, seed: int) -> PageCheck | SigbusReport:
+        """Read the 4 KiB page that holds ``offset`` back and compare it with ``seed``'s fill."""
+        obj = self._command(f"check {int(mapping_id)} {int(offset)} {int(seed)}", ("checked",), sigbus_ok=True)
+        if isinstance(obj, SigbusReport):
+            return obj
+        return PageCheck(id=_int(obj, "id"), offset=_int(obj, "offset"), seed=_int(obj, "seed"),
+                         matches=_int(obj, "matches"), zeros=_int(obj, "zeros"), first=_int(obj, "first"))
 
     def set_kill(self, mode: Literal["early", "late"] | str) -> KillResult:
         if mode not in KILL_MODES:

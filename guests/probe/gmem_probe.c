@@ -72,7 +72,7 @@
 #define GP_MAX_NPAGES 4096UL
 #define GP_MAX_LINE 256
 #define GP_MAX_SECONDS 3600UL
-#define GP_VALID_COMMANDS "map, touch, locate, flags, spin, wait, kill, refresh, readphys, quit"
+#define GP_VALID_COMMANDS "map, touch, locate, flags, lock, fill, check, spin, wait, kill, refresh, readphys, quit"
 #define GP_VALID_KINDS "anon4k, thp, hugetlb2m, memfd4k"
 
 /* ---------------------------------------------------------------------- */
@@ -456,6 +456,12 @@ static uint8_t pattern(unsigned id, uint64_t off)
 	return (uint8_t)((id * 17U + (unsigned)(off % 251U)) & 0xffU);
 }
 
+/* The byte 'fill' writes at offset I of a page for SEED (1-255); never 0 at I = 0. */
+static uint8_t fill_byte(unsigned seed, uint64_t i)
+{
+	return (uint8_t)((seed ^ (unsigned)(i * 7U + (i >> 8))) & 0xffU);
+}
+
 static struct mapping *lookup(const char *id_s, const char *input, unsigned *id_out)
 {
 	uint64_t id;
@@ -712,6 +718,108 @@ static void cmd_readphys(const char *gpa_s, const char *input)
 	}
 	close(fd);
 	emit_errorf(input, "no /proc/kcore segment maps gpa '", gpa_s, "'");
+}
+
+/*
+ * lock ID: mlock the mapping, so that its guest-physical pages stay where they are while the
+ * host converts them; reports how many 4 KiB pages moved since they were mapped.
+ */
+static void cmd_lock(const char *id_s, const char *input)
+{
+	struct mapping *m;
+	unsigned id;
+	size_t i, n4k, moved = 0;
+	struct jw w;
+
+	m = lookup(id_s, input, &id);
+	if (!m)
+		return;
+	if (mlock(m->va, m->size)) {
+		emit_errorf(input, "mlock failed: ", strerror(errno), NULL);
+		return;
+	}
+	n4k = m->size / GP_PAGE_4K;
+	for (i = 0; i < n4k; i++) {
+		uint64_t pfn = pfn_of((uintptr_t)m->va + i * GP_PAGE_4K);
+
+		moved += pfn != m->pfn4k[i];
+		m->pfn4k[i] = pfn;
+	}
+	reply_begin(&w, "locked");
+	jw_kv_u64(&w, "id", id);
+	jw_kv_u64(&w, "pages", n4k);
+	jw_kv_u64(&w, "moved", moved);
+	reply_end(&w);
+}
+
+static int parse_seed(const char *seed_s, const char *input, unsigned *seed)
+{
+	uint64_t v;
+
+	if (parse_u64(seed_s, &v) || v == 0 || v > 255) {
+		emit_errorf(input, "bad SEED '", seed_s ? seed_s : "", "'; valid: an integer from 1 to 255");
+		return -1;
+	}
+	*seed = (unsigned)v;
+	return 0;
+}
+
+/* fill ID OFFSET SEED: write fill_byte(SEED, i) over the 4 KiB page that holds OFFSET. */
+static void cmd_fill(const char *id_s, const char *off_s, const char *seed_s, const char *input)
+{
+	struct mapping *m;
+	unsigned id, seed;
+	uint64_t off, i;
+	volatile uint8_t *page;
+	struct jw w;
+
+	m = lookup(id_s, input, &id);
+	if (!m || parse_offset(m, off_s, input, &off) || parse_seed(seed_s, input, &seed))
+		return;
+	off &= ~(GP_PAGE_4K - 1);
+	page = (volatile uint8_t *)(m->va + off);
+	for (i = 0; i < GP_PAGE_4K; i++)
+		page[i] = fill_byte(seed, i);
+	reply_begin(&w, "filled");
+	jw_kv_u64(&w, "id", id);
+	jw_kv_u64(&w, "offset", off);
+	jw_kv_u64(&w, "seed", seed);
+	reply_end(&w);
+}
+
+/*
+ * check ID OFFSET SEED: read the 4 KiB page that holds OFFSET back; how many bytes hold
+ * fill_byte(SEED, i), how many are 0, and the first 8 bytes (little endian).
+ */
+static void cmd_check(const char *id_s, const char *off_s, const char *seed_s, const char *input)
+{
+	struct mapping *m;
+	unsigned id, seed;
+	uint64_t off, i, matches = 0, zeros = 0, first = 0;
+	volatile uint8_t *page;
+	struct jw w;
+
+	m = lookup(id_s, input, &id);
+	if (!m || parse_offset(m, off_s, input, &off) || parse_seed(seed_s, input, &seed))
+		return;
+	off &= ~(GP_PAGE_4K - 1);
+	page = (volatile uint8_t *)(m->va + off);
+	for (i = 0; i < GP_PAGE_4K; i++) {
+		uint8_t b = page[i];
+
+		matches += b == fill_byte(seed, i);
+		zeros += b == 0;
+		if (i < 8)
+			first |= (uint64_t)b << (8 * i);
+	}
+	reply_begin(&w, "checked");
+	jw_kv_u64(&w, "id", id);
+	jw_kv_u64(&w, "offset", off);
+	jw_kv_u64(&w, "seed", seed);
+	jw_kv_u64(&w, "matches", matches);
+	jw_kv_u64(&w, "zeros", zeros);
+	jw_kv_u64(&w, "first", first);
+	reply_end(&w);
 }
 
 /* Where one byte of a mapping lives right now (the pagemap is re-read). */
@@ -999,20 +1107,39 @@ static char *read_line(int *too_long)
 	}
 }
 
+/* How many arguments each command takes at most (an unknown command is refused by name later). */
+static int max_args(const char *verb)
+{
+	static const struct {
+		const char *verb;
+		int args;
+	} table[] = {
+		{ "map", 2 }, { "touch", 2 }, { "locate", 2 }, { "flags", 1 }, { "lock", 1 },
+		{ "fill", 3 }, { "check", 3 }, { "spin", 1 }, { "wait", 1 }, { "kill", 1 },
+		{ "refresh", 2 }, { "readphys", 1 }, { "quit", 0 },
+	};
+
+	for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); i++)
+		if (!strcmp(verb, table[i].verb))
+			return table[i].args;
+	return 3;
+}
+
 /* Returns 0 on quit. */
 static int dispatch(char *line)
 {
 	char input[GP_MAX_LINE + 1];
-	char *save = NULL, *verb, *a1, *a2, *extra;
+	char *save = NULL, *verb, *a1, *a2, *a3, *extra;
 
 	memcpy(input, line, strlen(line) + 1);
 	verb = strtok_r(line, " \t", &save);
 	a1 = strtok_r(NULL, " \t", &save);
 	a2 = strtok_r(NULL, " \t", &save);
+	a3 = strtok_r(NULL, " \t", &save);
 	extra = strtok_r(NULL, " \t", &save);
 	if (!verb)
 		return 1; /* blank line: ignore */
-	if (extra) {
+	if (extra || (!!a1 + !!a2 + !!a3) > max_args(verb)) {
 		emit_errorf(input, "too many arguments for '", verb, "'");
 		return 1;
 	}
@@ -1028,6 +1155,15 @@ static int dispatch(char *line)
 	} else if (!strcmp(verb, "flags")) {
 		g_during = "flags";
 		cmd_flags(a1, input);
+	} else if (!strcmp(verb, "lock")) {
+		g_during = "lock";
+		cmd_lock(a1, input);
+	} else if (!strcmp(verb, "fill")) {
+		g_during = "fill";
+		cmd_fill(a1, a2, a3, input);
+	} else if (!strcmp(verb, "check")) {
+		g_during = "check";
+		cmd_check(a1, a2, a3, input);
 	} else if (!strcmp(verb, "spin")) {
 		g_during = "spin";
 		cmd_spin(a1, input);

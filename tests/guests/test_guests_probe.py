@@ -67,8 +67,8 @@ def converse(binary: Path, lines: list[str], timeout: float = 20) -> list[dict[s
 
 
 @pytest.mark.parametrize(("command", "needle"), [
-    ("frobnicate", "unknown command 'frobnicate'; valid: map, touch, locate, flags, spin, wait, kill, refresh, "
-                   "readphys, quit"),
+    ("frobnicate", "unknown command 'frobnicate'; valid: map, touch, locate, flags, lock, fill, check, spin, "
+                   "wait, kill, refresh, readphys, quit"),
     ("map", "valid KIND: anon4k, thp, hugetlb2m, memfd4k"),
     ("map huge 1", "unknown map kind 'huge'; valid: anon4k, thp, hugetlb2m, memfd4k"),
     ("map anon4k 0", "bad NPAGES '0'"),
@@ -96,7 +96,7 @@ def test_error_event_quotes_hostile_input_as_valid_json(probe_binary: Path) -> N
     events = converse(probe_binary, ['bad"cmd\\ \x01'])
     assert events[1] == {"event": "error", "input": 'bad"cmd\\ \x01',
                          "message": "unknown command 'bad\"cmd\\'; valid: map, touch, locate, "
-                                    "flags, spin, wait, kill, refresh, readphys, quit"}
+                                    "flags, lock, fill, check, spin, wait, kill, refresh, readphys, quit"}
 
 
 def test_ready_blank_lines_and_eof(probe_binary: Path) -> None:
@@ -353,3 +353,32 @@ def test_refresh_one_shot_form_exit_codes(probe_binary: Path) -> None:
     assert bad.returncode == 1 and json.loads(bad.stdout)["message"] == "bad entropy: want lower-case hex digits"
     usage = subprocess.run([str(probe_binary), "frobnicate"], capture_output=True, text=True, check=False)
     assert usage.returncode == 2 and "usage: gmem-probe" in json.loads(usage.stdout)["message"]
+
+
+def test_lock_fill_and_check_agree_with_the_client_formula(probe_binary: Path) -> None:
+    """What ``fill`` writes is what ``fill_page`` says (the host compares the gpa's bytes with it)."""
+    from guests.probe_client import PAGE_4K, fill_byte, fill_page
+
+    events = converse(probe_binary, ["map anon4k 2", "lock 0", "fill 0 4100 7", "check 0 4096 7", "check 0 0 7",
+                                     "check 0 4096 8"])
+    assert events[2] == {"event": "locked", "id": 0, "pages": 2, "moved": 0}
+    assert events[3] == {"event": "filled", "id": 0, "offset": 4096, "seed": 7}
+    filled, other_page, other_seed = events[4], events[5], events[6]
+    page = fill_page(7)
+    assert filled["matches"] == PAGE_4K and filled["zeros"] == page.count(0)
+    assert filled["first"] == int.from_bytes(page[:8], "little")
+    assert fill_byte(7, 0) == 7 and other_page["matches"] < PAGE_4K
+    assert other_seed["matches"] == sum(1 for i in range(PAGE_4K) if fill_byte(8, i) == page[i])
+
+
+@pytest.mark.parametrize(("command", "needle"), [
+    ("fill 0 0 0", "bad SEED '0'; valid: an integer from 1 to 255"),
+    ("fill 0 0 256", "bad SEED '256'"),
+    ("check 0 8192 1", "bad OFFSET '8192'"),
+    ("check 0 0 1 2", "too many arguments for 'check'"),
+    ("lock 0 1", "too many arguments for 'lock'"),
+    ("lock 3", "unknown mapping id '3'"),
+])
+def test_bad_fill_check_lock_input_names_the_value(probe_binary: Path, command: str, needle: str) -> None:
+    events = converse(probe_binary, ["map anon4k 2", command])
+    assert events[2]["event"] == "error" and needle in str(events[2]["message"]), events[2]
