@@ -83,8 +83,12 @@ def qemu_missing(name: str, caps: QemuCapabilities) -> str | None:
         if not caps.object_types[name]:
             return f"{qemu} has no '{name}' object type (QOM says so)"
         return None
+    if name in caps.qmp_commands:
+        if not caps.qmp_commands[name]:
+            return f"{qemu} has no QMP command '{name}' (query-commands says so)"
+        return None
     raise ValueError(f"unknown QEMU requirement 'qemu:{name}'; valid: accel-<name>, kvm-start, guest-memfd, "
-                     f"{', '.join(caps.object_types)}")
+                     f"{', '.join((*caps.object_types, *caps.qmp_commands))}")
 
 
 def unmet_requirements(names: Iterable[str], *, binary: str = DEFAULT_QEMU,

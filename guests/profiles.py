@@ -29,6 +29,7 @@ __all__ = [
     "get_profile",
     "kvm_gmem_profile",
     "kvm_sev_snp_profile",
+    "kvm_swprot_profile",
     "kvm_tdx_profile",
     "labhost_svm_profile",
     "profile_names",
@@ -107,11 +108,19 @@ class GuestProfile:
     # QEMU backs guest RAM with a guest_memfd: KVM's memslots for it carry a guest_memfd (the
     # confidential profiles' private memory, and kvm-gmem's RAM).
     ram_guest_memfd: bool = False
+    # Pages become private only when the host converts them through QMP (x-kvm-convert-memory):
+    # the guest never converts (kvm-swprot). SEV-SNP and TDX guests convert as they like.
+    host_converts: bool = False
 
     @property
     def confidential(self) -> bool:
-        """A confidential VM (SEV-SNP, TDX): the guest converts memory between private and shared."""
+        """A confidential VM (SEV-SNP, TDX, a software-protected VM): it has private memory."""
         return any(o.startswith("confidential-guest-support=") for o in self.machine_options)
+
+    @property
+    def guest_converts(self) -> bool:
+        """The guest converts memory on its own (SEV-SNP, TDX): a run cannot say which conversions to expect."""
+        return self.confidential and not self.host_converts
     # Properties of the guest's NIC (the SSH forward's virtio-net-pci, added by the QEMU owner).
     nic_options: tuple[str, ...] = ()
 
@@ -177,6 +186,34 @@ def kvm_gmem_profile(memory_mib: int = 1024) -> GuestProfile:
         requirements=("kvm_boots_linux", "qemu:guest-memfd"), restorable=False, nic_options=KVM_NIC_OPTIONS,
         ram_guest_memfd=True,
         description="KVM guest with guest_memfd-backed RAM (needs the QEMU guest-memfd series)",
+    )
+
+
+def kvm_swprot_profile(memory_mib: int = 512) -> GuestProfile:
+    """A confidential-style guest without hardware protection: a ``KVM_X86_SW_PROTECTED_VM`` (type 1)
+    whose RAM has a guest_memfd beside its memfd, through the project's QEMU series
+    (``-object x-sw-protected-vm``, images/patches/qemu).
+
+    RAM starts shared, so qboot and the direct-boot kernel run as in any VM; a page is private only
+    after ``x-kvm-convert-memory`` makes it so, and a reset makes every page shared again. Needs
+    KVM with VM type 1 (``CONFIG_KVM_SW_PROTECTED_VM``: the lab host's rebuilt modules) and a QEMU
+    that has the object; SMM is off (KVM has none for this VM type). The NIC is the profiles'
+    legacy virtio one: the object, unlike SEV and TDX, does not force ``iommu_platform``.
+    """
+    return GuestProfile(
+        name="kvm-swprot", accel="kvm", machine="q35", cpu="host", smp=1, memory_mib=memory_mib,
+        kernel_args=BASE_KERNEL_ARGS, firmware=QBOOT_FIRMWARE,
+        machine_options=("confidential-guest-support=swp0", "memory-backend=ram0"),
+        extra_args=(
+            "-object", "x-sw-protected-vm,id=swp0",
+            "-object", f"memory-backend-memfd,id=ram0,size={memory_mib}M,share=on",
+            *PANIC_ARGS,
+        ),
+        requirements=("kvm_boots_linux", "sw_protected_vm", "qemu:x-sw-protected-vm", "qemu:x-kvm-convert-memory"),
+        restorable=False,
+        nic_options=KVM_NIC_OPTIONS, ram_guest_memfd=True, host_converts=True,
+        description="software-protected KVM guest (VM type 1): RAM on guest_memfd, starting shared; "
+                    "conversions via QMP (needs the QEMU series and a KVM with KVM_SW_PROTECTED_VM)",
     )
 
 
@@ -281,6 +318,7 @@ def _builtin_profiles() -> dict[str, GuestProfile]:
             description="KVM with the host CPU model",
         ),
         kvm_gmem_profile(),
+        kvm_swprot_profile(),
         kvm_hugetlb_profile(),
         kvm_sev_snp_profile(),
         kvm_tdx_profile(),

@@ -22,7 +22,10 @@ from .machine import DEFAULT_QEMU, QemuMachine, resolve_binary
 
 _LOG = logging.getLogger(__name__)
 
-CONFIDENTIAL_GUEST_TYPES = ("sev-snp-guest", "tdx-guest")
+# x-sw-protected-vm: a KVM_X86_SW_PROTECTED_VM (the project's QEMU series, images/patches/qemu).
+CONFIDENTIAL_GUEST_TYPES = ("sev-snp-guest", "tdx-guest", "x-sw-protected-vm")
+# The QMP commands that drive and read conversions (the same series); no released QEMU has them.
+CONVERSION_COMMANDS = ("x-kvm-convert-memory", "x-query-kvm-private-memory")
 GUEST_MEMFD_BACKENDS = ("memory-backend-memfd", "memory-backend-ram")
 GUEST_MEMFD_PROPERTY = "guest-memfd"
 _VERSION_RE = re.compile(r"QEMU emulator version (\S+)")
@@ -39,6 +42,7 @@ class QemuCapabilities:
     object_types: dict[str, bool]
     guest_memfd_property: dict[str, bool]
     accelerators: tuple[str, ...]
+    qmp_commands: dict[str, bool]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form for qualification reports."""
@@ -76,6 +80,7 @@ def probe_qemu(binary: str = DEFAULT_QEMU) -> QemuCapabilities:
         types = {entry["name"] for entry in
                  machine.qmp("qom-list-types", implements="object", abstract=True)}
         object_types = {name: name in types for name in CONFIDENTIAL_GUEST_TYPES}
+        commands = {entry["name"] for entry in machine.qmp("query-commands")}
         gmem_prop: dict[str, bool] = {}
         for backend in GUEST_MEMFD_BACKENDS:
             try:
@@ -92,7 +97,8 @@ def probe_qemu(binary: str = DEFAULT_QEMU) -> QemuCapabilities:
     return QemuCapabilities(binary=path, version_text=version_text, version=version,
                             package=str(qmp_version.get("package", "")).strip(),
                             object_types=object_types, guest_memfd_property=gmem_prop,
-                            accelerators=_accelerators(path))
+                            accelerators=_accelerators(path),
+                            qmp_commands={name: name in commands for name in CONVERSION_COMMANDS})
 
 
 def validate_args(binary: str, args: Sequence[str], timeout: float = 10.0) -> str | None:
