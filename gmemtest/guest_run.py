@@ -97,6 +97,14 @@ class GuestRun:
         t0 = time.monotonic()
         self.ssh.close()
         self.machine.qmp("system_reset")
+        return self.rejoin(timeout, started=t0)
+
+    def rejoin(self, timeout: float = 90.0, *, started: float | None = None) -> float:
+        """The guest is booting again (a reset it did itself, or :meth:`reboot`'s): wait for its next
+        ready marker and log in anew. Returns the seconds from ``started`` (default: now) to the first
+        SSH command."""
+        t0 = time.monotonic() if started is None else started
+        self.ssh.close()
         self.machine.wait_console(READY_MARKER, timeout=timeout, stuck_states=STUCK_RUN_STATES)
         self.ssh = _connect(self.machine, self.image, max(5.0, timeout - (time.monotonic() - t0)))
         self.ssh.run_checked("true", timeout=timeout)

@@ -23,6 +23,8 @@ from gmemtest.acts import (
     act_name,
     guest_panicked,
 )
+from gmemtest.conversion_oracle import step_checks
+from gmemtest.conversion_row import run_conversion_row
 from gmemtest.errors import ScenarioError
 from gmemtest.evidence import Evidence, set_aside
 from gmemtest.guest_run import GuestRun, booted_guest
@@ -48,16 +50,19 @@ from gmemtest.oracle import (
     expect_host,
     free_page_layout,
 )
+from gmemtest.private_page import PageViews, PrivatePage, make_private, page_views
 from gmemtest.scenarios import KillPolicy, ScenarioSpec, Source
 from gmemtest.under_test import UnderTest
 from gmemtest.verdict import judge
 from guests.probe_client import Mapping, ProbeClient, ProbeError, SigbusReport
 from guests.ssh import SshError
 from host_stack import mm_uapi
+from host_stack.attribute_trace import AttributeTrace
 from host_stack.kvm_uapi import KVM_EXIT_SHUTDOWN
 from images.build import GuestImage
 from outcome import Verdict
-from qmp_helpers import MachineStuck, MceInjection, mce_kind
+from qmp_helpers import MachineStuck, MceInjection, QemuError, mce_kind
+from qmp_helpers.conversions import convert, private_ranges, trace_conversions
 from qmp_helpers.trace_log import TRACE_PREFIX
 
 __all__ = ["ScenarioError", "ScenarioResult", "run_in_fresh_guest", "run_scenario"]
@@ -75,13 +80,29 @@ _PRCTL_KILL = {KillPolicy.EARLY_PRCTL: "early", KillPolicy.LATE_PRCTL: "late"}
 
 @dataclass
 class ScenarioResult:
+    """A judged row; a conversion row (``Source.CONVERSION``) injects nothing and has no expectation."""
+
     spec: ScenarioSpec
-    expectation: Expectation
+    expectation: Expectation | None
     observations: Observations
     verdict: Verdict
-    injection: Injection
+    injection: Injection | None
     evidence_dir: Path
     host: tuple[HostExpectation, HostObservations] | None = None
+
+
+# The seed a private row's guest fills its page with once it is private (then reads it back).
+PRIVATE_FILL_SEED = 0x5A
+
+
+@dataclass
+class PrivateRun:
+    """A private row's page: how it was made private, what each layer saw then, and KVM's trace."""
+
+    page: PrivatePage
+    views: PageViews
+    kvm: AttributeTrace
+    warnings: list[str]
 
 
 def layout_of(mapping: Mapping) -> MappingLayout:
@@ -165,14 +186,16 @@ def _target(spec: ScenarioSpec, guest: GuestRun, probe: ProbeClient) -> tuple[Ma
 
 
 def _interlock(st: Stage) -> None:
-    """Refuse to inject unless the gpa the oracle chose still holds what the row poisons."""
+    """Refuse to inject unless the gpa the oracle chose still holds what the row poisons (a private
+    page's bytes were confirmed before it was converted: QEMU cannot see them now, by design)."""
     spec, exp = st.spec, st.exp
     if st.mapping is not None:
         located = st.probe.locate(st.mapping.id, spec.poison_offset)
         if located.gpa != exp.poison_gpa:
             raise ScenarioError(f"{spec.name}: layout changed before injection: oracle gpa {exp.poison_gpa:#x}, "
                                 f"probe locate gpa {located.gpa:#x}")
-        _confirm_pattern_at_gpa(st.guest, st.mapping, spec.poison_offset, exp.poison_gpa, st.ev)
+        if not spec.private:
+            _confirm_pattern_at_gpa(st.guest, st.mapping, spec.poison_offset, exp.poison_gpa, st.ev)
         if exp.more_poison:  # none where the oracle expects a panic at the first injection
             assert spec.second_poison_offset is not None
             _confirm_pattern_at_gpa(st.guest, st.mapping, spec.second_poison_offset, exp.more_poison[0][0], st.ev)
@@ -195,12 +218,54 @@ def _hold_host_frame(st: Stage, stack: contextlib.ExitStack) -> None:
     st.poison = stack.enter_context(HostPoison(machine, frame))
 
 
+def _make_private(spec: ScenarioSpec, guest: GuestRun, probe: ProbeClient, mapping: Mapping | None, *,
+                  ev: Evidence, stack: contextlib.ExitStack) -> PrivateRun:
+    """Lock the mapping, convert one of its pages through QMP (its pattern confirmed at the gpa first),
+    read every layer's view of it, and shared it again when the row ends (a failure is a warning)."""
+    if mapping is None:
+        raise ScenarioError(f"{spec.name}: a private row converts a page of the probe's mapping, and has none")
+    kvm = stack.enter_context(AttributeTrace())
+    trace_conversions(guest.machine)
+    probe.lock(mapping.id)
+    page = make_private(guest, probe, mapping,
+                        confirm=lambda offset, gpa: _confirm_pattern_at_gpa(guest, mapping, offset, gpa, ev))
+    private = PrivateRun(page, page_views("made private", guest, probe, page, conversion=page.first, kvm=kvm,
+                                          previous_seed=PRIVATE_FILL_SEED ^ 0xFF, fill_seed=PRIVATE_FILL_SEED),
+                         kvm, [])
+    ev.json("private-page.json", {"gpa": page.gpa, "hva": page.hva, "offset": page.offset,
+                                  "refused_first": [asdict(r) for r in page.refusals], "views": asdict(private.views)})
+    stack.callback(_share_again, guest, private)
+    return private
+
+
+def _share_again(guest: GuestRun, private: PrivateRun) -> None:
+    """The end of a private row: its page shared again and nothing left private (else a warning)."""
+    gpa = private.page.gpa
+    try:
+        trace_conversions(guest.machine)
+        done = convert(guest.machine, gpa, 0x1000, False)
+        left = private_ranges(guest.machine)
+    except QemuError as exc:
+        private.warnings.append(f"clean-up: page {gpa:#x} not made shared again: {exc}")
+        return
+    if not done.ok:
+        private.warnings.append(f"clean-up: page {gpa:#x} stays private: {done.error}")
+    if left:
+        private.warnings.append("clean-up: QEMU still records private memory: "
+                                + ", ".join(f"{g:#x}+{s:#x}" for g, s in left))
+
+
 def _prepare(spec: ScenarioSpec, guest: GuestRun, probe: ProbeClient, *, obs: Observations, ev: Evidence,
-             setup: dict[str, Any], stack: contextlib.ExitStack) -> Stage:
-    """Map, expect, interlock, and (host rows) hold the host frame: everything before the act."""
+             setup: dict[str, Any], stack: contextlib.ExitStack) -> tuple[Stage, PrivateRun | None]:
+    """Map, (private rows) convert, expect, interlock, and (host rows) hold the host frame: everything
+    before the act."""
     if spec.kill in _PRCTL_KILL:
         probe.set_kill(_PRCTL_KILL[spec.kill])
     mapping, layout = _target(spec, guest, probe)
+    private = None
+    if spec.private:
+        private = _make_private(spec, guest, probe, mapping, ev=ev, stack=stack)
+        spec = spec.at_page(private.page.offset)
     kind = mce_kind(spec.mce_kind)
     exp = expect(spec, layout, vcpus=guest.profile.smp, mce_status=kind.status, mce_misc=kind.misc,
                  mce_bank=MCE_BANK, vendor=setup["guest_cpu_vendor"])
@@ -216,9 +281,9 @@ def _prepare(spec: ScenarioSpec, guest: GuestRun, probe: ProbeClient, *, obs: Ob
     if spec.source is Source.HOST:
         _hold_host_frame(st, stack)
     st.ev.json("expectation.json", asdict(st.exp) if st.hexp is None else {**asdict(st.exp), "host": asdict(st.hexp)})
-    if guest.profile.confidential:
+    if guest.profile.guest_converts:
         st.exp = replace(st.exp, conversions=None)  # the guest converts as it likes: recorded, not judged
-    return st
+    return st, private
 
 
 # ----- act and observe --------------------------------------------------------------------------
@@ -300,22 +365,41 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
     setup = _prepare_guest(spec, guest, ev)
     obs = Observations(hardware_corrupted_before_kb=hardware_corrupted_kb(guest))
     probe = ProbeClient(guest.ssh.start(PROBE_PATH), abort=lambda: guest_panicked(guest))
+    if spec.source is Source.CONVERSION:
+        return _run_conversion(spec, guest, probe, ev=ev, setup=setup, obs=obs)
     with contextlib.ExitStack() as stack:
         stack.callback(_close_probe, guest, probe, evidence_dir / "probe.jsonl")
         # Entered after the probe's callback, so left first: the host frame is unpoisoned and
         # the witness detached before the probe is asked to quit.
-        st = _prepare(spec, guest, probe, obs=obs, ev=ev, setup=setup, stack=stack)
+        st, private = _prepare(spec, guest, probe, obs=obs, ev=ev, setup=setup, stack=stack)
         _act_and_observe(st)
     assert st.injection is not None, "every path that reaches the verdict has injected"
     # Every SIGBUS the probe ever reported is judged, in arrival order: replies and strays alike.
     obs.sigbus = list(probe.sigbus_reports)
     host = None if st.hexp is None or st.poison is None else (st.hexp, st.poison.obs)
     verdict = replace(judge(st.exp, obs, host), setup=setup)
+    if private is not None:  # the page was private when the act began: every layer said so
+        verdict = replace(verdict, checks=(*step_checks(private.page.gpa, private.views), *verdict.checks),
+                          warnings=(*verdict.warnings, *private.warnings))
     ev.json("observations.json", asdict(obs))
     ev.text("verdict.txt", verdict.summary() + "\n")
     ev.text("verdict.json", verdict.to_json() + "\n")
     LOG.info("%s", verdict.summary())
     return ScenarioResult(spec, st.exp, obs, verdict, st.injection, evidence_dir, host)
+
+
+def _run_conversion(spec: ScenarioSpec, guest: GuestRun, probe: ProbeClient, *, ev: Evidence, setup: dict[str, Any],
+                    obs: Observations) -> ScenarioResult:
+    """A conversion row (nothing injected): gmemtest.conversion_row, its probe's transcript kept."""
+    try:
+        verdict = run_conversion_row(spec, guest, probe, ev, setup)
+    finally:
+        probe.abandon()  # the row's last step stops the guest the probe ran in
+        probe.write_transcript(ev.dir / "probe.jsonl")
+    ev.text("verdict.txt", verdict.summary() + "\n")
+    ev.text("verdict.json", verdict.to_json() + "\n")
+    LOG.info("%s", verdict.summary())
+    return ScenarioResult(spec, None, obs, verdict, None, ev.dir)
 
 
 def _close_probe(guest: GuestRun, probe: ProbeClient, transcript: Path) -> None:

@@ -7,7 +7,7 @@ so a scenario means the same thing wherever it is run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from guests.profiles import GuestProfile
@@ -31,6 +31,9 @@ class Source(Enum):
     # The host kernel poisons the frame behind the gpa (corrupt-pfn on QEMU's page); what the
     # guest gets is whatever QEMU makes of the SIGBUS it receives.
     HOST = "host"
+    # Nothing is injected: QMP converts the probe's page between shared and private, and every
+    # layer's view of the page is judged at each step (gmemtest.conversion_row).
+    CONVERSION = "conversion"
 
 
 class KillPolicy(Enum):
@@ -46,6 +49,11 @@ HOST_TRIGGERS = (Trigger.TOUCH, Trigger.WAIT)
 
 # "free": a frame no process maps, found free in the guest's buddy allocator (KPF_BUDDY).
 PAGE_KINDS = ("anon4k", "thp", "hugetlb2m", "free")
+# A private row's mapping (4 MiB, mlocked): the runner converts the first of its pages, highest gpa
+# first, that QEMU accepts. QEMU refuses a page inside an image it loaded (a PVH kernel's ELF
+# segments cover the freed gap after its rodata), and the guest hands out those freed pieces first:
+# measured, all six 4-page mappings of one boot lay in that gap, while a 1024-page one reached 0x1f8ff000.
+PRIVATE_NPAGES = 1024
 
 
 @dataclass(frozen=True)
@@ -79,16 +87,25 @@ class ScenarioSpec:
     # After the verdict's guest part: system_reset with the host frame still poisoned, then the
     # rebooted guest's kernel loads that gpa (QEMU must have replaced the page on reset).
     reset_after: bool = False
+    # The page is made private through QMP (x-kvm-convert-memory) before the act, and shared again
+    # after it. The runner picks the page (see PRIVATE_NPAGES) and moves the offsets there (the same
+    # offsets inside it), so a private row's offsets lie in the mapping's first page.
+    private: bool = False
 
     def __post_init__(self) -> None:
         self._check_kinds()
         self._check_offsets()
         self._check_host_row()
+        self._check_private_row()
 
     def _check_kinds(self) -> None:
         if self.page_kind not in PAGE_KINDS:
             raise ValueError(f"scenario {self.name}: page kind {self.page_kind!r} is not one of {PAGE_KINDS}")
-        if self.mce_kind not in MCE_KINDS:
+        if self.source is Source.CONVERSION:
+            if self.mce_kind:
+                raise ValueError(f"scenario {self.name}: a conversion row injects nothing: mce_kind must be '', "
+                                 f"got {self.mce_kind!r}")
+        elif self.mce_kind not in MCE_KINDS:
             raise ValueError(f"scenario {self.name}: MCE kind {self.mce_kind!r} is not one of {tuple(MCE_KINDS)}")
         if self.npages < 1:
             raise ValueError(f"scenario {self.name}: npages must be >= 1, got {self.npages}")
@@ -126,6 +143,23 @@ class ScenarioSpec:
         if self.trigger not in HOST_TRIGGERS:
             raise ValueError(f"scenario {self.name}: a host-poison row needs trigger "
                              f"{' or '.join(t.value for t in HOST_TRIGGERS)}, got {self.trigger.value}")
+
+    def _check_private_row(self) -> None:
+        if self.source is Source.CONVERSION and not self.private:
+            raise ValueError(f"scenario {self.name}: a conversion row converts its page: private must be True")
+        if not self.private:
+            return
+        if self.page_kind != "anon4k" or self.trigger not in (Trigger.TOUCH, Trigger.SPIN) or self.broadcast \
+                or self.second_poison_offset is not None:
+            raise ValueError(f"scenario {self.name}: a private row converts one 4 KiB anonymous page and touches it "
+                             "or spins beside it (page kind anon4k, trigger touch or spin, no broadcast, one page)")
+
+    def at_page(self, page_offset: int) -> ScenarioSpec:
+        """A private row with its offsets moved into the page at ``page_offset`` of the mapping."""
+        if not self.private:
+            raise ValueError(f"scenario {self.name}: only a private row moves to the page the runner picks")
+        return replace(self, poison_offset=page_offset + self.poison_offset % 0x1000,
+                       touch_offset=None if self.touch_offset is None else page_offset + self.touch_offset % 0x1000)
 
     @property
     def expects_panic(self) -> bool:
@@ -251,6 +285,29 @@ SCENARIOS: tuple[ScenarioSpec, ...] = (
         guest_mce_poll_s=0,
         tags=("host", "chain", "ar", "4k"),
     ),
+    # A software-protected VM (kvm-swprot: the project's QEMU series on a KVM with
+    # KVM_SW_PROTECTED_VM, i.e. the lab host's rebuilt modules): the host makes the page private.
+    ScenarioSpec(
+        name="private-convert-4k",
+        summary="QMP converts a 4 KiB guest page shared -> private -> shared -> private -> shared; at each step "
+                "QEMU (reply, trace, its record), KVM's attributes, the host's view of the bytes and the guest's "
+                "reads agree; bad requests are refused by name and the guest keeps running; a conversion that "
+                "takes a page the guest needs is detected, and a reset makes every page shared again",
+        page_kind="anon4k", npages=PRIVATE_NPAGES, mce_kind="", trigger=Trigger.TOUCH, kill=KillPolicy.LATE_PRCTL,
+        poison_offset=0, touch_offset=0x10, profile="kvm-swprot", source=Source.CONVERSION, private=True,
+        tags=("private", "conversion", "4k"),
+    ),
+    # The SRAR-in-user-mode shape: the one an AMD guest (the lab host's L2) recovers, as an Intel one
+    # does (oracle.amd_panics); an SRAO with a late touch panics an AMD guest, private page or not.
+    ScenarioSpec(
+        name="private-srar-user-spin-4k",
+        summary="SRAR (QMP mce) at the gpa of a 4 KiB page made private through QMP while the program spins in "
+                "user mode: AR at the page's address with lsb 12 to the program, as on a shared page; the guest "
+                "survives",
+        page_kind="anon4k", npages=PRIVATE_NPAGES, mce_kind="SRAR", trigger=Trigger.SPIN,
+        kill=KillPolicy.LATE_PRCTL, poison_offset=0x40, profile="kvm-swprot", private=True,
+        tags=("private", "srar", "user", "4k"),
+    ),
 )
 
 
@@ -284,6 +341,13 @@ def unsupported_under(spec: ScenarioSpec, profile: GuestProfile) -> str | None:
                 "2 MiB host pages: the other 511 pieces lost with it belong to whatever the guest put there, "
                 "often its kernel, so the outcome is not set by the layout (measured: the guest panicked at its "
                 "next kernel access to one of them); host-ao-hugetlb-thp is the row for this profile")
+    if spec.private and not profile.host_converts:
+        return (f"scenario {spec.name} makes the probe's page private through QMP (x-kvm-convert-memory), which "
+                f"needs a VM whose memory the host converts; profile {profile.name} is not one: run it under "
+                "kvm-swprot")
+    if not spec.private and profile.host_converts:
+        return (f"scenario {spec.name} is about a shared page; profile {profile.name} is a software-protected VM, "
+                "whose shared pages are ordinary RAM that kvm-default covers: its rows are the private ones")
     if spec.broadcast and not profile.mce_broadcast:
         return (f"scenario {spec.name} broadcasts its MCE to every vCPU (mce -b), and profile {profile.name} "
                 f"is not a broadcast profile ({profile.smp} vCPU, cpu {profile.cpu}); run it under one that is, "
