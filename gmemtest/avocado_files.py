@@ -69,7 +69,7 @@ def _tags(*groups: Sequence[str]) -> tuple[str, ...]:
 
 
 def guest_file() -> TestFile:
-    rows = [s for s in SCENARIOS if s.source is Source.QMP]
+    rows = [s for s in SCENARIOS if s.source is Source.QMP and not s.private]
     methods = tuple(Method(f"test_{slug(s.name)}", f'run_guest_scenario(self, "{s.name}")', s.summary,
                            _tags(s.tags, (s.profile,) if s.profile != "tcg-default" else ())) for s in rows)
     return TestFile(
@@ -95,7 +95,7 @@ def chain_file() -> TestFile:
     variants = chain_variants(Path("newer-qemu"))  # every variant there can be; L1 CANCELs the ones it lacks
     methods = tuple(_chain_method(s.name, v.label, v.profile, s.summary, s.tags)
                     for v in variants for s in SCENARIOS
-                    if s.source is Source.HOST and unsupported_under(s, get_profile(v.profile)) is None)
+                    if (s.source is Source.HOST or s.private) and unsupported_under(s, get_profile(v.profile)) is None)
     return TestFile(
         "avocado_tests/labhost/test_chain.py", "the host-poison rows of gmemtest.scenarios x chain_variants()",
         "The whole chain, inside the lab host: the host poisons the frame behind a guest page.\n\n"

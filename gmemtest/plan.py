@@ -186,10 +186,11 @@ def _guest_boot(ctx: _Context, **_kwargs: object) -> str | None:
 def _chain(ctx: _Context, scenario: str, variant: str) -> str | None:
     """A chain row runs in L1, which has KVM and memory failure; only its QEMU can lack something,
     and what QOM says of a binary does not depend on the host that asks (L1 runs the same files)."""
-    from gmemtest.lab.qualify import GMEM_VARIANT, chain_variants
+    from gmemtest.lab.qualify import GMEM_VARIANT, SWPROT_VARIANT, chain_variants
 
     newer = ctx.newer_qemu()
-    built = ctx.built_qemu() if variant == GMEM_VARIANT else None  # only kvm-gmem needs the project's QEMU
+    # only kvm-gmem and kvm-swprot need the project's QEMU
+    built = ctx.built_qemu() if variant in (GMEM_VARIANT, SWPROT_VARIANT) else None
     chosen = {v.label: v for v in chain_variants(Path(newer) if newer else None,
                                                  Path(built) if built else None)}.get(variant)
     if chosen is None:
@@ -270,8 +271,8 @@ def plan_main_job(root: Path = AVOCADO_TESTS, *, report: HostReport | None = Non
 
     newer = _lazy_binary(newer_qemu, newer_root, "the chain rows run under Debian's newest QEMU, which could not "
                          "be had to ask (python -m images qemu)")
-    built = _lazy_binary(built_qemu, project_build, "kvm-gmem's chain rows run under the project's QEMU, which "
-                         "could not be had to ask (python -m images qemu-build)")
+    built = _lazy_binary(built_qemu, project_build, "kvm-gmem's and kvm-swprot's chain rows run under the project's "
+                         "QEMU, which could not be had to ask (python -m images qemu-build)")
     ctx = _Context(report, qemu, newer, built)
     planned: list[PlannedTest] = []
     for name, path, calls in discover(root):

@@ -38,6 +38,14 @@ class KvmLabProfiles(Test):  # type: ignore[misc]  # avocado is untyped
         """
         run_every_scenario_under(self, "kvm-gmem")
 
+    def test_kvm_swprot(self) -> None:
+        """Software-protected KVM guest (VM type 1): RAM on guest_memfd, starting shared; conversions via QMP
+        (needs the QEMU series and a KVM with KVM_SW_PROTECTED_VM).
+
+        :avocado: tags=kvm-swprot,gmem,swprot,confidential
+        """
+        run_every_scenario_under(self, "kvm-swprot")
+
     def test_kvm_hugetlb(self) -> None:
         """KVM guest with its RAM on the host's 2 MiB hugetlb pages.
 

@@ -135,3 +135,21 @@ class HostPoisonChain(Test):  # type: ignore[misc]  # avocado is untyped
         :avocado: tags=ar,4k,kvm-gmem,gmem
         """
         run_chain_item(self, "host-ar-touch-4k", "kvm-gmem")
+
+    def test_private_convert_kvm_swprot(self) -> None:
+        """QMP converts a 4 KiB guest page shared -> private -> shared -> private -> shared; at each step QEMU
+        (reply, trace, its record), KVM's attributes, the host's view of the bytes and the guest's reads
+        agree; bad requests are refused by name and the guest keeps running; a conversion that takes a
+        page the guest needs is detected, and a reset makes every page shared again.
+
+        :avocado: tags=private,conversion,4k,kvm-swprot,gmem
+        """
+        run_chain_item(self, "private-convert-4k", "kvm-swprot")
+
+    def test_private_srar_user_spin_kvm_swprot(self) -> None:
+        """SRAR (QMP mce) at the gpa of a 4 KiB page made private through QMP while the program spins in user mode:
+        AR at the page's address with lsb 12 to the program, as on a shared page; the guest survives.
+
+        :avocado: tags=private,srar,user,4k,kvm-swprot,gmem
+        """
+        run_chain_item(self, "private-srar-user-spin-4k", "kvm-swprot")

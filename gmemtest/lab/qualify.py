@@ -44,7 +44,7 @@ from images.build import build_lock
 from images.labhost import LabhostImage
 from outcome import Verdict
 
-__all__ = ["ChainVariant", "LabhostQualification", "chain_variants", "gmem_qemu", "lab_chain_variants",
+__all__ = ["ChainVariant", "LabhostQualification", "chain_variants", "first_qemu_with", "lab_chain_variants",
            "qualify_in_labhost", "shared_run"]
 
 LOG = logging.getLogger(__name__)
@@ -60,6 +60,9 @@ INNER_TIMEOUT_S = 600.0
 CHAIN_DIR = "chain"
 NEWER_QEMU = "newer-qemu"
 GMEM_VARIANT = "kvm-gmem"  # the chain variant on guest_memfd RAM, under the first QEMU that offers it
+# The software-protected VM's rows, under the first QEMU that has the object, and under L1's
+# private-memory KVM (the rebuilt modules), after the private section.
+SWPROT_VARIANT = "kvm-swprot"
 
 
 @dataclass(frozen=True)
@@ -73,25 +76,31 @@ class ChainVariant:
     label: str
     profile: str
     qemu: Path | None = None
+    # Runs under L1's private-memory KVM (``qualify_once``'s ``private_kvm``), not Debian's stock one.
+    private_kvm: bool = False
 
     @property
     def scenarios(self) -> tuple[str, ...]:
         """The chain rows that mean something under this profile (gmemtest.scenarios.unsupported_under)."""
         profile = get_profile(self.profile)
-        return tuple(s.name for s in SCENARIOS if s.source is Source.HOST and unsupported_under(s, profile) is None)
+        return tuple(s.name for s in SCENARIOS
+                     if (s.source is Source.HOST or s.private) and unsupported_under(s, profile) is None)
 
 
 def chain_variants(newer_qemu: Path | None, built_qemu: Path | None = None) -> tuple[ChainVariant, ...]:
-    """Every KVM profile a plain lab host can have (plain RAM, RAM on the host's 2 MiB hugetlb
-    pages, guest_memfd RAM); with a newer QEMU (images.qemu_root) also kvm-default under it.
-    kvm-gmem runs under the first QEMU that offers ``guest-memfd`` (QOM, probed here: L1 runs the
-    same files): the project's own (images.qemu_build), Debian's newest, L1's; with none, under
-    Debian's newest, whose lack of it the row then reports."""
+    """Every KVM profile a lab host can have (plain RAM, RAM on the host's 2 MiB hugetlb pages,
+    guest_memfd RAM, a software-protected VM); with a newer QEMU (images.qemu_root) also kvm-default
+    under it. kvm-gmem and kvm-swprot run under the first QEMU that offers what they need (QOM,
+    probed here: L1 runs the same files): the project's own (images.qemu_build), Debian's newest;
+    with none, under Debian's newest, whose lack of it the rows then report."""
     variants = [ChainVariant("kvm-default", "kvm-default")]
     if newer_qemu is not None:
         variants.append(ChainVariant(f"kvm-default+{NEWER_QEMU}", "kvm-default", newer_qemu))
     variants.append(ChainVariant("kvm-hugetlb", "kvm-hugetlb"))
-    variants.append(ChainVariant(GMEM_VARIANT, "kvm-gmem", gmem_qemu((built_qemu, newer_qemu), newer_qemu)))
+    candidates = (built_qemu, newer_qemu)
+    variants.append(ChainVariant(GMEM_VARIANT, "kvm-gmem", first_qemu_with("guest-memfd", candidates, newer_qemu)))
+    variants.append(ChainVariant(SWPROT_VARIANT, "kvm-swprot", first_qemu_with("x-sw-protected-vm", candidates,
+                                                                                  newer_qemu), private_kvm=True))
     return tuple(variants)
 
 
@@ -104,15 +113,15 @@ def lab_chain_variants() -> tuple[ChainVariant, ...]:
     return chain_variants(build_qemu_root().binary, build_qemu().binary)
 
 
-def gmem_qemu(candidates: Sequence[Path | None], fallback: Path | None) -> Path | None:
-    """The first of ``candidates`` whose QOM offers ``guest-memfd`` on a memory backend, else ``fallback``."""
+def first_qemu_with(requirement: str, candidates: Sequence[Path | None], fallback: Path | None) -> Path | None:
+    """The first of ``candidates`` that has ``qemu:<requirement>`` (gmemtest.requirements), else ``fallback``."""
     from gmemtest.requirements import qemu_missing, qemu_report
 
     for qemu in candidates:
         if qemu is None:
             continue
         caps = qemu_report(str(qemu))
-        if not isinstance(caps, str) and qemu_missing("guest-memfd", caps) is None:
+        if not isinstance(caps, str) and qemu_missing(requirement, caps) is None:
             return qemu
     return fallback
 
@@ -239,15 +248,23 @@ def qualify_once(image: LabhostImage, out: Path, *, timeout: float = INNER_TIMEO
                        *python, "preflight", "--json", "--no-plan"], timeout, on_output=on_output)
         qual = run.run([*python, "qualify", "--no-guest", "--memory", "shared", "--out", inner_qual], timeout,
                        on_output=on_output)
-        chain_rc: dict[str, int] | None = None
+        chain_rc: dict[str, int] | None = None if guest_manifest is None else {}
         chain_s: dict[str, float] = {}
-        if guest_manifest is not None:
-            chain_rc = {}
-            for variant in variants:
-                chain = run.run(_chain_command(variant, guest_manifest.absolute()), timeout, on_output=on_output)
-                chain_rc[variant.label] = chain.returncode
-                chain_s[variant.label] = round(chain.seconds, 2)
+
+        def chain(stage: Sequence[ChainVariant]) -> None:
+            if guest_manifest is None or chain_rc is None:
+                return
+            for variant in stage:
+                argv = _chain_command(variant, guest_manifest.absolute())
+                if variant.private_kvm:
+                    argv = kvm_command(private_kvm, argv, image.kernel_release)
+                done = run.run(argv, timeout, on_output=on_output)
+                chain_rc[variant.label] = done.returncode
+                chain_s[variant.label] = round(done.seconds, 2)
+
+        chain([v for v in variants if not v.private_kvm])
         private = run.run(private_argv, timeout, on_output=on_output)
+        chain([v for v in variants if v.private_kvm])  # L1 runs the private-memory KVM from here on
         timings = run.timings
     preflight = _read_json(share / PREFLIGHT_NAME, "gmemtest preflight", pre.output)
     qualification = _read_json(share / QUAL_DIR / "qualification.json", "gmemtest qualify", qual.output)

@@ -190,12 +190,14 @@ def test_chain_command_keeps_qemu_logs_on_l1_tmpfs() -> None:
     assert lq.ChainVariant("kvm-hugetlb", "kvm-hugetlb").scenarios == ("host-ao-hugetlb-thp",)
 
 
-def test_chain_variants_run_gmem_under_the_newer_qemu_only() -> None:
+def test_chain_variants_run_gmem_and_swprot_under_the_newer_qemu_only() -> None:
     newer = Path("/cache/images/q/bin/qemu-system-x86_64")
-    assert [(v.label, v.profile, v.qemu) for v in lq.chain_variants(newer)] == [
-        ("kvm-default", "kvm-default", None), ("kvm-default+newer-qemu", "kvm-default", newer),
-        ("kvm-hugetlb", "kvm-hugetlb", None), ("kvm-gmem", "kvm-gmem", newer)]
-    assert [v.label for v in lq.chain_variants(None)] == ["kvm-default", "kvm-hugetlb", "kvm-gmem"]
+    assert [(v.label, v.profile, v.qemu, v.private_kvm) for v in lq.chain_variants(newer)] == [
+        ("kvm-default", "kvm-default", None, False), ("kvm-default+newer-qemu", "kvm-default", newer, False),
+        ("kvm-hugetlb", "kvm-hugetlb", None, False), ("kvm-gmem", "kvm-gmem", newer, False),
+        ("kvm-swprot", "kvm-swprot", newer, True)]
+    assert [v.label for v in lq.chain_variants(None)] == ["kvm-default", "kvm-hugetlb", "kvm-gmem", "kvm-swprot"]
+    assert lq.ChainVariant("kvm-swprot", "kvm-swprot").scenarios == ("private-convert-4k", "private-srar-user-spin-4k")
     argv = lq._chain_command(lq.chain_variants(newer)[1], Path("/g/manifest.json"))
     assert argv[argv.index("--qemu") + 1] == str(newer) and argv[argv.index("--profile") + 1] == "kvm-default"
 

@@ -180,9 +180,9 @@ def test_a_missing_newer_qemu_leaves_only_the_chain_rows_unplanned(monkeypatch: 
     assert {p.test: p.cancel for p in planned}["GmemUapi.test_cases"] == NO_GMEM
 
 
-def test_a_missing_project_qemu_leaves_only_the_kvm_gmem_chain_rows_unplanned(monkeypatch: pytest.MonkeyPatch) -> None:
-    """kvm-gmem runs under the first QEMU that offers guest-memfd, the project's own first: when it
-    cannot be had, its rows say so and the rest is planned."""
+def test_a_missing_project_qemu_leaves_only_its_chain_rows_unplanned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kvm-gmem and kvm-swprot run under the first QEMU that offers what they need, the project's own
+    first: when it cannot be had, their rows say so and the rest is planned."""
     import images.qemu_build
     from images.build import BuildError
 
@@ -192,5 +192,6 @@ def test_a_missing_project_qemu_leaves_only_the_kvm_gmem_chain_rows_unplanned(mo
     monkeypatch.setattr(images.qemu_build, "build_qemu", unavailable)
     planned = plan.plan_main_job(report=ZERO, newer_qemu="qemu-system-x86_64")
     unknown = {p.test for p in planned if p.unknown}
-    assert unknown == {p.test for p in planned if p.test.startswith("HostPoisonChain.") and "kvm_gmem" in p.test}
+    assert unknown == {p.test for p in planned if p.test.startswith("HostPoisonChain.")
+                       and ("kvm_gmem" in p.test or "kvm_swprot" in p.test)}
     assert unknown and all("python -m images qemu-build" in str(p.unknown) for p in planned if p.unknown)
