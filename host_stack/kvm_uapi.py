@@ -16,6 +16,7 @@ Sources:
 from __future__ import annotations
 
 import ctypes
+import errno
 from typing import Final
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "KvmUserspaceMemoryRegion",
     "KvmUserspaceMemoryRegion2",
     "check_layouts",
+    "errno_name",
     "ioc",
     "ioc_size",
     "kvm_cpuid2",
@@ -69,6 +71,13 @@ def ioc_size(request: int) -> int:
 
 # --- errno ----------------------------------------------------------------------------------
 EHWPOISON: Final = 133  # include/uapi/asm-generic/errno.h ("Memory page has hardware error")
+
+
+def errno_name(number: int) -> str:
+    """``EHWPOISON``, ``EFAULT``...: the symbol of an errno (Python's table lacks EHWPOISON)."""
+    if number == EHWPOISON:
+        return "EHWPOISON"
+    return errno.errorcode.get(number, str(number))
 
 # --- include/uapi/linux/falloc.h --------------------------------------------------------------
 FALLOC_FL_KEEP_SIZE: Final = 0x01

@@ -117,15 +117,18 @@ def check_private_flags(flags: PageFlags) -> None:
 
 
 def prove_private_frame(gfn: int, index: int, tid: int, *, rounds: Sequence[Sequence[SpteRequest]],
-                        read_back: Mapping[int, tuple[int, int]], flags: PageFlags) -> PrivateFrame:
+                        read_back: Mapping[int, tuple[int, int]], flags: PageFlags,
+                        min_rounds: int = 2) -> PrivateFrame:
     """Pure: the frame behind private ``gfn``, or ``InjectionRefused`` naming what is not proven.
 
-    ``rounds`` are the faults of each round (at least two, a zap between them); ``read_back``
-    maps each private gfn to (written, read after the round trip); ``flags`` are the pfn's
-    kpageflags read by the caller just now.
+    ``rounds`` are the faults of each round (at least ``min_rounds``, a zap between them);
+    ``read_back`` maps each private gfn to (written, read after the round trip); ``flags`` are the
+    pfn's kpageflags read by the caller just now. A caller that cannot zap without losing the page
+    (QEMU's conversions discard it) passes ``min_rounds=1``: its one round is the guest's first
+    access after the page became private, which is when guest_memfd allocates it.
     """
-    if len(rounds) < 2:
-        raise _refuse("not-proven", f"expected at least 2 fault rounds (a zap between them), got {len(rounds)}")
+    if len(rounds) < min_rounds or not rounds:
+        raise _refuse("not-proven", f"expected at least {max(min_rounds, 1)} fault round(s), got {len(rounds)}")
     pfns = [_pfn_of_round(gfn, tid, requests, n) for n, requests in enumerate(rounds, 1)]
     if len(set(pfns)) != 1:
         raise _refuse("not-proven", f"gfn {gfn:#x} was given pfns {', '.join(f'{p:#x}' for p in pfns)} in "
@@ -144,7 +147,8 @@ def prove_private_frame(gfn: int, index: int, tid: int, *, rounds: Sequence[Sequ
         text = ", ".join(f"gfn {g:#x} wrote {w:#x} read {r:#x}" for g, (w, r) in wrong.items())
         raise _refuse("not-proven", f"the private pages did not keep the guest's data across the round trip ({text})")
     check_private_flags(flags)
-    proof = (f"kvm_mmu_spte_requested named pfn {pfn:#x} for gfn {gfn:#x} (thread {tid}, 4 KiB) in {len(pfns)} "
-             f"fault rounds with a zap between them, no other gfn got it, the guest's data survived, kpageflags "
-             f"{','.join(flags.names) or 'none'}")
+    rounds_text = (f"{len(pfns)} fault rounds with a zap between them" if len(pfns) > 1 else
+                   "the guest's first access after the page became private")
+    proof = (f"kvm_mmu_spte_requested named pfn {pfn:#x} for gfn {gfn:#x} (thread {tid}, 4 KiB) in {rounds_text}, "
+             f"no other gfn got it, the guest's data survived, kpageflags {','.join(flags.names) or 'none'}")
     return PrivateFrame(gfn=gfn, index=index, pfn=pfn, tid=tid, flags=flags.names, proof=proof)

@@ -52,7 +52,7 @@ def test_a_frame_seen_in_two_fault_rounds_with_private_flags_is_proven() -> None
 
 
 @pytest.mark.parametrize(("rounds", "read_back", "flags", "reason", "words"), [
-    ([_round()], _read_back(), PRIVATE_FLAGS, "not-proven", "at least 2 fault rounds"),
+    ([_round()], _read_back(), PRIVATE_FLAGS, "not-proven", "at least 2 fault round(s)"),
     ([_round(), _round(PFN + 5)], _read_back(), PRIVATE_FLAGS, "not-proven", "successive rounds"),
     ([_round(), [SpteRequest(TID + 1, GFN, PFN, 1)]], _read_back(), PRIVATE_FLAGS, "not-proven", "got 0"),
     ([_round(), [SpteRequest(TID, GFN, PFN, 2)]], _read_back(), PRIVATE_FLAGS, "not-proven", "level 2"),
