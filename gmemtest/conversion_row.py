@@ -27,7 +27,7 @@ from guests.ssh import SshError
 from host_stack.attribute_trace import AttributeTrace
 from outcome import Verdict
 from qmp_helpers import QemuError
-from qmp_helpers.conversions import convert, private_ranges, trace_conversions
+from qmp_helpers.conversions import convert, private_ranges
 
 __all__ = ["FILL_SEEDS", "run_conversion_row"]
 
@@ -131,7 +131,6 @@ def run_conversion_row(spec: ScenarioSpec, guest: GuestRun, probe: ProbeClient, 
                        setup: dict[str, Any]) -> Verdict:
     """Carry out the conversion row on ``guest`` (kvm-swprot) with ``probe``; the verdict of every layer."""
     machine = guest.machine
-    trace_conversions(machine)
     warnings: list[str] = []
     with AttributeTrace() as kvm:
         try:

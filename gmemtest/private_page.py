@@ -29,7 +29,7 @@ from guests.ssh import SshError
 from host_stack.attribute_trace import AttributeChange, AttributeTrace
 from host_stack.pagemap import PagemapError, read_memory
 from qmp_helpers import QemuError
-from qmp_helpers.conversions import Conversion, convert, private_ranges
+from qmp_helpers.conversions import Conversion, convert, private_ranges, trace_conversions
 
 __all__ = ["LIVENESS_TIMEOUT_S", "Liveness", "PageViews", "PrivatePage", "check_alive", "describe_bytes",
            "make_private", "page_views", "refused_range"]
@@ -115,7 +115,9 @@ def make_private(guest: GuestRun, probe: ProbeClient, mapping: Mapping, *,
                  confirm: Callable[[int, int], None] | None = None) -> PrivatePage:
     """Convert the mapping's page with the highest gpa that QEMU accepts; refusals that name a loaded
     image skip every page inside it. The probe must have mlocked the mapping. ``confirm(offset, gpa)``
-    runs before each conversion (an interlock that raises to refuse the page)."""
+    runs before each conversion (an interlock that raises to refuse the page). QEMU's conversion trace is
+    switched on here and stays on."""
+    trace_conversions(guest.machine)
     candidates = sorted(((page.gpa, i * PAGE_4K) for i, page in enumerate(mapping.pages)), reverse=True)
     refusals: list[Conversion] = []
     excluded: list[tuple[int, int]] = []

@@ -50,6 +50,7 @@ from gmemtest.oracle import (
     expect_host,
     free_page_layout,
 )
+from gmemtest.private_host_poison import run_private_host_poison
 from gmemtest.private_page import PageViews, PrivatePage, make_private, page_views
 from gmemtest.scenarios import KillPolicy, ScenarioSpec, Source
 from gmemtest.under_test import UnderTest
@@ -61,7 +62,7 @@ from host_stack.attribute_trace import AttributeTrace
 from host_stack.kvm_uapi import KVM_EXIT_SHUTDOWN
 from images.build import GuestImage
 from outcome import Verdict
-from qmp_helpers import MachineStuck, MceInjection, QemuError, mce_kind
+from qmp_helpers import STUCK_RUN_STATES, MachineStuck, MceInjection, QemuError, mce_kind
 from qmp_helpers.conversions import convert, private_ranges, trace_conversions
 from qmp_helpers.trace_log import TRACE_PREFIX
 
@@ -225,7 +226,6 @@ def _make_private(spec: ScenarioSpec, guest: GuestRun, probe: ProbeClient, mappi
     if mapping is None:
         raise ScenarioError(f"{spec.name}: a private row converts a page of the probe's mapping, and has none")
     kvm = stack.enter_context(AttributeTrace())
-    trace_conversions(guest.machine)
     probe.lock(mapping.id)
     page = make_private(guest, probe, mapping,
                         confirm=lambda offset, gpa: _confirm_pattern_at_gpa(guest, mapping, offset, gpa, ev))
@@ -364,9 +364,11 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
     ev = Evidence(evidence_dir)
     setup = _prepare_guest(spec, guest, ev)
     obs = Observations(hardware_corrupted_before_kb=hardware_corrupted_kb(guest))
-    probe = ProbeClient(guest.ssh.start(PROBE_PATH), abort=lambda: guest_panicked(guest))
-    if spec.source is Source.CONVERSION:
-        return _run_conversion(spec, guest, probe, ev=ev, setup=setup, obs=obs)
+    start = guest.machine.event_mark()
+    probe = ProbeClient(guest.ssh.start(PROBE_PATH),
+                        abort=lambda: guest_panicked(guest) or (_vm_stopped(guest, start) if spec.private else None))
+    if spec.source is Source.CONVERSION or (spec.private and spec.source is Source.HOST):
+        return _run_whole_row(spec, guest, probe, ev=ev, setup=setup, obs=obs)
     with contextlib.ExitStack() as stack:
         stack.callback(_close_probe, guest, probe, evidence_dir / "probe.jsonl")
         # Entered after the probe's callback, so left first: the host frame is unpoisoned and
@@ -388,13 +390,25 @@ def run_scenario(spec: ScenarioSpec, guest: GuestRun, evidence_dir: Path) -> Sce
     return ScenarioResult(spec, st.exp, obs, verdict, st.injection, evidence_dir, host)
 
 
-def _run_conversion(spec: ScenarioSpec, guest: GuestRun, probe: ProbeClient, *, ev: Evidence, setup: dict[str, Any],
-                    obs: Observations) -> ScenarioResult:
-    """A conversion row (nothing injected): gmemtest.conversion_row, its probe's transcript kept."""
+def _vm_stopped(guest: GuestRun, since: int) -> str | None:
+    """Why waiting on a private row's guest is pointless: QEMU stopped its VM for good (KVM_RUN failed).
+    A STOP the row's own injection makes (``inject_mce_at`` stops to look at the vCPU) is followed by a
+    RESUME, so the run state decides, asked only after a STOP."""
+    if not any(e.name == "STOP" for e in guest.machine.events[since:]):
+        return None
+    state = guest.machine.status()
+    return f"QEMU stopped the VM (QMP STOP, run state {state!r})" if state in STUCK_RUN_STATES else None
+
+
+def _run_whole_row(spec: ScenarioSpec, guest: GuestRun, probe: ProbeClient, *, ev: Evidence, setup: dict[str, Any],
+                   obs: Observations) -> ScenarioResult:
+    """A row judged by its own module (a conversion row, a private host-poison row), its probe's transcript kept;
+    both end with a guest the probe cannot talk to any more (reset, or stopped)."""
+    run = run_conversion_row if spec.source is Source.CONVERSION else run_private_host_poison
     try:
-        verdict = run_conversion_row(spec, guest, probe, ev, setup)
+        verdict = run(spec, guest, probe, ev, setup)
     finally:
-        probe.abandon()  # the row's last step stops the guest the probe ran in
+        probe.abandon()
         probe.write_transcript(ev.dir / "probe.jsonl")
     ev.text("verdict.txt", verdict.summary() + "\n")
     ev.text("verdict.json", verdict.to_json() + "\n")

@@ -308,6 +308,15 @@ SCENARIOS: tuple[ScenarioSpec, ...] = (
         kill=KillPolicy.LATE_PRCTL, poison_offset=0x40, profile="kvm-swprot", private=True,
         tags=("private", "srar", "user", "4k"),
     ),
+    ScenarioSpec(
+        name="private-host-poison-touch-4k",
+        summary="the host poisons the guest_memfd frame behind a 4 KiB page made private through QMP (the frame "
+                "named by KVM's own fault trace); the program's touch makes KVM_RUN fail with EHWPOISON for exactly "
+                "that gfn, and what QEMU does with it is reported with its version",
+        page_kind="anon4k", npages=PRIVATE_NPAGES, mce_kind="SRAO", trigger=Trigger.TOUCH,
+        kill=KillPolicy.LATE_PRCTL, poison_offset=0x80, touch_offset=0x238, profile="kvm-swprot",
+        source=Source.HOST, private=True, tags=("private", "host", "chain", "4k"),
+    ),
 )
 
 

@@ -153,3 +153,12 @@ class HostPoisonChain(Test):  # type: ignore[misc]  # avocado is untyped
         :avocado: tags=private,srar,user,4k,kvm-swprot,gmem
         """
         run_chain_item(self, "private-srar-user-spin-4k", "kvm-swprot")
+
+    def test_private_host_poison_touch_kvm_swprot(self) -> None:
+        """The host poisons the guest_memfd frame behind a 4 KiB page made private through QMP (the frame named by
+        KVM's own fault trace); the program's touch makes KVM_RUN fail with EHWPOISON for exactly that
+        gfn, and what QEMU does with it is reported with its version.
+
+        :avocado: tags=private,4k,kvm-swprot,gmem
+        """
+        run_chain_item(self, "private-host-poison-touch-4k", "kvm-swprot")
