@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -94,7 +95,10 @@ def _guest_image(chosen: UnderTest, command: str) -> GuestImage | None:
     try:
         return chosen.guest_image()
     except BuildError as exc:
-        if chosen.guest_manifest is None and chosen.guest_kernel_version is None:
+        from images.qemu_build import HOST_CACHE_ENV
+
+        chose = chosen.guest_manifest is not None or chosen.guest_kernel_version is not None
+        if not chose and not os.environ.get(HOST_CACHE_ENV):
             raise
         print(f"gmemtest {command}: guest image: {exc}", file=sys.stderr)
         return None
@@ -283,10 +287,8 @@ def _cmd_qmp(args: argparse.Namespace) -> int:
     from gmemtest.kept import find_kept
 
     try:
+        arguments = qmp_arguments(args.arguments)
         kept = find_kept(args.pid)
-        arguments = json.loads(args.arguments) if args.arguments else {}
-        if not isinstance(arguments, dict):
-            raise ValueError(f"arguments must be a JSON object, got {args.arguments!r}")
     except (LookupError, ValueError) as exc:
         print(f"gmemtest qmp: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -666,9 +668,34 @@ def _add_qmp(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("qmp", help="send one QMP command to the guest a 'gmemtest run --keep' holds")
     p.add_argument("--pid", type=int, help="the keeping gmemtest's pid (default: the newest kept guest)")
     p.add_argument("qmp_command", help="e.g. query-status, human-monitor-command")
-    p.add_argument("arguments", nargs="?",
-                   help='its arguments as a JSON object, e.g. \'{"command-line": "info mtree"}\'')
+    p.add_argument("arguments", nargs="*",
+                   help='its arguments: one JSON object, e.g. \'{"command-line": "info mtree"}\', or NAME=VALUE '
+                        'words, e.g. gpa=0x70000 size=4096 private=true (integers in any base, true/false)')
     p.set_defaults(func=_cmd_qmp)
+
+
+def qmp_arguments(words: list[str]) -> dict[str, Any]:
+    """Pure: ``gmemtest qmp``'s arguments, one JSON object or NAME=VALUE words; ValueError naming a bad one."""
+    if len(words) == 1 and words[0].lstrip().startswith("{"):
+        try:
+            arguments: dict[str, Any] = json.loads(words[0])
+        except ValueError as exc:
+            raise ValueError(f"arguments {words[0]!r} are not JSON: {exc}") from exc
+        return arguments
+    parsed: dict[str, Any] = {}
+    for word in words:
+        name, sep, value = word.partition("=")
+        if not sep or not name:
+            raise ValueError(f"argument {word!r} is neither a JSON object nor NAME=VALUE "
+                             "(e.g. gpa=0x70000 size=4096 private=true)")
+        if value in ("true", "false"):
+            parsed[name] = value == "true"
+        else:
+            try:
+                parsed[name] = int(value, 0)
+            except ValueError:
+                parsed[name] = value
+    return parsed
 
 
 def _add_qualify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

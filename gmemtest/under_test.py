@@ -28,8 +28,9 @@ from typing import Any
 from gmemtest.lab.kvm import KVM_CHOICES, SW_PROTECTED
 from gmemtest.scenarios import ScenarioSpec
 from guests.profiles import PROFILES, GuestProfile, get_profile
-from images.build import BuildError, GuestImage, build_default_image, build_lock, image_from_manifest
+from images.build import BuildError, GuestImage, build_default_image, build_lock, image_from_manifest, newest_image_in
 from images.debs import PackageError
+from images.qemu_build import HOST_CACHE_ENV
 from qmp_helpers import DEFAULT_QEMU, QemuError, resolve_binary
 
 LOG = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ JOB_IMAGE_DIR = "gmemtest-image"
 
 # Avocado parameter name -> what it means (the CLI option is --NAME with '-' for '_').
 PARAMETERS: dict[str, str] = {
-    "qemu": "QEMU binary (a path, or a name looked up on PATH)",
+    "qemu": "QEMU binary (a path, a name looked up on PATH, or 'project': the project's own build)",
     "profile": "guest profile to run every scenario under (gmemtest.scenarios' own by default)",
     "firmware": "firmware file for the profile's -bios (e.g. an SNP- or TDX-capable OVMF)",
     "guest_kernel": "a guest kernel of the lab's own (replaces the image's kernel)",
@@ -60,6 +61,22 @@ _SWITCH = {"on": True, "true": True, "yes": True, "1": True, "off": False, "fals
 # The lab host's own QEMU arguments (an L1 under TCG) are a profile too, but no guest scenario's.
 _NOT_GUEST_PROFILES = ("labhost-svm",)
 _KERNEL_VERSION = re.compile(r"^[0-9]+\.[0-9]+\.[0-9]+-[0-9]+$")
+# ``-p qemu=project`` / ``--qemu project``: the project's QEMU (images.qemu_build), cached or built.
+PROJECT_QEMU = "project"
+
+
+def _qemu(value: str | None) -> str:
+    """The QEMU a lab named; ``project`` resolved to the project's build (kept as the word when that
+    fails: ``problems`` then says why)."""
+    if value != PROJECT_QEMU:
+        return value or DEFAULT_QEMU
+    from images.qemu_build import project_qemu
+
+    try:
+        return str(project_qemu())
+    except (BuildError, PackageError) as exc:
+        LOG.error("--qemu project: %s", exc)
+        return PROJECT_QEMU
 
 
 def _path(value: object) -> Path | None:
@@ -92,7 +109,7 @@ class UnderTest:
         """From a lookup by parameter name (Avocado's ``self.params.get``, an argparse namespace)."""
         manifest = _path(get("guest_manifest")) or _path(os.environ.get(MANIFEST_ENV))
         return cls(
-            qemu=_text(get("qemu")) or DEFAULT_QEMU, profile=_text(get("profile")),
+            qemu=_qemu(_text(get("qemu"))), profile=_text(get("profile")),
             firmware=_path(get("firmware")), guest_kernel=_path(get("guest_kernel")),
             guest_initrd=_path(get("guest_initrd")), guest_ssh_key=_path(get("guest_ssh_key")),
             guest_kernel_version=_text(get("guest_kernel_version")), guest_manifest=manifest,
@@ -110,11 +127,15 @@ class UnderTest:
     def problems(self) -> list[str]:
         """One sentence per bad value, checked without booting anything; empty when all are usable."""
         found: list[str] = []
-        try:
-            resolve_binary(self.qemu)
-        except QemuError:
-            found.append(f"QEMU binary {self.qemu!r} (qemu) does not exist or is not executable"
-                         + ("" if os.sep in self.qemu else " and is not on PATH"))
+        if self.qemu == PROJECT_QEMU:
+            found.append("QEMU 'project' (qemu): the project's QEMU could not be had (python -m images qemu-build "
+                         "builds it; the log above says why)")
+        else:
+            try:
+                resolve_binary(self.qemu)
+            except QemuError:
+                found.append(f"QEMU binary {self.qemu!r} (qemu) does not exist or is not executable"
+                             + ("" if os.sep in self.qemu else " and is not on PATH"))
         guest_profiles = [name for name in PROFILES if name not in _NOT_GUEST_PROFILES]
         if self.profile is not None and self.profile not in guest_profiles:
             found.append(f"unknown guest profile {self.profile!r} (profile); valid: {', '.join(guest_profiles)}")
@@ -155,6 +176,9 @@ class UnderTest:
             return image_from_manifest(self.guest_manifest)
         kernel_package = (None if self.guest_kernel_version is None
                           else f"linux-image-{self.guest_kernel_version}-amd64-unsigned")
+        host_cache = os.environ.get(HOST_CACHE_ENV)
+        if host_cache and kernel_package is None:  # inside a lab host: the image its host built
+            return newest_image_in(Path(host_cache))
         if job_dir is None:
             return build_default_image(kernel_package=kernel_package)
         record = job_dir / JOB_IMAGE_DIR / f"guest-{self._image_key()}.json"

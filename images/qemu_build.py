@@ -36,7 +36,8 @@ from typing import Any, Final
 from images import debs, manifest
 from images.build import BuildError, cached_build, default_cache_root, indexed_apt
 
-__all__ = ["CONFIGURE", "BuiltQemu", "PatchSeries", "build_qemu", "built_in_cache", "patch_series"]
+__all__ = ["CONFIGURE", "HOST_CACHE_ENV", "BuiltQemu", "PatchSeries", "build_qemu", "built_in_cache", "patch_series",
+           "project_qemu"]
 
 _log = logging.getLogger(__name__)
 
@@ -45,6 +46,9 @@ SOURCE_PACKAGE: Final = "qemu"
 # served the .dsc of versions whose files answer 404).
 SOURCE_SUITES: Final = ("sid", "trixie-backports", "trixie")
 MESON_SUITE: Final = "sid"
+# Set by the lab host (gmemtest.lab.host) for every command in L1: the cache of the host it runs in,
+# read-only at the same path, where the project's QEMU was built.
+HOST_CACHE_ENV: Final = "GMEMTEST_HOST_CACHE"
 TARGET: Final = "qemu-system-x86_64"
 CONFIGURE: Final = (
     "--target-list=x86_64-softmmu", "--enable-kvm", "--disable-tcg", "--enable-slirp", "--disable-docs",
@@ -242,6 +246,18 @@ def build_qemu(cache_root: Path | None = None, *, series: PatchSeries | None = N
     return _built(out_dir, doc, hit)
 
 
+def project_qemu() -> Path:
+    """The project's QEMU binary (``--qemu project``): from the cache, else built now; inside a lab host,
+    which cannot build it, from the cache of the host it runs in, or a BuildError saying so."""
+    built = built_in_cache()
+    if built is not None:
+        return built.binary
+    if os.environ.get(HOST_CACHE_ENV):
+        raise BuildError(f"the project's QEMU is not in this lab host's view of the host's cache "
+                         f"({os.environ[HOST_CACHE_ENV]}): build it on the host first (python -m images qemu-build)")
+    return build_qemu().binary
+
+
 def _built(out_dir: Path, doc: dict[str, Any], hit: bool) -> BuiltQemu:
     return BuiltQemu(binary=out_dir / BINARY, source_version=str(doc["source_version"]),
                      series=tuple(doc["series"]), series_digest=str(doc["series_digest"]),
@@ -250,8 +266,15 @@ def _built(out_dir: Path, doc: dict[str, Any], hit: bool) -> BuiltQemu:
 
 def built_in_cache(cache_root: Path | None = None, series: PatchSeries | None = None) -> BuiltQemu | None:
     """The newest build of ``series`` (default: the project's) already in the cache, whole; None if
-    there is none. Asks no network and builds nothing (for preflight)."""
-    root = (cache_root if cache_root is not None else default_cache_root()).absolute()
+    there is none. Asks no network and builds nothing (for preflight). Without ``cache_root``, the
+    cache of this host, then that of the host a lab host runs in (``HOST_CACHE_ENV``)."""
+    if cache_root is None:
+        host = os.environ.get(HOST_CACHE_ENV)
+        for root in (default_cache_root(), *([Path(host)] if host else [])):
+            if (built := built_in_cache(root, series)) is not None:
+                return built
+        return None
+    root = cache_root.absolute()
     digest = (series if series is not None else patch_series()).digest
     found: list[tuple[float, Path, dict[str, Any]]] = []
     for path in (root / "images").glob(f"*/{manifest.MANIFEST_NAME}"):

@@ -39,7 +39,8 @@ LABHOST_GUARANTEES = ("kvm", "kvm_boots_linux", "guest_memfd", "guest_memfd_mmap
 # ... and with the rebuilt KVM (gmemtest.lab.kvm), a software-protected VM with private memory.
 SW_PROTECTED_GUARANTEES = (*LABHOST_GUARANTEES, "sw_protected_vm", "private_memory")
 # The host-side tests of private memory, run in a batch of their own under the rebuilt KVM.
-PRIVATE_PATHS = ("tests/host_stack/test_conversion_cases.py", "tests/host_stack/test_private_poison.py")
+PRIVATE_PATHS = ("tests/host_stack/test_conversion_cases.py", "tests/host_stack/test_private_poison.py",
+                 "tests/gmemtest/test_swprot_by_hand.py")
 JUNIT = "junit.xml"
 _OUTPUT_TAIL = 3000
 

@@ -226,8 +226,14 @@ class LabhostRun:
 
         A command that fails is a result, not an error. A command that outlives
         ``timeout`` raises :class:`LabhostTimeout` and leaves this L1 unusable (the
-        command may still run): the context manager then kills QEMU.
+        command may still run): the context manager then kills QEMU. Every command learns
+        this host's cache (``HOST_CACHE_ENV``), which L1 sees read-only at the same path:
+        the project's QEMU built here is found there (``--qemu project``, preflight).
         """
+        from images.build import default_cache_root
+        from images.qemu_build import HOST_CACHE_ENV
+
+        env = {HOST_CACHE_ENV: str(default_cache_root().absolute()), **(env or {})}
         if self._broken is not None:
             raise LabhostError(f"this L1 cannot run more commands: {self._broken}")
         self._jobs += 1

@@ -102,3 +102,16 @@ def test_describe_bytes_names_zeros_a_fill_or_neither() -> None:
     assert describe_bytes(bytes(4096)) == "zeros"
     assert describe_bytes(fill_page(0x5A), (0xA5, 0x5A)) == "the fill of seed 90"
     assert describe_bytes(b"\x01" + bytes(4095), (0x5A,)).startswith("other bytes (1 of 4096 non-zero")
+
+
+def test_gmemtest_qmp_takes_json_or_name_value_words_and_names_a_bad_one() -> None:
+    from gmemtest.cli import qmp_arguments
+
+    assert qmp_arguments(['{"command-line": "info mtree"}']) == {"command-line": "info mtree"}
+    assert qmp_arguments(["gpa=0x70000", "size=4096", "private=true", "name=swp0"]) == {
+        "gpa": 0x70000, "size": 4096, "private": True, "name": "swp0"}
+    assert qmp_arguments([]) == {}
+    with pytest.raises(ValueError, match="argument 'gpa' is neither a JSON object nor NAME=VALUE"):
+        qmp_arguments(["gpa"])
+    with pytest.raises(ValueError, match="not JSON"):
+        qmp_arguments(['{"gpa": }'])
