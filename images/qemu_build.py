@@ -172,6 +172,16 @@ def _run(argv: list[str], cwd: Path, log: Path, env: dict[str, str], what: str) 
         raise BuildError(f"{what} failed (exit {done.returncode}); the end of {log.name}:\n{tail}")
 
 
+def _no_warnings(log: Path, start: int, patch: str) -> None:
+    """A patch must build without a compiler warning (QEMU builds with -Werror; the recipe does not,
+    so that Debian's own source never fails it): BuildError quoting them."""
+    with log.open("rb") as fh:
+        fh.seek(start)
+        warnings = [line for line in fh.read().decode(errors="replace").splitlines() if ": warning: " in line]
+    if warnings:
+        raise BuildError(f"building with {patch} gave {len(warnings)} compiler warning(s): " + "; ".join(warnings[:5]))
+
+
 def _checkpatch(src: Path, patch: Path) -> str:
     """QEMU's own style check of one patch: its summary line; a BuildError with its report if it fails."""
     done = subprocess.run(["perl", "scripts/checkpatch.pl", str(patch)], cwd=src,
@@ -200,8 +210,10 @@ def _build(work: Path, out: Path, *, root: Path, series: PatchSeries, source: tu
             say(f"qemu {version}: configure ({' '.join(CONFIGURE[:3])} ...)")
             _run(["./configure", *configure], src, log, env, "configure")
         say(f"qemu {version}: building with patches 1-{n} of {len(series.patches)} ({patch.name})")
+        start = log.stat().st_size
         _run(["ninja", "-C", str(build), "-j", str(os.cpu_count() or 2), TARGET], src, log, env,
              f"building with {patch.name}")
+        _no_warnings(log, start, patch.name)
         steps.append({"patch": patch.name, "checkpatch": summary, "builds": True,
                       "seconds": round(time.monotonic() - t0, 1)})
     if not series.patches:
