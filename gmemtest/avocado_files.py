@@ -97,13 +97,16 @@ def chain_file() -> TestFile:
                     for v in variants for s in SCENARIOS
                     if (s.source is Source.HOST or s.private) and unsupported_under(s, get_profile(v.profile)) is None)
     return TestFile(
-        "avocado_tests/labhost/test_chain.py", "the host-poison rows of gmemtest.scenarios x chain_variants()",
+        "avocado_tests/labhost/test_chain.py", "the host-poison and private rows of gmemtest.scenarios x "
+        "chain_variants()",
         "The whole chain, inside the lab host: the host poisons the frame behind a guest page.\n\n"
         "L1 (Debian 7.x, kvm_amd, memory failure) runs QEMU guests under KVM; each row poisons, with\n"
         "hwpoison-inject, the L1 frame behind the guest program's page and judges every layer: the L1\n"
         "kernel, QEMU (the SIGBUS its vCPU thread got, MEMORY_FAILURE) and the guest (MCE record,\n"
-        "recovery, the program's siginfo). One shared L1 run per job serves these tests and the other\n"
-        "lab-host tests. A variant L1 cannot run CANCELs with the reason it probed.",
+        "recovery, the program's siginfo). The kvm-swprot rows make the page private through QMP first\n"
+        "(a software-protected VM on L1's rebuilt KVM): conversions, a vMCE and a host poison there.\n"
+        "One shared L1 run per job serves these tests and the other lab-host tests. A variant L1\n"
+        "cannot run CANCELs with the reason it probed.",
         ("from gmemtest.avocado_support import LABHOST_TEST_TIMEOUT_S, run_chain_item",),
         "HostPoisonChain", "One test per host-poison row and chain variant (a profile under a QEMU).",
         ("chain", "labhost", "host", "kvm", "nested", "hwpoison", "mce"), "LABHOST_TEST_TIMEOUT_S", methods)

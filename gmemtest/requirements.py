@@ -87,8 +87,12 @@ def qemu_missing(name: str, caps: QemuCapabilities) -> str | None:
         if not caps.qmp_commands[name]:
             return f"{qemu} has no QMP command '{name}' (query-commands says so)"
         return None
+    if name in caps.kvm_accel_properties:
+        if not caps.kvm_accel_properties[name]:
+            return f"{qemu} has no KVM accelerator property '{name}' (QOM says so)"
+        return None
     raise ValueError(f"unknown QEMU requirement 'qemu:{name}'; valid: accel-<name>, kvm-start, guest-memfd, "
-                     f"{', '.join((*caps.object_types, *caps.qmp_commands))}")
+                     f"{', '.join((*caps.object_types, *caps.qmp_commands, *caps.kvm_accel_properties))}")
 
 
 def unmet_requirements(names: Iterable[str], *, binary: str = DEFAULT_QEMU,

@@ -91,6 +91,9 @@ class ScenarioSpec:
     # after it. The runner picks the page (see PRIVATE_NPAGES) and moves the offsets there (the same
     # offsets inside it), so a private row's offsets lie in the mapping's first page.
     private: bool = False
+    # QEMU's switch -accel kvm,x-private-hwpoison-mce=on (the project's series): a poisoned private
+    # page reaches the guest as a machine check instead of stopping the VM. Private host rows only.
+    qemu_private_hwpoison_mce: bool = False
 
     def __post_init__(self) -> None:
         self._check_kinds()
@@ -145,6 +148,9 @@ class ScenarioSpec:
                              f"{' or '.join(t.value for t in HOST_TRIGGERS)}, got {self.trigger.value}")
 
     def _check_private_row(self) -> None:
+        if self.qemu_private_hwpoison_mce and not (self.private and self.source is Source.HOST):
+            raise ValueError(f"scenario {self.name}: QEMU's x-private-hwpoison-mce is about a poisoned private page: "
+                             "a private host-poison row's switch")
         if self.source is Source.CONVERSION and not self.private:
             raise ValueError(f"scenario {self.name}: a conversion row converts its page: private must be True")
         if not self.private:
@@ -316,6 +322,16 @@ SCENARIOS: tuple[ScenarioSpec, ...] = (
         page_kind="anon4k", npages=PRIVATE_NPAGES, mce_kind="SRAO", trigger=Trigger.TOUCH,
         kill=KillPolicy.LATE_PRCTL, poison_offset=0x80, touch_offset=0x238, profile="kvm-swprot",
         source=Source.HOST, private=True, tags=("private", "host", "chain", "4k"),
+    ),
+    ScenarioSpec(
+        name="private-host-poison-mce-4k",
+        summary="as private-host-poison-touch-4k, with QEMU's x-private-hwpoison-mce on (the project's series): "
+                "QEMU traces the memory-fault exit and injects an SRAR at that gpa, MEMORY_FAILURE says so, the "
+                "program gets AR with lsb 12 and the guest goes on",
+        page_kind="anon4k", npages=PRIVATE_NPAGES, mce_kind="SRAO", trigger=Trigger.TOUCH,
+        kill=KillPolicy.LATE_PRCTL, poison_offset=0x80, touch_offset=0x238, profile="kvm-swprot",
+        source=Source.HOST, private=True, qemu_private_hwpoison_mce=True,
+        tags=("private", "host", "chain", "mce", "4k"),
     ),
 )
 

@@ -157,8 +157,14 @@ class UnderTest:
         return found
 
     def profile_for(self, spec: ScenarioSpec) -> GuestProfile:
-        """The profile `spec` runs under here: the lab's choice or the scenario's, with its firmware."""
-        return self.profile_or(spec.profile)
+        """The profile `spec` runs under here: the lab's choice or the scenario's, with its firmware, and
+        QEMU's switch the row needs (x-private-hwpoison-mce, which the QEMU is then required to have)."""
+        profile = self.profile_or(spec.profile)
+        if spec.qemu_private_hwpoison_mce:
+            profile = dataclasses.replace(
+                profile, accel_options=(*profile.accel_options, "x-private-hwpoison-mce=on"),
+                requirements=(*profile.requirements, "qemu:x-private-hwpoison-mce"))
+        return profile
 
     def profile_or(self, default: str) -> GuestProfile:
         """The lab's profile choice, else ``default``, with the lab's firmware."""

@@ -123,6 +123,8 @@ class GuestProfile:
         return self.confidential and not self.host_converts
     # Properties of the guest's NIC (the SSH forward's virtio-net-pci, added by the QEMU owner).
     nic_options: tuple[str, ...] = ()
+    # Properties of the accelerator (-accel kvm,<options>), e.g. x-private-hwpoison-mce=on.
+    accel_options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.accel not in ("tcg", "kvm"):
@@ -150,7 +152,7 @@ class GuestProfile:
                   extra_kernel_args: str | Sequence[str] = ()) -> list[str]:
         """QEMU arguments for this profile booting ``kernel`` + ``initrd`` directly."""
         args = [
-            "-accel", self.accel,
+            "-accel", ",".join((self.accel, *self.accel_options)),
             "-machine", self.machine_arg(),
             "-cpu", self.cpu,
             "-smp", str(self.smp),

@@ -19,8 +19,9 @@ from .errors import QmpCommandError
 from .machine import QemuMachine
 from .trace_log import TRACE_PREFIX
 
-__all__ = ["CONVERT_COMMAND", "CONVERT_TRACE_EVENT", "QUERY_COMMAND", "Conversion", "TracedConversion",
-           "convert", "parse_convert_trace", "private_ranges", "trace_conversions"]
+__all__ = ["CONVERT_COMMAND", "CONVERT_TRACE_EVENT", "MEMORY_FAULT_TRACE_EVENT", "QUERY_COMMAND", "Conversion",
+           "MemoryFaultExit", "TracedConversion", "convert", "parse_convert_trace", "parse_memory_fault_trace",
+           "private_ranges", "trace_conversions"]
 
 CONVERT_COMMAND: Final = "x-kvm-convert-memory"
 QUERY_COMMAND: Final = "x-query-kvm-private-memory"
@@ -29,6 +30,11 @@ CONVERT_TRACE_EVENT: Final = "kvm_convert_memory"
 _CONVERT_LINE: Final = re.compile(
     rf"^{TRACE_PREFIX}kvm_convert_memory start (0x[0-9a-f]+) size (0x[0-9a-f]+) "
     r"(shared_to_private|private_to_shared)\s*$", re.MULTILINE)
+# accel/kvm/trace-events: kvm_memory_fault(uint64_t start, uint64_t size, uint64_t flags): a
+# KVM_EXIT_MEMORY_FAULT as QEMU read it (a conversion request; with the series also an EHWPOISON one).
+MEMORY_FAULT_TRACE_EVENT: Final = "kvm_memory_fault"
+_FAULT_LINE: Final = re.compile(
+    rf"^{TRACE_PREFIX}kvm_memory_fault start (0x[0-9a-f]+) size (0x[0-9a-f]+) flags (0x[0-9a-f]+)\s*$", re.MULTILINE)
 # How long QEMU may take to write its trace line after the reply (it writes it before replying).
 TRACE_WAIT_S: Final = 2.0
 
@@ -43,6 +49,23 @@ class TracedConversion:
 
     def describe(self) -> str:
         return f"{self.gpa:#x}+{self.size:#x} to {'private' if self.to_private else 'shared'}"
+
+
+@dataclass(frozen=True)
+class MemoryFaultExit:
+    """A KVM_EXIT_MEMORY_FAULT: the gpa range KVM names and its flags (0x8: KVM_MEMORY_EXIT_FLAG_PRIVATE)."""
+
+    gpa: int
+    size: int
+    flags: int
+
+    def describe(self) -> str:
+        return f"gpa {self.gpa:#x} size {self.size:#x} flags {self.flags:#x}"
+
+
+def parse_memory_fault_trace(text: str) -> list[MemoryFaultExit]:
+    """Pure: every ``kvm_memory_fault`` line of QEMU's trace output, in order."""
+    return [MemoryFaultExit(int(m[1], 16), int(m[2], 16), int(m[3], 16)) for m in _FAULT_LINE.finditer(text)]
 
 
 def parse_convert_trace(text: str) -> list[TracedConversion]:

@@ -26,6 +26,8 @@ _LOG = logging.getLogger(__name__)
 CONFIDENTIAL_GUEST_TYPES = ("sev-snp-guest", "tdx-guest", "x-sw-protected-vm")
 # The QMP commands that drive and read conversions (the same series); no released QEMU has them.
 CONVERSION_COMMANDS = ("x-kvm-convert-memory", "x-query-kvm-private-memory")
+# Properties of the KVM accelerator (-accel kvm,NAME=...) the project asks about (the same series).
+KVM_ACCEL_PROPERTIES = ("x-private-hwpoison-mce",)
 GUEST_MEMFD_BACKENDS = ("memory-backend-memfd", "memory-backend-ram")
 GUEST_MEMFD_PROPERTY = "guest-memfd"
 _VERSION_RE = re.compile(r"QEMU emulator version (\S+)")
@@ -43,6 +45,7 @@ class QemuCapabilities:
     guest_memfd_property: dict[str, bool]
     accelerators: tuple[str, ...]
     qmp_commands: dict[str, bool]
+    kvm_accel_properties: dict[str, bool]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form for qualification reports."""
@@ -81,6 +84,11 @@ def probe_qemu(binary: str = DEFAULT_QEMU) -> QemuCapabilities:
                  machine.qmp("qom-list-types", implements="object", abstract=True)}
         object_types = {name: name in types for name in CONFIDENTIAL_GUEST_TYPES}
         commands = {entry["name"] for entry in machine.qmp("query-commands")}
+        try:
+            accel_props = {p["name"] for p in machine.qmp("qom-list-properties", typename="kvm-accel")}
+        except QmpCommandError as exc:  # a QEMU built without KVM
+            _LOG.debug("kvm-accel: %s", exc)
+            accel_props = set()
         gmem_prop: dict[str, bool] = {}
         for backend in GUEST_MEMFD_BACKENDS:
             try:
@@ -98,7 +106,8 @@ def probe_qemu(binary: str = DEFAULT_QEMU) -> QemuCapabilities:
                             package=str(qmp_version.get("package", "")).strip(),
                             object_types=object_types, guest_memfd_property=gmem_prop,
                             accelerators=_accelerators(path),
-                            qmp_commands={name: name in commands for name in CONVERSION_COMMANDS})
+                            qmp_commands={name: name in commands for name in CONVERSION_COMMANDS},
+                            kvm_accel_properties={name: name in accel_props for name in KVM_ACCEL_PROPERTIES})
 
 
 def validate_args(binary: str, args: Sequence[str], timeout: float = 10.0) -> str | None:

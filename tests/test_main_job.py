@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The guest tests judged here; KvmLabProfiles (tagged guest too) are judged by their cancel reasons.
 GUEST_CLASSES = ("MachineChecks.", "GuestBoot.")
 # The rows the TCG guest tests run (the host-poison rows run in the lab host, HostPoisonChain).
-QMP_SCENARIOS = [s for s in SCENARIOS if s.source is Source.QMP]
+QMP_SCENARIOS = [s for s in SCENARIOS if s.source is Source.QMP and not s.private]
 
 
 # The main job runs the lab host's shared L1 run (host checks and the chain under four variants)
@@ -79,8 +80,10 @@ def test_main_job_passes_every_guest_scenario(tmp_path: Path) -> None:
     # every variant, kvm-gmem (guest_memfd RAM) under the project's own QEMU, and the host's
     # checks include what the kernel sent QEMU with its address and order (kprobes).
     chain = {n: s for n, s in status.items() if n.startswith("HostPoisonChain.")}
-    assert len(chain) == 13, f"expected 13 chain tests:\n{report}"
+    assert len(chain) == 17, f"expected 17 chain tests:\n{report}"
     assert all(st == "PASS" for st, _ in chain.values()), report
+    _private_rows_hold_their_evidence({t["name"].rsplit(".", 1)[-1]: json.loads(t["whiteboard"])
+                                       for t in results["tests"] if "kvm_swprot" in t["name"]})
     gmem = next(t for t in results["tests"] if t["name"].endswith("HostPoisonChain.test_ar_touch_kvm_gmem"))
     board = json.loads(gmem["whiteboard"])
     assert "gmemtest series" in board["setup"]["qemu"]["package"], board["setup"]
@@ -90,6 +93,26 @@ def test_main_job_passes_every_guest_scenario(tmp_path: Path) -> None:
     layers = {check["layer"] for check in json.loads(ar["whiteboard"])["checks"]}
     assert layers == {"host", "qemu", "guest"}, ar["whiteboard"]
     assert proc.returncode == 0, proc.stdout[-2000:]
+
+
+def _private_rows_hold_their_evidence(boards: dict[str, dict[str, Any]]) -> None:
+    """The kvm-swprot rows inside the lab host: the conversions QEMU and KVM both traced, the vMCE at a
+    private page, and the memory-fault exit of a poisoned private page with what each QEMU did."""
+    checks = {name: {c["name"]: c for c in board["checks"]} for name, board in boards.items()}
+    convert = checks["test_private_convert_kvm_swprot"]
+    for step in ("step 1, shared -> private", "step 2, private -> shared"):
+        assert convert[f"{step}: QEMU's trace (kvm_convert_memory)"]["ok"], convert
+        assert convert[f"{step}: KVM's attributes (kvm_vm_set_mem_attributes)"]["ok"], convert
+    assert boards["test_private_convert_kvm_swprot"]["evidence"]["round_trip_ms"], boards
+    spin = checks["test_private_srar_user_spin_kvm_swprot"]
+    assert spin["si_addr_lsb"]["actual"] == "12", spin
+    assert spin["made private: QEMU's record (x-query-kvm-private-memory)"]["ok"], spin
+    for row in ("test_private_host_poison_touch_kvm_swprot", "test_private_host_poison_mce_kvm_swprot"):
+        exit_ = checks[row]["KVM's memory-fault exit, as QEMU read it (kvm_memory_fault)"]
+        assert exit_["ok"] and "flags 0x8" in exit_["actual"], exit_
+    findings = [f["id"] for f in boards["test_private_host_poison_touch_kvm_swprot"].get("findings", [])]
+    assert findings == ["qemu-stops-the-vm-on-a-poisoned-private-page"], findings
+    assert checks["test_private_host_poison_mce_kvm_swprot"]["the program's SIGBUS"]["ok"]
 
 
 def _boot_modes(job: Path) -> dict[str, str]:

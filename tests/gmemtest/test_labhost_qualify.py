@@ -197,7 +197,8 @@ def test_chain_variants_run_gmem_and_swprot_under_the_newer_qemu_only() -> None:
         ("kvm-hugetlb", "kvm-hugetlb", None, False), ("kvm-gmem", "kvm-gmem", newer, False),
         ("kvm-swprot", "kvm-swprot", newer, True)]
     assert [v.label for v in lq.chain_variants(None)] == ["kvm-default", "kvm-hugetlb", "kvm-gmem", "kvm-swprot"]
-    assert lq.ChainVariant("kvm-swprot", "kvm-swprot").scenarios == ("private-convert-4k", "private-srar-user-spin-4k")
+    assert lq.ChainVariant("kvm-swprot", "kvm-swprot").scenarios == (
+        "private-convert-4k", "private-srar-user-spin-4k", "private-host-poison-touch-4k", "private-host-poison-mce-4k")
     argv = lq._chain_command(lq.chain_variants(newer)[1], Path("/g/manifest.json"))
     assert argv[argv.index("--qemu") + 1] == str(newer) and argv[argv.index("--profile") + 1] == "kvm-default"
 

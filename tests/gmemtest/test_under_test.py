@@ -313,3 +313,14 @@ def test_the_lab_class_runs_every_scenario_under_its_profile_leaving_out_only_th
     assert left_out[0].startswith("scenario srao-broadcast-smp2-4k broadcasts")
     for name, why in zip([s.name for s in SCENARIOS if s.name not in expected], left_out, strict=True):
         assert name in why and ("needs what this host lacks" in why) == (name in lacking), why
+
+
+def test_a_row_that_needs_qemus_private_poison_switch_gets_it_and_requires_it() -> None:
+    from gmemtest.scenarios import get_scenario
+
+    mce = UnderTest().profile_for(get_scenario("private-host-poison-mce-4k"))
+    stock = UnderTest().profile_for(get_scenario("private-host-poison-touch-4k"))
+    assert mce.qemu_args(Path("/k"), Path("/i"))[:2] == ["-accel", "kvm,x-private-hwpoison-mce=on"]
+    assert "qemu:x-private-hwpoison-mce" in mce.requirements
+    assert stock.qemu_args(Path("/k"), Path("/i"))[:2] == ["-accel", "kvm"]
+    assert "qemu:x-private-hwpoison-mce" not in stock.requirements

@@ -51,3 +51,12 @@ def test_a_refusal_is_data_with_qemus_words_and_no_wait_for_a_trace() -> None:
     assert done == Conversion(0x2800, 0x1000, True, "gpa 0x2800 is not aligned to the page size 0x1000",
                               done.reply_ms, (), None)
     assert done.reply_ms < 1000 and "refused (gpa 0x2800 is not aligned" in done.describe()
+
+
+def test_parse_memory_fault_trace_reads_gpa_size_and_flags() -> None:
+    from qmp_helpers.conversions import MemoryFaultExit, parse_memory_fault_trace
+
+    text = ("kvm_run_exit cpu_index 0, reason 39\n"
+            "kvm_memory_fault start 0x1f8ff000 size 0x1000 flags 0x8\n")
+    assert parse_memory_fault_trace(text) == [MemoryFaultExit(0x1F8FF000, 0x1000, 0x8)]
+    assert parse_memory_fault_trace(text)[0].describe() == "gpa 0x1f8ff000 size 0x1000 flags 0x8"

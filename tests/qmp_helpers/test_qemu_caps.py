@@ -24,6 +24,7 @@ def test_probe_matches_binary() -> None:
     assert "tcg" in caps.accelerators
     assert set(caps.object_types) == {"sev-snp-guest", "tdx-guest", "x-sw-protected-vm"}
     assert caps.qmp_commands == {"x-kvm-convert-memory": False, "x-query-kvm-private-memory": False}
+    assert caps.kvm_accel_properties == {"x-private-hwpoison-mce": False}
     types = subprocess.run([QEMU, "-object", "help"], capture_output=True, text=True,
                            check=True).stdout.split()
     for name, offered in caps.object_types.items():
@@ -56,6 +57,7 @@ def test_the_projects_qemu_has_the_software_protected_vm_and_refuses_what_it_can
         pytest.skip("the project's QEMU is not built here (python -m images qemu-build builds it)")
     caps = probe_qemu(str(built.binary))
     assert caps.object_types["x-sw-protected-vm"] and all(caps.qmp_commands.values()), caps
+    assert caps.kvm_accel_properties == {"x-private-hwpoison-mce": True}, caps
     swprot = ["-accel", "kvm", "-machine", "q35,confidential-guest-support=swp0",
               "-object", "x-sw-protected-vm,id=swp0", "-m", "256", "-display", "none", "-nodefaults"]
     refusal = validate_args(str(built.binary), swprot)
