@@ -233,6 +233,31 @@ def _labhost(runs: int, workdir: Path, cold: bool = False) -> dict[str, Any]:
     }
 
 
+def _conversions(round_trips: int, workdir: Path) -> dict[str, Any]:
+    """QMP conversion round trips in a kvm-swprot guest inside the software-protected lab host
+    (gmemtest.conversion_bench), with the L1 run's own wall time."""
+    from gmemtest.lab.host import booted_labhost
+    from gmemtest.lab.kvm import SW_PROTECTED, kvm_command
+    from images.labhost import build_labhost_image
+    from images.qemu_build import build_qemu
+
+    build_qemu()  # on the host: L1 finds it in the host's cache
+    image = build_labhost_image()
+    inner = f"{sys.executable} -m gmemtest.conversion_bench {round_trips} \"$GMEMTEST_RESULTS\"/conversions.json"
+    argv = kvm_command(SW_PROTECTED, ["sh", "-c", inner], image.kernel_release)
+    share = workdir / "results"
+    t0 = time.monotonic()
+    with booted_labhost(image, workdir, share_dir=share, cwd=Path(__file__).resolve().parents[1]) as run:
+        done = run.run(argv, 600)
+    result: dict[str, Any] = {"l1_wall_s": round(time.monotonic() - t0, 2), "exit_status": done.returncode}
+    path = share / "conversions.json"
+    if path.is_file():
+        result.update(json.loads(path.read_text()))
+    else:
+        result["tail"] = done.output.strip().splitlines()[-6:]
+    return result
+
+
 # The headline chain: the lab host poisons the frame, KVM signals QEMU's vCPU, QEMU injects.
 NESTED_SCENARIO = "host-ar-touch-4k"
 
@@ -301,7 +326,8 @@ def _nested(runs: int, workdir: Path, scenario: str = NESTED_SCENARIO) -> dict[s
 
 
 def run_benchmark(*, runs: int, out: Path, suite: bool, cold: bool, labhost: bool = False,
-                  guest: bool = True, nested: int = 0, nested_scenario: str = NESTED_SCENARIO) -> dict[str, Any]:
+                  guest: bool = True, nested: int = 0, nested_scenario: str = NESTED_SCENARIO,
+                  conversions: int = 0) -> dict[str, Any]:
     from gmemtest.scenarios import get_scenario
 
     get_scenario(nested_scenario)  # a bad name fails before anything boots, naming the valid ones
@@ -309,6 +335,8 @@ def run_benchmark(*, runs: int, out: Path, suite: bool, cold: bool, labhost: boo
         raise ValueError(f"--runs must be >= 1, got {runs}")
     if nested < 0:
         raise ValueError(f"--nested must be >= 0, got {nested}")
+    if conversions < 0:
+        raise ValueError(f"--conversions must be >= 0, got {conversions}")
     out.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"machine": {"nproc": os.cpu_count(), "uname": " ".join(os.uname()),
                                            "cpu": _cpu_model()}, "runs": runs}
@@ -349,6 +377,10 @@ def run_benchmark(*, runs: int, out: Path, suite: bool, cold: bool, labhost: boo
                 "project_qemu_forced_rebuild_s": lab["project_qemu"].get("forced_rebuild_s"),
                 "chain_variant_s": lab["shared_run"].get("chain_s"),
             })
+        if conversions:
+            results["conversions"] = conv = _conversions(conversions, Path(tmp) / "conversions")
+            summary.update({"conversion_round_trip_median_ms": conv.get("round_trip_to_trace_ms", {}).get("median"),
+                            "conversion_l1_wall_s": conv["l1_wall_s"]})
         if nested:
             results["nested"] = chain = _nested(nested, Path(tmp) / "nested", nested_scenario)
             summary.update({"nested_scenario": nested_scenario, "nested_runs": nested, "nested_passed": chain["passed"],

@@ -616,7 +616,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     results = run_benchmark(runs=args.runs, out=Path(args.out), suite=args.suite, cold=args.cold,
                             labhost=args.labhost, guest=not args.no_guest, nested=args.nested,
-                            nested_scenario=args.nested_scenario)
+                            nested_scenario=args.nested_scenario, conversions=args.conversions)
     print(json.dumps(results["summary"], indent=2))
     print(f"full results: {args.out}")
     return EXIT_PASS
@@ -784,6 +784,9 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--nested", type=int, default=0, metavar="N",
                    help="also N chain runs, each its own L1 with a kvm-default guest (how often one ends "
                         "without a verdict)")
+    p.add_argument("--conversions", type=int, default=0, metavar="N",
+                   help="also N QMP conversion round trips of one page in a kvm-swprot guest inside the "
+                        "software-protected lab host (command to QEMU's trace line, both ways)")
     p.add_argument("--nested-scenario", default="host-ar-touch-4k", metavar="NAME",
                    help="the scenario each nested chain run judges (default: host-ar-touch-4k, the host-poison chain)")
     p.set_defaults(func=_cmd_bench)
