@@ -29,7 +29,7 @@ GUEST_CLASSES = ("MachineChecks.", "GuestBoot.")
 QMP_SCENARIOS = [s for s in SCENARIOS if s.source is Source.QMP and not s.private]
 
 
-# The main job runs the lab host's shared L1 run (host checks and the chain under four variants)
+# The main job runs the lab host's shared L1 run (host checks and the chain under five variants)
 # beside the TCG guest tests: about 7 minutes here.
 @pytest.mark.timeout(1500)
 def test_main_job_passes_every_guest_scenario(tmp_path: Path) -> None:
