@@ -40,7 +40,7 @@ from host_stack.kvm_uapi import GMEM_PROC_NAMES
 from host_stack.mceerr_trace import MceerrTrace
 from host_stack.mm_uapi import SIGBUS
 from host_stack.pagemap import find_vma, hardware_corrupted_kib, read_kpageflags, read_memory, read_pagemap
-from host_stack.signal_trace import GeneratedSignal, SignalTrace
+from host_stack.signal_trace import GeneratedSignal, SignalTrace, threads_of
 from host_stack.witness import SigbusWitness
 from qmp_helpers import QemuMachine
 from qmp_helpers.mce import parse_forwarded_lines
@@ -161,10 +161,7 @@ class HostPoison:
         return [g for g in self._signals.records() if g.tid in tids]
 
     def _qemu_tids(self) -> set[int]:
-        try:
-            return {int(t) for t in os.listdir(f"/proc/{self.frame.qemu_pid}/task")} | {self.frame.qemu_pid}
-        except OSError:
-            return {self.frame.qemu_pid}
+        return threads_of(self.frame.qemu_pid)
 
     def wait_qemu_sigbus(self, count: int, timeout: float) -> None:
         """Until the host generated ``count`` SIGBUS for QEMU (a shortfall is judged, not raised)."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Final
@@ -48,7 +47,7 @@ from host_stack.kvm_uapi import EHWPOISON, KVM_MEMORY_EXIT_FLAG_PRIVATE
 from host_stack.pagemap import hardware_corrupted_kib, read_kpageflags
 from host_stack.private_frames import PrivateFrame, SpteTrace, check_private_flags, prove_private_frame
 from host_stack.private_poison import release_frame
-from host_stack.signal_trace import SignalTrace
+from host_stack.signal_trace import SignalTrace, threads_of
 from outcome import Check, Finding, Verdict
 from qmp_helpers import QemuError, QmpEvent
 from qmp_helpers.conversions import MEMORY_FAULT_TRACE_EVENT, MemoryFaultExit, parse_memory_fault_trace
@@ -146,13 +145,6 @@ def _finding(version: str, gpa: int, stderr: str, status: str) -> Finding:
                    {"gpa": gpa, "qemu": version, "run_state": status})
 
 
-def _qemu_tids(pid: int) -> set[int]:
-    try:
-        return {int(t) for t in os.listdir(f"/proc/{pid}/task")} | {pid}
-    except OSError:
-        return {pid}
-
-
 def _release(guest: GuestRun, record: InjectionRecord, debugfs: Path) -> str:
     """Stop QEMU (releasing its guest_memfd), then unpoison the frame; a warning if it stays poisoned."""
     guest.machine.shutdown()
@@ -218,7 +210,7 @@ def run_private_host_poison(spec: ScenarioSpec, guest: GuestRun, probe: ProbeCli
             hc_after = hardware_corrupted_kib()
             gmem = [f for f in faults.faults() if f.gfn == gfn]
             returns = faults.run_returns()
-            tids = _qemu_tids(machine.pid)
+            tids = threads_of(machine.pid)
             generated = [g for g in signals.records() if g.tid in tids]
             ev.text("gmem-faults.trace", faults.text())
             ev.text("qemu-after-touch.txt", stderr)

@@ -11,12 +11,13 @@ It records in a private tracefs instance (``trace_instance``), removed on exit.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
 from host_stack.trace_instance import TraceInstance
 
-__all__ = ["GeneratedSignal", "SignalTrace", "parse_signal_generate"]
+__all__ = ["GeneratedSignal", "SignalTrace", "parse_signal_generate", "threads_of"]
 
 # include/trace/events/signal.h: "sig=%d errno=%d code=%d comm=%s pid=%d grp=%d res=%d"
 _LINE = re.compile(r"signal_generate: sig=(\d+) errno=(-?\d+) code=(-?\d+) comm=(.*?) pid=(\d+) grp=(\d) res=(\d)")
@@ -32,6 +33,15 @@ class GeneratedSignal:
     comm: str
     group: bool
     result: str
+
+
+def threads_of(pid: int) -> set[int]:
+    """Every thread of process ``pid`` (``pid`` among them), to tell its signals from others'; just
+    ``{pid}`` once the process is gone."""
+    try:
+        return {int(t) for t in os.listdir(f"/proc/{pid}/task")} | {pid}
+    except OSError:
+        return {pid}
 
 
 def parse_signal_generate(text: str) -> list[GeneratedSignal]:
