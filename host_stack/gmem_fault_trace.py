@@ -13,23 +13,15 @@ instance and in time order, filtered to the vCPU thread:
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
-from host_stack import mm_uapi as m
-from host_stack.kernelfs import TRACEFS, mounted
+from host_stack.kprobe_group import KprobeGroup
 from host_stack.kvm_uapi import errno_name
-from host_stack.trace_instance import TraceError, TraceInstance
 
 __all__ = ["GmemFault", "GmemFaultTrace", "KvmRunReturn", "parse_gmem_faults", "parse_run_returns"]
 
-_SERIAL: Final = itertools.count()
 _FUNC: Final = "kvm:kvm_gmem_get_pfn"
 _ENTRY: Final = re.compile(r"-(\d+)\s+\[\d+\][^\n]*?: gmem_get: \([^)]*\) gfn=(0x[0-9a-f]+)")
 _RETURN: Final = re.compile(r"-(\d+)\s+\[\d+\][^\n]*?: gmem_ret: \([^)]*\) ret=(-?\d+)")
@@ -81,61 +73,18 @@ def parse_run_returns(text: str) -> list[KvmRunReturn]:
     return [KvmRunReturn(int(mt[1]), mt[2], int(mt[3])) for mt in _EXIT.finditer(text)]
 
 
-class GmemFaultTrace:
+class GmemFaultTrace(KprobeGroup):
     """guest_memfd's answers and KVM_RUN's returns for thread ``tid`` while the context is open."""
 
     def __init__(self, tid: int) -> None:
+        only = f"common_pid == {tid}"
+        super().__init__({"gmem_get": f"p {_FUNC} gfn=%dx:x64", "gmem_ret": f"r {_FUNC} ret=$retval:s32"},
+                         probe_filter=only, tracepoints={"kvm/kvm_userspace_exit": only},
+                         why="is kvm loaded with guest_memfd?")
         self.tid = tid
-        self.group = f"gmemtest_{os.getpid()}_{next(_SERIAL)}_gmem"
-        self._stack = contextlib.ExitStack()
-        self._events: Path | None = None
-        self._instance: TraceInstance | None = None
-
-    def _write(self, line: str) -> None:
-        assert self._events is not None
-        fd = os.open(self._events, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
-
-    def __enter__(self) -> Self:
-        try:
-            tracefs = self._stack.enter_context(mounted(TRACEFS))
-            if tracefs is None:
-                raise TraceError(0, "tracefs is not available: cannot probe kvm_gmem_get_pfn")
-            self._events = tracefs / m.TRACEFS_KPROBE_EVENTS
-            self._stack.callback(self._remove)
-            probes = (f"p:{self.group}/gmem_get {_FUNC} gfn=%dx:x64",
-                      f"r:{self.group}/gmem_ret {_FUNC} ret=$retval:s32")
-            for probe in probes:
-                try:
-                    self._write(probe + "\n")
-                except OSError as exc:
-                    raise TraceError(exc.errno, f"the kernel refused the kprobe {probe!r} ({exc.strerror}); is "
-                                                "kvm loaded with guest_memfd?") from exc
-            only = f"common_pid == {self.tid}"
-            self._instance = self._stack.enter_context(TraceInstance(
-                {f"{self.group}/gmem_get": only, f"{self.group}/gmem_ret": only, "kvm/kvm_userspace_exit": only}))
-        except BaseException:
-            self._stack.close()
-            raise
-        return self
-
-    def text(self) -> str:
-        return "" if self._instance is None else self._instance.text()
 
     def faults(self) -> list[GmemFault]:
         return parse_gmem_faults(self.text())
 
     def run_returns(self) -> list[KvmRunReturn]:
         return parse_run_returns(self.text())
-
-    def _remove(self) -> None:
-        for name in ("gmem_get", "gmem_ret"):
-            with contextlib.suppress(OSError):
-                self._write(f"-:{self.group}/{name}\n")
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._stack.close()

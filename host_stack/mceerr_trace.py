@@ -11,39 +11,27 @@ two functions (kernel/signal.c), whose arguments are the whole answer:
 - ``send_sig_mceerr(code, addr, lsb, task)``: to another task (memory_failure's AO kill of a
   mapper, KVM's AR to the vCPU thread for a poisoned hva).
 
-A kprobe event on each, in a private group (``gmemtest_<pid>_<n>``), records code, addr and lsb
+A kprobe event on each (``kprobe_group``: a private group and instance) records code, addr and lsb
 from the x86_64 argument registers (di, si, dx). The receiver of ``force_sig_mceerr`` is the
 current task. For ``send_sig_mceerr`` it is the task argument, which a kprobe cannot name on
 Debian's 7.3.4 (no BTF field access: ``$arg4->pid`` is "Invalid $-variable"); the sender itself
 then generates the signal (``send_sig_info``), so the ``signal:signal_generate`` line that
-follows from the same sender with the same si_code names it. All three events share one private
-tracefs instance (``trace_instance``), so their lines come in time order; the kprobes are
-removed on exit.
+follows from the same sender with the same si_code names it; it is read in the same instance.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import itertools
-import logging
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 from host_stack import mm_uapi as m
-from host_stack.kernelfs import TRACEFS, mounted
-from host_stack.trace_instance import TraceError, TraceInstance
+from host_stack.kprobe_group import KprobeGroup
 
 __all__ = ["UNKNOWN_TID", "MceerrTrace", "SentMceerr", "parse_mceerr"]
 
-_log = logging.getLogger(__name__)
-_log.addHandler(logging.NullHandler())
 
-_SERIAL: Final = itertools.count()
 # Each sender and the name of its event.
 _SENDERS: Final = (("force_sig_mceerr", "force"), ("send_sig_mceerr", "send"))
 _ARGS: Final = "code=%di:s32 addr=%si:x64 lsb=%dx:s16"
@@ -93,52 +81,12 @@ def parse_mceerr(text: str) -> list[SentMceerr]:
     return found
 
 
-class MceerrTrace:
+class MceerrTrace(KprobeGroup):
     """Record every mceerr SIGBUS the host kernel sends while the context is open."""
 
     def __init__(self) -> None:
-        self.group = f"gmemtest_{os.getpid()}_{next(_SERIAL)}"
-        self._stack = contextlib.ExitStack()
-        self._events: Path | None = None
-        self._instance: TraceInstance | None = None
-
-    def _write(self, line: str) -> None:
-        assert self._events is not None
-        fd = os.open(self._events, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
-
-    def __enter__(self) -> Self:
-        try:
-            tracefs = self._stack.enter_context(mounted(TRACEFS))
-            if tracefs is None:
-                raise TraceError(0, "tracefs is not available: cannot probe the mceerr senders")
-            self._events = tracefs / m.TRACEFS_KPROBE_EVENTS
-            self._stack.callback(self._remove)
-            for func, name in _SENDERS:
-                try:
-                    self._write(f"p:{self.group}/{name} {func} {_ARGS}\n")
-                except OSError as exc:
-                    raise TraceError(exc.errno, f"the kernel refused a kprobe on {func} ({exc.strerror})") from exc
-            events = {f"{self.group}/{name}": "" for _func, name in _SENDERS}
-            self._instance = self._stack.enter_context(
-                TraceInstance({**events, "signal/signal_generate": f"sig == {m.SIGBUS}"}))
-        except BaseException:
-            self._stack.close()
-            raise
-        return self
+        super().__init__({name: f"p {func} {_ARGS}" for func, name in _SENDERS},
+                         tracepoints={"signal/signal_generate": f"sig == {m.SIGBUS}"})
 
     def records(self) -> list[SentMceerr]:
-        return [] if self._instance is None else parse_mceerr(self._instance.text())
-
-    def _remove(self) -> None:
-        for _func, name in _SENDERS:
-            with contextlib.suppress(OSError):
-                self._write(f"-:{self.group}/{name}\n")
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._instance = None
-        self._stack.close()
+        return parse_mceerr(self.text())
