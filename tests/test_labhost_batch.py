@@ -93,3 +93,33 @@ def test_private_memory_suite_passes_inside_the_lab_host_with_the_rebuilt_kvm(
     assert "sw_protected_vm" in result.guarantees
     assert result.ok, "\n".join(result.problems())
     assert result.outcomes.passed and not result.outcomes.skipped, result.outcomes
+
+
+def test_an_l1_that_never_got_ready_is_booted_once_more(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a boot that never reached READY is retried (its console kept aside); a command that fails is
+    the batch's result."""
+    import gmemtest.lab.batch as batch
+    from gmemtest.lab.host import LabhostNotReady, LabhostResult, LabhostTimings
+
+    calls: list[int] = []
+
+    def fake_run(image: object, argv: list[str], workdir: Path,
+                 **kwargs: object) -> tuple[LabhostResult, LabhostTimings]:
+        calls.append(1)
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "console.log").write_text(f"attempt {len(calls)}\n")
+        if len(calls) == 1:
+            raise LabhostNotReady("L1 not ready within 90.0 s; no GMEMTEST-LABHOST-READY on the console")
+        share = Path(str(kwargs["share_dir"]))
+        share.mkdir(parents=True, exist_ok=True)
+        (share / batch.JUNIT).write_text(JUNIT.format(gmem="g", einj="e"))
+        return LabhostResult(tuple(argv), 0, "", 1.0), LabhostTimings(ready_s=6.0)
+
+    class Image:
+        kernel_release = "7.3.4+deb13-amd64"
+
+    monkeypatch.setattr(batch, "run_in_labhost", fake_run)
+    result = batch.run_batch(Image(), tmp_path / "b")  # type: ignore[arg-type]
+    assert len(calls) == 2 and result.error is None and result.l1_ready_s == 6.0
+    assert (tmp_path / "b" / "not-ready-attempt-1" / "labhost" / "console.log").read_text() == "attempt 1\n"
+    assert "not ready" in (tmp_path / "b" / "not-ready-attempt-1" / "why.txt").read_text()

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gmemtest.lab.host import RESULTS_IN_L1, LabhostError, run_in_labhost
+from gmemtest.evidence import retry_once
+from gmemtest.lab.host import RESULTS_IN_L1, LabhostError, LabhostNotReady, run_in_labhost
 from gmemtest.lab.kvm import STOCK, SW_PROTECTED, kvm_command
 from host_stack.capabilities import parse_unmet_line
 from images.labhost import LabhostImage
@@ -175,8 +176,11 @@ def run_batch(image: LabhostImage, out: Path, paths: Sequence[str] = DEFAULT_PAT
     ready: float | None = None
     error: str | None = None
     try:
-        result, timings = run_in_labhost(image, argv, out / "labhost", share_dir=share, timeout=timeout,
-                                         on_output=keep, cwd=REPO, env={"PYTHONPATH": str(REPO)})
+        result, timings = retry_once(
+            lambda: run_in_labhost(image, argv, out / "labhost", share_dir=share, timeout=timeout,
+                                   on_output=keep, cwd=REPO, env={"PYTHONPATH": str(REPO)}),
+            retry_on=(LabhostNotReady,), workdir=out, set_aside_as=lambda _exc: "not-ready-attempt-1",
+            only=["labhost"])
         returncode, ready = result.returncode, timings.ready_s
     except LabhostError as exc:
         error = f"{type(exc).__name__}: {str(exc)[:2000]}"

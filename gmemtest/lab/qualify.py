@@ -33,6 +33,7 @@ from gmemtest.lab.host import (
     LabhostDied,
     LabhostError,
     LabhostFrozen,
+    LabhostNotReady,
     LabhostTimings,
     booted_labhost,
 )
@@ -201,7 +202,7 @@ def qualify_in_labhost(image: LabhostImage, out: Path, *, timeout: float = INNER
                        on_output: Callable[[str], None] | None = None,
                        guest_manifest: Path | None = None,
                        variants: Sequence[ChainVariant] = (), private_kvm: str = SW_PROTECTED) -> LabhostQualification:
-    """:func:`qualify_once`, retried once in a fresh L1 if the first one froze or its kernel died.
+    """:func:`qualify_once`, retried once in a fresh L1 if the first one froze, never got ready or its kernel died.
 
     Both are failures of the nested stack under TCG, not of the host under test (seen: an L1
     freeze about once in 20 chain runs; an L1 oops, a kernel stack overflow of recursive page
@@ -214,13 +215,14 @@ def qualify_in_labhost(image: LabhostImage, out: Path, *, timeout: float = INNER
     return retry_once(lambda: qualify_once(image, out, timeout=timeout, on_output=on_output,
                                            guest_manifest=guest_manifest, variants=variants,
                                            private_kvm=private_kvm),
-                      retry_on=(LabhostFrozen, LabhostDied), workdir=out.absolute(),
+                      retry_on=(LabhostFrozen, LabhostDied, LabhostNotReady), workdir=out.absolute(),
                       set_aside_as=l1_attempt_name, only=["labhost", "l1-results"])
 
 
 def l1_attempt_name(exc: BaseException) -> str:
-    """Where a frozen or dead L1's evidence is kept before the retry."""
-    return f"{'frozen' if isinstance(exc, LabhostFrozen) else 'died'}-attempt-1"
+    """Where a frozen, dead or never-ready L1's evidence is kept before the retry."""
+    kind = "frozen" if isinstance(exc, LabhostFrozen) else "not-ready" if isinstance(exc, LabhostNotReady) else "died"
+    return f"{kind}-attempt-1"
 
 
 def qualify_once(image: LabhostImage, out: Path, *, timeout: float = INNER_TIMEOUT_S,

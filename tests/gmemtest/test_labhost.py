@@ -168,7 +168,9 @@ def test_never_ready_l1_times_out_with_console_tail_and_no_qemu_left(tmp_path: P
                                                                      labhost_image: LabhostImage) -> None:
     # rdinit=/bin/sh: the kernel starts an interactive shell instead of the lab-host init,
     # so READY never comes.
-    with pytest.raises(LabhostTimeout) as info, booted_labhost(
+    from gmemtest.lab.host import LabhostNotReady
+
+    with pytest.raises(LabhostNotReady) as info, booted_labhost(
             labhost_image, tmp_path / "w", share_dir=tmp_path / "share",
             boot_timeout_s=15, extra_kernel_args=("rdinit=/bin/sh",)):
         pytest.fail("L1 became ready although init never ran")
