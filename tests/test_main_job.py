@@ -83,7 +83,8 @@ def test_main_job_passes_every_guest_scenario(tmp_path: Path) -> None:
     assert len(chain) == 17, f"expected 17 chain tests:\n{report}"
     assert all(st == "PASS" for st, _ in chain.values()), report
     _private_rows_hold_their_evidence({t["name"].rsplit(".", 1)[-1]: json.loads(t["whiteboard"])
-                                       for t in results["tests"] if "kvm_swprot" in t["name"]})
+                                       for t in results["tests"]
+                                       if "HostPoisonChain." in t["name"] and t["name"].endswith("_kvm_swprot")})
     gmem = next(t for t in results["tests"] if t["name"].endswith("HostPoisonChain.test_ar_touch_kvm_gmem"))
     board = json.loads(gmem["whiteboard"])
     assert "gmemtest series" in board["setup"]["qemu"]["package"], board["setup"]
