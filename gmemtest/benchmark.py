@@ -274,8 +274,7 @@ def _nested(runs: int, workdir: Path, scenario: str = NESTED_SCENARIO) -> dict[s
     (retried once by the runner, kept as stuck-attempt-N), or L1 itself failing or timing out.
     """
     from gmemtest.evidence import retry_once
-    from gmemtest.lab.host import LabhostDied, LabhostError, LabhostFrozen, run_in_labhost
-    from gmemtest.lab.qualify import l1_attempt_name
+    from gmemtest.lab.host import LabhostDied, LabhostError, LabhostFrozen, l1_attempt_name, run_in_labhost
     from images.labhost import build_labhost_image
 
     l1_image = build_labhost_image()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gmemtest.evidence import retry_once
-from gmemtest.lab.host import RESULTS_IN_L1, LabhostError, LabhostNotReady, run_in_labhost
+from gmemtest.lab.host import L1_FAILURES, RESULTS_IN_L1, LabhostError, l1_attempt_name, run_in_labhost
 from gmemtest.lab.kvm import STOCK, SW_PROTECTED, kvm_command
 from host_stack.capabilities import parse_unmet_line
 from images.labhost import LabhostImage
@@ -153,7 +153,8 @@ class BatchResult:
 def run_batch(image: LabhostImage, out: Path, paths: Sequence[str] = DEFAULT_PATHS, *,
               python: str = sys.executable, timeout: float = 900.0, extra_args: Sequence[str] = (),
               on_output: Callable[[str], None] | None = None, kvm: str = STOCK) -> BatchResult:
-    """Boot L1, run ``pytest paths`` in this checkout there, power off, judge the JUnit XML.
+    """Boot L1, run ``pytest paths`` in this checkout there, power off, judge the JUnit XML; an L1 that
+    froze, died or never got ready (``L1_FAILURES``) is booted once more, its evidence kept aside.
 
     ``python`` is the interpreter of the project's venv: L1 chroots into this machine's root,
     so the same path runs the same venv. ``kvm`` chooses L1's KVM (``gmemtest.lab.kvm``); under
@@ -179,8 +180,8 @@ def run_batch(image: LabhostImage, out: Path, paths: Sequence[str] = DEFAULT_PAT
         result, timings = retry_once(
             lambda: run_in_labhost(image, argv, out / "labhost", share_dir=share, timeout=timeout,
                                    on_output=keep, cwd=REPO, env={"PYTHONPATH": str(REPO)}),
-            retry_on=(LabhostNotReady,), workdir=out, set_aside_as=lambda _exc: "not-ready-attempt-1",
-            only=["labhost"])
+            retry_on=L1_FAILURES, workdir=out, set_aside_as=l1_attempt_name, only=["labhost", "results"],
+            on_retry=lambda _exc: chunks.clear())
         returncode, ready = result.returncode, timings.ready_s
     except LabhostError as exc:
         error = f"{type(exc).__name__}: {str(exc)[:2000]}"

@@ -111,6 +111,19 @@ class LabhostFrozen(LabhostError):
         self.evidence = evidence
 
 
+# Failures of the nested stack under TCG, not of what runs in L1: retried once in a fresh L1 by the
+# shared run and the batches (seen: an L1 freeze about once in 20 chain runs; an L1 oops, a stack
+# overflow of recursive page faults in the exception entry while a vCPU thread ran KVM_RUN, about
+# once in ten L1 runs that start L2 guests; an L1 silent past its boot deadline, once).
+L1_FAILURES: tuple[type[LabhostError], ...] = (LabhostFrozen, LabhostDied, LabhostNotReady)
+
+
+def l1_attempt_name(exc: BaseException) -> str:
+    """Where a frozen, dead or never-ready L1's evidence is kept before the retry."""
+    kind = "frozen" if isinstance(exc, LabhostFrozen) else "not-ready" if isinstance(exc, LabhostNotReady) else "died"
+    return f"{kind}-attempt-1"
+
+
 @dataclass
 class LabhostTimings:
     """Seconds from ``launch()``; ``ready_s`` is launch to /dev/kvm usable (READY marker)."""

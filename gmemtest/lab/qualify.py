@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from gmemtest.lab.host import (
+    L1_FAILURES,
     RESULTS_IN_L1,
-    LabhostDied,
     LabhostError,
-    LabhostFrozen,
-    LabhostNotReady,
     LabhostTimings,
     booted_labhost,
+    l1_attempt_name,
 )
 from gmemtest.lab.kvm import SW_PROTECTED, kvm_command
 from gmemtest.report_model import Item, Qualification
@@ -215,14 +214,10 @@ def qualify_in_labhost(image: LabhostImage, out: Path, *, timeout: float = INNER
     return retry_once(lambda: qualify_once(image, out, timeout=timeout, on_output=on_output,
                                            guest_manifest=guest_manifest, variants=variants,
                                            private_kvm=private_kvm),
-                      retry_on=(LabhostFrozen, LabhostDied, LabhostNotReady), workdir=out.absolute(),
+                      retry_on=L1_FAILURES, workdir=out.absolute(),
                       set_aside_as=l1_attempt_name, only=["labhost", "l1-results"])
 
 
-def l1_attempt_name(exc: BaseException) -> str:
-    """Where a frozen, dead or never-ready L1's evidence is kept before the retry."""
-    kind = "frozen" if isinstance(exc, LabhostFrozen) else "not-ready" if isinstance(exc, LabhostNotReady) else "died"
-    return f"{kind}-attempt-1"
 
 
 def qualify_once(image: LabhostImage, out: Path, *, timeout: float = INNER_TIMEOUT_S,
