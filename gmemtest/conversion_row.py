@@ -10,7 +10,6 @@ notice, and the reset that brings the guest back with every page shared again.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 from dataclasses import asdict
@@ -20,13 +19,12 @@ from gmemtest.conversion_oracle import BadRequest, ConversionRecord, Wedge, judg
 from gmemtest.errors import ScenarioError
 from gmemtest.evidence import Evidence
 from gmemtest.guest_run import GuestRun
-from gmemtest.private_page import PrivatePage, check_alive, make_private, page_views
+from gmemtest.private_page import PrivatePage, check_alive, make_private, page_views, share_all
 from gmemtest.scenarios import ScenarioSpec
 from guests.probe_client import PAGE_4K, ProbeClient
 from guests.ssh import SshError
 from host_stack.attribute_trace import AttributeTrace
 from outcome import Verdict
-from qmp_helpers import QemuError
 from qmp_helpers.conversions import convert, private_ranges
 
 __all__ = ["FILL_SEEDS", "run_conversion_row"]
@@ -116,17 +114,6 @@ def _wedge(guest: GuestRun, probe: ProbeClient, page: PrivatePage, kvm: Attribut
                  private_ranges(guest.machine), answers)
 
 
-def _share_left_over(guest: GuestRun) -> list[str]:
-    """Make whatever QEMU still records as private shared again; a warning per range it could not."""
-    warnings = []
-    with contextlib.suppress(QemuError):
-        for gpa, size in private_ranges(guest.machine):
-            done = convert(guest.machine, gpa, size, False)
-            if not done.ok:
-                warnings.append(f"clean-up: {gpa:#x}+{size:#x} stays private: {done.error}")
-    return warnings
-
-
 def run_conversion_row(spec: ScenarioSpec, guest: GuestRun, probe: ProbeClient, ev: Evidence,
                        setup: dict[str, Any]) -> Verdict:
     """Carry out the conversion row on ``guest`` (kvm-swprot) with ``probe``; the verdict of every layer."""
@@ -154,7 +141,7 @@ def run_conversion_row(spec: ScenarioSpec, guest: GuestRun, probe: ProbeClient, 
             wedge = _wedge(guest, probe, page, kvm)
         finally:
             ev.text("kvm-attributes.trace", kvm.text())
-            warnings += _share_left_over(guest)
+            warnings += share_all(guest)
     record = ConversionRecord(page.gpa, tuple(steps), tuple(bad), wedge)
     ev.json("conversions.json", asdict(record))
     timings = {"round_trip_ms": [round((a.conversion.traced_ms or 0) + (b.conversion.traced_ms or 0), 2)

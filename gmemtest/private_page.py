@@ -24,7 +24,7 @@ from typing import Final
 
 from gmemtest.errors import ScenarioError
 from gmemtest.guest_run import GuestRun
-from guests.probe_client import PAGE_4K, Mapping, PageCheck, ProbeClient, ProbeError, SigbusReport, fill_page
+from guests.probe_client import PAGE_4K, Mapping, ProbeClient, ProbeError, SigbusReport, fill_page
 from guests.ssh import SshError
 from host_stack.attribute_trace import AttributeChange, AttributeTrace
 from host_stack.pagemap import PagemapError, read_memory
@@ -32,7 +32,7 @@ from qmp_helpers import QemuError
 from qmp_helpers.conversions import Conversion, convert, private_ranges, trace_conversions
 
 __all__ = ["LIVENESS_TIMEOUT_S", "Liveness", "PageViews", "PrivatePage", "check_alive", "describe_bytes",
-           "make_private", "page_views", "refused_range"]
+           "make_private", "page_views", "refused_range", "share_all"]
 
 LOG = logging.getLogger(__name__)
 
@@ -160,11 +160,11 @@ class PageViews:
     alive: Liveness
 
 
-def _guest_read(probe: ProbeClient, page: PrivatePage, seed: int) -> tuple[PageCheck | None, str]:
+def _guest_read(probe: ProbeClient, page: PrivatePage, seed: int) -> str:
     got = probe.check(page.mapping.id, page.offset, seed)
     if isinstance(got, SigbusReport):
-        return None, f"SIGBUS si_code {got.si_code} at {got.si_addr:#x}"
-    return got, got.describe()
+        return f"SIGBUS si_code {got.si_code} at {got.si_addr:#x}"
+    return got.describe()
 
 
 def page_views(step: str, guest: GuestRun, probe: ProbeClient, page: PrivatePage, *, conversion: Conversion,
@@ -177,9 +177,9 @@ def page_views(step: str, guest: GuestRun, probe: ProbeClient, page: PrivatePage
     if not alive.alive:
         return PageViews(step, conversion, changes, recorded, "not read: the guest stopped answering", fill_seed,
                          "not read", "not read", "not read", alive)
-    _, before = _guest_read(probe, page, previous_seed)
+    before = _guest_read(probe, page, previous_seed)
     probe.fill(page.mapping.id, page.offset, fill_seed)
-    _, after = _guest_read(probe, page, fill_seed)
+    after = _guest_read(probe, page, fill_seed)
     seeds = (previous_seed, fill_seed)
     qemu_bytes = describe_bytes(guest.machine.read_physical(page.gpa, PAGE_4K), seeds)
     try:
@@ -187,3 +187,21 @@ def page_views(step: str, guest: GuestRun, probe: ProbeClient, page: PrivatePage
     except PagemapError as exc:
         hva_bytes = f"unreadable ({exc})"
     return PageViews(step, conversion, changes, recorded, before, fill_seed, after, qemu_bytes, hva_bytes, alive)
+
+
+def share_all(guest: GuestRun) -> list[str]:
+    """The end of a private row: every range QEMU records as private made shared again. A warning for
+    each range QEMU would not convert, for what it still records after, or for why it could not be asked."""
+    warnings: list[str] = []
+    try:
+        trace_conversions(guest.machine)  # a row's act may have switched QEMU's trace off
+        for gpa, size in private_ranges(guest.machine):
+            done = convert(guest.machine, gpa, size, False)
+            if not done.ok:
+                warnings.append(f"clean-up: {gpa:#x}+{size:#x} stays private: {done.error}")
+        left = private_ranges(guest.machine)
+    except QemuError as exc:
+        return [*warnings, f"clean-up: QEMU could not be asked to make private memory shared again: {exc}"]
+    if left:
+        warnings.append("clean-up: QEMU still records private memory: " + ", ".join(f"{g:#x}+{s:#x}" for g, s in left))
+    return warnings

@@ -51,7 +51,7 @@ from gmemtest.oracle import (
     free_page_layout,
 )
 from gmemtest.private_host_poison import run_private_host_poison
-from gmemtest.private_page import PageViews, PrivatePage, make_private, page_views
+from gmemtest.private_page import PageViews, PrivatePage, make_private, page_views, share_all
 from gmemtest.scenarios import KillPolicy, ScenarioSpec, Source
 from gmemtest.under_test import UnderTest
 from gmemtest.verdict import judge
@@ -62,8 +62,7 @@ from host_stack.attribute_trace import AttributeTrace
 from host_stack.kvm_uapi import KVM_EXIT_SHUTDOWN
 from images.build import GuestImage
 from outcome import Verdict
-from qmp_helpers import STUCK_RUN_STATES, MachineStuck, MceInjection, QemuError, mce_kind
-from qmp_helpers.conversions import convert, private_ranges, trace_conversions
+from qmp_helpers import STUCK_RUN_STATES, MachineStuck, MceInjection, mce_kind
 from qmp_helpers.trace_log import TRACE_PREFIX
 
 __all__ = ["ScenarioError", "ScenarioResult", "run_in_fresh_guest", "run_scenario"]
@@ -98,11 +97,10 @@ PRIVATE_FILL_SEED = 0x5A
 
 @dataclass
 class PrivateRun:
-    """A private row's page: how it was made private, what each layer saw then, and KVM's trace."""
+    """A private row's page: how it was made private, what each layer saw then, and the clean-up's warnings."""
 
     page: PrivatePage
     views: PageViews
-    kvm: AttributeTrace
     warnings: list[str]
 
 
@@ -231,28 +229,11 @@ def _make_private(spec: ScenarioSpec, guest: GuestRun, probe: ProbeClient, mappi
                         confirm=lambda offset, gpa: _confirm_pattern_at_gpa(guest, mapping, offset, gpa, ev))
     private = PrivateRun(page, page_views("made private", guest, probe, page, conversion=page.first, kvm=kvm,
                                           previous_seed=PRIVATE_FILL_SEED ^ 0xFF, fill_seed=PRIVATE_FILL_SEED),
-                         kvm, [])
+                         [])
     ev.json("private-page.json", {"gpa": page.gpa, "hva": page.hva, "offset": page.offset,
                                   "refused_first": [asdict(r) for r in page.refusals], "views": asdict(private.views)})
-    stack.callback(_share_again, guest, private)
+    stack.callback(lambda: private.warnings.extend(share_all(guest)))
     return private
-
-
-def _share_again(guest: GuestRun, private: PrivateRun) -> None:
-    """The end of a private row: its page shared again and nothing left private (else a warning)."""
-    gpa = private.page.gpa
-    try:
-        trace_conversions(guest.machine)
-        done = convert(guest.machine, gpa, 0x1000, False)
-        left = private_ranges(guest.machine)
-    except QemuError as exc:
-        private.warnings.append(f"clean-up: page {gpa:#x} not made shared again: {exc}")
-        return
-    if not done.ok:
-        private.warnings.append(f"clean-up: page {gpa:#x} stays private: {done.error}")
-    if left:
-        private.warnings.append("clean-up: QEMU still records private memory: "
-                                + ", ".join(f"{g:#x}+{s:#x}" for g, s in left))
 
 
 def _prepare(spec: ScenarioSpec, guest: GuestRun, probe: ProbeClient, *, obs: Observations, ev: Evidence,
