@@ -764,20 +764,32 @@ static int parse_seed(const char *seed_s, const char *input, unsigned *seed)
 	return 0;
 }
 
+/*
+ * The arguments of fill and check: the 4 KiB page of mapping ID that holds OFFSET (*off set to its
+ * start) and SEED; NULL once the bad one has been answered with an error.
+ */
+static volatile uint8_t *seeded_page(const char *id_s, const char *off_s, const char *seed_s, const char *input,
+				     unsigned *id, uint64_t *off, unsigned *seed)
+{
+	struct mapping *m = lookup(id_s, input, id);
+
+	if (!m || parse_offset(m, off_s, input, off) || parse_seed(seed_s, input, seed))
+		return NULL;
+	*off &= ~(GP_PAGE_4K - 1);
+	return (volatile uint8_t *)(m->va + *off);
+}
+
 /* fill ID OFFSET SEED: write fill_byte(SEED, i) over the 4 KiB page that holds OFFSET. */
 static void cmd_fill(const char *id_s, const char *off_s, const char *seed_s, const char *input)
 {
-	struct mapping *m;
 	unsigned id, seed;
 	uint64_t off, i;
 	volatile uint8_t *page;
 	struct jw w;
 
-	m = lookup(id_s, input, &id);
-	if (!m || parse_offset(m, off_s, input, &off) || parse_seed(seed_s, input, &seed))
+	page = seeded_page(id_s, off_s, seed_s, input, &id, &off, &seed);
+	if (!page)
 		return;
-	off &= ~(GP_PAGE_4K - 1);
-	page = (volatile uint8_t *)(m->va + off);
 	for (i = 0; i < GP_PAGE_4K; i++)
 		page[i] = fill_byte(seed, i);
 	reply_begin(&w, "filled");
@@ -793,17 +805,14 @@ static void cmd_fill(const char *id_s, const char *off_s, const char *seed_s, co
  */
 static void cmd_check(const char *id_s, const char *off_s, const char *seed_s, const char *input)
 {
-	struct mapping *m;
 	unsigned id, seed;
 	uint64_t off, i, matches = 0, zeros = 0, first = 0;
 	volatile uint8_t *page;
 	struct jw w;
 
-	m = lookup(id_s, input, &id);
-	if (!m || parse_offset(m, off_s, input, &off) || parse_seed(seed_s, input, &seed))
+	page = seeded_page(id_s, off_s, seed_s, input, &id, &off, &seed);
+	if (!page)
 		return;
-	off &= ~(GP_PAGE_4K - 1);
-	page = (volatile uint8_t *)(m->va + off);
 	for (i = 0; i < GP_PAGE_4K; i++) {
 		uint8_t b = page[i];
 
